@@ -1,0 +1,6 @@
+"""gc-fabric's endpoint agent: consumes an endpoint's tasks and runs them on an engine."""
+
+from gc_agent.agent import Agent
+from gc_agent.config import EndpointConfig, EngineConfig, load_config
+
+__all__ = ["Agent", "EndpointConfig", "EngineConfig", "load_config"]

@@ -1,0 +1,311 @@
+"""The endpoint daemon: consume tasks, check them, run them, publish results, heartbeat.
+
+Reliability hinges on one rule: a task delivery is acked only after the broker has
+confirmed its result. Until then the delivery is ours, so an agent killed at any
+moment loses nothing — the broker hands its unacked tasks to the next agent.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import socket
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable
+
+from gc_agent.config import EndpointConfig
+from gc_agent.engines import Engine, make_engine
+from gc_agent.execution import Job, Outcome
+from gc_agent.policy import refusal
+from gc_core.broker import BrokerSession, Delivery
+from gc_core.errors import GCError, ProtocolError
+from gc_core.protocol import (
+    ErrorInfo,
+    Heartbeat,
+    ResultMessage,
+    TaskMessage,
+    Timings,
+    decode_task,
+    encode_event,
+    encode_result,
+    error_result,
+)
+from gc_core.registry.client import RegistryClient
+from gc_core.serialize import CLOUDPICKLE, PYTHON_VERSION
+from gc_core.settings import FabricSettings
+from gc_core.topology import load_topology, safe_name_part
+
+__all__ = ["Agent"]
+
+logger = logging.getLogger(__name__)
+
+#: Unacked tasks per worker when the config does not say: enough to cover confirm round trips.
+PREFETCH_PER_WORKER = 16
+#: Task ids whose results were confirmed, remembered to ack their redeliveries without rerunning.
+DONE_MEMORY = 20_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Function:
+    """A registered function as the agent keeps it: serialized bytes and their Python."""
+
+    payload: bytes
+    python: str
+
+
+class Agent:
+    """One endpoint's agent."""
+
+    def __init__(self, config: EndpointConfig, settings: FabricSettings) -> None:
+        self.config = config
+        self.endpoint_id = config.endpoint_id
+        self._broker_url = config.broker_url or settings.broker_url
+        self._registry_url = config.registry_url or settings.registry_url
+        self._topology = load_topology()
+        self._engine: Engine = make_engine(config.engine)
+        self._registry: RegistryClient | None = None
+        self._broker: BrokerSession | None = None
+        self._functions: dict[str, _Function] = {}
+        self._fetching: dict[str, list[tuple[Delivery, TaskMessage, float]]] = {}
+        self._fetch_lock = threading.Lock()
+        self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fetch")
+        self._done: OrderedDict[str, None] = OrderedDict()
+        self._in_flight = 0
+        self._counts = {"received": 0, "succeeded": 0, "failed": 0}
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._started_at = time.time()
+        self._queue_depth: int | None = None
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Start the workers, connect, and begin consuming.
+
+        Raises:
+            BrokerUnreachable: the broker did not answer within ``timeout``.
+        """
+        self._registry = RegistryClient(self._registry_url)
+        self._engine.start()
+        tasks_queue = self._topology.queue("endpoint_tasks", endpoint_id=self.endpoint_id)
+        commands_queue = self._topology.queue("endpoint_commands", endpoint_id=self.endpoint_id)
+        prefetch = self.config.prefetch or PREFETCH_PER_WORKER * self._engine.capacity
+        self._broker = BrokerSession(
+            self._broker_url, name=f"gc-agent:{self.endpoint_id}", topology=self._topology,
+            queues=[tasks_queue, commands_queue], prefetch=prefetch)
+        self._broker.consume(tasks_queue.name, self._on_task)
+        try:
+            self._broker.start(timeout=timeout)
+        except GCError:
+            self._engine.shutdown()
+            raise
+        threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
+        logger.info("agent for endpoint %s started: %s engine, %d workers, prefetch %d, broker %s",
+                    self.endpoint_id, self._engine.name, self._engine.capacity, prefetch,
+                    self._broker.url)
+
+    def stop(self) -> None:
+        """Drain: stop consuming, requeue tasks not started, let running ones finish, close."""
+        broker = self._broker
+        if broker is None or self._stopped.is_set():
+            return
+        self._stopped.set()
+        logger.info("agent for endpoint %s draining (%d tasks in flight)", self.endpoint_id,
+                    self._in_flight)
+        broker.stop_consuming()
+        for job, on_done in self._engine.take_waiting():
+            on_done(Outcome(job.task_id, "failed", lost=True))
+        deadline = time.monotonic() + self.config.drain_timeout
+        while self._in_flight > 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if self._in_flight:
+            logger.warning("%d tasks still running after %.0fs; the broker will redeliver them",
+                           self._in_flight, self.config.drain_timeout)
+        self._engine.shutdown()
+        broker.wait_settled(5.0)
+        broker.close()
+        self._fetcher.shutdown(wait=False, cancel_futures=True)
+        if self._registry is not None:
+            self._registry.close()
+        logger.info("agent for endpoint %s stopped", self.endpoint_id)
+
+    # -- the task path (IO thread) -------------------------------------------------------
+
+    def _on_task(self, delivery: Delivery) -> None:
+        received = time.time()
+        with self._lock:
+            self._counts["received"] += 1
+            self._in_flight += 1
+        try:
+            task = decode_task(delivery.envelope)
+        except ProtocolError as exc:
+            self._refuse_undecodable(delivery, exc, received)
+            return
+        if task.task_id in self._done:
+            logger.debug("task %s redelivered after its result was confirmed; acking", task.task_id)
+            self._settle(delivery, requeue=None)
+            return
+        problem = refusal(task, endpoint_id=self.endpoint_id,
+                          allowed_serializers=self.config.allowed_serializers)
+        if problem is not None:
+            logger.warning("refused task %s: %s", task.task_id, problem.message)
+            self._publish(delivery, error_result(task, problem, timings=Timings(received=received)))
+            return
+        function = self._functions.get(task.function_id)
+        if function is None:
+            self._fetch_then_run(delivery, task, received)
+        else:
+            self._run(delivery, task, function, received)
+
+    def _fetch_then_run(self, delivery: Delivery, task: TaskMessage, received: float) -> None:
+        """Fetch a function once from the registry, off the IO thread; queue its tasks meanwhile."""
+        with self._fetch_lock:
+            waiting = self._fetching.get(task.function_id)
+            if waiting is not None:
+                waiting.append((delivery, task, received))
+                return
+            self._fetching[task.function_id] = [(delivery, task, received)]
+        self._fetcher.submit(_logged(self._fetch), task.function_id)
+
+    def _fetch(self, function_id: str) -> None:
+        assert self._registry is not None
+        try:
+            found = self._registry.get_function(function_id)
+            function: _Function | ErrorInfo = _Function(base64.b64decode(found.payload_b64),
+                                                        found.python_version)
+        except GCError as exc:
+            function = ErrorInfo(type=type(exc).__name__,
+                                 message=f"cannot fetch function {function_id}: {exc}")
+        with self._fetch_lock:
+            waiting = self._fetching.pop(function_id, [])
+            if isinstance(function, _Function):
+                self._functions[function_id] = function
+        for delivery, task, received in waiting:
+            if isinstance(function, _Function):
+                self._run(delivery, task, function, received)
+            else:
+                self._publish(delivery, error_result(task, function,
+                                                     timings=Timings(received=received)))
+
+    def _run(self, delivery: Delivery, task: TaskMessage, function: _Function,
+             received: float) -> None:
+        job = Job(task.task_id, task.function_id, function.payload, function.python,
+                  task.content_type, task.payload, task.sender_python, task.sender_serializer)
+        self._engine.submit(job, lambda outcome: self._on_outcome(delivery, task, received, outcome))
+
+    def _on_outcome(self, delivery: Delivery, task: TaskMessage, received: float,
+                    outcome: Outcome) -> None:
+        if outcome.lost:
+            self._settle(delivery, requeue=True)
+            return
+        result = ResultMessage(
+            task_id=task.task_id, task_group_id=task.task_group_id, endpoint_id=self.endpoint_id,
+            function_id=task.function_id, user=task.user, state=outcome.state,
+            content_type=outcome.content_type, payload=outcome.payload, error=outcome.error,
+            timings=Timings(received=received, started=outcome.started, finished=outcome.finished),
+            worker=outcome.worker, sender_python=PYTHON_VERSION, sender_serializer=CLOUDPICKLE.label)
+        self._publish(delivery, result)
+
+    def _publish(self, delivery: Delivery, result: ResultMessage) -> None:
+        """Publish a result; ack the task once the broker confirms it, requeue if it refuses."""
+        assert self._broker is not None
+        key = self._topology.routing_key("result", user=result.user,
+                                         task_group_id=result.task_group_id)
+
+        def confirmed(reason: str | None) -> None:
+            if reason is not None:
+                logger.warning("result of task %s not confirmed (%s); requeueing the task",
+                               result.task_id, reason)
+                self._settle(delivery, requeue=True)
+                return
+            self._remember_done(result.task_id)
+            with self._lock:
+                self._counts["succeeded" if result.state == "success" else "failed"] += 1
+            self._settle(delivery, requeue=None)
+
+        self._broker.publish(self._topology.exchange("results"), key, encode_result(result),
+                             on_confirm=confirmed)
+
+    def _refuse_undecodable(self, delivery: Delivery, exc: ProtocolError, received: float) -> None:
+        """Answer a malformed task if we can tell who sent it; else dead-letter it."""
+        envelope = delivery.envelope
+        user = envelope.headers.get("gc-user")
+        user = user.decode("utf-8", "replace") if isinstance(user, bytes) else user
+        logger.warning("undecodable task %r (%d bytes): %s", envelope.message_id, len(exc.raw), exc)
+        if isinstance(user, str) and envelope.message_id and _routable(user, envelope.correlation_id):
+            stub = TaskMessage(task_id=envelope.message_id, task_group_id=envelope.correlation_id,
+                               endpoint_id=self.endpoint_id, function_id="?", user=user,
+                               content_type=envelope.content_type, payload=b"")
+            error = ErrorInfo(type="ProtocolError", message=str(exc))
+            self._publish(delivery, error_result(stub, error, timings=Timings(received=received)))
+        else:
+            self._settle(delivery, requeue=False)
+
+    def _settle(self, delivery: Delivery, *, requeue: bool | None) -> None:
+        """Ack (``requeue`` None), requeue (True) or dead-letter (False) a delivery."""
+        assert self._broker is not None
+        if requeue is None:
+            self._broker.ack(delivery)
+        else:
+            self._broker.reject(delivery, requeue=requeue)
+        with self._lock:
+            self._in_flight -= 1
+
+    def _remember_done(self, task_id: str) -> None:
+        self._done[task_id] = None
+        if len(self._done) > DONE_MEMORY:
+            self._done.popitem(last=False)
+
+    # -- heartbeats ------------------------------------------------------------------------
+
+    def _heartbeat_loop(self) -> None:
+        assert self._broker is not None
+        queue = self._topology.queue("endpoint_tasks", endpoint_id=self.endpoint_id).name
+        key = self._topology.routing_key("heartbeat", endpoint_id=self.endpoint_id)
+        while not self._stopped.is_set():
+            self._broker.queue_message_count(queue, self._note_depth)
+            self._broker.publish(self._topology.exchange("events"), key,
+                                 encode_event(self.heartbeat()), persistent=False)
+            self._stopped.wait(self.config.heartbeat_period)
+
+    def _note_depth(self, depth: int) -> None:
+        self._queue_depth = depth
+
+    def heartbeat(self) -> Heartbeat:
+        """The agent's status now."""
+        with self._lock:
+            counts = dict(self._counts)
+        return Heartbeat(
+            endpoint_id=self.endpoint_id, hostname=socket.gethostname(), pid=os.getpid(),
+            sent=time.time(), period=self.config.heartbeat_period, started=self._started_at,
+            engine=self._engine.name, workers=self._engine.capacity,
+            workers_busy=self._engine.busy, tasks_received=counts["received"],
+            tasks_succeeded=counts["succeeded"], tasks_failed=counts["failed"],
+            queue_depth=self._queue_depth)
+
+
+def _routable(*words: str) -> bool:
+    """Whether these can form a result routing key (else the error has nowhere to go)."""
+    try:
+        for word in words:
+            safe_name_part(word, "routing key word")
+    except GCError:
+        return False
+    return True
+
+
+def _logged(fn: Callable[[str], None]) -> Callable[[str], None]:
+    """A thread pool swallows exceptions; this says them instead."""
+
+    def run(arg: str) -> None:
+        try:
+            fn(arg)
+        except Exception:
+            logger.exception("fetching function %s failed", arg)
+
+    return run

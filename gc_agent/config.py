@@ -1,0 +1,74 @@
+"""An endpoint's configuration: ``$GC_HOME/endpoints/<name>/config.yaml``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from gc_core.errors import ConfigError
+
+__all__ = ["EndpointConfig", "EngineConfig", "load_config", "save_config"]
+
+
+class EngineConfig(BaseModel):
+    """Where tasks run: a thread pool or a pool of worker processes on this machine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["threads", "processes"] = "processes"
+    max_workers: int = Field(default=2, ge=1, le=1024)
+
+
+class EndpointConfig(BaseModel):
+    """Everything one agent needs; defaults run the local demo."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    endpoint_id: str
+    description: str = ""
+    broker_url: str | None = None
+    registry_url: str | None = None
+    engine: EngineConfig = EngineConfig()
+    prefetch: int | None = Field(
+        default=None, ge=1,
+        description="Unacked tasks the agent holds; default 16 per worker.")
+    allowed_serializers: frozenset[Literal["cloudpickle", "json"]] = frozenset(
+        {"cloudpickle", "json"})
+    heartbeat_period: float = Field(default=10.0, gt=0)
+    drain_timeout: float = Field(
+        default=30.0, ge=0,
+        description="Seconds a stopping agent lets running tasks finish before requeueing them.")
+
+
+def load_config(path: Path) -> EndpointConfig:
+    """Read and validate a config file.
+
+    Raises:
+        ConfigError: the file is missing, not YAML, or names a bad key or value.
+    """
+    try:
+        data = yaml.safe_load(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"no endpoint config at {path}; run `gc-agent configure NAME` first") from exc
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    try:
+        return EndpointConfig.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in e['loc']) or 'file'}: {e['msg']} (got {e.get('input')!r})"
+            for e in exc.errors())
+        raise ConfigError(f"invalid endpoint config {path}: {problems}") from exc
+
+
+def save_config(config: EndpointConfig, path: Path) -> None:
+    """Write a config file (readable by its owner only: it may hold a broker password)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = config.model_dump(mode="json", exclude_none=True)
+    data["allowed_serializers"] = sorted(data["allowed_serializers"])
+    path.write_text(yaml.safe_dump(data, sort_keys=False))
+    path.chmod(0o600)

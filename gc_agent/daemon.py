@@ -1,0 +1,106 @@
+"""Where a configured endpoint keeps its files, and starting/stopping its agent process."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from gc_core.errors import ConfigError
+from gc_core.settings import FabricSettings
+from gc_core.topology import safe_name_part
+
+__all__ = ["EndpointFiles", "is_running", "spawn_detached", "stop_process"]
+
+
+@dataclass(frozen=True)
+class EndpointFiles:
+    """The files of one configured endpoint under ``$GC_HOME/endpoints/<name>/``."""
+
+    directory: Path
+
+    @classmethod
+    def of(cls, settings: FabricSettings, name: str) -> EndpointFiles:
+        """The files of endpoint ``name``."""
+        safe_name_part(name, "endpoint name")
+        return cls(settings.endpoints_dir / name)
+
+    @property
+    def config(self) -> Path:
+        return self.directory / "config.yaml"
+
+    @property
+    def pid(self) -> Path:
+        return self.directory / "agent.pid"
+
+    @property
+    def log(self) -> Path:
+        return self.directory / "agent.log"
+
+    def running_pid(self) -> int | None:
+        """The agent's pid if it is running; a stale pid file is removed."""
+        try:
+            pid = int(self.pid.read_text().strip())
+        except (OSError, ValueError):
+            return None
+        if is_running(pid):
+            return pid
+        self.pid.unlink(missing_ok=True)
+        return None
+
+
+def is_running(pid: int) -> bool:
+    """Whether a process with this pid exists (and is not a zombie of ours)."""
+    try:
+        finished, _status = os.waitpid(pid, os.WNOHANG)
+        if finished == pid:
+            return False
+    except ChildProcessError:
+        pass
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def spawn_detached(files: EndpointFiles, name: str, *, timeout: float = 60.0) -> int:
+    """Start ``gc-agent start NAME`` in the background; return its pid once it is serving.
+
+    Raises:
+        ConfigError: the agent exited or did not become ready; the log's tail says why.
+    """
+    files.directory.mkdir(parents=True, exist_ok=True)
+    with open(files.log, "ab") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gc_agent.cli", "start", name, "--log-file", str(files.log)],
+            stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if files.running_pid() == process.pid:
+            return process.pid
+        if process.poll() is not None:
+            break
+        time.sleep(0.1)
+    else:
+        process.kill()
+    tail = "\n".join(files.log.read_text(errors="replace").splitlines()[-8:])
+    raise ConfigError(f"the agent for {name} did not start; last lines of {files.log}:\n{tail}")
+
+
+def stop_process(pid: int, *, timeout: float) -> bool:
+    """SIGTERM (the agent drains), then wait; SIGKILL after ``timeout``. True if it drained."""
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not is_running(pid):
+            return True
+        time.sleep(0.1)
+    os.kill(pid, signal.SIGKILL)
+    return False

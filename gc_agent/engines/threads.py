@@ -1,0 +1,21 @@
+"""Thread engine: tasks run in threads of the agent process (cheapest; no isolation)."""
+
+from __future__ import annotations
+
+from gc_agent.engines.base import SlotPool
+from gc_agent.execution import FunctionCache, Job, Outcome, run_job
+
+__all__ = ["ThreadEngine"]
+
+
+class ThreadEngine(SlotPool):
+    """Runs each task in one of ``max_workers`` threads."""
+
+    name = "threads"
+
+    def __init__(self, max_workers: int) -> None:
+        super().__init__(max_workers)
+        self._functions: FunctionCache = {}
+
+    def _run(self, slot: int, job: Job) -> Outcome:
+        return run_job(job, self._functions)

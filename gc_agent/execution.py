@@ -1,0 +1,134 @@
+"""Run one task: load the function and arguments, call, serialize the outcome.
+
+This is the part every engine shares; it runs in a worker thread or a worker
+process and never raises: whatever goes wrong becomes a failed ``Outcome``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable, Literal
+
+import cloudpickle
+
+from gc_core.errors import SerializationError, VersionMismatch
+from gc_core.protocol import ErrorInfo
+from gc_core.serialize import CLOUDPICKLE, JSON, PYTHON_VERSION, get_serializer, python_minor
+
+__all__ = ["FunctionCache", "Job", "Outcome", "run_job"]
+
+#: Loaded functions by id, one cache per worker.
+FunctionCache = dict[str, Callable[..., Any]]
+
+
+@dataclass(frozen=True, slots=True)
+class Job:
+    """What a worker needs to run a task."""
+
+    task_id: str
+    function_id: str
+    function_payload: bytes
+    function_python: str
+    content_type: str
+    payload: bytes
+    sender_python: str
+    sender_serializer: str
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What came of a job; ``lost`` means the worker died and the task should run again."""
+
+    task_id: str
+    state: Literal["success", "failed"]
+    content_type: str = ""
+    payload: bytes = b""
+    error: ErrorInfo | None = None
+    started: float | None = None
+    finished: float | None = None
+    worker: str = ""
+    lost: bool = False
+
+
+
+
+def run_job(job: Job, functions: FunctionCache) -> Outcome:
+    """Run ``job``; every failure is reported in the outcome, never raised."""
+    started = time.time()
+    worker = f"{socket.gethostname()}:{os.getpid()}"
+    try:
+        function = _load_function(job, functions)
+        serializer = get_serializer(job.content_type)
+        args, kwargs = _load_arguments(job, serializer)
+    except Exception as exc:
+        return _failed(job, exc, started, worker, with_traceback=False)
+    try:
+        value = function(*args, **kwargs)
+    except BaseException as exc:  # the user's code may raise SystemExit too; report it all
+        return _failed(job, exc, started, worker, with_traceback=True)
+    try:
+        payload = serializer.dumps(value)
+    except Exception as exc:
+        return _failed(job, exc, started, worker, with_traceback=False)
+    return Outcome(job.task_id, "success", serializer.content_type, payload, None, started,
+                   time.time(), worker)
+
+
+def _load_function(job: Job, functions: FunctionCache) -> Callable[..., Any]:
+    function = functions.get(job.function_id)
+    if function is None:
+        try:
+            function = cloudpickle.loads(job.function_payload)
+        except Exception as exc:
+            if python_minor(job.function_python) != python_minor(PYTHON_VERSION):
+                raise VersionMismatch(
+                    "Python", local=PYTHON_VERSION, remote=job.function_python,
+                    detail=f"function {job.function_id} was registered from another Python "
+                           f"and does not load here ({exc})") from exc
+            raise SerializationError(
+                f"cannot load function {job.function_id}: {type(exc).__name__}: {exc}") from exc
+        if not callable(function):
+            raise SerializationError(f"function {job.function_id} is a {type(function).__name__}, "
+                                     "not a callable")
+        functions[job.function_id] = function
+    return function
+
+
+def _load_arguments(job: Job, serializer: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    try:
+        call = serializer.loads(job.payload)
+    except Exception as exc:
+        local = CLOUDPICKLE.label if serializer is CLOUDPICKLE else serializer.label
+        if serializer is CLOUDPICKLE and job.sender_serializer and job.sender_serializer != local:
+            raise VersionMismatch(
+                "serializer", local=f"{local} on Python {PYTHON_VERSION}",
+                remote=f"{job.sender_serializer} on Python {job.sender_python}",
+                detail=f"the arguments do not load here ({type(exc).__name__}: {exc})") from exc
+        raise SerializationError(
+            f"cannot decode the task's arguments as {serializer.name}: "
+            f"{type(exc).__name__}: {exc}") from exc
+    if serializer is JSON:
+        if not isinstance(call, dict) or not isinstance(call.get("args", []), list) \
+                or not isinstance(call.get("kwargs", {}), dict):
+            raise SerializationError(
+                'a JSON task body must be an object {"args": [...], "kwargs": {...}}')
+        return tuple(call.get("args", [])), dict(call.get("kwargs", {}))
+    if not (isinstance(call, tuple) and len(call) == 2):
+        raise SerializationError("a cloudpickle task body must be the pair (args, kwargs)")
+    return tuple(call[0]), dict(call[1])
+
+
+def _failed(job: Job, exc: BaseException, started: float, worker: str, *,
+            with_traceback: bool) -> Outcome:
+    text = ""
+    if with_traceback:
+        # Drop run_job's own frame: the user wants their code's frames only.
+        tb = exc.__traceback__.tb_next if exc.__traceback__ else None
+        text = "".join(traceback.format_exception(type(exc), exc, tb))
+    error = ErrorInfo(type=type(exc).__name__, message=str(exc), traceback=text)
+    return Outcome(job.task_id, "failed", JSON.content_type, b"", error, started, time.time(),
+                   worker)

@@ -1,0 +1,28 @@
+"""gc-fabric's client: run Python functions on remote endpoints and get futures back."""
+
+from gc_client.client import Batch, Client
+from gc_client.executor import ComputeFuture, Executor
+from gc_core.errors import (
+    GCError,
+    PublishNotConfirmed,
+    TaskCancelled,
+    TaskDeadLettered,
+    TaskExecutionFailed,
+    TaskPending,
+)
+
+__all__ = [
+    # front ends
+    "Client",
+    "Executor",
+    # results
+    "Batch",
+    "ComputeFuture",
+    # errors a caller catches
+    "GCError",
+    "PublishNotConfirmed",
+    "TaskCancelled",
+    "TaskDeadLettered",
+    "TaskExecutionFailed",
+    "TaskPending",
+]

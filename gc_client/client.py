@@ -1,0 +1,220 @@
+"""Client: register functions, submit tasks, look up tasks and results in the ledger.
+
+Names follow the Globus Compute SDK so its users feel at home.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import threading
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import cloudpickle
+
+from gc_client.tasks import make_manifest, make_task, new_id, task_out_value
+from gc_core.broker import BrokerSession
+from gc_core.errors import PublishNotConfirmed, TaskPending
+from gc_core.protocol import TaskMessage, encode_event, encode_task
+from gc_core.registry.client import RegistryClient
+from gc_core.registry.schemas import EndpointOut, EndpointStatus, TaskOut
+from gc_core.serialize import CLOUDPICKLE, Serializer, get_serializer
+from gc_core.settings import FabricSettings, resolve_settings
+from gc_core.topology import Topology, load_topology, safe_name_part
+
+__all__ = ["Batch", "Client"]
+
+#: Seconds ``run`` and ``batch_run`` wait for the broker to confirm their tasks.
+CONFIRM_TIMEOUT = 30.0
+
+
+@dataclass
+class Batch:
+    """Tasks to submit together with :meth:`Client.batch_run`."""
+
+    task_group_id: str
+    serializer: Serializer = CLOUDPICKLE
+    resource_specification: dict[str, Any] | None = None
+    calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
+
+    def add(self, function_id: str, args: tuple[Any, ...] | list[Any] = (),
+            kwargs: dict[str, Any] | None = None) -> None:
+        """Add one call of a registered function."""
+        self.calls.append((function_id, tuple(args), dict(kwargs or {})))
+
+
+class Client:
+    """The fabric as seen from a script: the registry over HTTP, tasks over AMQP."""
+
+    def __init__(self, *, broker_url: str | None = None, registry_url: str | None = None,
+                 token: str | None = None, home: str | None = None, user: str | None = None) -> None:
+        self.settings: FabricSettings = resolve_settings(
+            broker_url=broker_url, registry_url=registry_url, token=token, home=home, user=user)
+        safe_name_part(self.settings.user, "user name (GC_USER)")
+        self.topology: Topology = load_topology()
+        self.registry = RegistryClient(self.settings.registry_url, token=self.settings.token)
+        #: Task group of tasks sent with :meth:`run`.
+        self.task_group_id = new_id()
+        self._by_object: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        self._by_hash: dict[str, str] = {}
+        self._publisher: BrokerSession | None = None
+        self._lock = threading.Lock()
+
+    # -- functions and endpoints ------------------------------------------------------------
+
+    def register_function(self, function: Callable[..., Any], *, name: str | None = None) -> str:
+        """Register ``function`` once per process and return its id.
+
+        The same function object, or the same serialized bytes, never goes to the
+        registry twice.
+        """
+        try:
+            cached = self._by_object.get(function)
+        except TypeError:
+            cached = None
+        if cached is not None:
+            return cached
+        payload = cloudpickle.dumps(function)
+        digest = hashlib.sha256(payload).hexdigest()
+        function_id = self._by_hash.get(digest)
+        if function_id is None:
+            function_id = self.registry.register_function(
+                payload, name=name or getattr(function, "__name__", type(function).__name__),
+                source=_source_of(function), owner=self.settings.user)
+            self._by_hash[digest] = function_id
+        try:
+            self._by_object[function] = function_id
+        except TypeError:
+            pass  # not weak-referenceable: the hash cache still spares the registry
+        return function_id
+
+    def list_endpoints(self) -> list[EndpointOut]:
+        """Every endpoint the registry knows."""
+        return self.registry.list_endpoints()
+
+    def get_endpoint_status(self, endpoint_id: str) -> EndpointStatus:
+        """Online/offline and the latest heartbeat's details."""
+        return self.registry.get_endpoint_status(endpoint_id)
+
+    # -- submitting -----------------------------------------------------------------------
+
+    def run(self, *args: Any, endpoint_id: str, function_id: str,
+            serializer: str = "cloudpickle", **kwargs: Any) -> str:
+        """Submit one call; returns its task id once the broker has it."""
+        batch = self.create_batch(serializer=serializer)
+        batch.add(function_id, args, kwargs)
+        return self.batch_run(endpoint_id, batch)[0]
+
+    def create_batch(self, *, task_group_id: str | None = None, serializer: str = "cloudpickle",
+                     resource_specification: dict[str, Any] | None = None) -> Batch:
+        """An empty batch for :meth:`batch_run`."""
+        return Batch(task_group_id=task_group_id or self.task_group_id,
+                     serializer=get_serializer(serializer),
+                     resource_specification=resource_specification)
+
+    def batch_run(self, endpoint_id: str, batch: Batch) -> list[str]:
+        """Submit every call in ``batch``; returns the task ids once the broker confirmed them.
+
+        Raises:
+            PublishNotConfirmed: the broker refused a task or did not confirm in time.
+        """
+        tasks = [make_task(endpoint_id=endpoint_id, function_id=function_id,
+                           user=self.settings.user, task_group_id=batch.task_group_id,
+                           serializer=batch.serializer, args=args, kwargs=kwargs,
+                           resource_spec=batch.resource_specification)
+                 for function_id, args, kwargs in batch.calls]
+        self._publish_confirmed(endpoint_id, batch.task_group_id, tasks)
+        return [t.task_id for t in tasks]
+
+    # -- results from the ledger ------------------------------------------------------------
+
+    def get_task(self, task_id: str) -> TaskOut:
+        """A task's status and timings (and result, once finished) from the ledger."""
+        return self.registry.get_tasks([task_id])[0]
+
+    def get_result(self, task_id: str) -> Any:
+        """The task's value.
+
+        Raises:
+            TaskPending: the task has not finished (or the ledger has not heard of it yet).
+            TaskExecutionFailed: the function raised remotely.
+        """
+        task = self.get_task(task_id)
+        if task.status in ("waiting", "unknown"):
+            raise TaskPending(task_id, task.status)
+        return task_out_value(task)
+
+    def get_batch_result(self, task_ids: list[str]) -> dict[str, dict[str, Any]]:
+        """Per task id: ``pending``, ``status``, and ``result`` or ``exception``."""
+        answer: dict[str, dict[str, Any]] = {}
+        for task in self.registry.get_tasks(task_ids):
+            entry: dict[str, Any] = {"pending": task.status in ("waiting", "unknown"),
+                                     "status": task.status}
+            if not entry["pending"]:
+                try:
+                    entry["result"] = task_out_value(task)
+                except Exception as exc:
+                    entry["exception"] = exc
+            answer[task.task_id] = entry
+        return answer
+
+    def close(self) -> None:
+        """Close the broker connection and the HTTP pool."""
+        if self._publisher is not None:
+            self._publisher.close()
+        self.registry.close()
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- internals ------------------------------------------------------------------------
+
+    def broker_session(self, name: str, **options: Any) -> BrokerSession:
+        """A new broker session with this client's settings (the Executor uses one each)."""
+        return BrokerSession(self.settings.broker_url, name=name, topology=self.topology, **options)
+
+    def _publish_confirmed(self, endpoint_id: str, task_group_id: str,
+                           tasks: list[TaskMessage]) -> None:
+        with self._lock:
+            if self._publisher is None:
+                session = self.broker_session(f"gc-client:{self.settings.user}")
+                session.start()
+                self._publisher = session
+        publisher = self._publisher
+        failures: list[str] = []
+        done = threading.Semaphore(0)
+
+        def confirmed(reason: str | None) -> None:
+            if reason is not None:
+                failures.append(reason)
+            done.release()
+
+        manifest = make_manifest([t.task_id for t in tasks], task_group_id=task_group_id,
+                                 endpoint_id=endpoint_id, user=self.settings.user)
+        publisher.publish(self.topology.exchange("events"),
+                          self.topology.routing_key("group_submitted", task_group_id=task_group_id),
+                          encode_event(manifest))
+        exchange = self.topology.exchange("tasks")
+        key = self.topology.routing_key("task", endpoint_id=endpoint_id)
+        for task in tasks:
+            publisher.publish(exchange, key, encode_task(task), on_confirm=confirmed,
+                              mandatory=True)
+        for _ in tasks:
+            if not done.acquire(timeout=CONFIRM_TIMEOUT):
+                raise PublishNotConfirmed(f"the broker did not confirm the tasks within "
+                                          f"{CONFIRM_TIMEOUT:.0f}s")
+        if failures:
+            raise PublishNotConfirmed(f"{len(failures)} of {len(tasks)} tasks were not accepted "
+                                      f"for endpoint {endpoint_id}: {failures[0]}")
+
+
+def _source_of(function: Callable[..., Any]) -> str | None:
+    try:
+        return inspect.getsource(function)
+    except (OSError, TypeError):
+        return None

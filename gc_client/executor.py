@@ -1,0 +1,240 @@
+"""Executor: a ``concurrent.futures.Executor`` whose tasks run on a gc-fabric endpoint.
+
+Each Executor owns one task group and one durable result queue
+(``gc.results.<user>.<group>``). Submissions are queued and published in
+batches with publisher confirms; results resolve futures as they arrive, and a
+duplicate result (a task redelivered after an agent died) is dropped, so a
+future resolves exactly once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from concurrent.futures import Executor as _BaseExecutor
+from concurrent.futures import Future, InvalidStateError
+from typing import Any, Callable, Iterable
+
+from gc_client.client import Client
+from gc_client.tasks import make_manifest, make_task, new_id, result_value, task_out_value
+from gc_core.broker import FLUSH_BATCH, BrokerSession, Delivery
+from gc_core.errors import ProtocolError, PublishNotConfirmed
+from gc_core.protocol import ResultMessage, decode_result, encode_event, encode_task
+from gc_core.serialize import get_serializer
+from gc_core.topology import safe_name_part
+
+__all__ = ["ComputeFuture", "Executor"]
+
+logger = logging.getLogger(__name__)
+
+#: Results the executor may hold unacked; bounds memory while futures resolve.
+RESULT_PREFETCH = 1000
+
+
+class ComputeFuture(Future[Any]):
+    """A future for one task; ``task_id`` names it in the ledger and on the wire."""
+
+    def __init__(self, task_id: str) -> None:
+        super().__init__()
+        self.task_id = task_id
+
+
+class Executor(_BaseExecutor):
+    """Run Python functions on an endpoint and get futures back.
+
+    Example:
+        >>> with Executor(endpoint_id=ENDPOINT_ID) as ex:
+        ...     print(ex.submit(pow, 2, 10).result())
+        1024
+    """
+
+    def __init__(
+        self,
+        endpoint_id: str | None = None,
+        *,
+        client: Client | None = None,
+        task_group_id: str | None = None,
+        resource_specification: dict[str, Any] | None = None,
+        serializer: str = "cloudpickle",
+        batch_size: int = FLUSH_BATCH,
+        linger: float = 0.0,
+    ) -> None:
+        if batch_size < 1 or linger < 0:
+            raise ValueError("batch_size must be at least 1 and linger (seconds) at least 0")
+        self.endpoint_id = endpoint_id
+        self.client = client or Client()
+        self._owns_client = client is None
+        self.task_group_id = safe_name_part(task_group_id or new_id(), "task_group_id")
+        self.resource_specification = resource_specification
+        self.serializer = get_serializer(serializer)
+        self.batch_size = batch_size
+        self.linger = linger
+        self._user = self.client.settings.user
+        self._futures: dict[str, ComputeFuture] = {}
+        self._unclaimed: dict[str, ResultMessage] = {}
+        self._manifest_ids: list[str] = []
+        self._session: BrokerSession | None = None
+        self._lock = threading.Lock()
+        self._shutdown = False
+        #: Results dropped because their future had already resolved (redelivered tasks).
+        self.duplicates_dropped = 0
+
+    # -- concurrent.futures API ----------------------------------------------------------
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> ComputeFuture:
+        """Run ``fn(*args, **kwargs)`` on the endpoint; the function is registered once."""
+        function_id = self.client.register_function(fn)
+        return self.submit_to_registered_function(function_id, args, kwargs)
+
+    def submit_to_registered_function(self, function_id: str, args: Iterable[Any] = (),
+                                      kwargs: dict[str, Any] | None = None) -> ComputeFuture:
+        """Run an already registered function by id."""
+        if self._shutdown:
+            raise RuntimeError("cannot submit to an Executor after shutdown")
+        if self.endpoint_id is None:
+            raise ValueError("this Executor has no endpoint_id; pass Executor(endpoint_id=...)")
+        session = self._connected()
+        task = make_task(endpoint_id=self.endpoint_id, function_id=function_id, user=self._user,
+                         task_group_id=self.task_group_id, serializer=self.serializer,
+                         args=tuple(args), kwargs=dict(kwargs or {}),
+                         resource_spec=self.resource_specification)
+        future = ComputeFuture(task.task_id)
+        with self._lock:
+            self._futures[task.task_id] = future
+            self._manifest_ids.append(task.task_id)
+            first_of_batch = len(self._manifest_ids) == 1
+        if first_of_batch:
+            session.call_soon(self._publish_manifest)
+        topology = self.client.topology
+        session.publish(topology.exchange("tasks"),
+                        topology.routing_key("task", endpoint_id=self.endpoint_id),
+                        encode_task(task), mandatory=True,
+                        on_confirm=lambda reason: self._on_task_confirm(future, reason))
+        return future
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Stop accepting work; optionally wait for all futures, or cancel the pending ones.
+
+        Results of tasks still pending when this returns stay in the group's queue and in
+        the ledger: ``Executor(task_group_id=...).reload_tasks()`` picks them up later.
+        """
+        self._shutdown = True
+        with self._lock:
+            pending = [f for f in self._futures.values() if not f.done()]
+        if cancel_futures:
+            for future in pending:
+                future.cancel()
+        if wait:
+            for future in pending:
+                if not future.cancelled():
+                    future.exception()
+        session = self._session
+        if session is not None:
+            session.wait_settled(10.0)
+            with self._lock:
+                all_done = all(f.done() for f in self._futures.values())
+            if all_done and not self._unclaimed:
+                session.delete_queue(self._result_queue().name)
+                session.wait_settled(5.0)
+            session.close()
+            self._session = None
+        if self._owns_client:
+            self.client.close()
+
+    # -- reattaching ---------------------------------------------------------------------
+
+    def reload_tasks(self) -> list[ComputeFuture]:
+        """Futures for every task of this task group, after the submitting process is gone.
+
+        Finished tasks resolve at once from the ledger; the others resolve as their
+        results arrive on the group's queue.
+        """
+        known = self.client.registry.list_group_tasks(self.task_group_id)
+        with self._lock:
+            futures = [self._futures.setdefault(t.task_id, ComputeFuture(t.task_id)) for t in known]
+        for task in known:
+            if task.status not in ("waiting", "unknown"):
+                self._resolve_from(task.task_id, lambda task=task: task_out_value(task))
+        self._connected()
+        with self._lock:
+            unclaimed = [r for r in self._unclaimed.values() if r.task_id in self._futures]
+        for result in unclaimed:
+            self._unclaimed.pop(result.task_id, None)
+            self._resolve_from(result.task_id, lambda result=result: result_value(result))
+        return futures
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _result_queue(self) -> Any:
+        return self.client.topology.queue("results", user=self._user,
+                                          task_group_id=self.task_group_id)
+
+    def _connected(self) -> BrokerSession:
+        session = self._session
+        if session is not None:
+            return session
+        with self._lock:
+            if self._session is None:
+                queue = self._result_queue()
+                session = self.client.broker_session(
+                    f"gc-client:{self._user}:{self.task_group_id}", queues=[queue],
+                    prefetch=RESULT_PREFETCH, linger=self.linger, batch_size=self.batch_size)
+                session.consume(queue.name, self._on_result)
+                session.start()
+                self._session = session
+            return self._session
+
+    def _publish_manifest(self) -> None:
+        """Runs on the IO thread ahead of a batch's tasks: tell the ledger their ids."""
+        with self._lock:
+            task_ids, self._manifest_ids = self._manifest_ids, []
+        if not task_ids or self._session is None or self.endpoint_id is None:
+            return
+        topology = self.client.topology
+        manifest = make_manifest(task_ids, task_group_id=self.task_group_id,
+                                 endpoint_id=self.endpoint_id, user=self._user)
+        self._session.publish(
+            topology.exchange("events"),
+            topology.routing_key("group_submitted", task_group_id=self.task_group_id),
+            encode_event(manifest))
+
+    def _on_task_confirm(self, future: ComputeFuture, reason: str | None) -> None:
+        if reason is None:
+            return
+        with self._lock:
+            self._futures.pop(future.task_id, None)
+        if not future.done():
+            future.set_exception(PublishNotConfirmed(
+                f"task {future.task_id} was not accepted for endpoint {self.endpoint_id}: "
+                f"{reason}. Check the endpoint id, and that the endpoint was configured "
+                "(`gc-agent configure`) so its task queue exists."))
+
+    def _on_result(self, delivery: Delivery) -> None:
+        """IO thread: resolve the future this result belongs to, then ack it."""
+        assert self._session is not None
+        try:
+            result = decode_result(delivery.envelope)
+        except ProtocolError as exc:
+            logger.warning("dropped an undecodable result (%d bytes): %s", len(exc.raw), exc)
+            self._session.ack(delivery)
+            return
+        with self._lock:
+            known = result.task_id in self._futures
+            if not known:
+                self._unclaimed[result.task_id] = result
+        if known:
+            self._resolve_from(result.task_id, lambda: result_value(result))
+        self._session.ack(delivery)
+
+    def _resolve_from(self, task_id: str, value: Callable[[], Any]) -> None:
+        future = self._futures.get(task_id)
+        if future is None or future.done():
+            self.duplicates_dropped += 1
+            return
+        try:
+            try:
+                future.set_result(value())
+            except Exception as exc:  # a remote failure, or a value that cannot be decoded here
+                future.set_exception(exc)
+        except InvalidStateError:
+            self.duplicates_dropped += 1  # cancelled or resolved meanwhile by another thread

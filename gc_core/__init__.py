@@ -1,0 +1,50 @@
+"""What every side of gc-fabric shares: the wire contract, serializers, topology, broker, errors."""
+
+from gc_core.errors import (
+    BrokerError,
+    BrokerUnreachable,
+    ConfigError,
+    GCError,
+    NotFound,
+    PolicyError,
+    ProtocolError,
+    RegistryError,
+    SerializationError,
+    TaskCancelled,
+    TaskDeadLettered,
+    TaskError,
+    TaskExecutionFailed,
+    TaskPending,
+    VersionMismatch,
+    WorkerLost,
+)
+from gc_core.protocol import ErrorInfo, ResultMessage, TaskMessage, Timings
+from gc_core.settings import FabricSettings, resolve_settings
+
+__all__ = [
+    # errors
+    "BrokerError",
+    "BrokerUnreachable",
+    "ConfigError",
+    "GCError",
+    "NotFound",
+    "PolicyError",
+    "ProtocolError",
+    "RegistryError",
+    "SerializationError",
+    "TaskCancelled",
+    "TaskDeadLettered",
+    "TaskError",
+    "TaskExecutionFailed",
+    "TaskPending",
+    "VersionMismatch",
+    "WorkerLost",
+    # wire models
+    "ErrorInfo",
+    "ResultMessage",
+    "TaskMessage",
+    "Timings",
+    # settings
+    "FabricSettings",
+    "resolve_settings",
+]

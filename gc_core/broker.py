@@ -1,0 +1,467 @@
+"""The only module that talks pika: a broker session in a background thread.
+
+A :class:`BrokerSession` owns one pika ``SelectConnection`` and one confirm-mode
+channel, driven by its own IO thread. Publishes from any thread are queued and
+flushed in batches, so confirms pipeline (pika's BlockingConnection waits for
+each confirm in turn). When the connection drops, the session reconnects with
+tenacity backoff, declares its queues again, resumes its consumers and
+re-publishes whatever the broker had not confirmed: callers see at-least-once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any, Callable, Sequence
+from urllib.parse import urlsplit, urlunsplit
+
+import pika
+import pika.exceptions
+from pika.adapters.select_connection import SelectConnection
+from pika.channel import Channel
+from pika.frame import Method
+from pika.spec import Basic, BasicProperties
+from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
+
+from gc_core.errors import BrokerError, BrokerUnreachable
+from gc_core.protocol import Envelope
+from gc_core.topology import QueueDeclaration, Topology
+
+__all__ = ["BrokerSession", "ConfirmCallback", "Delivery", "redact_url"]
+
+logger = logging.getLogger(__name__)
+
+#: Default publishes and acks handled per IO-loop turn, so incoming frames are read in between.
+FLUSH_BATCH = 500
+#: AMQP heartbeat (seconds) unless the URL sets one: a dead peer is noticed within ~2x this.
+HEARTBEAT_SECONDS = 20
+#: Reply codes that no reconnect can fix (access refused, precondition failed, not allowed).
+FATAL_REPLY_CODES = frozenset({403, 406, 530})
+
+#: Called once per publish on the IO thread: None when confirmed, else the reason it was not.
+ConfirmCallback = Callable[[str | None], None]
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    """A message handed to a consumer, with what is needed to ack it later."""
+
+    envelope: Envelope
+    exchange: str
+    routing_key: str
+    redelivered: bool
+    delivery_count: int
+    generation: int
+    tag: int
+
+
+@dataclass(slots=True)
+class _Publish:
+    exchange: str
+    routing_key: str
+    envelope: Envelope
+    persistent: bool
+    mandatory: bool
+    on_confirm: ConfirmCallback | None
+
+
+@dataclass(slots=True)
+class _Settle:
+    generation: int
+    tag: int
+    ack: bool
+    requeue: bool
+
+
+class _Fatal(BrokerError):
+    """The broker refused something a reconnect will not fix."""
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for messages and logs."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
+    return urlunsplit(parts._replace(netloc=netloc))
+
+
+class BrokerSession:
+    """One AMQP connection with confirmed publishes, consumers and automatic reconnect."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str,
+        topology: Topology,
+        queues: Sequence[QueueDeclaration] = (),
+        prefetch: int = 0,
+        linger: float = 0.0,
+        batch_size: int = FLUSH_BATCH,
+    ) -> None:
+        self._url = url
+        self._name = name
+        self._topology = topology
+        self._queues = list(queues)
+        self._prefetch = prefetch
+        self._linger = linger
+        self._batch_size = batch_size
+        self._consumers: dict[str, Callable[[Delivery], None]] = {}
+        self._consuming = True
+        self._active_consumers: set[str] = set()
+        self._outbox: deque[_Publish | _Settle | Callable[[], None]] = deque()
+        self._unconfirmed: OrderedDict[int, _Publish] = OrderedDict()
+        self._returned: dict[str, str] = {}
+        self._seq = 0
+        self._generation = 0
+        self._connection: SelectConnection | None = None
+        self._channel: Channel | None = None
+        self._ready = threading.Event()
+        self._stopping = threading.Event()
+        self._flush_scheduled = False
+        self._ever_ready = False
+        self._opened = False
+        self._last_error = "no attempt made yet"
+        self._fatal: str | None = None
+        self._thread: threading.Thread | None = None
+        self._io_thread_id: int | None = None
+
+    # -- public API, callable from any thread -------------------------------------------
+
+    @property
+    def url(self) -> str:
+        """The broker URL without its password."""
+        return redact_url(self._url)
+
+    @property
+    def connected(self) -> bool:
+        """True while the channel is open and declared."""
+        return self._ready.is_set()
+
+    def start(self, timeout: float | None = 15.0) -> None:
+        """Connect in the background; return once ready (at once if ``timeout`` is None).
+
+        Raises:
+            BrokerUnreachable: no connection within ``timeout``.
+            BrokerError: the broker refused a declaration (for example mismatched arguments).
+        """
+        self._thread = threading.Thread(target=self._run, name=f"broker-{self._name}", daemon=True)
+        self._thread.start()
+        if timeout is None:
+            return
+        deadline = time.monotonic() + timeout
+        while not self._ready.wait(0.05):
+            if self._fatal is not None or time.monotonic() > deadline:
+                self.close(timeout=2)
+                if self._fatal is not None:
+                    raise BrokerError(self._fatal)
+                raise BrokerUnreachable(self.url, self._last_error)
+
+    def publish(self, exchange: str, routing_key: str, envelope: Envelope, *,
+                on_confirm: ConfirmCallback | None = None, persistent: bool = True,
+                mandatory: bool = False) -> None:
+        """Queue a publish; ``on_confirm`` runs on the IO thread once the broker answers."""
+        self._submit(_Publish(exchange, routing_key, envelope, persistent, mandatory, on_confirm))
+
+    def consume(self, queue: str, on_message: Callable[[Delivery], None]) -> None:
+        """Consume ``queue`` now and after every reconnect; ``on_message`` runs on the IO thread."""
+        self._consumers[queue] = on_message
+        self._submit(lambda: self._start_consumer(queue))
+
+    def stop_consuming(self) -> None:
+        """Cancel every consumer (unacked deliveries stay ours until acked or rejected)."""
+        self._consuming = False
+        self._submit(self._cancel_consumers)
+
+    def ack(self, delivery: Delivery) -> None:
+        """Acknowledge a delivery; a delivery from before a reconnect is ignored."""
+        self._submit(_Settle(delivery.generation, delivery.tag, True, False))
+
+    def reject(self, delivery: Delivery, *, requeue: bool) -> None:
+        """Return a delivery to its queue (``requeue``) or dead-letter it."""
+        self._submit(_Settle(delivery.generation, delivery.tag, False, requeue))
+
+    def call_soon(self, fn: Callable[[], None]) -> None:
+        """Run ``fn`` on the IO thread once connected."""
+        self._submit(fn)
+
+    def queue_message_count(self, queue: str, on_count: Callable[[int], None]) -> None:
+        """Ask the broker how many ready messages ``queue`` holds (it must exist)."""
+
+        def ask() -> None:
+            assert self._channel is not None
+            self._channel.queue_declare(
+                queue, passive=True,
+                callback=lambda frame: on_count(frame.method.message_count))
+
+        self._submit(ask)
+
+    def delete_queue(self, queue: str) -> None:
+        """Delete a queue this session declared, and stop declaring it on reconnect."""
+        self._queues = [q for q in self._queues if q.name != queue]
+        self._consumers.pop(queue, None)
+
+        def delete() -> None:
+            assert self._channel is not None
+            self._channel.queue_delete(queue)
+
+        self._submit(delete)
+
+    def wait_settled(self, timeout: float) -> bool:
+        """Wait until every queued publish and ack has been confirmed; False on timeout."""
+        deadline = time.monotonic() + timeout
+        while self._outbox or self._unconfirmed:
+            if time.monotonic() > deadline:
+                return False
+            time.sleep(0.005)
+        return True
+
+    def close(self, timeout: float = 10.0) -> None:
+        """Close the connection and stop the IO thread."""
+        self._stopping.set()
+        connection = self._connection
+        if connection is not None:
+            connection.ioloop.add_callback_threadsafe(self._close_connection)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout)
+
+    # -- queueing work for the IO thread -------------------------------------------------
+
+    def _submit(self, op: _Publish | _Settle | Callable[[], None]) -> None:
+        if threading.get_ident() == self._io_thread_id and self._ready.is_set() and not self._outbox:
+            self._execute(op)
+            return
+        self._outbox.append(op)
+        if not self._flush_scheduled and self._ready.is_set():
+            self._flush_scheduled = True
+            connection = self._connection
+            if connection is not None:
+                connection.ioloop.add_callback_threadsafe(self._on_wake)
+
+    def _on_wake(self) -> None:
+        if self._linger > 0 and len(self._outbox) < self._batch_size and self._connection is not None:
+            self._connection.ioloop.call_later(self._linger, self._flush)
+        else:
+            self._flush()
+
+    def _flush(self) -> None:
+        self._flush_scheduled = False
+        if not self._ready.is_set():
+            return
+        for _ in range(self._batch_size):
+            if not self._outbox:
+                return
+            self._execute(self._outbox.popleft())
+        if self._outbox and self._connection is not None:
+            self._flush_scheduled = True
+            self._connection.ioloop.call_later(0, self._flush)
+
+    def _execute(self, op: _Publish | _Settle | Callable[[], None]) -> None:
+        channel = self._channel
+        assert channel is not None
+        if isinstance(op, _Publish):
+            properties = BasicProperties(
+                message_id=op.envelope.message_id, correlation_id=op.envelope.correlation_id,
+                content_type=op.envelope.content_type, headers=op.envelope.headers,
+                delivery_mode=2 if op.persistent else 1)
+            channel.basic_publish(op.exchange, op.routing_key, op.envelope.body, properties,
+                                  mandatory=op.mandatory)
+            self._seq += 1
+            self._unconfirmed[self._seq] = op
+        elif isinstance(op, _Settle):
+            if op.generation != self._generation:
+                return  # the channel it came on is gone; the broker has requeued it
+            if op.ack:
+                channel.basic_ack(op.tag)
+            else:
+                channel.basic_nack(op.tag, requeue=op.requeue)
+        else:
+            _guarded(op)
+
+    # -- the IO thread -------------------------------------------------------------------
+
+    def _run(self) -> None:
+        self._io_thread_id = threading.get_ident()
+        while not self._stopping.is_set():
+            retrying = Retrying(
+                retry=retry_if_exception_type(BrokerUnreachable),
+                wait=wait_exponential_jitter(initial=0.2, max=5.0),
+                stop=lambda _state: self._stopping.is_set() or self._fatal is not None,
+                sleep=self._stopping.wait,
+                before_sleep=lambda state: logger.warning(
+                    "broker %s unreachable (%s); retrying in %.1fs", self.url, self._last_error,
+                    state.upcoming_sleep),
+                reraise=True,
+            )
+            try:
+                retrying(self._run_connection)
+            except BrokerUnreachable:
+                return
+            except _Fatal as exc:
+                self._fatal = str(exc)
+                logger.error("broker session %s stopped: %s", self._name, exc)
+                return
+
+    def _run_connection(self) -> None:
+        """Run one connection until it closes; raise if it never opened."""
+        self._opened = False
+        params = pika.URLParameters(self._url)
+        if "heartbeat" not in self._url:
+            params.heartbeat = HEARTBEAT_SECONDS
+        params.connection_attempts = 1
+        params.client_properties = {"connection_name": self._name}
+        connection = SelectConnection(
+            params, on_open_callback=self._on_connection_open,
+            on_open_error_callback=self._on_connection_open_error,
+            on_close_callback=self._on_connection_closed)
+        self._connection = connection
+        connection.ioloop.start()
+        self._connection = None
+        if self._fatal is not None:
+            raise _Fatal(self._fatal)
+        if not self._opened and not self._stopping.is_set():
+            raise BrokerUnreachable(self.url, self._last_error)
+
+    def _on_connection_open(self, connection: SelectConnection) -> None:
+        self._opened = True
+        connection.channel(on_open_callback=self._on_channel_open)
+
+    def _on_connection_open_error(self, connection: SelectConnection, error: BaseException) -> None:
+        self._last_error = _describe(error)
+        if isinstance(error, pika.exceptions.ProbableAuthenticationError):
+            self._fatal = f"the broker at {self.url} refused the credentials: {error}"
+        connection.ioloop.stop()
+
+    def _on_connection_closed(self, connection: SelectConnection, reason: BaseException) -> None:
+        was_ready = self._ready.is_set()
+        self._ready.clear()
+        self._channel = None
+        self._requeue_unconfirmed()
+        if was_ready and not self._stopping.is_set():
+            logger.warning("connection %s to %s lost (%s); reconnecting", self._name, self.url,
+                           _describe(reason))
+        connection.ioloop.stop()
+
+    def _on_channel_open(self, channel: Channel) -> None:
+        self._channel = channel
+        self._active_consumers.clear()
+        self._generation += 1
+        self._seq = 0
+        channel.add_on_close_callback(self._on_channel_closed)
+        channel.add_on_return_callback(self._on_return)
+        channel.confirm_delivery(self._on_confirm)
+        for name, kind in self._topology.exchanges.values():
+            channel.exchange_declare(name, kind, durable=True)
+        for queue in self._queues:
+            channel.queue_declare(queue.name, durable=True, arguments=queue.arguments)
+            for binding in queue.bindings:
+                channel.queue_bind(queue.name, binding.exchange, binding.routing_key,
+                                   arguments=binding.arguments or None)
+        channel.basic_qos(prefetch_count=self._prefetch, callback=self._on_declared)
+
+    def _on_declared(self, _frame: Method) -> None:
+        channel = self._channel
+        assert channel is not None
+        if self._consuming:
+            for queue in self._consumers:
+                self._start_consumer(queue)
+        if self._ever_ready:
+            logger.info("connection %s to %s restored", self._name, self.url)
+        self._ever_ready = True
+        self._ready.set()
+        self._flush_scheduled = False
+        self._flush()
+
+    def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
+        code = getattr(reason, "reply_code", 0)
+        if code in FATAL_REPLY_CODES and not self._ready.is_set() and not self._stopping.is_set():
+            self._fatal = f"the broker at {self.url} refused session {self._name}: {reason}"
+        elif not self._stopping.is_set():
+            logger.warning("channel of %s closed (%s); reconnecting", self._name, reason)
+        connection = self._connection
+        if connection is not None and connection.is_open:
+            connection.close()
+
+    def _start_consumer(self, queue: str) -> None:
+        if self._channel is None or not self._consuming or queue in self._active_consumers:
+            return
+        self._active_consumers.add(queue)
+        on_message = self._consumers[queue]
+        generation = self._generation
+
+        def deliver(_ch: Channel, method: Basic.Deliver, props: BasicProperties,
+                    body: bytes) -> None:
+            headers = props.headers or {}
+            delivery = Delivery(
+                envelope=Envelope(props.message_id or "", props.correlation_id or "",
+                                  props.content_type or "", headers, body),
+                exchange=method.exchange, routing_key=method.routing_key,
+                redelivered=method.redelivered,
+                delivery_count=int(headers.get("x-delivery-count", 0) or 0),
+                generation=generation, tag=method.delivery_tag)
+            _guarded(lambda: on_message(delivery))
+
+        self._channel.basic_consume(queue, deliver, consumer_tag=f"{self._name}:{queue}")
+
+    def _cancel_consumers(self) -> None:
+        if self._channel is not None:
+            for queue in self._active_consumers:
+                self._channel.basic_cancel(f"{self._name}:{queue}")
+        self._active_consumers.clear()
+
+    def _on_return(self, _ch: Channel, method: Basic.Return, props: BasicProperties,
+                   _body: bytes) -> None:
+        self._returned[props.message_id or ""] = (
+            f"the broker could not route it ({method.reply_text}): exchange {method.exchange!r} "
+            f"has no queue bound for routing key {method.routing_key!r}")
+
+    def _on_confirm(self, frame: Method) -> None:
+        method = frame.method
+        tag = method.delivery_tag
+        if method.multiple:
+            settled = []
+            while self._unconfirmed and next(iter(self._unconfirmed)) <= tag:
+                settled.append(self._unconfirmed.popitem(last=False)[1])
+        else:
+            single = self._unconfirmed.pop(tag, None)
+            settled = [single] if single is not None else []
+        refused = None if isinstance(method, Basic.Ack) else "the broker refused it (basic.nack)"
+        for publish in settled:
+            reason = self._returned.pop(publish.envelope.message_id, None) if self._returned else None
+            if publish.on_confirm is not None:
+                on_confirm, why = publish.on_confirm, refused or reason
+                _guarded(lambda: on_confirm(why))
+
+    def _requeue_unconfirmed(self) -> None:
+        """Put publishes the broker never confirmed back at the front, in order."""
+        pending = list(self._unconfirmed.values())
+        self._unconfirmed.clear()
+        self._returned.clear()
+        self._outbox.extendleft(reversed(pending))
+        self._flush_scheduled = False
+
+    def _close_connection(self) -> None:
+        connection = self._connection
+        if connection is None:
+            return
+        try:
+            connection.close()
+        except pika.exceptions.ConnectionWrongStateError:
+            connection.ioloop.stop()
+
+
+def _guarded(fn: Callable[[], Any]) -> None:
+    """Run a callback on the IO thread; a bug in it must not stop the connection."""
+    try:
+        fn()
+    except Exception:
+        logger.exception("callback on the broker IO thread failed")
+
+
+def _describe(error: BaseException) -> str:
+    text = str(error) or type(error).__name__
+    return text if len(text) < 300 else text[:300] + "…"

@@ -1,0 +1,112 @@
+"""HTTP client of the registry, used by agents and clients alike.
+
+httpx errors are translated here and nowhere else: callers see ``RegistryError``.
+"""
+
+from __future__ import annotations
+
+import base64
+from typing import Any, TypeVar
+
+import httpx
+from pydantic import BaseModel, TypeAdapter
+
+from gc_core.errors import NotFound, RegistryError
+from gc_core.registry.schemas import (
+    EndpointIn,
+    EndpointOut,
+    EndpointStatus,
+    FunctionIn,
+    FunctionOut,
+    TaskBatchIn,
+    TaskOut,
+)
+from gc_core.serialize import CLOUDPICKLE, PYTHON_VERSION
+
+__all__ = ["RegistryClient"]
+
+#: Seconds to wait for the registry; it is never on the task path.
+REGISTRY_TIMEOUT = 15.0
+
+_Model = TypeVar("_Model", bound=BaseModel)
+
+
+class RegistryClient:
+    """Talks to one registry over HTTP."""
+
+    def __init__(self, url: str, *, token: str | None = None) -> None:
+        self.url = url.rstrip("/")
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=REGISTRY_TIMEOUT)
+
+    def close(self) -> None:
+        """Close the HTTP connection pool."""
+        self._http.close()
+
+    def register_function(self, payload: bytes, *, name: str, source: str | None,
+                          owner: str) -> str:
+        """Store a cloudpickled function; returns its id (the same bytes give the same id)."""
+        body = FunctionIn(name=name, content_type=CLOUDPICKLE.content_type,
+                          payload_b64=base64.b64encode(payload).decode(), source=source,
+                          python_version=PYTHON_VERSION, serializer=CLOUDPICKLE.label, owner=owner)
+        return self._call("POST", "/functions", FunctionOut, json=body).function_id
+
+    def get_function(self, function_id: str) -> FunctionOut:
+        """A registered function, with its serialized bytes."""
+        return self._call("GET", f"/functions/{function_id}", FunctionOut)
+
+    def create_endpoint(self, name: str, *, owner: str, description: str = "") -> EndpointOut:
+        """Register an endpoint and get its id."""
+        body = EndpointIn(name=name, owner=owner, description=description)
+        return self._call("POST", "/endpoints", EndpointOut, json=body)
+
+    def get_endpoint(self, endpoint_id: str) -> EndpointOut:
+        """One endpoint."""
+        return self._call("GET", f"/endpoints/{endpoint_id}", EndpointOut)
+
+    def list_endpoints(self) -> list[EndpointOut]:
+        """All endpoints."""
+        return self._call_list("GET", "/endpoints", EndpointOut)
+
+    def get_endpoint_status(self, endpoint_id: str) -> EndpointStatus:
+        """An endpoint's liveness from its heartbeats."""
+        return self._call("GET", f"/endpoints/{endpoint_id}/status", EndpointStatus)
+
+    def get_tasks(self, task_ids: list[str]) -> list[TaskOut]:
+        """Tasks from the ledger, in the order asked."""
+        return self._call_list("POST", "/tasks/batch", TaskOut, json=TaskBatchIn(task_ids=task_ids))
+
+    def list_group_tasks(self, task_group_id: str) -> list[TaskOut]:
+        """Every task the ledger knows in a task group."""
+        return self._call_list("GET", f"/task-groups/{task_group_id}/tasks", TaskOut)
+
+    def _call(self, method: str, path: str, model: type[_Model], *,
+              json: BaseModel | None = None) -> _Model:
+        return model.model_validate(self._request(method, path, json))
+
+    def _call_list(self, method: str, path: str, model: type[_Model], *,
+                   json: BaseModel | None = None) -> list[_Model]:
+        return TypeAdapter(list[model]).validate_python(self._request(method, path, json))  # type: ignore[valid-type]
+
+    def _request(self, method: str, path: str, json: BaseModel | None) -> Any:
+        try:
+            response = self._http.request(
+                method, path, json=json.model_dump(mode="json") if json is not None else None)
+        except httpx.HTTPError as exc:
+            raise RegistryError(
+                f"cannot reach the registry at {self.url}: {exc}; is `gc-registry serve` "
+                "running, and does GC_REGISTRY_URL point at it?") from exc
+        if response.status_code == 404:
+            raise NotFound(_detail(response), status=404)
+        if response.status_code >= 400:
+            raise RegistryError(f"registry refused {method} {path}: {_detail(response)}",
+                                status=response.status_code)
+        return response.json()
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        detail = response.json().get("detail", response.text)
+    except ValueError:
+        detail = response.text
+    return detail if isinstance(detail, str) else str(detail)

@@ -1,0 +1,90 @@
+"""The registry's tables (SQLAlchemy 2) and how to open the database."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy import Engine, Float, Index, LargeBinary, String, Text, create_engine, event
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+__all__ = ["Base", "EndpointRow", "FunctionRow", "TaskRow", "open_database"]
+
+
+class Base(DeclarativeBase):
+    """Declarative base of every registry table."""
+
+
+class FunctionRow(Base):
+    """A registered function: its serialized bytes, source and the hash we dedupe on."""
+
+    __tablename__ = "functions"
+
+    function_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    owner: Mapped[str] = mapped_column(String(200))
+    content_hash: Mapped[str] = mapped_column(String(64), index=True)
+    content_type: Mapped[str] = mapped_column(String(100))
+    payload: Mapped[bytes] = mapped_column(LargeBinary)
+    source: Mapped[str | None] = mapped_column(Text)
+    python_version: Mapped[str] = mapped_column(String(40))
+    serializer: Mapped[str] = mapped_column(String(100))
+    created: Mapped[float] = mapped_column(Float)
+
+
+class EndpointRow(Base):
+    """A registered endpoint and what its last heartbeat said."""
+
+    __tablename__ = "endpoints"
+
+    endpoint_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    owner: Mapped[str] = mapped_column(String(200))
+    description: Mapped[str] = mapped_column(Text, default="")
+    created: Mapped[float] = mapped_column(Float)
+    last_seen: Mapped[float | None] = mapped_column(Float)
+    heartbeat_json: Mapped[str | None] = mapped_column(Text)
+
+
+class TaskRow(Base):
+    """One task in the ledger: who sent it where, its state, timings and result."""
+
+    __tablename__ = "tasks"
+    __table_args__ = (Index("ix_tasks_group", "task_group_id"),)
+
+    task_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    task_group_id: Mapped[str] = mapped_column(String(64))
+    endpoint_id: Mapped[str] = mapped_column(String(64), default="")
+    function_id: Mapped[str] = mapped_column(String(64), default="")
+    user: Mapped[str] = mapped_column(String(200), default="")
+    status: Mapped[str] = mapped_column(String(20))
+    submitted: Mapped[float | None] = mapped_column(Float)
+    received: Mapped[float | None] = mapped_column(Float)
+    started: Mapped[float | None] = mapped_column(Float)
+    finished: Mapped[float | None] = mapped_column(Float)
+    worker: Mapped[str] = mapped_column(String(200), default="")
+    content_type: Mapped[str] = mapped_column(String(100), default="")
+    result: Mapped[bytes | None] = mapped_column(LargeBinary)
+    error_json: Mapped[str | None] = mapped_column(Text)
+
+
+def open_database(url: str) -> sessionmaker[Any]:
+    """Connect, create missing tables, and return a session factory."""
+    engine = _make_engine(url)
+    Base.metadata.create_all(engine)
+    return sessionmaker(engine, expire_on_commit=False)
+
+
+def _make_engine(url: str) -> Engine:
+    if not url.startswith("sqlite"):
+        return create_engine(url, pool_pre_ping=True)
+    engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+    @event.listens_for(engine, "connect")
+    def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+        # WAL lets the HTTP handlers read while the ledger writes.
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    return engine

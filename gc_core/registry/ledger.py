@@ -1,0 +1,99 @@
+"""The task ledger: consume ``gc.ledger`` and write what happened to the database.
+
+The broker copies every result, dead letter, heartbeat and task-group manifest
+to ``gc.ledger``. The consumer collects deliveries on the broker's IO thread and
+a writer thread commits them in batches, acking only after the commit: a
+registry crash loses nothing, it only replays.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+from sqlalchemy.orm import sessionmaker
+
+from gc_core.broker import BrokerSession, Delivery
+from gc_core.errors import ProtocolError
+from gc_core.protocol import GroupManifest, Heartbeat, ResultMessage, decode_event, decode_result
+from gc_core.registry import store
+from gc_core.topology import Topology
+
+__all__ = ["Ledger"]
+
+logger = logging.getLogger(__name__)
+
+#: How often (seconds) the writer commits what has arrived.
+COMMIT_INTERVAL = 0.05
+#: Unacked deliveries the ledger may hold; bounds one commit's size.
+LEDGER_PREFETCH = 2000
+
+
+class Ledger:
+    """Consumes the ledger queue into the database."""
+
+    def __init__(self, *, broker_url: str, topology: Topology, sessions: sessionmaker[Any]) -> None:
+        self._sessions = sessions
+        self._topology = topology
+        self._queue = topology.queue("ledger")
+        self._broker = BrokerSession(broker_url, name="gc-registry:ledger", topology=topology,
+                                     queues=[self._queue], prefetch=LEDGER_PREFETCH)
+        self._pending: list[Delivery] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._writer: threading.Thread | None = None
+
+    def start(self) -> None:
+        """Start consuming in the background; the broker may come later."""
+        self._broker.consume(self._queue.name, self._on_delivery)
+        self._broker.start(timeout=None)
+        self._writer = threading.Thread(target=self._write_loop, name="ledger-writer", daemon=True)
+        self._writer.start()
+
+    def stop(self) -> None:
+        """Commit what has arrived, then close."""
+        self._stop.set()
+        if self._writer is not None:
+            self._writer.join(10)
+        self._broker.close()
+
+    def _on_delivery(self, delivery: Delivery) -> None:
+        with self._lock:
+            self._pending.append(delivery)
+
+    def _write_loop(self) -> None:
+        while not self._stop.wait(COMMIT_INTERVAL):
+            self._commit_pending()
+        self._commit_pending()
+
+    def _commit_pending(self) -> None:
+        with self._lock:
+            batch, self._pending = self._pending, []
+        if not batch:
+            return
+        results: list[ResultMessage] = []
+        with self._sessions() as db:
+            for delivery in batch:
+                item = self._decode(delivery)
+                if isinstance(item, ResultMessage):
+                    results.append(item)
+                elif isinstance(item, GroupManifest):
+                    store.record_manifest(db, item)
+                elif isinstance(item, Heartbeat):
+                    store.record_heartbeat(db, item)
+            store.record_results(db, results)
+            db.commit()
+        for delivery in batch:
+            self._broker.ack(delivery)
+        logger.debug("ledger committed %d messages (%d results)", len(batch), len(results))
+
+    def _decode(self, delivery: Delivery) -> ResultMessage | GroupManifest | Heartbeat | None:
+        try:
+            if delivery.exchange == self._topology.exchange("events"):
+                return decode_event(delivery.envelope)
+            return decode_result(delivery.envelope)
+        except ProtocolError as exc:
+            logger.warning("ledger dropped an undecodable message from %s (%s, %d bytes): %s",
+                           delivery.exchange, delivery.routing_key, len(exc.raw), exc)
+            return None

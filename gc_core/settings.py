@@ -1,0 +1,68 @@
+"""Where to find the broker, the registry and local state: arguments, then env, then defaults."""
+
+from __future__ import annotations
+
+import getpass
+import os
+import re
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+__all__ = [
+    "DEFAULT_BROKER_URL",
+    "DEFAULT_REGISTRY_URL",
+    "FabricSettings",
+    "resolve_settings",
+]
+
+#: The demo's local broker (RabbitMQ's default guest account only works over loopback).
+DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+#: The demo's local registry (``gc-registry serve``).
+DEFAULT_REGISTRY_URL = "http://127.0.0.1:8765"
+
+
+class FabricSettings(BaseModel):
+    """How one process reaches the fabric."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    broker_url: str = DEFAULT_BROKER_URL
+    registry_url: str = DEFAULT_REGISTRY_URL
+    token: str | None = None
+    home: Path = Path("~/.gc").expanduser()
+    user: str = "anonymous"
+
+    @property
+    def endpoints_dir(self) -> Path:
+        """``$GC_HOME/endpoints``: one folder per configured endpoint."""
+        return self.home / "endpoints"
+
+
+def resolve_settings(
+    *,
+    broker_url: str | None = None,
+    registry_url: str | None = None,
+    token: str | None = None,
+    home: str | Path | None = None,
+    user: str | None = None,
+) -> FabricSettings:
+    """Settings from the arguments, else ``GC_BROKER_URL`` / ``GC_REGISTRY_URL`` / ``GC_TOKEN``
+    / ``GC_HOME`` / ``GC_USER``, else the defaults that match the demo."""
+    env = os.environ
+    return FabricSettings(
+        broker_url=broker_url or env.get("GC_BROKER_URL") or DEFAULT_BROKER_URL,
+        registry_url=(registry_url or env.get("GC_REGISTRY_URL") or DEFAULT_REGISTRY_URL).rstrip("/"),
+        token=token or env.get("GC_TOKEN") or None,
+        home=Path(home or env.get("GC_HOME") or "~/.gc").expanduser(),
+        user=user or env.get("GC_USER") or _login_name(),
+    )
+
+
+def _login_name() -> str:
+    """The OS login name, reduced to what a routing-key word may hold."""
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        name = "anonymous"
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", name) or "anonymous"

@@ -1,0 +1,137 @@
+"""Broker names and arguments, from ``broker_config/topology.yaml``.
+
+Every exchange, queue and routing key comes from here, the way dramatiq derives
+its queue names from one base. The YAML is the single source; this module only
+loads it and fills in the placeholders.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from gc_core.errors import ConfigError
+
+__all__ = [
+    "Binding",
+    "QueueDeclaration",
+    "Topology",
+    "load_topology",
+    "safe_name_part",
+]
+
+_NAME_PART = re.compile(r"^[A-Za-z0-9_\-]+$")
+
+
+class _ExchangeSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    type: Literal["topic", "direct", "fanout", "headers"]
+
+
+class _BindingSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    exchange: str
+    routing_key: str = ""
+    arguments: dict[str, Any] = {}
+
+
+class _QueueSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    arguments: dict[str, Any] = {}
+    bindings: list[_BindingSpec] = []
+
+
+class _TopologyFile(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    exchanges: dict[str, _ExchangeSpec]
+    queues: dict[str, _QueueSpec]
+    routing_keys: dict[str, str]
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A queue's binding to an exchange, placeholders filled in."""
+
+    exchange: str
+    routing_key: str
+    arguments: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class QueueDeclaration:
+    """A queue to declare, with its arguments and bindings, placeholders filled in."""
+
+    name: str
+    arguments: dict[str, Any]
+    bindings: tuple[Binding, ...]
+
+
+def safe_name_part(value: str, what: str) -> str:
+    """Check that ``value`` can stand inside a queue name or a topic routing key word."""
+    if not _NAME_PART.match(value):
+        raise ConfigError(
+            f"{what} {value!r} may contain only letters, digits, '_' and '-' "
+            "(it becomes part of broker queue names and routing keys)"
+        )
+    return value
+
+
+class Topology:
+    """The loaded topology: exchange names, queue declarations and routing keys."""
+
+    def __init__(self, spec: _TopologyFile) -> None:
+        self._spec = spec
+
+    @property
+    def exchanges(self) -> dict[str, tuple[str, str]]:
+        """Role -> (exchange name, exchange type)."""
+        return {role: (e.name, e.type) for role, e in self._spec.exchanges.items()}
+
+    def exchange(self, role: str) -> str:
+        """The exchange name for a role: tasks, results, events, commands, dead."""
+        return self._spec.exchanges[role].name
+
+    def routing_key(self, kind: str, **values: str) -> str:
+        """A routing key of ``kind`` (task, result, heartbeat, ...) with values filled in."""
+        return self._spec.routing_keys[kind].format(**values)
+
+    def queue(self, kind: str, **values: str) -> QueueDeclaration:
+        """The declaration of a queue of ``kind`` (endpoint_tasks, results, ledger, ...)."""
+        spec = self._spec.queues[kind]
+        return QueueDeclaration(
+            name=spec.name.format(**values),
+            arguments=_fill(spec.arguments, values),
+            bindings=tuple(
+                Binding(self.exchange(b.exchange), b.routing_key.format(**values),
+                        _fill(b.arguments, values))
+                for b in spec.bindings
+            ),
+        )
+
+
+def _fill(arguments: dict[str, Any], values: dict[str, str]) -> dict[str, Any]:
+    return {k: v.format(**values) if isinstance(v, str) else v for k, v in arguments.items()}
+
+
+@lru_cache(maxsize=4)
+def load_topology(path: Path | None = None) -> Topology:
+    """Load and validate the topology file (the packaged copy unless ``path`` is given).
+
+    Raises:
+        ConfigError: the file is missing or does not match the expected shape.
+    """
+    try:
+        text = (path.read_text() if path is not None
+                else resources.files("gc_core").joinpath("topology.yaml").read_text())
+        return Topology(_TopologyFile.model_validate(yaml.safe_load(text)))
+    except (OSError, yaml.YAMLError, ValidationError) as exc:
+        raise ConfigError(f"cannot load broker topology {path or 'topology.yaml'}: {exc}") from exc
