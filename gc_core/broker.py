@@ -289,7 +289,7 @@ class BrokerSession:
         while not self._stopping.is_set():
             retrying = Retrying(
                 retry=retry_if_exception_type(BrokerUnreachable),
-                wait=wait_exponential_jitter(initial=0.2, max=5.0),
+                wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
                 stop=lambda _state: self._stopping.is_set() or self._fatal is not None,
                 sleep=self._stopping.wait,
                 before_sleep=lambda state: logger.warning(

@@ -1,0 +1,37 @@
+# The two set-up commands: `make demo` and `make test`. Both work on a fresh clone.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+
+.PHONY: demo test bench broker install lint clean
+
+$(BIN)/gc-agent: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	@touch $@
+
+install: $(BIN)/gc-agent
+
+broker:
+	@bash deploy/rabbitmq/ensure-broker.sh
+
+## demo: install, start broker + registry + agent, run the examples, stop what it started
+demo: install broker
+	@bash deploy/demo.sh
+
+## test: the same set-up, then the whole suite
+test: install broker
+	$(BIN)/pytest
+
+## bench: throughput and latency beside raw AMQP, Celery and Parsl (writes bench/RESULTS.md)
+bench: install broker
+	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/python -m bench.run
+
+lint: install
+	$(BIN)/ruff check gc_core gc_agent gc_client tests examples
+	$(BIN)/mypy
+
+clean:
+	rm -rf $(VENV) .demo *.egg-info

@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# `make demo`: bring the local stack up in .demo/, run the examples, bring it down again.
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+export GC_HOME=${GC_HOME:-$here/.demo}
+export GC_REGISTRY_URL=${GC_REGISTRY_URL:-http://127.0.0.1:8765}
+trap 'bash "$here/deploy/local-stack.sh" down' EXIT
+endpoint_id=$(bash "$here/deploy/local-stack.sh" up | tail -n 1)
+echo "endpoint: $endpoint_id"
+export GC_ENDPOINT_ID=$endpoint_id
+echo; echo "== examples/hello_world.py"
+"$here/.venv/bin/python" "$here/examples/hello_world.py"
+echo; echo "== examples/monte_carlo_pi.py"
+"$here/.venv/bin/python" "$here/examples/monte_carlo_pi.py"

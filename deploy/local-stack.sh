@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# Bring the embedded stack up or down under GC_HOME: the registry on SQLite and one
+# local endpoint agent with a process pool. `make demo` and the README use it.
+#   deploy/local-stack.sh up      # prints the endpoint id on its last line
+#   deploy/local-stack.sh down
+set -euo pipefail
+here=$(cd "$(dirname "$0")/.." && pwd)
+bin="$here/.venv/bin"
+export GC_HOME=${GC_HOME:-$here/.demo}
+export GC_REGISTRY_URL=${GC_REGISTRY_URL:-http://127.0.0.1:8765}
+endpoint=${GC_DEMO_ENDPOINT:-demo}
+port=${GC_REGISTRY_URL##*:}
+mkdir -p "$GC_HOME"
+
+registry_up() { curl -fsS "$GC_REGISTRY_URL/health" >/dev/null 2>&1; }
+
+case "${1:-}" in
+up)
+  if ! registry_up; then
+    "$bin/gc-registry" serve --port "$port" >"$GC_HOME/registry.log" 2>&1 &
+    echo $! >"$GC_HOME/registry.pid"
+    for _ in $(seq 1 100); do registry_up && break; sleep 0.1; done
+    registry_up || { echo "registry did not start; see $GC_HOME/registry.log" >&2; exit 1; }
+    echo "registry: serving on $GC_REGISTRY_URL (SQLite at $GC_HOME/registry.db)"
+  fi
+  if [ ! -f "$GC_HOME/endpoints/$endpoint/config.yaml" ]; then
+    "$bin/gc-agent" configure "$endpoint" --engine processes --workers 2 >/dev/null
+  fi
+  "$bin/gc-agent" list | grep -q "^$endpoint .*running" || "$bin/gc-agent" start "$endpoint" --detach
+  "$bin/python" -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['endpoint_id'])" \
+    "$GC_HOME/endpoints/$endpoint/config.yaml"
+  ;;
+down)
+  "$bin/gc-agent" list | grep -q "^$endpoint .*running" && "$bin/gc-agent" stop "$endpoint" || true
+  if [ -f "$GC_HOME/registry.pid" ]; then
+    kill "$(cat "$GC_HOME/registry.pid")" 2>/dev/null || true
+    rm -f "$GC_HOME/registry.pid"
+  fi
+  echo "local stack stopped"
+  ;;
+*)
+  echo "usage: $0 up|down" >&2; exit 2 ;;
+esac

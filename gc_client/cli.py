@@ -1,0 +1,195 @@
+"""gc-client: register functions, run them, fetch results, list endpoints."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import click
+
+from gc_client.client import Client
+from gc_core.errors import GCError, TaskError, TaskPending
+
+__all__ = ["main"]
+
+#: Longest pause (seconds) between ledger polls while waiting for a result.
+MAX_POLL_INTERVAL = 1.0
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.pass_context
+def main(ctx: click.Context) -> None:
+    """Run Python functions on gc-fabric endpoints.
+
+    \b
+    Settings come from GC_BROKER_URL, GC_REGISTRY_URL, GC_TOKEN and GC_HOME
+    (defaults match the local demo).
+    \b
+    Typical use:
+      gc-client register analysis.py:fit      # prints a function id
+      gc-client run --endpoint EP --function FN 3 '"text"' --wait
+      gc-client result TASK_ID --wait
+    """
+    ctx.obj = _Lazy()
+
+
+class _Lazy:
+    """Builds the Client on first use, so `--help` works without a registry."""
+
+    _client: Client | None = None
+
+    @property
+    def client(self) -> Client:
+        if self._client is None:
+            self._client = Client()
+        return self._client
+
+
+def _run(action: Callable[[], None]) -> None:
+    """Run a command body; a gc-fabric error becomes one clear line and exit status 1."""
+    try:
+        action()
+    except TaskError as exc:
+        click.echo(str(exc), err=True)
+        sys.exit(2)
+    except GCError as exc:
+        click.echo(f"Error: {exc}", err=True)
+        sys.exit(1)
+
+
+@main.command()
+@click.argument("target", metavar="FILE.py:FUNCTION")
+@click.option("--name", default=None, help="Name to register under [default: the function's].")
+@click.pass_obj
+def register(lazy: _Lazy, target: str, name: str | None) -> None:
+    """Register FUNCTION from FILE.py and print its function id."""
+    function = _load_function(target)
+    _run(lambda: click.echo(lazy.client.register_function(function, name=name)))
+
+
+def _load_function(target: str) -> Callable[..., Any]:
+    path_text, _, function_name = target.rpartition(":")
+    path = Path(path_text)
+    if not path_text or not function_name:
+        raise click.BadParameter("expected FILE.py:FUNCTION, e.g. analysis.py:fit",
+                                 param_hint="FILE.py:FUNCTION")
+    if not path.is_file():
+        raise click.BadParameter(f"no such file: {path}", param_hint="FILE.py:FUNCTION")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    function = getattr(module, function_name, None)
+    if not callable(function):
+        raise click.BadParameter(f"{path} has no function {function_name!r}",
+                                 param_hint="FILE.py:FUNCTION")
+    return function  # type: ignore[no-any-return]
+
+
+def _parse_argument(text: str) -> Any:
+    """A JSON literal if it is one (3, 2.5, true, "s", [1,2]), else the plain string."""
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+@main.command()
+@click.option("--endpoint", "endpoint_id", required=True, help="Endpoint id to run on.")
+@click.option("--function", "function_id", required=True, help="Registered function id.")
+@click.option("--kwargs", "kwargs_json", default="{}", help='Keyword arguments as JSON, e.g. \'{"n": 3}\'.')
+@click.option("--wait", is_flag=True, help="Wait for the result and print it instead of the task id.")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
+@click.argument("args", nargs=-1)
+@click.pass_obj
+def run(lazy: _Lazy, endpoint_id: str, function_id: str, kwargs_json: str, wait: bool,
+        timeout: float, args: tuple[str, ...]) -> None:
+    """Run a registered function with ARGS (each a JSON literal or a plain string).
+
+    Arguments and the result travel as JSON, so any language can read them.
+    """
+    try:
+        kwargs = json.loads(kwargs_json)
+        if not isinstance(kwargs, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        raise click.BadParameter(f"--kwargs must be a JSON object: {exc}") from exc
+
+    def action() -> None:
+        task_id = lazy.client.run(*[_parse_argument(a) for a in args], endpoint_id=endpoint_id,
+                                  function_id=function_id, serializer="json", **kwargs)
+        if wait:
+            _print_value(_wait_for_result(lazy.client, task_id, timeout))
+        else:
+            click.echo(task_id)
+
+    _run(action)
+
+
+@main.command()
+@click.argument("task_id")
+@click.option("--wait", is_flag=True, help="Wait until the task finishes.")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
+@click.pass_obj
+def result(lazy: _Lazy, task_id: str, wait: bool, timeout: float) -> None:
+    """Print the result of TASK_ID (exit status 3 while it is pending)."""
+
+    def action() -> None:
+        if wait:
+            _print_value(_wait_for_result(lazy.client, task_id, timeout))
+            return
+        try:
+            _print_value(lazy.client.get_result(task_id))
+        except TaskPending as exc:
+            click.echo(f"Task {task_id} is pending (status: {exc.status}).", err=True)
+            sys.exit(3)
+
+    _run(action)
+
+
+def _wait_for_result(client: Client, task_id: str, timeout: float) -> Any:
+    deadline = time.monotonic() + timeout
+    interval = 0.05
+    while True:
+        try:
+            return client.get_result(task_id)
+        except TaskPending:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(interval)
+            interval = min(interval * 1.5, MAX_POLL_INTERVAL)
+
+
+def _print_value(value: Any) -> None:
+    try:
+        click.echo(json.dumps(value))
+    except (TypeError, ValueError):
+        click.echo(repr(value))
+
+
+@main.command()
+@click.pass_obj
+def endpoints(lazy: _Lazy) -> None:
+    """List endpoints with their status."""
+
+    def action() -> None:
+        rows = []
+        for endpoint in lazy.client.list_endpoints():
+            status = lazy.client.get_endpoint_status(endpoint.endpoint_id)
+            rows.append((endpoint.endpoint_id, endpoint.name, status.status))
+        if not rows:
+            click.echo("No endpoints registered; an admin runs `gc-agent configure NAME`.")
+            return
+        click.echo(f"{'ENDPOINT ID'.ljust(36)}  {'STATUS'.ljust(10)}  NAME")
+        for endpoint_id, name, status in rows:
+            click.echo(f"{endpoint_id.ljust(36)}  {status.ljust(10)}  {name}")
+
+    _run(action)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Test helpers for driving a real fabric: a vhost, a registry in a thread, agent processes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import uvicorn
+
+from gc_agent.config import load_config, save_config
+from gc_core.registry.app import RegistrySettings, create_app
+
+#: Seconds to wait for a process or server to come up in tests.
+START_TIMEOUT = 60.0
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def rabbitmqctl(*args: str, timeout: float = 60) -> str:
+    """Run rabbitmqctl against the local node and return its output."""
+    done = subprocess.run(["rabbitmqctl", "-q", *args], capture_output=True, text=True,
+                          timeout=timeout)
+    if done.returncode != 0:
+        raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+class RegistryServer:
+    """The real registry app served by uvicorn in a background thread."""
+
+    def __init__(self, db_url: str, broker_url: str) -> None:
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        app = create_app(RegistrySettings(db_url=db_url, broker_url=broker_url))
+        self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
+                                                     log_level="warning", lifespan="on"))
+        self._thread = threading.Thread(target=self._server.run, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+        deadline = time.monotonic() + START_TIMEOUT
+        while not self._server.started:
+            if time.monotonic() > deadline or not self._thread.is_alive():
+                raise RuntimeError("registry did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        self._server.should_exit = True
+        self._thread.join(15)
+
+
+@dataclass
+class Fabric:
+    """Where a test's fabric lives: broker vhost URL, registry URL, GC_HOME."""
+
+    broker_url: str
+    registry_url: str
+    home: Path
+    vhost: str
+
+    @property
+    def env(self) -> dict[str, str]:
+        """Environment for CLI subprocesses."""
+        return {**os.environ, "GC_BROKER_URL": self.broker_url,
+                "GC_REGISTRY_URL": self.registry_url, "GC_HOME": str(self.home)}
+
+    def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run a console script (gc-agent, gc-client, ...) from the venv with this fabric's env."""
+        exe = Path(sys.executable).parent / args[0]
+        done = subprocess.run([str(exe), *args[1:]], env=self.env, capture_output=True, text=True,
+                              timeout=timeout)
+        if check and done.returncode != 0:
+            raise AssertionError(f"{' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
+        return done
+
+    def configure_endpoint(self, name: str, *, engine: str = "processes", workers: int = 2,
+                           **overrides: object) -> Endpoint:
+        """`gc-agent configure NAME`, then apply config overrides (e.g. heartbeat_period)."""
+        out = self.cli("gc-agent", "configure", name, "--engine", engine, "--workers", str(workers))
+        endpoint_id = out.stdout.split(":", 1)[1].split()[0]
+        path = self.home / "endpoints" / name / "config.yaml"
+        if overrides:
+            save_config(load_config(path).model_copy(update=overrides), path)
+        return Endpoint(self, name, endpoint_id)
+
+
+@dataclass
+class Endpoint:
+    """A configured endpoint and its agent processes (started in the foreground, as a child)."""
+
+    fabric: Fabric
+    name: str
+    endpoint_id: str
+    processes: list[subprocess.Popen[bytes]] = field(default_factory=list)
+
+    @property
+    def directory(self) -> Path:
+        return self.fabric.home / "endpoints" / self.name
+
+    @property
+    def log(self) -> Path:
+        return self.directory / f"agent-{len(self.processes)}.log"
+
+    def start(self) -> subprocess.Popen[bytes]:
+        """Start an agent and wait until it serves (its pid file appears)."""
+        pid_file = self.directory / "agent.pid"
+        pid_file.unlink(missing_ok=True)
+        log = open(self.log, "wb")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gc_agent.cli", "start", self.name],
+            env=self.fabric.env, stdout=log, stderr=subprocess.STDOUT)
+        self.processes.append(process)
+        deadline = time.monotonic() + START_TIMEOUT
+        while not (pid_file.exists() and pid_file.read_text().strip() == str(process.pid)):
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"agent {self.name} did not start:\n{self.read_logs()}")
+            time.sleep(0.05)
+        return process
+
+    def kill(self, sig: int = signal.SIGKILL) -> None:
+        """Signal the newest agent and wait for it to exit."""
+        process = self.processes[-1]
+        process.send_signal(sig)
+        process.wait(60)
+
+    def stop_all(self) -> None:
+        for process in self.processes:
+            if process.poll() is None:
+                process.terminate()
+                try:
+                    process.wait(30)
+                except subprocess.TimeoutExpired:
+                    process.kill()
+                    process.wait()
+
+    def read_logs(self) -> str:
+        return "\n".join(p.read_text(errors="replace") for p in sorted(self.directory.glob("agent-*.log")))

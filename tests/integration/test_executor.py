@@ -1,0 +1,131 @@
+"""The Executor against a real broker, registry and agent."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from gc_client import Client, Executor, TaskExecutionFailed
+from gc_core.errors import PublishNotConfirmed
+from tests.fabric import Endpoint, Fabric
+
+
+def hello_world() -> str:
+    return "Hello World!"
+
+
+def divide(a: float, b: float) -> float:
+    return a / b
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def test_hello_world_round_trip(client: Client, endpoint: Endpoint) -> None:
+    with Executor(endpoint_id=endpoint.endpoint_id, client=client) as ex:
+        future = ex.submit(hello_world)
+        assert future.result(timeout=60) == "Hello World!"
+        assert future.task_id
+
+
+def test_remote_exception_carries_type_message_and_traceback(client: Client,
+                                                             endpoint: Endpoint) -> None:
+    with Executor(endpoint_id=endpoint.endpoint_id, client=client) as ex:
+        future = ex.submit(divide, 1, 0)
+        with pytest.raises(TaskExecutionFailed) as caught:
+            future.result(timeout=60)
+    error = caught.value
+    assert error.task_id == future.task_id
+    assert error.remote_type == "ZeroDivisionError"
+    assert "division by zero" in error.remote_message
+    assert "in divide" in error.remote_traceback
+    assert "ZeroDivisionError" in str(error) and "Remote traceback" in str(error)
+
+
+def test_map_as_completed_and_wait_work_on_its_futures(client: Client, endpoint: Endpoint) -> None:
+    with Executor(endpoint_id=endpoint.endpoint_id, client=client) as ex:
+        assert list(ex.map(square, range(20), timeout=60)) == [x * x for x in range(20)]
+        futures = [ex.submit(square, x) for x in range(50)]
+        done = {f.result() for f in concurrent.futures.as_completed(futures, timeout=60)}
+        assert done == {x * x for x in range(50)}
+        finished, pending = concurrent.futures.wait(futures, timeout=60)
+        assert len(finished) == 50 and not pending
+
+
+def test_a_function_is_registered_once_per_process(client: Client, endpoint: Endpoint) -> None:
+    calls = []
+    register = client.registry.register_function
+
+    def counting_register(*args: object, **kwargs: object) -> str:
+        calls.append(1)
+        return register(*args, **kwargs)  # type: ignore[arg-type]
+
+    client.registry.register_function = counting_register  # type: ignore[method-assign]
+    with Executor(endpoint_id=endpoint.endpoint_id, client=client) as ex:
+        assert sum(f.result(timeout=60) for f in [ex.submit(square, 3) for _ in range(30)]) == 270
+    assert len(calls) == 1
+
+
+def test_the_json_serializer_runs_language_neutral_tasks(client: Client, endpoint: Endpoint) -> None:
+    with Executor(endpoint_id=endpoint.endpoint_id, client=client, serializer="json") as ex:
+        assert ex.submit(divide, 9, 3).result(timeout=60) == 3.0
+
+
+def test_a_task_for_an_unknown_endpoint_fails_with_a_clear_error(client: Client) -> None:
+    with Executor(endpoint_id="no-such-endpoint", client=client) as ex:
+        future = ex.submit(hello_world)
+        with pytest.raises(PublishNotConfirmed, match="configured"):
+            future.result(timeout=60)
+
+
+def test_shutdown_with_cancel_futures_cancels_pending_futures(client: Client,
+                                                              make_endpoint: object) -> None:
+    idle = make_endpoint()  # type: ignore[operator]  # never started: tasks wait in its queue
+    ex = Executor(endpoint_id=idle.endpoint_id, client=client)
+    futures = [ex.submit(square, x) for x in range(5)]
+    ex.shutdown(wait=False, cancel_futures=True)
+    assert all(f.cancelled() for f in futures)
+
+
+def test_reload_tasks_reattaches_to_a_group_after_the_client_died(
+        fabric: Fabric, client: Client, make_endpoint: object) -> None:
+    # Given a client process that submits a group of tasks and dies without waiting
+    ep = make_endpoint()  # type: ignore[operator]
+    script = textwrap.dedent(f"""
+        import os
+        from gc_client import Executor
+        def cube(x):
+            return x ** 3
+        ex = Executor(endpoint_id={ep.endpoint_id!r})
+        futures = [ex.submit(cube, x) for x in range(10)]
+        ex._session.wait_settled(30)   # the broker has every task
+        print(ex.task_group_id, flush=True)
+        os._exit(0)                    # die without waiting for results
+    """)
+    done = subprocess.run([sys.executable, "-c", script], env=fabric.env, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    group = done.stdout.strip()
+    # When the endpoint runs them and a new Executor reattaches to the group
+    ep.start()
+    with Executor(endpoint_id=ep.endpoint_id, client=client, task_group_id=group) as ex:
+        futures = _reload_until(ex, expected=10)
+        # Then every task's future resolves with its value
+        assert sorted(f.result(timeout=60) for f in futures) == [x ** 3 for x in range(10)]
+
+
+def _reload_until(ex: Executor, expected: int) -> list:  # type: ignore[type-arg]
+    """The ledger records a group's manifest asynchronously; give it a moment."""
+    import time
+
+    deadline = time.monotonic() + 30
+    while True:
+        futures = ex.reload_tasks()
+        if len(futures) >= expected or time.monotonic() > deadline:
+            return futures
+        time.sleep(0.2)
