@@ -36,7 +36,7 @@ from gc_core.protocol import (
     error_result,
 )
 from gc_core.registry.client import RegistryClient
-from gc_core.serialize import CLOUDPICKLE, PYTHON_VERSION
+from gc_core.serialize import PYTHON_VERSION, SERIALIZERS
 from gc_core.settings import FabricSettings
 from gc_core.topology import load_topology, safe_name_part
 
@@ -208,7 +208,8 @@ class Agent:
             function_id=task.function_id, user=task.user, state=outcome.state,
             content_type=outcome.content_type, payload=outcome.payload, error=outcome.error,
             timings=Timings(received=received, started=outcome.started, finished=outcome.finished),
-            worker=outcome.worker, sender_python=PYTHON_VERSION, sender_serializer=CLOUDPICKLE.label)
+            worker=outcome.worker, sender_python=PYTHON_VERSION,
+            sender_serializer=SERIALIZERS[outcome.content_type].label)
         self._publish(delivery, result)
 
     def _publish(self, delivery: Delivery, result: ResultMessage) -> None:

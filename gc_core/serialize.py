@@ -50,7 +50,8 @@ class Serializer:
 
 def _json_dumps(value: Any) -> bytes:
     try:
-        return json.dumps(value, separators=(",", ":")).encode()
+        # NaN and Infinity are not JSON; a strict parser in another language would choke.
+        return json.dumps(value, separators=(",", ":"), allow_nan=False).encode()
     except (TypeError, ValueError) as exc:
         raise SerializationError(
             f"value of type {type(value).__name__} cannot be sent as JSON: {exc}; "
