@@ -1,0 +1,272 @@
+"""Pure parts of the benchmark: the System protocol, percentiles, measurements and reporting.
+
+Methodology (see /work/shared/ANCHORS.md): no-op tasks over loopback.
+
+* Throughput: N tasks submitted as fast as the API allows; the rate is
+  N / (first submit -> last result).
+* Latency: one task at a time, round trip, nearest-rank p50/p99.
+
+Every system starts its own worker(s) as subprocess(es) in ``start()`` and stops them in
+``stop()``; ``measure()`` warms each system up before it measures and always stops it.
+"""
+
+from __future__ import annotations
+
+import abc
+import datetime
+import logging
+import math
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+
+logger = logging.getLogger(__name__)
+
+#: Name of the row every other row's ratios are taken against (raw AMQP, reliable mode).
+BASELINE_SYSTEM = "raw-amqp-reliable"
+#: Name of the second reference row (Celery, the incumbent most users compare against).
+CELERY_SYSTEM = "celery-threads"
+#: Tasks sent through each system before anything is measured.
+WARMUP_TASKS = 200
+#: Longest wait for any single result; bounds latency runs and the start of throughput runs.
+TASK_TIMEOUT_S = 30.0
+#: Slowest rate a throughput run may fall to before it is abandoned (tasks per second).
+MIN_RATE_PER_S = 50.0
+#: Seconds over which the machine's background CPU use is sampled before a run.
+IDLE_SAMPLE_S = 3.0
+#: Packages whose versions are listed in RESULTS.md.
+REPORTED_PACKAGES = ("pika", "celery", "kombu", "parsl", "pyzmq")
+
+
+class System(abc.ABC):
+    """A task system under test: start workers, run no-op tasks, stop workers."""
+
+    #: Short unique name, used in ``--systems`` and as the table's row label.
+    name: str
+
+    @abc.abstractmethod
+    def start(self) -> None:
+        """Start the worker subprocess(es) and connect the client."""
+
+    @abc.abstractmethod
+    def stop(self) -> None:
+        """Stop the workers, close the client and delete broker objects; safe to call twice."""
+
+    @abc.abstractmethod
+    def run_throughput(self, n: int) -> float:
+        """Submit ``n`` no-op tasks as fast as possible; return seconds from first submit to last result."""
+
+    @abc.abstractmethod
+    def run_latency(self, n: int) -> list[float]:
+        """Run ``n`` no-op tasks one at a time; return each round trip in seconds."""
+
+
+def throughput_timeout(n: int) -> float:
+    """Return how long a throughput run of ``n`` tasks may take before it is abandoned."""
+    return TASK_TIMEOUT_S + n / MIN_RATE_PER_S
+
+
+def nearest_rank(samples: Sequence[float], pct: float) -> float:
+    """Return the nearest-rank ``pct`` percentile (0 < pct <= 100) of ``samples``.
+
+    Raises:
+        ValueError: if ``samples`` is empty or ``pct`` is out of range.
+
+    >>> nearest_rank([4.0, 1.0, 3.0, 2.0], 50)
+    2.0
+    """
+    if not samples:
+        raise ValueError("no samples")
+    if not 0 < pct <= 100:
+        raise ValueError(f"percentile {pct} not in (0, 100]")
+    ordered = sorted(samples)
+    rank = math.ceil(pct / 100 * len(ordered))
+    return ordered[rank - 1]
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """One system's figures, or the error that stopped it from producing them."""
+
+    system: str
+    tasks_per_s: float | None = None
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    error: str | None = None
+
+
+def summarize(system: str, n: int, elapsed_s: float, round_trips_s: Sequence[float]) -> Measurement:
+    """Turn raw timings into a Measurement (rate in tasks/s, percentiles in ms)."""
+    return Measurement(
+        system=system,
+        tasks_per_s=n / elapsed_s,
+        p50_ms=nearest_rank(round_trips_s, 50) * 1000,
+        p99_ms=nearest_rank(round_trips_s, 99) * 1000,
+    )
+
+
+def measure(system: System, tasks: int, latency_samples: int, warmup: int = WARMUP_TASKS) -> Measurement:
+    """Start ``system``, warm it up, measure throughput then latency, and always stop it."""
+    try:
+        logger.info("%s: starting", system.name)
+        system.start()
+        system.run_throughput(warmup)
+        elapsed = system.run_throughput(tasks)
+        logger.info("%s: %d tasks in %.2fs (%.0f/s)", system.name, tasks, elapsed, tasks / elapsed)
+        system.run_latency(min(warmup, 50))
+        round_trips = system.run_latency(latency_samples)
+        return summarize(system.name, tasks, elapsed, round_trips)
+    except Exception as exc:  # a failing system becomes a row, not a crashed run
+        logger.exception("%s: failed", system.name)
+        return Measurement(system=system.name, error=f"{type(exc).__name__}: {exc}")
+    finally:
+        try:
+            system.stop()
+        except Exception:
+            logger.exception("%s: stop failed", system.name)
+
+
+def _ratio(value: float | None, reference: float | None) -> str:
+    if value is None or not reference:
+        return "–"
+    return f"{value / reference:.2f}×"
+
+
+def _number(value: float | None, fmt: str) -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def _find(measurements: Sequence[Measurement], name: str) -> Measurement | None:
+    return next((m for m in measurements if m.system == name and m.error is None), None)
+
+
+def render_table(
+    measurements: Sequence[Measurement],
+    baseline: str = BASELINE_SYSTEM,
+    celery: str = CELERY_SYSTEM,
+) -> str:
+    """Render a Markdown table with throughput and p50 ratios against ``baseline`` and ``celery``."""
+    base = _find(measurements, baseline) or Measurement(system=baseline)
+    ref = _find(measurements, celery) or Measurement(system=celery)
+    header = (
+        f"| system | tasks/s | p50 ms | p99 ms | tasks/s vs {baseline} | p50 vs {baseline} "
+        f"| tasks/s vs {celery} | p50 vs {celery} |"
+    )
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in measurements:
+        if m.error is not None:
+            error = m.error.replace("|", "\\|").replace("\n", " ")
+            lines.append(f"| {m.system} | error: {error} | | | | | | |")
+            continue
+        lines.append(
+            f"| {m.system} | {_number(m.tasks_per_s, ',.0f')} | {_number(m.p50_ms, '.2f')} "
+            f"| {_number(m.p99_ms, '.2f')} "
+            f"| {_ratio(m.tasks_per_s, base.tasks_per_s)} | {_ratio(m.p50_ms, base.p50_ms)} "
+            f"| {_ratio(m.tasks_per_s, ref.tasks_per_s)} | {_ratio(m.p50_ms, ref.p50_ms)} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def rabbitmq_version() -> str:
+    """Return the broker version from ``rabbitmqctl version``, or ``"unknown"``."""
+    try:
+        done = subprocess.run(
+            ["rabbitmqctl", "version"], capture_output=True, text=True, timeout=15, check=True
+        )
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() or "unknown"
+
+
+def _cpu_model() -> str:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or "unknown"
+    for line in text.splitlines():
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return "unknown"
+
+
+def _package_versions() -> str:
+    versions = []
+    for package in REPORTED_PACKAGES:
+        try:
+            versions.append(f"{package} {metadata.version(package)}")
+        except metadata.PackageNotFoundError:
+            continue
+    return ", ".join(versions)
+
+
+def _cpu_ticks() -> tuple[int, int]:
+    """Return (busy, total) CPU ticks since boot from /proc/stat."""
+    fields = [int(value) for value in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:9]]
+    idle = fields[3] + fields[4]  # idle + iowait
+    return sum(fields) - idle, sum(fields)
+
+
+def background_cpu_busy(window_s: float = IDLE_SAMPLE_S) -> str:
+    """Return how busy the whole machine's CPUs were over ``window_s``, before we load it."""
+    try:
+        busy_before, total_before = _cpu_ticks()
+        time.sleep(window_s)
+        busy_after, total_after = _cpu_ticks()
+    except (OSError, ValueError, IndexError):
+        return "unknown"
+    total = total_after - total_before
+    return f"{100 * (busy_after - busy_before) / total:.0f}%" if total else "unknown"
+
+
+def machine_facts() -> dict[str, str]:
+    """Collect the facts a reader needs to compare runs: cores, CPU, Python, broker, packages."""
+    return {
+        "nproc": str(os.cpu_count()),
+        "CPU": _cpu_model(),
+        "OS": platform.platform(),
+        "Python": platform.python_version(),
+        "RabbitMQ": rabbitmq_version(),
+        "packages": _package_versions(),
+    }
+
+
+def command_line(argv: Sequence[str] | None = None) -> str:
+    """Return the command line that produced this run, as ``python -m bench.run ...``."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return shlex.join(["python", "-m", "bench.run", *args])
+
+
+def render_results(
+    measurements: Sequence[Measurement],
+    facts: dict[str, str],
+    command: str,
+    when: datetime.datetime,
+    settings: dict[str, int],
+) -> str:
+    """Render the whole RESULTS.md: method, settings, machine facts and the table."""
+    settings_text = ", ".join(f"{key}={value}" for key, value in settings.items())
+    facts_text = "\n".join(f"- {key}: {value}" for key, value in facts.items())
+    return (
+        "# gc-fabric benchmark results\n\n"
+        f"Date: {when.isoformat(timespec='seconds')}\n\n"
+        f"Command: `{command}`\n\n"
+        f"Settings: {settings_text}\n\n"
+        "No-op tasks over loopback; client, broker and workers share the machine. "
+        "Throughput = N / (first submit → last result); latency = one task at a time, "
+        "nearest-rank percentiles. Ratios: tasks/s above 1× is faster, p50 below 1× is faster.\n\n"
+        f"## Machine\n\n{facts_text}\n\n"
+        f"## Results\n\n{render_table(measurements)}"
+    )
+
+
+def write_results(path: Path, text: str) -> None:
+    """Write the rendered results to ``path``, creating its directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text)

@@ -1,0 +1,47 @@
+"""Broker address and clean-up helpers shared by the AMQP-based peers."""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Iterable
+
+import pika
+
+logger = logging.getLogger(__name__)
+
+#: The loopback broker every peer uses.
+AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
+#: Prefix of every queue and exchange the benchmark creates.
+NAME_PREFIX = "bench."
+
+
+def unique_name(kind: str) -> str:
+    """Return a fresh broker object name under NAME_PREFIX, e.g. ``bench.raw.3f2a9c1e``."""
+    return f"{NAME_PREFIX}{kind}.{uuid.uuid4().hex[:8]}"
+
+
+def delete_broker_objects(queues: Iterable[str] = (), exchanges: Iterable[str] = ()) -> None:
+    """Delete the named queues and exchanges; missing ones are ignored."""
+    queues, exchanges = list(queues), list(exchanges)
+    names = queues + exchanges
+    if any(not name.startswith(NAME_PREFIX) for name in names):
+        raise ValueError(f"refusing to delete objects outside {NAME_PREFIX!r}: {names}")
+    if not names:
+        return
+    connection = pika.BlockingConnection(pika.URLParameters(AMQP_URL))
+    try:
+        for queue in queues:
+            channel = connection.channel()
+            try:
+                channel.queue_delete(queue)
+            except pika.exceptions.ChannelClosedByBroker:
+                logger.debug("queue %s already gone", queue)
+        for exchange in exchanges:
+            channel = connection.channel()
+            try:
+                channel.exchange_delete(exchange)
+            except pika.exceptions.ChannelClosedByBroker:
+                logger.debug("exchange %s already gone", exchange)
+    finally:
+        connection.close()
