@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Literal
 
@@ -70,5 +71,8 @@ def save_config(config: EndpointConfig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = config.model_dump(mode="json", exclude_none=True)
     data["allowed_serializers"] = sorted(data["allowed_serializers"])
-    path.write_text(yaml.safe_dump(data, sort_keys=False))
-    path.chmod(0o600)
+    # Created 0600 from the first byte: never readable by others, not even for a moment.
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(yaml.safe_dump(data, sort_keys=False))

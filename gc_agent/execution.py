@@ -128,7 +128,18 @@ def _failed(job: Job, exc: BaseException, started: float, worker: str, *,
     if with_traceback:
         # Drop run_job's own frame: the user wants their code's frames only.
         tb = exc.__traceback__.tb_next if exc.__traceback__ else None
-        text = "".join(traceback.format_exception(type(exc), exc, tb))
-    error = ErrorInfo(type=type(exc).__name__, message=str(exc), traceback=text)
+        try:
+            text = "".join(traceback.format_exception(type(exc), exc, tb))
+        except Exception:
+            text = "".join(traceback.format_tb(tb)) + f"{type(exc).__name__}: {_text_of(exc)}\n"
+    error = ErrorInfo(type=type(exc).__name__, message=_text_of(exc), traceback=text)
     return Outcome(job.task_id, "failed", JSON.content_type, b"", error, started, time.time(),
                    worker)
+
+
+def _text_of(exc: BaseException) -> str:
+    """``str(exc)``, even for an exception whose ``__str__`` itself raises."""
+    try:
+        return str(exc)
+    except Exception as inner:
+        return f"<the exception's message could not be produced: {type(inner).__name__}>"

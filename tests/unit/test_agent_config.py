@@ -123,9 +123,6 @@ def test_save_config_tightens_the_mode_of_an_existing_file(tmp_path: Path) -> No
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
 
 
-@pytest.mark.xfail(reason="save_config writes the file with the umask's mode (0644) and chmods "
-                          "to 0600 afterwards: the broker password is world-readable meanwhile",
-                   strict=True)
 def test_save_config_never_leaves_a_new_file_readable_by_others(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # Given a umask that lets others read new files (the common default)

@@ -102,9 +102,6 @@ def test_a_function_that_calls_sys_exit_gives_a_failed_outcome() -> None:
     assert outcome.error.type == "SystemExit"
 
 
-@pytest.mark.xfail(reason="run_job promises never to raise, but builds ErrorInfo from str(exc): "
-                          "an exception whose __str__ fails escapes run_job (kills the thread "
-                          "slot or worker process)", strict=True)
 def test_an_exception_whose_str_fails_still_gives_a_failed_outcome() -> None:
     class Unprintable(Exception):
         def __str__(self) -> str:

@@ -14,9 +14,10 @@ import gc_core
 PINNED = {
     "gc_core": [
         # errors
-        "BrokerError", "BrokerUnreachable", "ConfigError", "GCError", "NotFound", "PolicyError",
-        "ProtocolError", "RegistryError", "SerializationError", "TaskCancelled",
-        "TaskDeadLettered", "TaskError", "TaskExecutionFailed", "TaskPending",
+        "BrokerError", "BrokerUnreachable", "ConfigError", "ConnectionLost", "GCError",
+        "NotFound", "PolicyError", "ProtocolError", "PublishNotConfirmed", "RegistryError",
+        "SerializationError", "SerializerNotAllowed", "TaskCancelled", "TaskDeadLettered",
+        "TaskError", "TaskExecutionFailed", "TaskPending", "UnknownSerializer",
         "VersionMismatch", "WorkerLost",
         # wire models
         "ErrorInfo", "ResultMessage", "TaskMessage", "Timings",

@@ -198,11 +198,6 @@ def test_list_group_tasks_lists_only_that_groups_tasks(db: Session) -> None:
 SQLITE_DEFAULT_MAX_VARIABLES = 32766
 
 
-@pytest.mark.xfail(reason="record_manifest inserts a whole task group in one statement with 7 "
-                          "bound values per task: a group of more than ~4,700 tasks exceeds "
-                          "SQLite's default variable limit and raises a raw SQLAlchemy "
-                          "OperationalError (the ledger's writer thread dies on it)",
-                   strict=True)
 def test_a_manifest_larger_than_sqlites_variable_limit_is_recorded(db: Session) -> None:
     # Given SQLite's default limit on the values one statement may bind
     raw = db.connection().connection.dbapi_connection

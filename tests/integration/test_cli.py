@@ -1,0 +1,85 @@
+"""The console scripts, run as a user would run them."""
+
+from __future__ import annotations
+
+import json
+import textwrap
+from pathlib import Path
+from typing import Any
+
+from tests.fabric import Endpoint, Fabric
+
+
+def test_every_verb_has_help(fabric: Fabric) -> None:
+    for command in (["gc-agent"], ["gc-agent", "configure"], ["gc-agent", "start"],
+                    ["gc-agent", "stop"], ["gc-agent", "list"], ["gc-client"],
+                    ["gc-client", "register"], ["gc-client", "run"], ["gc-client", "result"],
+                    ["gc-client", "endpoints"], ["gc-registry"], ["gc-registry", "serve"]):
+        done = fabric.cli(*command, "--help")
+        assert "Usage:" in done.stdout and len(done.stdout.splitlines()) > 3
+
+
+def test_register_run_wait_and_result(fabric: Fabric, endpoint: Endpoint, tmp_path: Path) -> None:
+    source = tmp_path / "science.py"
+    source.write_text(textwrap.dedent("""
+        def scale(values, factor=1):
+            return [v * factor for v in values]
+    """))
+    function_id = fabric.cli("gc-client", "register", f"{source}:scale").stdout.strip()
+    out = fabric.cli("gc-client", "run", "--endpoint", endpoint.endpoint_id, "--function",
+                     function_id, "--kwargs", '{"factor": 10}', "[1, 2]", "--wait")
+    assert json.loads(out.stdout) == [10, 20]
+    task_id = fabric.cli("gc-client", "run", "--endpoint", endpoint.endpoint_id, "--function",
+                         function_id, "[3]").stdout.strip()
+    assert json.loads(fabric.cli("gc-client", "result", task_id, "--wait").stdout) == [3]
+
+
+def test_a_remote_failure_is_one_clear_message_not_a_traceback(fabric: Fabric, endpoint: Endpoint,
+                                                               tmp_path: Path) -> None:
+    source = tmp_path / "broken.py"
+    source.write_text("def explode():\n    raise KeyError('missing input')\n")
+    function_id = fabric.cli("gc-client", "register", f"{source}:explode").stdout.strip()
+    done = fabric.cli("gc-client", "run", "--endpoint", endpoint.endpoint_id, "--function",
+                      function_id, "--wait", check=False)
+    assert done.returncode == 2
+    assert "KeyError: 'missing input'" in done.stderr
+    assert "gc_client" not in done.stderr  # the remote traceback only, no local one
+
+
+def test_bad_arguments_get_clear_errors(fabric: Fabric, tmp_path: Path) -> None:
+    done = fabric.cli("gc-client", "register", "nofile.py:f", check=False)
+    assert done.returncode == 2 and "no such file: nofile.py" in done.stderr
+    done = fabric.cli("gc-client", "run", "--endpoint", "e", "--function", "f",
+                      "--kwargs", "[1]", check=False)
+    assert done.returncode == 2 and "--kwargs must be a JSON object" in done.stderr
+    done = fabric.cli("gc-agent", "start", "never-configured", check=False)
+    assert done.returncode == 1 and "gc-agent configure" in done.stderr
+
+
+def test_configure_twice_and_stop_when_stopped_say_what_to_do(fabric: Fabric,
+                                                              make_endpoint: Any) -> None:
+    ep = make_endpoint()
+    done = fabric.cli("gc-agent", "configure", ep.name, check=False)
+    assert done.returncode == 1 and "already configured" in done.stderr
+    done = fabric.cli("gc-agent", "stop", ep.name, check=False)
+    assert done.returncode == 1 and "not running" in done.stderr
+
+
+def test_start_detach_list_and_stop(fabric: Fabric, make_endpoint: Any) -> None:
+    ep = make_endpoint()
+    out = fabric.cli("gc-agent", "start", ep.name, "--detach").stdout
+    assert "started, pid" in out
+    listing = fabric.cli("gc-agent", "list").stdout
+    assert any(line.startswith(ep.name) and ep.endpoint_id in line and "running" in line
+               for line in listing.splitlines())
+    again = fabric.cli("gc-agent", "start", ep.name, check=False)
+    assert again.returncode == 1 and "already running" in again.stderr
+    assert "stopped" in fabric.cli("gc-agent", "stop", ep.name).stdout
+    assert f"{ep.name} " in fabric.cli("gc-agent", "list").stdout
+    assert "stopped" in [l for l in fabric.cli("gc-agent", "list").stdout.splitlines()
+                         if l.startswith(ep.name)][0]
+
+
+def test_endpoints_lists_status(fabric: Fabric, endpoint: Endpoint) -> None:
+    out = fabric.cli("gc-client", "endpoints").stdout
+    assert endpoint.endpoint_id in out
