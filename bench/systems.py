@@ -52,7 +52,10 @@ SYSTEMS: list[SystemSpec] = [
     SystemSpec("celery-threads", "bench.peers.celery_peer:CelerySystem", {"pool": "threads"}),
     SystemSpec("celery-prefork", "bench.peers.celery_peer:CelerySystem", {"pool": "prefork"}),
     SystemSpec("parsl-htex", "bench.peers.parsl_htex:ParslHtexSystem"),
-    # gc-fabric systems go here, one line each (see the module docstring)
+    SystemSpec("gc-fabric-threads", "bench.gc_fabric:GcFabricSystem", {"engine": "threads"}),
+    SystemSpec("gc-fabric-processes", "bench.gc_fabric:GcFabricSystem", {"engine": "processes"}),
+    SystemSpec("gc-fabric-processes-no-ledger", "bench.gc_fabric:GcFabricSystem",
+               {"engine": "processes", "ledger": False}),
 ]
 
 

@@ -1,0 +1,141 @@
+"""gc-fabric under the benchmark: the Executor against a real registry and agent.
+
+Each system brings up the whole embedded stack in its own vhost — the registry (with its
+task ledger on SQLite) and one agent — as subprocesses, exactly as a user runs them, and
+drives it from this process through ``gc_client.Executor``. The ledger stays on: it is
+part of what gc-fabric promises (results survive the client), so its cost is measured.
+"""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+import tempfile
+import time
+import uuid
+from concurrent.futures import wait
+from pathlib import Path
+
+from bench.harness import TASK_TIMEOUT_S, System, throughput_timeout
+from bench.peers import _process
+
+logger = logging.getLogger(__name__)
+
+#: Seconds to wait for the registry or the agent to come up.
+START_TIMEOUT_S = 60.0
+
+
+def noop() -> None:
+    """The benchmark's task: nothing at all."""
+
+
+class GcFabricSystem(System):
+    """The Executor with a thread or process engine of ``workers`` workers."""
+
+    def __init__(self, engine: str, workers: int = 2, ledger: bool = True) -> None:
+        self.engine = engine
+        self.workers = workers
+        self.ledger = ledger
+        self.name = f"gc-fabric-{engine}" + ("" if ledger else "-no-ledger")
+        self._processes: list[subprocess.Popen[bytes]] = []
+        self._vhost = f"gc-bench-{uuid.uuid4().hex[:8]}"
+        self._home = Path(tempfile.mkdtemp(prefix="gc-bench-"))
+        self._executor = None  # type: ignore[var-annotated]
+
+    def start(self) -> None:
+        from gc_client import Client, Executor
+
+        _rabbitmqctl("add_vhost", self._vhost)
+        _rabbitmqctl("set_permissions", "-p", self._vhost, "guest", ".*", ".*", ".*")
+        broker_url = f"amqp://guest:guest@127.0.0.1:5672/{self._vhost}"
+        port = _free_port()
+        env = {"GC_HOME": str(self._home), "GC_BROKER_URL": broker_url,
+               "GC_REGISTRY_URL": f"http://127.0.0.1:{port}"}
+        registry = [sys.executable, "-m", "gc_core.registry.cli", "serve", "--port", str(port),
+                    "--log-level", "WARNING"] + ([] if self.ledger else ["--no-ledger"])
+        self._processes.append(_process.start_worker(registry, self._home / "registry.log", env))
+        _wait_for_registry(env["GC_REGISTRY_URL"])
+        subprocess.run([sys.executable, "-m", "gc_agent.cli", "configure", "bench", "--engine",
+                        self.engine, "--workers", str(self.workers)],
+                       env=_process.worker_env(env), check=True, capture_output=True)
+        agent = [sys.executable, "-m", "gc_agent.cli", "start", "bench", "--log-level", "WARNING"]
+        self._processes.append(_process.start_worker(agent, self._home / "agent.log", env))
+        pid_file = self._home / "endpoints" / "bench" / "agent.pid"
+        _wait_for(pid_file.exists, "the agent to start")
+        endpoint_id = _endpoint_id(self._home / "endpoints" / "bench" / "config.yaml")
+        client = Client(broker_url=broker_url, registry_url=env["GC_REGISTRY_URL"],
+                        home=str(self._home))
+        self._executor = Executor(endpoint_id=endpoint_id, client=client)
+
+    def stop(self) -> None:
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor.client.close()
+            self._executor = None
+        for process in reversed(self._processes):
+            _process.stop_worker(process)
+        self._processes.clear()
+        try:
+            _rabbitmqctl("delete_vhost", self._vhost)
+        except subprocess.CalledProcessError:
+            logger.debug("vhost %s already gone", self._vhost)
+
+    def run_throughput(self, n: int) -> float:
+        assert self._executor is not None
+        start = time.perf_counter()
+        futures = [self._executor.submit(noop) for _ in range(n)]
+        done, pending = wait(futures, timeout=throughput_timeout(n))
+        if pending:
+            raise TimeoutError(f"{len(pending)} of {n} tasks unfinished")
+        elapsed = time.perf_counter() - start
+        for future in done:
+            future.result()
+        return elapsed
+
+    def run_latency(self, n: int) -> list[float]:
+        assert self._executor is not None
+        samples = []
+        for _ in range(n):
+            start = time.perf_counter()
+            self._executor.submit(noop).result(timeout=TASK_TIMEOUT_S)
+            samples.append(time.perf_counter() - start)
+        return samples
+
+
+def _rabbitmqctl(*args: str) -> None:
+    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _wait_for(condition: object, what: str) -> None:
+    deadline = time.monotonic() + START_TIMEOUT_S
+    while not condition():  # type: ignore[operator]
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _wait_for_registry(url: str) -> None:
+    import httpx
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{url}/health", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    _wait_for(up, "the registry to start")
+
+
+def _endpoint_id(config: Path) -> str:
+    import yaml
+
+    return str(yaml.safe_load(config.read_text())["endpoint_id"])
