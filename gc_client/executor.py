@@ -216,7 +216,7 @@ class Executor(_BaseExecutor):
             result = decode_result(delivery.envelope)
         except ProtocolError as exc:
             logger.warning("dropped an undecodable result (%d bytes): %s", len(exc.raw), exc)
-            self._session.ack(delivery)
+            self._session.ack_in_order(delivery)
             return
         with self._lock:
             known = result.task_id in self._futures
@@ -224,7 +224,7 @@ class Executor(_BaseExecutor):
                 self._unclaimed[result.task_id] = result
         if known:
             self._resolve_from(result.task_id, lambda: result_value(result))
-        self._session.ack(delivery)
+        self._session.ack_in_order(delivery)
 
     def _resolve_from(self, task_id: str, value: Callable[[], Any]) -> None:
         future = self._futures.get(task_id)

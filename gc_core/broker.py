@@ -74,6 +74,7 @@ class _Settle:
     tag: int
     ack: bool
     requeue: bool
+    multiple: bool = False
 
 
 class _Fatal(BrokerError):
@@ -123,6 +124,8 @@ class BrokerSession:
         self._ready = threading.Event()
         self._stopping = threading.Event()
         self._flush_scheduled = False
+        self._in_order_ack: Delivery | None = None
+        self._in_order_ack_scheduled = False
         self._ever_ready = False
         self._opened = False
         self._last_error = "no attempt made yet"
@@ -177,9 +180,24 @@ class BrokerSession:
         self._consuming = False
         self._submit(self._cancel_consumers)
 
-    def ack(self, delivery: Delivery) -> None:
-        """Acknowledge a delivery; a delivery from before a reconnect is ignored."""
-        self._submit(_Settle(delivery.generation, delivery.tag, True, False))
+    def ack(self, delivery: Delivery, *, multiple: bool = False) -> None:
+        """Acknowledge a delivery (with ``multiple``, every earlier one of its channel too);
+        a delivery from before a reconnect is ignored: the broker has requeued it."""
+        self._submit(_Settle(delivery.generation, delivery.tag, True, False, multiple))
+
+    def ack_in_order(self, delivery: Delivery) -> None:
+        """IO thread only, for a consumer that settles deliveries in the order they came:
+        ack this one and all before it with one frame per batch of frames read."""
+        self._in_order_ack = delivery
+        if not self._in_order_ack_scheduled and self._connection is not None:
+            self._in_order_ack_scheduled = True
+            self._connection.ioloop.call_later(0, self._flush_in_order_ack)
+
+    def _flush_in_order_ack(self) -> None:
+        self._in_order_ack_scheduled = False
+        delivery, self._in_order_ack = self._in_order_ack, None
+        if delivery is not None and self._channel is not None:
+            self._execute(_Settle(delivery.generation, delivery.tag, True, False, True))
 
     def reject(self, delivery: Delivery, *, requeue: bool) -> None:
         """Return a delivery to its queue (``requeue``) or dead-letter it."""
@@ -276,7 +294,7 @@ class BrokerSession:
             if op.generation != self._generation:
                 return  # the channel it came on is gone; the broker has requeued it
             if op.ack:
-                channel.basic_ack(op.tag)
+                channel.basic_ack(op.tag, multiple=op.multiple)
             else:
                 channel.basic_nack(op.tag, requeue=op.requeue)
         else:

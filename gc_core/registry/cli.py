@@ -39,3 +39,7 @@ def serve(db_url: str | None, host: str, port: int, broker_url: str | None, no_l
     settings = RegistrySettings(db_url=db_url, broker_url=fabric.broker_url, ledger=not no_ledger)
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower(),
                 access_log=False)
+
+
+if __name__ == "__main__":
+    main()

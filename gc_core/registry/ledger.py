@@ -84,8 +84,8 @@ class Ledger:
                     store.record_heartbeat(db, item)
             store.record_results(db, results)
             db.commit()
-        for delivery in batch:
-            self._broker.ack(delivery)
+        # Deliveries arrive and are committed in order: one ack covers the whole batch.
+        self._broker.ack(batch[-1], multiple=True)
         logger.debug("ledger committed %d messages (%d results)", len(batch), len(results))
 
     def _decode(self, delivery: Delivery) -> ResultMessage | GroupManifest | Heartbeat | None:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import time
 import uuid
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable
 
 from sqlalchemy import select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -46,8 +46,6 @@ __all__ = [
 
 #: An endpoint whose last heartbeat is older than this many periods is offline.
 OFFLINE_AFTER_PERIODS = 3
-#: Rows per INSERT: 14 columns x 500 stays far below SQLite's 32,766 bound variables.
-ROWS_PER_STATEMENT = 500
 
 
 def register_function(db: Session, body: FunctionIn) -> FunctionOut:
@@ -118,10 +116,10 @@ def record_manifest(db: Session, manifest: GroupManifest) -> None:
     rows = [dict(task_id=t, task_group_id=manifest.task_group_id,
                  endpoint_id=manifest.endpoint_id, user=manifest.user, status="waiting",
                  submitted=manifest.submitted) for t in dict.fromkeys(manifest.task_ids)]
-    for chunk in _chunks(rows):
-        statement = _insert(db).values(chunk)
-        db.execute(statement.on_conflict_do_update(
-            index_elements=["task_id"], set_={"submitted": statement.excluded.submitted}))
+    if rows:
+        statement = _insert(db)
+        db.connection().execute(statement.on_conflict_do_update(
+            index_elements=["task_id"], set_={"submitted": statement.excluded.submitted}), rows)
 
 
 def record_results(db: Session, results: Iterable[ResultMessage]) -> None:
@@ -130,11 +128,12 @@ def record_results(db: Session, results: Iterable[ResultMessage]) -> None:
     for result in results:
         first.setdefault(result.task_id, result)
     rows = [_result_row(r) for r in first.values()]
-    for chunk in _chunks(rows):
-        statement = _insert(db).values(chunk)
-        update = {c: statement.excluded[c] for c in chunk[0] if c not in ("task_id", "submitted")}
-        db.execute(statement.on_conflict_do_update(
-            index_elements=["task_id"], set_=update, where=TaskRow.status == "waiting"))
+    if rows:
+        statement = _insert(db)
+        update = {c: statement.excluded[c] for c in rows[0] if c not in ("task_id", "submitted")}
+        db.connection().execute(statement.on_conflict_do_update(
+            index_elements=["task_id"], set_=update,
+            where=TaskRow.__table__.c.status == "waiting"), rows)
 
 
 def get_tasks(db: Session, task_ids: list[str]) -> list[TaskOut]:
@@ -150,15 +149,11 @@ def list_group_tasks(db: Session, task_group_id: str) -> list[TaskOut]:
     return [_task_out(r) for r in rows]
 
 
-def _chunks(rows: list[dict[str, Any]]) -> Iterator[list[dict[str, Any]]]:
-    """Rows in slices that keep a statement under SQLite's bound-variable limit (32,766)."""
-    for start in range(0, len(rows), ROWS_PER_STATEMENT):
-        yield rows[start:start + ROWS_PER_STATEMENT]
-
-
 def _insert(db: Session) -> Any:
+    """A one-row upsert on the tasks table, run with executemany: compiled once, cached,
+    and never near a database's bound-variable limit however many rows come."""
     dialect = db.get_bind().dialect.name
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(TaskRow)
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(TaskRow.__table__)
 
 
 def _result_row(result: ResultMessage) -> dict[str, Any]:

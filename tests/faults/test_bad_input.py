@@ -10,7 +10,7 @@ import pika
 import pytest
 
 from gc_client import Client, Executor
-from gc_core.protocol import ResultMessage, decode_result, Envelope
+from gc_core.protocol import Envelope, ResultMessage, decode_result
 from gc_core.serialize import PYTHON_VERSION
 from tests.fabric import Endpoint, Fabric
 
@@ -62,7 +62,8 @@ def _send_and_receive(raw: Any, endpoint: Endpoint, function_id: str, *, headers
     raise AssertionError("unreachable")
 
 
-def test_a_malformed_body_gets_a_clear_error(echo_id: str, raw_channel: Any, endpoint: Endpoint) -> None:
+def test_a_malformed_body_gets_a_clear_error(echo_id: str, raw_channel: Any,
+                                            endpoint: Endpoint) -> None:
     result = _send_and_receive(raw_channel, endpoint, echo_id, headers={}, body=b"\x00not a pickle",
                                content_type="application/vnd.gc.cloudpickle")
     assert result.state == "failed" and result.error is not None
@@ -87,10 +88,11 @@ def test_an_unknown_serializer_is_named_with_the_known_ones(echo_id: str, raw_ch
     assert "application/json" in result.error.message
 
 
-def test_a_python_version_mismatch_names_both_versions(echo_id: str, raw_channel: Any, endpoint: Endpoint) -> None:
+def test_a_python_version_mismatch_names_both_versions(echo_id: str, raw_channel: Any,
+                                                       endpoint: Endpoint) -> None:
     body = cloudpickle.dumps(((1,), {}))
-    result = _send_and_receive(raw_channel, endpoint, echo_id, headers={"gc-python": "3.6.15"}, body=body,
-                               content_type="application/vnd.gc.cloudpickle")
+    result = _send_and_receive(raw_channel, endpoint, echo_id, headers={"gc-python": "3.6.15"},
+                               body=body, content_type="application/vnd.gc.cloudpickle")
     assert result.error is not None and result.error.type == "VersionMismatch"
     assert "3.6.15" in result.error.message and PYTHON_VERSION in result.error.message
 

@@ -76,8 +76,8 @@ def test_start_detach_list_and_stop(fabric: Fabric, make_endpoint: Any) -> None:
     assert again.returncode == 1 and "already running" in again.stderr
     assert "stopped" in fabric.cli("gc-agent", "stop", ep.name).stdout
     assert f"{ep.name} " in fabric.cli("gc-agent", "list").stdout
-    assert "stopped" in [l for l in fabric.cli("gc-agent", "list").stdout.splitlines()
-                         if l.startswith(ep.name)][0]
+    assert "stopped" in [line for line in fabric.cli("gc-agent", "list").stdout.splitlines()
+                         if line.startswith(ep.name)][0]
 
 
 def test_endpoints_lists_status(fabric: Fabric, endpoint: Endpoint) -> None:
