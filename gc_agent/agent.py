@@ -15,7 +15,7 @@ import threading
 import time
 from collections import OrderedDict
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 
 from gc_agent.config import EndpointConfig
@@ -25,18 +25,20 @@ from gc_agent.policy import refusal
 from gc_core.broker import BrokerSession, Delivery
 from gc_core.errors import GCError, ProtocolError
 from gc_core.protocol import (
+    CancelCommand,
     ErrorInfo,
     Heartbeat,
     ResultMessage,
     TaskMessage,
     Timings,
+    decode_event,
     decode_task,
     encode_event,
     encode_result,
     error_result,
 )
 from gc_core.registry.client import RegistryClient
-from gc_core.serialize import PYTHON_VERSION, SERIALIZERS
+from gc_core.serialize import JSON, PYTHON_VERSION, SERIALIZERS
 from gc_core.settings import FabricSettings
 from gc_core.topology import load_topology, safe_name_part
 
@@ -48,6 +50,10 @@ logger = logging.getLogger(__name__)
 PREFETCH_PER_WORKER = 16
 #: Task ids whose results were confirmed, remembered to ack their redeliveries without rerunning.
 DONE_MEMORY = 20_000
+#: Cancelled task ids not yet delivered here, remembered so they are answered, not run.
+CANCEL_MEMORY = 100_000
+#: Which heartbeat counter a result state counts in.
+_COUNTER = {"success": "succeeded", "failed": "failed", "cancelled": "cancelled"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,7 +82,9 @@ class Agent:
         self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fetch")
         self._done: OrderedDict[str, None] = OrderedDict()
         self._in_flight = 0
-        self._counts = {"received": 0, "succeeded": 0, "failed": 0}
+        self._counts = {"received": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
+        self._owners: dict[str, str] = {}
+        self._cancelled: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._started_at = time.time()
@@ -98,16 +106,32 @@ class Agent:
         self._broker = BrokerSession(
             self._broker_url, name=f"gc-agent:{self.endpoint_id}", topology=self._topology,
             queues=[tasks_queue, commands_queue], prefetch=prefetch)
-        self._broker.consume(tasks_queue.name, self._on_task)
+        self._broker.consume(commands_queue.name, self._on_command)
         try:
             self._broker.start(timeout=timeout)
         except GCError:
             self._engine.shutdown()
             raise
+        # Cancels sent while the agent was down must be known before their tasks arrive.
+        self._drain_commands(commands_queue.name, timeout)
+        self._broker.consume(tasks_queue.name, self._on_task)
         threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True).start()
         logger.info("agent for endpoint %s started: %s engine, %d workers, prefetch %d, broker %s",
                     self.endpoint_id, self._engine.name, self._engine.capacity, prefetch,
                     self._broker.url)
+
+    def _drain_commands(self, queue: str, timeout: float) -> None:
+        assert self._broker is not None
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            counted = threading.Event()
+            depth: list[int] = []
+            self._broker.queue_message_count(queue, lambda n: (depth.append(n), counted.set()))
+            if counted.wait(5) and depth[0] == 0:
+                return
+            time.sleep(0.05)
+        logger.warning("commands queue %s not drained within %.0fs; consuming tasks anyway",
+                       queue, timeout)
 
     def stop(self) -> None:
         """Drain: stop consuming, requeue tasks not started, let running ones finish, close."""
@@ -194,22 +218,35 @@ class Agent:
 
     def _run(self, delivery: Delivery, task: TaskMessage, function: _Function,
              received: float) -> None:
+        if self._cancelled.get(task.task_id) == task.user:
+            self._cancelled.pop(task.task_id, None)
+            logger.info("task %s was cancelled before it started", task.task_id)
+            error = ErrorInfo(type="TaskCancelled",
+                              message=f"task {task.task_id} was cancelled before it started")
+            self._publish(delivery, error_result(task, error, state="cancelled",
+                                                 timings=Timings(received=received)))
+            return
+        self._owners[task.task_id] = task.user
         job = Job(task.task_id, task.function_id, function.payload, function.python,
-                  task.content_type, task.payload, task.sender_python, task.sender_serializer)
+                  task.content_type, task.payload, task.sender_python, task.sender_serializer,
+                  self.config.output_limit)
         self._engine.submit(job, lambda outcome: self._on_outcome(delivery, task, received, outcome))
 
     def _on_outcome(self, delivery: Delivery, task: TaskMessage, received: float,
                     outcome: Outcome) -> None:
+        self._owners.pop(task.task_id, None)
         if outcome.lost:
             self._settle(delivery, requeue=True)
             return
+        outcome = _within_size_limit(outcome, self.config.result_size_limit)
         result = ResultMessage(
             task_id=task.task_id, task_group_id=task.task_group_id, endpoint_id=self.endpoint_id,
             function_id=task.function_id, user=task.user, state=outcome.state,
             content_type=outcome.content_type, payload=outcome.payload, error=outcome.error,
             timings=Timings(received=received, started=outcome.started, finished=outcome.finished),
-            worker=outcome.worker, sender_python=PYTHON_VERSION,
-            sender_serializer=SERIALIZERS[outcome.content_type].label)
+            worker=outcome.worker, stdout=outcome.stdout, stderr=outcome.stderr,
+            sender_python=PYTHON_VERSION,
+            sender_serializer=SERIALIZERS[outcome.content_type].label if outcome.content_type else "")
         self._publish(delivery, result)
 
     def _publish(self, delivery: Delivery, result: ResultMessage) -> None:
@@ -226,11 +263,39 @@ class Agent:
                 return
             self._remember_done(result.task_id)
             with self._lock:
-                self._counts["succeeded" if result.state == "success" else "failed"] += 1
+                self._counts[_COUNTER[result.state]] += 1
             self._settle(delivery, requeue=None)
 
         self._broker.publish(self._topology.exchange("results"), key, encode_result(result),
                              on_confirm=confirmed)
+
+    def _on_command(self, delivery: Delivery) -> None:
+        """A command from gc.commands: cancel tasks that are waiting, running or yet to come."""
+        assert self._broker is not None
+        try:
+            command = decode_event(delivery.envelope)
+        except ProtocolError as exc:
+            logger.warning("dropped an undecodable command (%d bytes): %s", len(exc.raw), exc)
+            self._broker.ack(delivery)
+            return
+        if isinstance(command, CancelCommand):
+            for task_id in command.task_ids:
+                self._cancel(task_id, command.user)
+        self._broker.ack(delivery)
+
+    def _cancel(self, task_id: str, user: str) -> None:
+        owner = self._owners.get(task_id)
+        if owner is not None and owner != user:
+            logger.warning("refused %s's request to cancel task %s of %s", user, task_id, owner)
+            return
+        how = self._engine.cancel(task_id) if owner is not None else "unknown"
+        if how == "unknown":
+            # Not here yet (still queued at the broker, or its function is being fetched).
+            self._cancelled[task_id] = user
+            if len(self._cancelled) > CANCEL_MEMORY:
+                self._cancelled.popitem(last=False)
+        logger.info("cancel task %s: %s", task_id, "remembered until it arrives"
+                    if how == "unknown" else how)
 
     def _refuse_undecodable(self, delivery: Delivery, exc: ProtocolError, received: float) -> None:
         """Answer a malformed task if we can tell who sent it; else dead-letter it."""
@@ -287,6 +352,7 @@ class Agent:
             engine=self._engine.name, workers=self._engine.capacity,
             workers_busy=self._engine.busy, tasks_received=counts["received"],
             tasks_succeeded=counts["succeeded"], tasks_failed=counts["failed"],
+            tasks_cancelled=counts["cancelled"],
             queue_depth=self._queue_depth)
 
 
@@ -310,3 +376,14 @@ def _logged(fn: Callable[[str], None]) -> Callable[[str], None]:
             logger.exception("fetching function %s failed", arg)
 
     return run
+
+
+def _within_size_limit(outcome: Outcome, limit: int) -> Outcome:
+    """Refuse a result too large to send inline, saying how large and what the limit is."""
+    if len(outcome.payload) <= limit:
+        return outcome
+    message = (f"the result of task {outcome.task_id} is {len(outcome.payload):,} bytes, over this "
+               f"endpoint's limit of {limit:,} bytes (result_size_limit); write large outputs to "
+               "storage both sides can reach and return their location instead")
+    return replace(outcome, state="failed", payload=b"", content_type=JSON.content_type,
+                   error=ErrorInfo(type="ResultTooLarge", message=message))

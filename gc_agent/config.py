@@ -40,6 +40,13 @@ class EndpointConfig(BaseModel):
     allowed_serializers: frozenset[Literal["cloudpickle", "json"]] = frozenset(
         {"cloudpickle", "json"})
     heartbeat_period: float = Field(default=10.0, gt=0)
+    output_limit: int = Field(
+        default=16_384, ge=0, le=49_152,
+        description="Bytes of a task's stdout, and of its stderr, kept on its result; more is "
+                    "cut and marked. Both travel in AMQP headers, which must fit one 128 KiB frame.")
+    result_size_limit: int = Field(
+        default=10 * 2**20, ge=1024, le=128 * 2**20,
+        description="Largest serialized result sent back; a larger one fails with a clear error.")
     drain_timeout: float = Field(
         default=30.0, ge=0,
         description="Seconds a stopping agent lets running tasks finish before requeueing them.")

@@ -10,11 +10,12 @@ import os
 import socket
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Literal
 
 import cloudpickle
 
+from gc_agent.capture import captured_output
 from gc_core.errors import SerializationError, VersionMismatch
 from gc_core.protocol import ErrorInfo
 from gc_core.serialize import CLOUDPICKLE, JSON, PYTHON_VERSION, get_serializer, python_minor
@@ -37,6 +38,7 @@ class Job:
     payload: bytes
     sender_python: str
     sender_serializer: str
+    output_limit: int = 16_384
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,7 +46,7 @@ class Outcome:
     """What came of a job; ``lost`` means the worker died and the task should run again."""
 
     task_id: str
-    state: Literal["success", "failed"]
+    state: Literal["success", "failed", "cancelled"]
     content_type: str = ""
     payload: bytes = b""
     error: ErrorInfo | None = None
@@ -52,6 +54,8 @@ class Outcome:
     finished: float | None = None
     worker: str = ""
     lost: bool = False
+    stdout: str = ""
+    stderr: str = ""
 
 
 
@@ -66,16 +70,19 @@ def run_job(job: Job, functions: FunctionCache) -> Outcome:
         args, kwargs = _load_arguments(job, serializer)
     except Exception as exc:
         return _failed(job, exc, started, worker, with_traceback=False)
-    try:
-        value = function(*args, **kwargs)
-    except BaseException as exc:  # the user's code may raise SystemExit too; report it all
-        return _failed(job, exc, started, worker, with_traceback=True)
+    with captured_output(job.output_limit) as (out, err):
+        try:
+            value = function(*args, **kwargs)
+        except BaseException as exc:  # the user's code may raise SystemExit too; report it all
+            failed = _failed(job, exc, started, worker, with_traceback=True)
+            return replace(failed, stdout=out.text(), stderr=err.text())
     try:
         payload = serializer.dumps(value)
     except Exception as exc:
-        return _failed(job, exc, started, worker, with_traceback=False)
+        failed = _failed(job, exc, started, worker, with_traceback=False)
+        return replace(failed, stdout=out.text(), stderr=err.text())
     return Outcome(job.task_id, "success", serializer.content_type, payload, None, started,
-                   time.time(), worker)
+                   time.time(), worker, stdout=out.text(), stderr=err.text())
 
 
 def _load_function(job: Job, functions: FunctionCache) -> Callable[..., Any]:

@@ -1,5 +1,6 @@
 """gc-fabric's client: run Python functions on remote endpoints and get futures back."""
 
+from gc_client.async_executor import AsyncExecutor
 from gc_client.client import Batch, Client
 from gc_client.executor import ComputeFuture, Executor
 from gc_core.errors import (
@@ -13,6 +14,7 @@ from gc_core.errors import (
 
 __all__ = [
     # front ends
+    "AsyncExecutor",
     "Client",
     "Executor",
     # results

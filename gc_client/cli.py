@@ -134,21 +134,32 @@ def run(lazy: _Lazy, endpoint_id: str, function_id: str, kwargs_json: str, wait:
 @click.argument("task_id")
 @click.option("--wait", is_flag=True, help="Wait until the task finishes.")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
+@click.option("--output", "show_output", is_flag=True,
+              help="Also print what the task wrote to stdout and stderr.")
 @click.pass_obj
-def result(lazy: _Lazy, task_id: str, wait: bool, timeout: float) -> None:
+def result(lazy: _Lazy, task_id: str, wait: bool, timeout: float, show_output: bool) -> None:
     """Print the result of TASK_ID (exit status 3 while it is pending)."""
 
     def action() -> None:
-        if wait:
-            _print_value(_wait_for_result(lazy.client, task_id, timeout))
-            return
         try:
-            _print_value(lazy.client.get_result(task_id))
+            value = (_wait_for_result(lazy.client, task_id, timeout) if wait
+                     else lazy.client.get_result(task_id))
         except TaskPending as exc:
             click.echo(f"Task {task_id} is pending (status: {exc.status}).", err=True)
             sys.exit(3)
+        finally:
+            if show_output:
+                _print_output(lazy.client, task_id)
+        _print_value(value)
 
     _run(action)
+
+
+def _print_output(client: Client, task_id: str) -> None:
+    task = client.get_task(task_id)
+    for name, text in (("stdout", task.stdout), ("stderr", task.stderr)):
+        click.echo(f"--- {name} of task {task_id} ---", err=True)
+        click.echo(text.rstrip("\n") if text else "(nothing)", err=True)
 
 
 def _wait_for_result(client: Client, task_id: str, timeout: float) -> Any:
@@ -169,6 +180,25 @@ def _print_value(value: Any) -> None:
         click.echo(json.dumps(value))
     except (TypeError, ValueError):
         click.echo(repr(value))
+
+
+@main.command()
+@click.argument("task_ids", nargs=-1, required=True, metavar="TASK_ID...")
+@click.option("--endpoint", "endpoint_id", default=None,
+              help="Endpoint the tasks were sent to [default: looked up in the ledger].")
+@click.pass_obj
+def cancel(lazy: _Lazy, task_ids: tuple[str, ...], endpoint_id: str | None) -> None:
+    """Cancel tasks: a queued task never runs, a running one has its worker stopped."""
+
+    def action() -> None:
+        sent = lazy.client.cancel(list(task_ids), endpoint_id=endpoint_id)
+        for task_id in task_ids:
+            click.echo(f"{task_id}: cancel sent" if task_id in sent
+                       else f"{task_id}: not in the ledger (give --endpoint to cancel anyway)")
+        if len(sent) < len(task_ids):
+            sys.exit(1)
+
+    _run(action)
 
 
 @main.command()

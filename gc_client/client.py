@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import threading
+import time
 import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -17,7 +18,7 @@ import cloudpickle
 from gc_client.tasks import make_manifest, make_task, new_id, task_out_value
 from gc_core.broker import BrokerSession
 from gc_core.errors import PublishNotConfirmed, TaskPending
-from gc_core.protocol import TaskMessage, encode_event, encode_task
+from gc_core.protocol import CancelCommand, Envelope, TaskMessage, encode_event, encode_task
 from gc_core.registry.client import RegistryClient
 from gc_core.registry.schemas import EndpointOut, EndpointStatus, TaskOut
 from gc_core.serialize import CLOUDPICKLE, Serializer, get_serializer
@@ -128,6 +129,29 @@ class Client:
         self._publish_confirmed(endpoint_id, batch.task_group_id, tasks)
         return [t.task_id for t in tasks]
 
+    def cancel(self, task_ids: list[str], *, endpoint_id: str | None = None) -> list[str]:
+        """Cancel tasks at their endpoints: queued ones never run, running ones are stopped.
+
+        The endpoint of each task comes from the ledger unless ``endpoint_id`` is given.
+        Returns the ids a cancel command was sent for (tasks the ledger knows, or all with
+        ``endpoint_id``); a task that already finished keeps its result.
+        """
+        by_endpoint: dict[str, list[str]] = {}
+        if endpoint_id is not None:
+            by_endpoint[endpoint_id] = list(task_ids)
+        else:
+            for task in self.registry.get_tasks(list(task_ids)):
+                if task.endpoint_id:
+                    by_endpoint.setdefault(task.endpoint_id, []).append(task.task_id)
+        publisher = self._connected_publisher()
+        for endpoint, ids in by_endpoint.items():
+            command = CancelCommand(task_ids=ids, user=self.settings.user, sent=time.time())
+            self._publish_and_wait(publisher, [(
+                self.topology.exchange("commands"),
+                self.topology.routing_key("command", endpoint_id=endpoint),
+                encode_event(command), False)])
+        return [t for ids in by_endpoint.values() for t in ids]
+
     # -- results from the ledger ------------------------------------------------------------
 
     def get_task(self, task_id: str) -> TaskOut:
@@ -178,14 +202,36 @@ class Client:
         """A new broker session with this client's settings (the Executor uses one each)."""
         return BrokerSession(self.settings.broker_url, name=name, topology=self.topology, **options)
 
-    def _publish_confirmed(self, endpoint_id: str, task_group_id: str,
-                           tasks: list[TaskMessage]) -> None:
+    def _connected_publisher(self) -> BrokerSession:
         with self._lock:
             if self._publisher is None:
                 session = self.broker_session(f"gc-client:{self.settings.user}")
                 session.start()
                 self._publisher = session
-        publisher = self._publisher
+            return self._publisher
+
+    def _publish_confirmed(self, endpoint_id: str, task_group_id: str,
+                           tasks: list[TaskMessage]) -> None:
+        manifest = make_manifest([t.task_id for t in tasks], task_group_id=task_group_id,
+                                 endpoint_id=endpoint_id, user=self.settings.user)
+        exchange = self.topology.exchange("tasks")
+        key = self.topology.routing_key("task", endpoint_id=endpoint_id)
+        messages = [(self.topology.exchange("events"),
+                     self.topology.routing_key("group_submitted", task_group_id=task_group_id),
+                     encode_event(manifest), False)]
+        messages += [(exchange, key, encode_task(task), True) for task in tasks]
+        failures = self._publish_and_wait(self._connected_publisher(), messages)
+        if failures:
+            raise PublishNotConfirmed(
+                f"{len(failures)} of {len(tasks)} tasks were not accepted for endpoint "
+                f"{endpoint_id}: {failures[0]}. Check the endpoint id, and that the endpoint "
+                "was configured (`gc-agent configure`) so its task queue exists.")
+
+    @staticmethod
+    def _publish_and_wait(publisher: BrokerSession,
+                          messages: list[tuple[str, str, Envelope, bool]]) -> list[str]:
+        """Publish (exchange, routing key, envelope, mandatory) messages; wait for every
+        confirm and return the reasons of those the broker did not take."""
         failures: list[str] = []
         done = threading.Semaphore(0)
 
@@ -194,23 +240,13 @@ class Client:
                 failures.append(reason)
             done.release()
 
-        manifest = make_manifest([t.task_id for t in tasks], task_group_id=task_group_id,
-                                 endpoint_id=endpoint_id, user=self.settings.user)
-        publisher.publish(self.topology.exchange("events"),
-                          self.topology.routing_key("group_submitted", task_group_id=task_group_id),
-                          encode_event(manifest))
-        exchange = self.topology.exchange("tasks")
-        key = self.topology.routing_key("task", endpoint_id=endpoint_id)
-        for task in tasks:
-            publisher.publish(exchange, key, encode_task(task), on_confirm=confirmed,
-                              mandatory=True)
-        for _ in tasks:
+        for exchange, key, envelope, mandatory in messages:
+            publisher.publish(exchange, key, envelope, on_confirm=confirmed, mandatory=mandatory)
+        for _ in messages:
             if not done.acquire(timeout=CONFIRM_TIMEOUT):
-                raise PublishNotConfirmed(f"the broker did not confirm the tasks within "
-                                          f"{CONFIRM_TIMEOUT:.0f}s")
-        if failures:
-            raise PublishNotConfirmed(f"{len(failures)} of {len(tasks)} tasks were not accepted "
-                                      f"for endpoint {endpoint_id}: {failures[0]}")
+                raise PublishNotConfirmed(
+                    f"the broker did not confirm within {CONFIRM_TIMEOUT:.0f}s")
+        return failures
 
 
 def _source_of(function: Callable[..., Any]) -> str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from concurrent.futures import Executor as _BaseExecutor
 from concurrent.futures import Future, InvalidStateError
 from typing import Any, Callable, Iterable
@@ -19,7 +20,13 @@ from gc_client.client import Client
 from gc_client.tasks import make_manifest, make_task, new_id, result_value, task_out_value
 from gc_core.broker import FLUSH_BATCH, BrokerSession, Delivery
 from gc_core.errors import ProtocolError, PublishNotConfirmed
-from gc_core.protocol import ResultMessage, decode_result, encode_event, encode_task
+from gc_core.protocol import (
+    CancelCommand,
+    ResultMessage,
+    decode_result,
+    encode_event,
+    encode_task,
+)
 from gc_core.serialize import get_serializer
 from gc_core.topology import safe_name_part
 
@@ -32,11 +39,29 @@ RESULT_PREFETCH = 1000
 
 
 class ComputeFuture(Future[Any]):
-    """A future for one task; ``task_id`` names it in the ledger and on the wire."""
+    """A future for one task; ``task_id`` names it in the ledger and on the wire.
 
-    def __init__(self, task_id: str) -> None:
+    ``cancel()`` also cancels the task at the endpoint: a queued task never runs, a
+    running one has its worker stopped (processes engine). It returns True whenever the
+    future was still pending; if the cancel races the task's completion, the ledger
+    records what really happened.
+    """
+
+    def __init__(self, task_id: str, on_cancel: Callable[[list[str]], None] | None = None) -> None:
         super().__init__()
         self.task_id = task_id
+        #: What the task printed (bounded by the endpoint's output_limit), once it finished.
+        self.stdout = ""
+        self.stderr = ""
+        self._on_cancel = on_cancel
+
+    def cancel(self) -> bool:
+        """Cancel locally and at the endpoint."""
+        if not super().cancel():
+            return False
+        if self._on_cancel is not None:
+            self._on_cancel([self.task_id])
+        return True
 
 
 class Executor(_BaseExecutor):
@@ -76,7 +101,8 @@ class Executor(_BaseExecutor):
         self._session: BrokerSession | None = None
         self._lock = threading.Lock()
         self._shutdown = False
-        #: Results dropped because their future had already resolved (redelivered tasks).
+        #: Results dropped because their future had already resolved (a redelivered task)
+        #: or had been cancelled.
         self.duplicates_dropped = 0
 
     # -- concurrent.futures API ----------------------------------------------------------
@@ -98,7 +124,7 @@ class Executor(_BaseExecutor):
                          task_group_id=self.task_group_id, serializer=self.serializer,
                          args=tuple(args), kwargs=dict(kwargs or {}),
                          resource_spec=self.resource_specification)
-        future = ComputeFuture(task.task_id)
+        future = ComputeFuture(task.task_id, self._cancel_remotely)
         with self._lock:
             self._futures[task.task_id] = future
             self._manifest_ids.append(task.task_id)
@@ -122,8 +148,10 @@ class Executor(_BaseExecutor):
         with self._lock:
             pending = [f for f in self._futures.values() if not f.done()]
         if cancel_futures:
-            for future in pending:
-                future.cancel()
+            # Cancel locally one by one, then tell the endpoint in one command.
+            cancelled = [f.task_id for f in pending if Future.cancel(f)]
+            if cancelled:
+                self._cancel_remotely(cancelled)
         if wait:
             for future in pending:
                 if not future.cancelled():
@@ -154,13 +182,15 @@ class Executor(_BaseExecutor):
             futures = [self._futures.setdefault(t.task_id, ComputeFuture(t.task_id)) for t in known]
         for task in known:
             if task.status not in ("waiting", "unknown"):
-                self._resolve_from(task.task_id, lambda task=task: task_out_value(task))
+                self._resolve_from(task.task_id, lambda task=task: task_out_value(task),
+                                   task.stdout, task.stderr)
         self._connected()
         with self._lock:
             unclaimed = [r for r in self._unclaimed.values() if r.task_id in self._futures]
         for result in unclaimed:
             self._unclaimed.pop(result.task_id, None)
-            self._resolve_from(result.task_id, lambda result=result: result_value(result))
+            self._resolve_from(result.task_id, lambda result=result: result_value(result),
+                               result.stdout, result.stderr)
         return futures
 
     # -- internals -----------------------------------------------------------------------
@@ -198,6 +228,17 @@ class Executor(_BaseExecutor):
             topology.routing_key("group_submitted", task_group_id=self.task_group_id),
             encode_event(manifest))
 
+    def _cancel_remotely(self, task_ids: list[str]) -> None:
+        """Send the endpoint a cancel command for these tasks of ours."""
+        session = self._session
+        if session is None or self.endpoint_id is None:
+            return
+        topology = self.client.topology
+        command = CancelCommand(task_ids=task_ids, user=self._user, sent=time.time())
+        session.publish(topology.exchange("commands"),
+                        topology.routing_key("command", endpoint_id=self.endpoint_id),
+                        encode_event(command))
+
     def _on_task_confirm(self, future: ComputeFuture, reason: str | None) -> None:
         if reason is None:
             return
@@ -223,14 +264,17 @@ class Executor(_BaseExecutor):
             if not known:
                 self._unclaimed[result.task_id] = result
         if known:
-            self._resolve_from(result.task_id, lambda: result_value(result))
+            self._resolve_from(result.task_id, lambda: result_value(result), result.stdout,
+                               result.stderr)
         self._session.ack_in_order(delivery)
 
-    def _resolve_from(self, task_id: str, value: Callable[[], Any]) -> None:
+    def _resolve_from(self, task_id: str, value: Callable[[], Any], stdout: str,
+                      stderr: str) -> None:
         future = self._futures.get(task_id)
         if future is None or future.done():
             self.duplicates_dropped += 1
             return
+        future.stdout, future.stderr = stdout, stderr
         try:
             try:
                 future.set_result(value())

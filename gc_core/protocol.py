@@ -19,6 +19,7 @@ from gc_core.serialize import JSON
 
 __all__ = [
     "PROTOCOL_VERSION",
+    "CancelCommand",
     "Envelope",
     "ErrorInfo",
     "GroupManifest",
@@ -55,6 +56,8 @@ H_RECEIVED = "gc-received"
 H_STARTED = "gc-started"
 H_FINISHED = "gc-finished"
 H_EVENT = "gc-event"
+H_STDOUT = "gc-stdout"
+H_STDERR = "gc-stderr"
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,6 +121,8 @@ class ResultMessage(_Frozen):
     error: ErrorInfo | None = None
     timings: Timings = Timings()
     worker: str = ""
+    stdout: str = ""
+    stderr: str = ""
     sender_python: str = ""
     sender_serializer: str = ""
     protocol: int = PROTOCOL_VERSION
@@ -184,6 +189,9 @@ def encode_result(result: ResultMessage) -> Envelope:
                         (H_FINISHED, timings.finished)):
         if value is not None:
             headers[name] = round(value * 1_000_000)  # AMQP tables have no portable float
+    for name, text in ((H_STDOUT, result.stdout), (H_STDERR, result.stderr)):
+        if text:
+            headers[name] = text
     if result.error is not None:
         return Envelope(result.task_id, result.task_group_id, JSON.content_type, headers,
                         JSON.dumps(result.error.model_dump()))
@@ -223,6 +231,8 @@ def decode_result(envelope: Envelope) -> ResultMessage:
                             started=_seconds(headers.get(H_STARTED)),
                             finished=_seconds(headers.get(H_FINISHED))),
             worker=_text(headers.get(H_WORKER, "")),
+            stdout=_text(headers.get(H_STDOUT, "")),
+            stderr=_text(headers.get(H_STDERR, "")),
             sender_python=_text(headers.get(H_PYTHON, "")),
             sender_serializer=_text(headers.get(H_SERIALIZER, "")),
         )
@@ -313,6 +323,7 @@ class Heartbeat(_Frozen):
     tasks_received: int
     tasks_succeeded: int
     tasks_failed: int
+    tasks_cancelled: int = 0
     queue_depth: int | None = None
 
 
@@ -326,22 +337,36 @@ class GroupManifest(_Frozen):
     submitted: float
 
 
-def encode_event(event: Heartbeat | GroupManifest) -> Envelope:
-    """Turn an event into its AMQP form: a JSON body."""
-    kind = "heartbeat" if isinstance(event, Heartbeat) else "group-manifest"
+class CancelCommand(_Frozen):
+    """Ask an endpoint's agent to cancel tasks of ``user``, queued or running."""
+
+    task_ids: list[str]
+    user: str
+    sent: float
+
+
+#: JSON control messages (events and commands) by the kind named in their gc-event header.
+ControlMessage = Heartbeat | GroupManifest | CancelCommand
+_CONTROL_KINDS: dict[str, type[ControlMessage]] = {
+    "heartbeat": Heartbeat, "group-manifest": GroupManifest, "cancel": CancelCommand}
+
+
+def encode_event(event: ControlMessage) -> Envelope:
+    """Turn an event or command into its AMQP form: a JSON body, its kind in a header."""
+    kind = next(k for k, model in _CONTROL_KINDS.items() if isinstance(event, model))
     return Envelope("", "", JSON.content_type, {H_PROTOCOL: PROTOCOL_VERSION, H_EVENT: kind},
                     event.model_dump_json().encode())
 
 
-def decode_event(envelope: Envelope) -> Heartbeat | GroupManifest:
-    """Turn an AMQP message from the events exchange into an event.
+def decode_event(envelope: Envelope) -> ControlMessage:
+    """Turn an AMQP message from the events or commands exchange into its model.
 
     Raises:
-        ProtocolError: unknown event kind or malformed body.
+        ProtocolError: unknown kind or malformed body.
     """
     kind = envelope.headers.get(H_EVENT)
     kind = kind.decode() if isinstance(kind, bytes) else kind
-    model = {"heartbeat": Heartbeat, "group-manifest": GroupManifest}.get(str(kind))
+    model = _CONTROL_KINDS.get(str(kind))
     if model is None:
         raise ProtocolError(f"unknown event kind {kind!r}", raw=envelope.body)
     try:

@@ -46,6 +46,7 @@ class ProcessEngine(SlotPool):
     """Runs each task in one of ``max_workers`` worker processes."""
 
     name = "processes"
+    _interruptible = True
 
     def __init__(self, max_workers: int) -> None:
         super().__init__(max_workers)
@@ -70,6 +71,11 @@ class ProcessEngine(SlotPool):
             process.kill()
             process.join()
         conn.close()
+
+    def _interrupt(self, slot: int) -> bool:
+        process, _conn = self._workers[slot]
+        process.kill()  # the slot sees the pipe close, reports the job, and starts a new worker
+        return True
 
     def _run(self, slot: int, job: Job) -> Outcome:
         process, conn = self._workers[slot]

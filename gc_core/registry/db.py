@@ -65,6 +65,8 @@ class TaskRow(Base):
     content_type: Mapped[str] = mapped_column(String(100), default="")
     result: Mapped[bytes | None] = mapped_column(LargeBinary)
     error_json: Mapped[str | None] = mapped_column(Text)
+    stdout: Mapped[str] = mapped_column(Text, default="")
+    stderr: Mapped[str] = mapped_column(Text, default="")
 
 
 def open_database(url: str) -> sessionmaker[Any]:

@@ -16,7 +16,14 @@ from sqlalchemy.orm import sessionmaker
 
 from gc_core.broker import BrokerSession, Delivery
 from gc_core.errors import ProtocolError
-from gc_core.protocol import GroupManifest, Heartbeat, ResultMessage, decode_event, decode_result
+from gc_core.protocol import (
+    ControlMessage,
+    GroupManifest,
+    Heartbeat,
+    ResultMessage,
+    decode_event,
+    decode_result,
+)
 from gc_core.registry import store
 from gc_core.topology import Topology
 
@@ -88,7 +95,7 @@ class Ledger:
         self._broker.ack(batch[-1], multiple=True)
         logger.debug("ledger committed %d messages (%d results)", len(batch), len(results))
 
-    def _decode(self, delivery: Delivery) -> ResultMessage | GroupManifest | Heartbeat | None:
+    def _decode(self, delivery: Delivery) -> ResultMessage | ControlMessage | None:
         try:
             if delivery.exchange == self._topology.exchange("events"):
                 return decode_event(delivery.envelope)

@@ -95,6 +95,8 @@ class TaskOut(_Body):
     content_type: str = ""
     payload_b64: str = ""
     error: ErrorInfo | None = None
+    stdout: str = ""
+    stderr: str = ""
 
 
 class TaskBatchIn(_Body):

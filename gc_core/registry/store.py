@@ -163,7 +163,8 @@ def _result_row(result: ResultMessage) -> dict[str, Any]:
         status=result.state, submitted=None, received=result.timings.received,
         started=result.timings.started, finished=result.timings.finished, worker=result.worker,
         content_type=result.content_type, result=result.payload if result.error is None else None,
-        error_json=result.error.model_dump_json() if result.error else None)
+        error_json=result.error.model_dump_json() if result.error else None,
+        stdout=result.stdout, stderr=result.stderr)
 
 
 def _endpoint_row(db: Session, endpoint_id: str) -> EndpointRow:
@@ -194,7 +195,8 @@ def _task_out(row: TaskRow) -> TaskOut:
         timings=Timings(received=row.received, started=row.started, finished=row.finished),
         worker=row.worker, content_type=row.content_type,
         payload_b64=base64.b64encode(row.result).decode() if row.result else "",
-        error=ErrorInfo.model_validate_json(row.error_json) if row.error_json else None)
+        error=ErrorInfo.model_validate_json(row.error_json) if row.error_json else None,
+        stdout=row.stdout or "", stderr=row.stderr or "")
 
 
 def _unknown_task(task_id: str) -> TaskOut:

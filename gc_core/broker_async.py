@@ -1,0 +1,378 @@
+"""The asyncio twin of :mod:`gc_core.broker`: one aio-pika connection with confirmed publishes.
+
+An :class:`AsyncBrokerSession` owns one robust aio-pika connection and one confirm-mode
+channel on the caller's event loop. It declares the topology's exchanges and the queues
+it was given, publishes and waits for the broker's confirm (so callers pipeline confirms
+by publishing concurrently), and consumes queues with acks batched per loop turn.
+aio-pika reconnects on its own and declares the exchanges, queues, bindings and
+consumers again; a publish caught by a lost connection is sent again on the new one
+until its confirm timeout runs out, so callers see at-least-once, as with the sync
+session. This module and :mod:`gc_core.broker` are the only ones that import an AMQP
+library, and :func:`_translate` is the one place their exceptions become ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from typing import Any, Callable, Sequence
+
+import aio_pika
+import aiormq.exceptions
+from aio_pika.abc import (
+    AbstractExchange,
+    AbstractIncomingMessage,
+    AbstractRobustChannel,
+    AbstractRobustConnection,
+    AbstractRobustQueue,
+)
+from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+
+from gc_core.broker import HEARTBEAT_SECONDS, redact_url
+from gc_core.errors import BrokerError, BrokerUnreachable, ConnectionLost, PublishNotConfirmed
+from gc_core.protocol import Envelope
+from gc_core.topology import QueueDeclaration, Topology
+
+__all__ = ["AsyncBrokerSession", "MessageCallback"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds :meth:`AsyncBrokerSession.connect` keeps trying to reach the broker.
+CONNECT_TIMEOUT = 15.0
+#: Seconds a publish may wait for its confirm, across reconnects, before it fails.
+CONFIRM_TIMEOUT = 30.0
+#: Seconds aio-pika waits between reconnect attempts after a lost connection.
+RECONNECT_INTERVAL = 1.0
+#: Seconds a publish caught by a lost connection pauses before it is sent again.
+REPUBLISH_PAUSE = 0.2
+
+#: Called on the event loop with each consumed message; the message is acked once it returns.
+MessageCallback = Callable[[Envelope], None]
+
+#: What aio-pika and aiormq raise for broker trouble (ChannelInvalidStateError is a RuntimeError).
+_AMQP_ERRORS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError, ConnectionError,
+    OSError, asyncio.TimeoutError)
+#: Refusals that no reconnect or retry can fix.
+_FINAL_ERRORS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AuthenticationError, aiormq.exceptions.ProbableAuthenticationError,
+    aiormq.exceptions.IncompatibleProtocolError, aiormq.exceptions.DeliveryError,
+    aiormq.exceptions.ChannelAccessRefused, aiormq.exceptions.ChannelPreconditionFailed,
+    aiormq.exceptions.ChannelNotFoundEntity)
+
+
+class _ConfirmTimeout(Exception):
+    """No confirm within the publish deadline (translated like any aio-pika error)."""
+
+
+class AsyncBrokerSession:
+    """One robust AMQP connection with a confirm-mode channel, for asyncio code.
+
+    Example:
+        >>> session = AsyncBrokerSession(url, name="me", topology=load_topology())
+        >>> await session.connect()
+        >>> await session.publish("gc.tasks", endpoint_id, envelope, mandatory=True)
+        >>> await session.close()
+    """
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        name: str,
+        topology: Topology,
+        queues: Sequence[QueueDeclaration] = (),
+        prefetch: int = 0,
+        confirm_timeout: float = CONFIRM_TIMEOUT,
+    ) -> None:
+        if prefetch < 0 or confirm_timeout <= 0:
+            raise ValueError("prefetch must be at least 0 and confirm_timeout above 0")
+        self._url = url
+        self._name = name
+        self._topology = topology
+        self._queue_declarations = list(queues)
+        self._prefetch = prefetch
+        self._confirm_timeout = confirm_timeout
+        self._connection: AbstractRobustConnection | None = None
+        self._channel: AbstractRobustChannel | None = None
+        self._exchanges: dict[str, AbstractExchange] = {}
+        self._queues: dict[str, AbstractRobustQueue] = {}
+        self._consumer_tags: dict[str, str] = {}
+        self._ack_next: AbstractIncomingMessage | None = None
+        self._ack_scheduled = False
+        self._background: set[asyncio.Task[None]] = set()
+
+    @property
+    def url(self) -> str:
+        """The broker URL without its password."""
+        return redact_url(self._url)
+
+    @property
+    def connected(self) -> bool:
+        """True while the connection is open (aio-pika may be restoring the channel)."""
+        return self._connection is not None and not self._connection.is_closed
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    async def connect(self, timeout: float = CONNECT_TIMEOUT) -> None:
+        """Connect, open a confirm-mode channel and declare the topology, retrying with backoff.
+
+        Raises:
+            BrokerUnreachable: no connection within ``timeout``, or the credentials were refused.
+            BrokerError: the broker refused a declaration (for example mismatched arguments).
+        """
+        retrying = AsyncRetrying(
+            retry=retry_if_exception(_is_transient),
+            wait=wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.2),
+            stop=stop_after_delay(timeout),
+            before_sleep=lambda state: logger.warning(
+                "broker %s unreachable (%s); retrying in %.1fs", self.url,
+                _describe(state.outcome.exception()) if state.outcome else "?",
+                state.upcoming_sleep),
+            reraise=True,
+        )
+        try:
+            async for attempt in retrying:
+                with attempt:
+                    await self._open(timeout)
+        except _AMQP_ERRORS as exc:
+            raise _translate(exc, self.url, connecting=True) from exc
+        logger.info("connection %s to %s open", self._name, self.url)
+
+    async def close(self) -> None:
+        """Send the last acks and close the connection (unacked deliveries go back to their queue)."""
+        self._flush_ack()
+        if self._background:
+            await asyncio.gather(*self._background, return_exceptions=True)
+        connection, self._connection, self._channel = self._connection, None, None
+        self._exchanges.clear()
+        self._queues.clear()
+        if connection is not None:
+            try:
+                await connection.close()
+            except _AMQP_ERRORS as exc:
+                logger.debug("closing connection %s: %s", self._name, _describe(exc))
+
+    async def __aenter__(self) -> AsyncBrokerSession:
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    # -- publishing -----------------------------------------------------------------------
+
+    async def publish(self, exchange: str, routing_key: str, envelope: Envelope, *,
+                      mandatory: bool = False, persistent: bool = True) -> None:
+        """Publish ``envelope`` and return once the broker confirmed it.
+
+        Publish many at once (``asyncio.gather``) and their confirms pipeline. A publish
+        caught by a lost connection is sent again once aio-pika has reconnected, until
+        the confirm timeout runs out; the broker may then hold it twice (at-least-once).
+
+        Raises:
+            PublishNotConfirmed: the broker nacked it, could not route a ``mandatory`` one,
+                refused the channel, or did not confirm it in time.
+        """
+        message = aio_pika.Message(
+            envelope.body, headers=envelope.headers, content_type=envelope.content_type or None,
+            message_id=envelope.message_id or None, correlation_id=envelope.correlation_id or None,
+            delivery_mode=(aio_pika.DeliveryMode.PERSISTENT if persistent
+                           else aio_pika.DeliveryMode.NOT_PERSISTENT))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self._confirm_timeout
+        while True:
+            target = self._exchanges.get(exchange) or await self._exchange(exchange)
+            try:
+                await asyncio.wait_for(target.publish(message, routing_key, mandatory=mandatory),
+                                       max(deadline - loop.time(), 0.001))
+                return
+            except asyncio.CancelledError as exc:
+                if _cancelled_from_outside():
+                    raise
+                failure: BaseException = exc  # aiormq cancelled the confirm with its channel
+            except asyncio.TimeoutError:
+                failure = _ConfirmTimeout(f"no confirm within {self._confirm_timeout:.0f}s")
+            except _AMQP_ERRORS as exc:
+                failure = exc
+            if not _is_transient(failure) or loop.time() + REPUBLISH_PAUSE >= deadline:
+                raise _translate(failure, self.url, publishing=True) from failure
+            logger.debug("publish to %s caught by a lost connection (%s); sending it again",
+                         exchange, _describe(failure))
+            await asyncio.sleep(REPUBLISH_PAUSE)
+
+    # -- consuming ------------------------------------------------------------------------
+
+    async def consume(self, queue: str, on_message: MessageCallback) -> None:
+        """Call ``on_message`` with each message of ``queue``, now and after every reconnect.
+
+        ``queue`` must be one this session declared. The callback runs on the event loop,
+        one message at a time in delivery order; each message is acked once the callback
+        has returned (or raised, which is logged), with one ack frame per loop turn.
+
+        Raises:
+            BrokerError: the broker refused the consumer.
+        """
+        declared = self._queues[queue]
+
+        async def deliver(message: AbstractIncomingMessage) -> None:
+            # No await before the ack is queued: callbacks then finish in delivery order.
+            try:
+                on_message(_envelope(message))
+            except Exception:
+                logger.exception("consumer of queue %s failed on message %s", queue,
+                                 message.message_id)
+            self._ack_in_order(message)
+
+        try:
+            self._consumer_tags[queue] = await declared.consume(
+                deliver, consumer_tag=f"{self._name}:{queue}")
+        except _AMQP_ERRORS as exc:
+            raise _translate(exc, self.url) from exc
+
+    async def delete_queue(self, queue: str) -> None:
+        """Stop consuming ``queue``, delete it, and stop declaring it on reconnect.
+
+        Raises:
+            BrokerError: the broker refused, or the connection was lost.
+        """
+        declared = self._queues.pop(queue, None)
+        consumer_tag = self._consumer_tags.pop(queue, None)
+        self._flush_ack()
+        try:
+            if declared is not None:
+                if consumer_tag is not None:  # else the broker cancels it, and aio-pika warns
+                    await declared.cancel(consumer_tag)
+                await declared.delete(if_unused=False, if_empty=False)
+            elif self._channel is not None:
+                await self._channel.queue_delete(queue)
+        except _AMQP_ERRORS as exc:
+            raise _translate(exc, self.url) from exc
+
+    # -- internals ------------------------------------------------------------------------
+
+    async def _open(self, timeout: float) -> None:
+        """One connection attempt: connect, open the channel, declare; close again on failure."""
+        options: dict[str, Any] = {"reconnect_interval": RECONNECT_INTERVAL}
+        if "heartbeat" not in self._url:
+            options["heartbeat"] = HEARTBEAT_SECONDS
+        connection = await aio_pika.connect_robust(
+            self._url, timeout=timeout, client_properties={"connection_name": self._name},
+            **options)
+        try:
+            # on_return_raises: an unroutable mandatory publish fails instead of "succeeding"
+            channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
+            assert isinstance(channel, AbstractRobustChannel)
+            await channel.set_qos(prefetch_count=self._prefetch)
+            exchanges: dict[str, AbstractExchange] = {}
+            for name, kind in self._topology.exchanges.values():
+                exchanges[name] = await channel.declare_exchange(name, kind, durable=True)
+            queues: dict[str, AbstractRobustQueue] = {}
+            for declaration in self._queue_declarations:
+                queue = await channel.declare_queue(declaration.name, durable=True,
+                                                    arguments=declaration.arguments)
+                for binding in declaration.bindings:
+                    await queue.bind(exchanges.get(binding.exchange, binding.exchange),
+                                     binding.routing_key, arguments=binding.arguments or None)
+                queues[declaration.name] = queue
+        except BaseException:
+            await connection.close()
+            raise
+        self._connection, self._channel = connection, channel
+        self._exchanges, self._queues = exchanges, queues
+
+    async def _exchange(self, name: str) -> AbstractExchange:
+        """An exchange the topology does not list (the default one, say), looked up once."""
+        if self._channel is None:
+            raise ConnectionLost(f"session {self._name} is not connected (call connect first)")
+        if name == "":
+            exchange: AbstractExchange = self._channel.default_exchange
+        else:
+            exchange = await self._channel.get_exchange(name, ensure=False)
+        self._exchanges[name] = exchange
+        return exchange
+
+    def _ack_in_order(self, message: AbstractIncomingMessage) -> None:
+        """Ack ``message`` and every earlier delivery of its channel with one frame per turn.
+
+        Correct because callbacks finish in delivery order: aiormq creates one task per
+        delivery, in order, each starts its callback as a task at once, and the callback
+        does not await before it gets here.
+        """
+        previous = self._ack_next
+        if previous is not None and previous.channel is not message.channel:
+            self._flush_ack()  # a reconnect in between: settle the old channel's ones apart
+        self._ack_next = message
+        if not self._ack_scheduled:
+            self._ack_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush_ack)
+
+    def _flush_ack(self) -> None:
+        self._ack_scheduled = False
+        message, self._ack_next = self._ack_next, None
+        if message is not None:
+            task = asyncio.get_running_loop().create_task(self._ack(message))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+
+    async def _ack(self, message: AbstractIncomingMessage) -> None:
+        try:
+            await message.ack(multiple=True)
+        except _AMQP_ERRORS as exc:
+            # The channel it came on is gone, so the broker has requeued it already.
+            logger.debug("ack of %s lost with its channel: %s", message.message_id, _describe(exc))
+
+
+def _envelope(message: AbstractIncomingMessage) -> Envelope:
+    return Envelope(message.message_id or "", message.correlation_id or "",
+                    message.content_type or "", dict(message.headers or {}), message.body)
+
+
+def _is_transient(exc: BaseException | None) -> bool:
+    """Whether a reconnect may fix it: a lost or unready connection, not a refusal."""
+    if isinstance(exc, asyncio.CancelledError):
+        return True  # aiormq cancels pending confirms when their channel closes
+    return isinstance(exc, _AMQP_ERRORS) and not isinstance(exc, _FINAL_ERRORS)
+
+
+def _cancelled_from_outside() -> bool:
+    """Whether the running task itself was cancelled (not just a future it awaited)."""
+    task = asyncio.current_task()
+    cancelling = getattr(task, "cancelling", None)  # Python 3.11+
+    return task is None or cancelling is None or cancelling() > 0
+
+
+def _translate(exc: BaseException, url: str, *, connecting: bool = False,
+               publishing: bool = False) -> BrokerError:
+    """The one place where aio-pika, aiormq and socket errors become gc-fabric errors."""
+    reason = _describe(exc)
+    if isinstance(exc, aiormq.exceptions.PublishError):
+        frame = exc.frame
+        return PublishNotConfirmed(
+            f"the broker could not route it ({getattr(frame, 'reply_text', 'NO_ROUTE')}): "
+            f"exchange {getattr(frame, 'exchange', '?')!r} has no queue bound for routing key "
+            f"{getattr(frame, 'routing_key', '?')!r}")
+    if isinstance(exc, aiormq.exceptions.DeliveryError):
+        return PublishNotConfirmed("the broker refused it (basic.nack)")
+    if isinstance(exc, (aiormq.exceptions.AuthenticationError,
+                        aiormq.exceptions.ProbableAuthenticationError)):
+        return BrokerUnreachable(url, f"the broker refused the credentials or vhost: {reason}")
+    if isinstance(exc, aiormq.exceptions.AMQPChannelError):
+        message = f"the broker at {url} refused: {reason}"
+        return PublishNotConfirmed(message) if publishing else BrokerError(message)
+    if publishing:
+        return PublishNotConfirmed(f"the broker did not confirm it: {reason}")
+    if connecting:
+        return BrokerUnreachable(url, reason)
+    return ConnectionLost(f"connection to the broker at {url} lost: {reason}")
+
+
+def _describe(error: BaseException | None) -> str:
+    if error is None:
+        return "unknown error"
+    text = str(error) or type(error).__name__
+    if isinstance(error, asyncio.CancelledError):
+        text = "the channel closed before the broker answered"
+    elif isinstance(error, asyncio.TimeoutError) and not str(error):
+        text = "timed out"
+    return text if len(text) < 300 else text[:300] + "…"

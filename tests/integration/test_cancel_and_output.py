@@ -1,0 +1,163 @@
+"""Cancellation that really cancels, and captured output, on the real broker."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import pytest
+
+from gc_client import Client, Executor, TaskExecutionFailed
+from tests.fabric import Endpoint, Fabric
+
+
+def mark_and_sleep(marker: str, seconds: float) -> int:
+    import os
+    import time
+    from pathlib import Path
+
+    Path(marker).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return os.getpid()
+
+
+def chatty(lines: int) -> str:
+    import sys
+
+    for i in range(lines):
+        print(f"line {i}")
+    print("a warning", file=sys.stderr)
+    return "done"
+
+
+def chatty_failure() -> None:
+    print("about to fail")
+    raise ValueError("it failed")
+
+
+def big_result(size: int) -> bytes:
+    return b"x" * size
+
+
+def _eventually(check: Callable[[], Any], timeout: float = 60, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_cancelling_a_queued_task_means_it_never_runs(client: Client, make_endpoint: Any,
+                                                      tmp_path: Path) -> None:
+    # Given a task waiting in the queue of an endpoint whose agent is not running
+    ep: Endpoint = make_endpoint()
+    marker = tmp_path / "ran"
+    with Executor(endpoint_id=ep.endpoint_id, client=client) as ex:
+        future = ex.submit(mark_and_sleep, str(marker), 0)
+        ex._connected().wait_settled(30)
+        # When it is cancelled, and the agent starts afterwards
+        assert future.cancel() and future.cancelled()
+        ep.start()
+        # Then the ledger records it cancelled and it never ran
+        _eventually(lambda: client.get_task(future.task_id).status == "cancelled", 60, "cancelled")
+        assert not marker.exists()
+        assert ex.submit(mark_and_sleep, str(marker), 0).result(timeout=60) > 0  # agent serves
+
+
+def test_cancelling_a_running_task_stops_its_worker(client: Client, make_endpoint: Any,
+                                                    tmp_path: Path) -> None:
+    ep: Endpoint = make_endpoint(workers=1)
+    ep.start()
+    marker = tmp_path / "started"
+    with Executor(endpoint_id=ep.endpoint_id, client=client) as ex:
+        future = ex.submit(mark_and_sleep, str(marker), 120)
+        _eventually(marker.exists, 60, "the task to start")
+        worker_pid = int(marker.read_text())
+        cancelled_at = time.monotonic()
+        assert future.cancel()
+        _eventually(lambda: client.get_task(future.task_id).status == "cancelled", 60, "cancelled")
+        _eventually(lambda: not _pid_alive(worker_pid), 30, "the worker to be stopped")
+        assert time.monotonic() - cancelled_at < 30
+        # and a new worker takes the slot
+        assert ex.submit(chatty, 0).result(timeout=60) == "done"
+    error = client.get_task(future.task_id).error
+    assert error is not None and error.type == "TaskCancelled" and "worker was stopped" in error.message
+
+
+def test_shutdown_with_cancel_futures_cancels_at_the_endpoint(client: Client, make_endpoint: Any,
+                                                              tmp_path: Path) -> None:
+    ep: Endpoint = make_endpoint()
+    ex = Executor(endpoint_id=ep.endpoint_id, client=client)
+    futures = [ex.submit(mark_and_sleep, str(tmp_path / f"ran-{i}"), 0) for i in range(5)]
+    ex._connected().wait_settled(30)
+    ex.shutdown(wait=False, cancel_futures=True)
+    assert all(f.cancelled() for f in futures)
+    ep.start()
+    for future in futures:
+        _eventually(lambda f=future: client.get_task(f.task_id).status == "cancelled", 60,
+                    "cancelled")
+    assert not list(tmp_path.glob("ran-*"))
+
+
+def test_gc_client_cancel_stops_a_running_task(fabric: Fabric, client: Client, make_endpoint: Any,
+                                               tmp_path: Path) -> None:
+    ep: Endpoint = make_endpoint(workers=1)
+    ep.start()
+    marker = tmp_path / "started"
+    task_id = client.run(str(marker), 120, endpoint_id=ep.endpoint_id,
+                         function_id=client.register_function(mark_and_sleep))
+    _eventually(marker.exists, 60, "the task to start")
+    _eventually(lambda: client.get_task(task_id).status == "waiting", 30, "the ledger")
+    out = fabric.cli("gc-client", "cancel", task_id)
+    assert "cancel sent" in out.stdout
+    _eventually(lambda: client.get_task(task_id).status == "cancelled", 60, "cancelled")
+
+
+def test_stdout_and_stderr_are_captured_on_the_future_and_in_the_ledger(
+        fabric: Fabric, client: Client, endpoint: Endpoint) -> None:
+    with Executor(endpoint_id=endpoint.endpoint_id, client=client) as ex:
+        future = ex.submit(chatty, 3)
+        assert future.result(timeout=60) == "done"
+        assert future.stdout == "line 0\nline 1\nline 2\n"
+        assert future.stderr == "a warning\n"
+        failing = ex.submit(chatty_failure)
+        with pytest.raises(TaskExecutionFailed):
+            failing.result(timeout=60)
+        assert failing.stdout == "about to fail\n"
+    _eventually(lambda: client.get_task(future.task_id).stdout, 30, "the ledger")
+    out = fabric.cli("gc-client", "result", future.task_id, "--output")
+    assert "line 2" in out.stderr and "a warning" in out.stderr and '"done"' in out.stdout
+
+
+def test_output_beyond_the_limit_is_cut_and_marked(client: Client, endpoint: Endpoint) -> None:
+    with Executor(endpoint_id=endpoint.endpoint_id, client=client) as ex:
+        future = ex.submit(chatty, 10_000)
+        assert future.result(timeout=60) == "done"
+    assert len(future.stdout.encode()) < 16_384 + 200
+    assert "output truncated" in future.stdout and "output_limit" in future.stdout
+    assert future.stdout.startswith("line 0\n")
+
+
+def test_a_result_over_the_size_limit_is_refused_with_both_sizes(client: Client,
+                                                                 make_endpoint: Any) -> None:
+    ep: Endpoint = make_endpoint(result_size_limit=4096)
+    ep.start()
+    with Executor(endpoint_id=ep.endpoint_id, client=client) as ex:
+        with pytest.raises(TaskExecutionFailed) as caught:
+            ex.submit(big_result, 10_000).result(timeout=60)
+        assert ex.submit(big_result, 100).result(timeout=60) == b"x" * 100
+    assert caught.value.remote_type == "ResultTooLarge"
+    assert "4,096" in caught.value.remote_message and "result_size_limit" in caught.value.remote_message
