@@ -22,6 +22,7 @@ demo: install broker
 
 ## test: the same set-up, then the whole suite
 test: install broker
+	@bash deploy/ensure-test-tools.sh
 	$(BIN)/pytest
 
 ## bench: throughput and latency beside raw AMQP, Celery and Parsl (writes bench/RESULTS.md)

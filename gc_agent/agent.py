@@ -229,7 +229,7 @@ class Agent:
         self._owners[task.task_id] = task.user
         job = Job(task.task_id, task.function_id, function.payload, function.python,
                   task.content_type, task.payload, task.sender_python, task.sender_serializer,
-                  self.config.output_limit)
+                  self.config.output_limit, task.resource_spec)
         self._engine.submit(job, lambda outcome: self._on_outcome(delivery, task, received, outcome))
 
     def _on_outcome(self, delivery: Delivery, task: TaskMessage, received: float,

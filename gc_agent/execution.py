@@ -8,9 +8,10 @@ from __future__ import annotations
 
 import os
 import socket
+import threading
 import time
 import traceback
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Literal
 
 import cloudpickle
@@ -20,7 +21,7 @@ from gc_core.errors import SerializationError, VersionMismatch
 from gc_core.protocol import ErrorInfo
 from gc_core.serialize import CLOUDPICKLE, JSON, PYTHON_VERSION, get_serializer, python_minor
 
-__all__ = ["FunctionCache", "Job", "Outcome", "run_job"]
+__all__ = ["FunctionCache", "Job", "Outcome", "current_resource_spec", "run_job"]
 
 #: Loaded functions by id, one cache per worker.
 FunctionCache = dict[str, Callable[..., Any]]
@@ -39,6 +40,7 @@ class Job:
     sender_python: str
     sender_serializer: str
     output_limit: int = 16_384
+    resource_spec: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,8 +62,18 @@ class Outcome:
 
 
 
+_current = threading.local()
+
+
+def current_resource_spec() -> dict[str, Any]:
+    """The resource specification of the task running in this thread (MPIFunction sizes
+    its launch with it)."""
+    return dict(getattr(_current, "resource_spec", {}))
+
+
 def run_job(job: Job, functions: FunctionCache) -> Outcome:
     """Run ``job``; every failure is reported in the outcome, never raised."""
+    _current.resource_spec = job.resource_spec
     started = time.time()
     worker = f"{socket.gethostname()}:{os.getpid()}"
     try:

@@ -3,6 +3,8 @@
 from gc_client.async_executor import AsyncExecutor
 from gc_client.client import Batch, Client
 from gc_client.executor import ComputeFuture, Executor
+from gc_client.functions import MPIFunction, ShellFunction, ShellResult
+from gc_client.progress import as_completed
 from gc_core.errors import (
     GCError,
     PublishNotConfirmed,
@@ -17,9 +19,14 @@ __all__ = [
     "AsyncExecutor",
     "Client",
     "Executor",
+    # functions that run commands
+    "MPIFunction",
+    "ShellFunction",
+    "ShellResult",
     # results
     "Batch",
     "ComputeFuture",
+    "as_completed",
     # errors a caller catches
     "GCError",
     "PublishNotConfirmed",

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, TextIO
 
 import click
+from tqdm import tqdm
 
 from gc_client.client import Client
+from gc_client.functions import MPIFunction, ShellFunction
 from gc_core.errors import GCError, TaskError, TaskPending
 
 __all__ = ["main"]
@@ -90,6 +93,16 @@ def _load_function(target: str) -> Callable[..., Any]:
     return function  # type: ignore[no-any-return]
 
 
+def _json_object(text: str, option: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+        if not isinstance(value, dict):
+            raise ValueError("not an object")
+    except ValueError as exc:
+        raise click.BadParameter(f"{option} must be a JSON object: {exc}") from exc
+    return value
+
+
 def _parse_argument(text: str) -> Any:
     """A JSON literal if it is one (3, 2.5, true, "s", [1,2]), else the plain string."""
     try:
@@ -104,20 +117,23 @@ def _parse_argument(text: str) -> Any:
 @click.option("--kwargs", "kwargs_json", default="{}", help='Keyword arguments as JSON, e.g. \'{"n": 3}\'.')
 @click.option("--wait", is_flag=True, help="Wait for the result and print it instead of the task id.")
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
+@click.option("--many", "many", type=click.File("r"), default=None, metavar="FILE",
+              help="Run once per line of FILE ('-' for stdin): a JSON array of arguments or "
+                   '{"args": [...], "kwargs": {...}}. Shows a progress bar and prints one JSON '
+                   "result per line, in order.")
 @click.argument("args", nargs=-1)
 @click.pass_obj
 def run(lazy: _Lazy, endpoint_id: str, function_id: str, kwargs_json: str, wait: bool,
-        timeout: float, args: tuple[str, ...]) -> None:
+        timeout: float, many: TextIO | None, args: tuple[str, ...]) -> None:
     """Run a registered function with ARGS (each a JSON literal or a plain string).
 
     Arguments and the result travel as JSON, so any language can read them.
     """
-    try:
-        kwargs = json.loads(kwargs_json)
-        if not isinstance(kwargs, dict):
-            raise ValueError("not an object")
-    except ValueError as exc:
-        raise click.BadParameter(f"--kwargs must be a JSON object: {exc}") from exc
+    kwargs = _json_object(kwargs_json, "--kwargs")
+    if many is not None:
+        calls = [_parse_call(line, number) for number, line in enumerate(many, 1) if line.strip()]
+        _run(lambda: _run_many(lazy.client, endpoint_id, function_id, calls, timeout))
+        return
 
     def action() -> None:
         task_id = lazy.client.run(*[_parse_argument(a) for a in args], endpoint_id=endpoint_id,
@@ -126,6 +142,40 @@ def run(lazy: _Lazy, endpoint_id: str, function_id: str, kwargs_json: str, wait:
             _print_value(_wait_for_result(lazy.client, task_id, timeout))
         else:
             click.echo(task_id)
+
+    _run(action)
+
+
+@main.command()
+@click.option("--endpoint", "endpoint_id", required=True, help="Endpoint id to run on.")
+@click.argument("command")
+@click.option("--kwargs", "kwargs_json", default="{}",
+              help='Values for the {placeholders} in COMMAND, as JSON, e.g. \'{"n": 3}\'.')
+@click.option("--walltime", type=float, default=None, help="Seconds before the command is killed.")
+@click.option("--mpi-ranks", type=click.IntRange(1), default=None,
+              help="Run under the endpoint's MPI launcher (mpiexec) with this many ranks.")
+@click.option("--wait", is_flag=True, help="Wait and print the return code and output.")
+@click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
+@click.pass_obj
+def shell(lazy: _Lazy, endpoint_id: str, command: str, kwargs_json: str, walltime: float | None,
+          mpi_ranks: int | None, wait: bool, timeout: float) -> None:
+    """Run a shell COMMAND on an endpoint ({name} placeholders filled from --kwargs)."""
+    kwargs = _json_object(kwargs_json, "--kwargs")
+
+    def action() -> None:
+        function: ShellFunction = (MPIFunction(command, walltime=walltime) if mpi_ranks
+                                   else ShellFunction(command, walltime=walltime))
+        batch = lazy.client.create_batch(
+            resource_specification={"num_ranks": mpi_ranks} if mpi_ranks else None)
+        batch.add(lazy.client.register_function(function), kwargs=kwargs)
+        task_id = lazy.client.batch_run(endpoint_id, batch)[0]
+        if not wait:
+            click.echo(task_id)
+            return
+        outcome = _wait_for_result(lazy.client, task_id, timeout)
+        click.echo(outcome.stdout, nl=False)
+        click.echo(outcome.stderr, nl=False, err=True)
+        sys.exit(outcome.returncode)
 
     _run(action)
 
@@ -162,6 +212,51 @@ def _print_output(client: Client, task_id: str) -> None:
         click.echo(text.rstrip("\n") if text else "(nothing)", err=True)
 
 
+def _parse_call(line: str, number: int) -> tuple[list[Any], dict[str, Any]]:
+    try:
+        call = json.loads(line)
+    except ValueError as exc:
+        raise click.BadParameter(f"line {number} of --many is not JSON: {exc}") from exc
+    if isinstance(call, list):
+        return call, {}
+    if isinstance(call, dict) and isinstance(call.get("args", []), list) \
+            and isinstance(call.get("kwargs", {}), dict):
+        return list(call.get("args", [])), dict(call.get("kwargs", {}))
+    raise click.BadParameter(f'line {number} of --many must be a JSON array or '
+                             '{"args": [...], "kwargs": {...}}')
+
+
+def _run_many(client: Client, endpoint_id: str, function_id: str,
+              calls: list[tuple[list[Any], dict[str, Any]]], timeout: float) -> None:
+    batch = client.create_batch(serializer="json")
+    for call_args, call_kwargs in calls:
+        batch.add(function_id, call_args, call_kwargs)
+    task_ids = client.batch_run(endpoint_id, batch)
+    results: dict[str, dict[str, Any]] = {}
+    deadline = time.monotonic() + timeout
+    with tqdm(total=len(task_ids), desc="tasks", unit="task", file=sys.stderr) as bar:
+        while len(results) < len(task_ids):
+            waiting = [t for t in task_ids if t not in results]
+            finished = {t: r for t, r in client.get_batch_result(waiting).items() if not r["pending"]}
+            results.update(finished)
+            bar.update(len(finished))
+            if len(results) < len(task_ids):
+                if time.monotonic() > deadline:
+                    raise TaskPending(waiting[0], "waiting")
+                time.sleep(0.2)
+    failed = 0
+    for task_id in task_ids:
+        entry = results[task_id]
+        if "exception" in entry:
+            failed += 1
+            click.echo(json.dumps({"task_id": task_id, "error": str(entry["exception"])}))
+        else:
+            click.echo(json.dumps(entry["result"]))
+    if failed:
+        click.echo(f"{failed} of {len(task_ids)} tasks failed", err=True)
+        sys.exit(2)
+
+
 def _wait_for_result(client: Client, task_id: str, timeout: float) -> Any:
     deadline = time.monotonic() + timeout
     interval = 0.05
@@ -176,6 +271,8 @@ def _wait_for_result(client: Client, task_id: str, timeout: float) -> Any:
 
 
 def _print_value(value: Any) -> None:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
     try:
         click.echo(json.dumps(value))
     except (TypeError, ValueError):
@@ -197,6 +294,62 @@ def cancel(lazy: _Lazy, task_ids: tuple[str, ...], endpoint_id: str | None) -> N
                        else f"{task_id}: not in the ledger (give --endpoint to cancel anyway)")
         if len(sent) < len(task_ids):
             sys.exit(1)
+
+    _run(action)
+
+
+@main.command()
+@click.option("--endpoint", "endpoint_id", default=None, help="Only this endpoint.")
+@click.pass_obj
+def status(lazy: _Lazy, endpoint_id: str | None) -> None:
+    """Per endpoint: online or not, tasks queued and running, done, failed and cancelled."""
+
+    def action() -> None:
+        client = lazy.client
+        ids = [endpoint_id] if endpoint_id else [e.endpoint_id for e in client.list_endpoints()]
+        click.echo(f"{'ENDPOINT ID'.ljust(36)}  {'STATUS'.ljust(10)}  QUEUED  RUNNING  "
+                   "WAITING  DONE  FAILED  CANCELLED")
+        for endpoint in ids:
+            health = client.get_endpoint_status(endpoint)
+            counts = client.registry.get_task_counts(endpoint)
+            queued = health.details.get("queue_depth")
+            running = health.details.get("workers_busy") if health.status == "online" else 0
+            click.echo(f"{endpoint.ljust(36)}  {health.status.ljust(10)}  "
+                       f"{_cell(queued, 6)}  {_cell(running, 7)}  {_cell(counts['waiting'], 7)}  "
+                       f"{_cell(counts['success'], 4)}  {_cell(counts['failed'], 6)}  "
+                       f"{_cell(counts['cancelled'], 9)}")
+        click.echo("QUEUED and RUNNING come from the agent's last heartbeat; WAITING counts "
+                   "submitted tasks without a result yet.")
+
+    _run(action)
+
+
+def _cell(value: Any, width: int) -> str:
+    return ("-" if value is None else str(value)).rjust(width)
+
+
+@main.command()
+@click.option("--group", "task_group_id", required=True, help="Task group id (Executor.task_group_id).")
+@click.pass_obj
+def tasks(lazy: _Lazy, task_group_id: str) -> None:
+    """List a task group's tasks with their states, pending ones included."""
+
+    def action() -> None:
+        rows = lazy.client.registry.list_group_tasks(task_group_id)
+        if not rows:
+            click.echo(f"The ledger knows no tasks in group {task_group_id}.")
+            return
+        click.echo(f"{'TASK ID'.ljust(36)}  {'STATUS'.ljust(9)}  {'SECONDS'.rjust(8)}  WORKER")
+        for task in rows:
+            timings = task.timings
+            took = (f"{timings.finished - timings.started:.3f}"
+                    if timings.finished and timings.started else "-")
+            click.echo(f"{task.task_id.ljust(36)}  {task.status.ljust(9)}  {took.rjust(8)}  "
+                       f"{task.worker or '-'}")
+        by_status: dict[str, int] = {}
+        for task in rows:
+            by_status[task.status] = by_status.get(task.status, 0) + 1
+        click.echo(", ".join(f"{n} {s}" for s, n in sorted(by_status.items())))
 
     _run(action)
 

@@ -14,7 +14,9 @@ import threading
 import time
 from concurrent.futures import Executor as _BaseExecutor
 from concurrent.futures import Future, InvalidStateError
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
+
+from tqdm import tqdm
 
 from gc_client.client import Client
 from gc_client.tasks import make_manifest, make_task, new_id, result_value, task_out_value
@@ -137,6 +139,27 @@ class Executor(_BaseExecutor):
                         encode_task(task), mandatory=True,
                         on_confirm=lambda reason: self._on_task_confirm(future, reason))
         return future
+
+    def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
+            chunksize: int = 1, progress: bool = False) -> Iterator[Any]:
+        """Like ``concurrent.futures.Executor.map``; ``progress=True`` shows a tqdm bar."""
+        del chunksize  # every call is its own task; batching happens on the wire
+        futures = [self.submit(fn, *args) for args in zip(*iterables)]
+        bar = tqdm(total=len(futures), desc=getattr(fn, "__name__", "tasks"), unit="task",
+                   disable=not progress)
+        for future in futures:
+            future.add_done_callback(lambda _f: bar.update(1))
+        return self._results_in_order(futures, timeout, bar)
+
+    @staticmethod
+    def _results_in_order(futures: list[ComputeFuture], timeout: float | None,
+                          bar: tqdm[Any]) -> Iterator[Any]:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            for future in futures:
+                yield future.result(None if deadline is None else deadline - time.monotonic())
+        finally:
+            bar.close()
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; optionally wait for all futures, or cancel the pending ones.

@@ -41,6 +41,8 @@ logger = logging.getLogger(__name__)
 CONNECT_TIMEOUT = 15.0
 #: Seconds a publish may wait for its confirm, across reconnects, before it fails.
 CONFIRM_TIMEOUT = 30.0
+#: Publishes awaiting their confirm at once; more wait their turn before their clock starts.
+MAX_UNCONFIRMED = 1000
 #: Seconds aio-pika waits between reconnect attempts after a lost connection.
 RECONNECT_INTERVAL = 1.0
 #: Seconds a publish caught by a lost connection pauses before it is sent again.
@@ -84,9 +86,11 @@ class AsyncBrokerSession:
         queues: Sequence[QueueDeclaration] = (),
         prefetch: int = 0,
         confirm_timeout: float = CONFIRM_TIMEOUT,
+        max_unconfirmed: int = MAX_UNCONFIRMED,
     ) -> None:
-        if prefetch < 0 or confirm_timeout <= 0:
-            raise ValueError("prefetch must be at least 0 and confirm_timeout above 0")
+        if prefetch < 0 or confirm_timeout <= 0 or max_unconfirmed < 1:
+            raise ValueError("prefetch must be at least 0, confirm_timeout above 0 and "
+                             "max_unconfirmed at least 1")
         self._url = url
         self._name = name
         self._topology = topology
@@ -101,6 +105,7 @@ class AsyncBrokerSession:
         self._ack_next: AbstractIncomingMessage | None = None
         self._ack_scheduled = False
         self._background: set[asyncio.Task[None]] = set()
+        self._window = asyncio.Semaphore(max_unconfirmed)
 
     @property
     def url(self) -> str:
@@ -180,26 +185,35 @@ class AsyncBrokerSession:
             delivery_mode=(aio_pika.DeliveryMode.PERSISTENT if persistent
                            else aio_pika.DeliveryMode.NOT_PERSISTENT))
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + self._confirm_timeout
-        while True:
-            target = self._exchanges.get(exchange) or await self._exchange(exchange)
-            try:
-                await asyncio.wait_for(target.publish(message, routing_key, mandatory=mandatory),
-                                       max(deadline - loop.time(), 0.001))
-                return
-            except asyncio.CancelledError as exc:
-                if _cancelled_from_outside():
-                    raise
-                failure: BaseException = exc  # aiormq cancelled the confirm with its channel
-            except asyncio.TimeoutError:
-                failure = _ConfirmTimeout(f"no confirm within {self._confirm_timeout:.0f}s")
-            except _AMQP_ERRORS as exc:
-                failure = exc
-            if not _is_transient(failure) or loop.time() + REPUBLISH_PAUSE >= deadline:
-                raise _translate(failure, self.url, publishing=True) from failure
-            logger.debug("publish to %s caught by a lost connection (%s); sending it again",
-                         exchange, _describe(failure))
-            await asyncio.sleep(REPUBLISH_PAUSE)
+        async with self._window:  # the clock starts once sent, not while queued behind others
+            deadline = loop.time() + self._confirm_timeout
+            while True:
+                failure = await self._publish_once(message, exchange, routing_key, mandatory,
+                                                   deadline - loop.time())
+                if failure is None:
+                    return
+                if not _is_transient(failure) or loop.time() + REPUBLISH_PAUSE >= deadline:
+                    raise _translate(failure, self.url, publishing=True) from failure
+                logger.debug("publish to %s caught by a lost connection (%s); sending it again",
+                             exchange, _describe(failure))
+                await asyncio.sleep(REPUBLISH_PAUSE)
+
+    async def _publish_once(self, message: aio_pika.Message, exchange: str, routing_key: str,
+                            mandatory: bool, seconds: float) -> BaseException | None:
+        """One attempt: None once confirmed, else what went wrong."""
+        target = self._exchanges.get(exchange) or await self._exchange(exchange)
+        try:
+            async with _timeout(max(seconds, 0.001)):
+                await target.publish(message, routing_key, mandatory=mandatory)
+            return None
+        except asyncio.CancelledError as exc:
+            if _cancelled_from_outside():
+                raise
+            return exc  # aiormq cancelled the confirm with its channel
+        except asyncio.TimeoutError:
+            return _ConfirmTimeout(f"no confirm within {self._confirm_timeout:.0f}s")
+        except _AMQP_ERRORS as exc:
+            return exc
 
     # -- consuming ------------------------------------------------------------------------
 
@@ -326,6 +340,38 @@ class AsyncBrokerSession:
 def _envelope(message: AbstractIncomingMessage) -> Envelope:
     return Envelope(message.message_id or "", message.correlation_id or "",
                     message.content_type or "", dict(message.headers or {}), message.body)
+
+
+def _timeout(seconds: float) -> Any:
+    """``asyncio.timeout`` (no extra task per publish) where there is one, else a fallback."""
+    if hasattr(asyncio, "timeout"):  # Python 3.11+
+        return asyncio.timeout(seconds)
+    return _WaitFor(seconds)
+
+
+class _WaitFor:
+    """Python 3.10: run the body's awaits under a deadline via a cancelling timer."""
+
+    def __init__(self, seconds: float) -> None:
+        self._seconds = seconds
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired = False
+
+    async def __aenter__(self) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+
+        def expire() -> None:
+            self._expired = True
+            task.cancel()
+
+        self._timer = asyncio.get_running_loop().call_later(self._seconds, expire)
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
+        assert self._timer is not None
+        self._timer.cancel()
+        if self._expired and exc_type is asyncio.CancelledError:
+            raise asyncio.TimeoutError
 
 
 def _is_transient(exc: BaseException | None) -> bool:

@@ -102,6 +102,10 @@ def create_app(settings: RegistrySettings) -> FastAPI:
     def get_endpoint_status(endpoint_id: str, session: Db) -> EndpointStatus:
         return store.endpoint_status(session, endpoint_id)
 
+    @app.get("/endpoints/{endpoint_id}/task-counts", response_model=dict[str, int])
+    def get_task_counts(endpoint_id: str, session: Db) -> dict[str, int]:
+        return store.task_counts(session, endpoint_id)
+
     @app.get("/tasks/{task_id}", response_model=TaskOut)
     def get_task(task_id: str, session: Db) -> TaskOut:
         return store.get_tasks(session, [task_id])[0]

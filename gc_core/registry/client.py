@@ -72,6 +72,11 @@ class RegistryClient:
         """An endpoint's liveness from its heartbeats."""
         return self._call("GET", f"/endpoints/{endpoint_id}/status", EndpointStatus)
 
+    def get_task_counts(self, endpoint_id: str) -> dict[str, int]:
+        """How many of an endpoint's tasks the ledger holds in each status."""
+        counts: dict[str, int] = self._request("GET", f"/endpoints/{endpoint_id}/task-counts", None)
+        return counts
+
     def get_tasks(self, task_ids: list[str]) -> list[TaskOut]:
         """Tasks from the ledger, in the order asked."""
         return self._call_list("POST", "/tasks/batch", TaskOut, json=TaskBatchIn(task_ids=task_ids))

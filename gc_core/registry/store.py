@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Any, Iterable
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -42,6 +42,7 @@ __all__ = [
     "record_manifest",
     "record_results",
     "register_function",
+    "task_counts",
 ]
 
 #: An endpoint whose last heartbeat is older than this many periods is offline.
@@ -140,6 +141,16 @@ def get_tasks(db: Session, task_ids: list[str]) -> list[TaskOut]:
     """Tasks by id, in the order asked; an id the ledger has never seen is ``unknown``."""
     found = {r.task_id: r for r in db.scalars(select(TaskRow).where(TaskRow.task_id.in_(task_ids)))}
     return [_task_out(found[t]) if t in found else _unknown_task(t) for t in task_ids]
+
+
+def task_counts(db: Session, endpoint_id: str) -> dict[str, int]:
+    """How many of an endpoint's tasks the ledger holds in each status."""
+    _endpoint_row(db, endpoint_id)
+    rows = db.execute(select(TaskRow.status, func.count()).where(
+        TaskRow.endpoint_id == endpoint_id).group_by(TaskRow.status))
+    counts = {status: 0 for status in ("waiting", "success", "failed", "cancelled")}
+    counts.update({status: int(n) for status, n in rows})
+    return counts
 
 
 def list_group_tasks(db: Session, task_group_id: str) -> list[TaskOut]:

@@ -25,8 +25,8 @@ PINNED = {
         "FabricSettings", "resolve_settings",
     ],
     "gc_client": [
-        "Client", "Executor",
-        "Batch", "ComputeFuture",
+        "AsyncExecutor", "Client", "Executor",
+        "Batch", "ComputeFuture", "as_completed",
         "GCError", "PublishNotConfirmed", "TaskCancelled", "TaskDeadLettered",
         "TaskExecutionFailed", "TaskPending",
     ],
