@@ -26,6 +26,7 @@ PINNED = {
     ],
     "gc_client": [
         "AsyncExecutor", "Client", "Executor",
+        "MPIFunction", "ShellFunction", "ShellResult",
         "Batch", "ComputeFuture", "as_completed",
         "GCError", "PublishNotConfirmed", "TaskCancelled", "TaskDeadLettered",
         "TaskExecutionFailed", "TaskPending",
