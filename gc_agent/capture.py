@@ -19,18 +19,23 @@ from typing import TextIO
 __all__ = ["BoundedText", "captured_output"]
 
 
-class BoundedText(io.TextIOBase):
-    """Keeps the first ``limit`` bytes (UTF-8) written to it and counts the rest."""
+class BoundedText:
+    """Keeps the first ``limit`` bytes (UTF-8) written to it and counts the rest.
+
+    Only the per-thread dispatcher writes to it, so it needs no more of the file API
+    than ``write`` and ``flush`` (and stays cheap to create for every task).
+    """
+
+    __slots__ = ("_limit", "_parts", "_size", "_dropped")
 
     def __init__(self, limit: int) -> None:
-        super().__init__()
         self._limit = limit
         self._parts: list[str] = []
         self._size = 0
         self._dropped = 0
 
-    def writable(self) -> bool:
-        return True
+    def flush(self) -> None:
+        """Nothing to flush: the text stays in memory."""
 
     def write(self, text: str) -> int:
         room = self._limit - self._size
@@ -66,18 +71,21 @@ class _PerThreadStream(io.TextIOBase):
         return True
 
     def write(self, text: str) -> int:
-        target = getattr(self.local, "buffer", None)
-        return (target or self.fallback).write(text)
+        target: BoundedText | TextIO = getattr(self.local, "buffer", None) or self.fallback
+        return target.write(text)
 
     def flush(self) -> None:
-        target = getattr(self.local, "buffer", None)
-        (target or self.fallback).flush()
+        target: BoundedText | TextIO = getattr(self.local, "buffer", None) or self.fallback
+        target.flush()
 
 
 _install_lock = threading.Lock()
 
 
 def _dispatcher(name: str) -> _PerThreadStream:
+    current = getattr(sys, name)
+    if isinstance(current, _PerThreadStream):
+        return current  # installed already: no lock on the hot path
     with _install_lock:
         current = getattr(sys, name)
         if not isinstance(current, _PerThreadStream):
