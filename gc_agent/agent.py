@@ -126,7 +126,12 @@ class Agent:
         while time.monotonic() < deadline:
             counted = threading.Event()
             depth: list[int] = []
-            self._broker.queue_message_count(queue, lambda n: (depth.append(n), counted.set()))
+
+            def note(count: int) -> None:
+                depth.append(count)
+                counted.set()
+
+            self._broker.queue_message_count(queue, note)
             if counted.wait(5) and depth[0] == 0:
                 return
             time.sleep(0.05)

@@ -362,14 +362,14 @@ def endpoints(lazy: _Lazy) -> None:
     def action() -> None:
         rows = []
         for endpoint in lazy.client.list_endpoints():
-            status = lazy.client.get_endpoint_status(endpoint.endpoint_id)
-            rows.append((endpoint.endpoint_id, endpoint.name, status.status))
+            health = lazy.client.get_endpoint_status(endpoint.endpoint_id)
+            rows.append((endpoint.endpoint_id, endpoint.name, health.status))
         if not rows:
             click.echo("No endpoints registered; an admin runs `gc-agent configure NAME`.")
             return
         click.echo(f"{'ENDPOINT ID'.ljust(36)}  {'STATUS'.ljust(10)}  NAME")
-        for endpoint_id, name, status in rows:
-            click.echo(f"{endpoint_id.ljust(36)}  {status.ljust(10)}  {name}")
+        for endpoint_id, name, state in rows:
+            click.echo(f"{endpoint_id.ljust(36)}  {state.ljust(10)}  {name}")
 
     _run(action)
 

@@ -82,7 +82,7 @@ class Client:
         function_id = self._by_hash.get(digest)
         if function_id is None:
             function_id = self.registry.register_function(
-                payload, name=name or getattr(function, "__name__", type(function).__name__),
+                payload, name=str(name or getattr(function, "__name__", type(function).__name__)),
                 source=_source_of(function), owner=self.settings.user)
             self._by_hash[digest] = function_id
         try:

@@ -14,6 +14,7 @@ import threading
 import time
 from concurrent.futures import Executor as _BaseExecutor
 from concurrent.futures import Future, InvalidStateError
+from functools import partial
 from typing import Any, Callable, Iterable, Iterator
 
 from tqdm import tqdm
@@ -202,18 +203,19 @@ class Executor(_BaseExecutor):
         """
         known = self.client.registry.list_group_tasks(self.task_group_id)
         with self._lock:
-            futures = [self._futures.setdefault(t.task_id, ComputeFuture(t.task_id)) for t in known]
+            futures = [self._futures.setdefault(
+                t.task_id, ComputeFuture(t.task_id, self._cancel_remotely)) for t in known]
         for task in known:
             if task.status not in ("waiting", "unknown"):
-                self._resolve_from(task.task_id, lambda task=task: task_out_value(task),
-                                   task.stdout, task.stderr)
+                self._resolve_from(task.task_id, partial(task_out_value, task), task.stdout,
+                                   task.stderr)
         self._connected()
         with self._lock:
             unclaimed = [r for r in self._unclaimed.values() if r.task_id in self._futures]
         for result in unclaimed:
             self._unclaimed.pop(result.task_id, None)
-            self._resolve_from(result.task_id, lambda result=result: result_value(result),
-                               result.stdout, result.stderr)
+            self._resolve_from(result.task_id, partial(result_value, result), result.stdout,
+                               result.stderr)
         return futures
 
     # -- internals -----------------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import concurrent.futures
 from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from tqdm import tqdm
 
@@ -26,4 +26,4 @@ def as_completed(futures: Iterable[_F], *, timeout: float | None = None, progres
     with tqdm(total=len(pending), desc=description, unit="task", disable=not progress) as bar:
         for future in concurrent.futures.as_completed(pending, timeout=timeout):
             bar.update(1)
-            yield future
+            yield cast(_F, future)

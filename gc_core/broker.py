@@ -309,7 +309,7 @@ class BrokerSession:
                 retry=retry_if_exception_type(BrokerUnreachable),
                 wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
                 stop=lambda _state: self._stopping.is_set() or self._fatal is not None,
-                sleep=self._stopping.wait,
+                sleep=self._sleep_unless_closing,
                 before_sleep=lambda state: logger.warning(
                     "broker %s unreachable (%s); retrying in %.1fs", self.url, self._last_error,
                     state.upcoming_sleep),
@@ -323,6 +323,9 @@ class BrokerSession:
                 self._fatal = str(exc)
                 logger.error("broker session %s stopped: %s", self._name, exc)
                 return
+
+    def _sleep_unless_closing(self, seconds: float) -> None:
+        self._stopping.wait(seconds)
 
     def _run_connection(self) -> None:
         """Run one connection until it closes; raise if it never opened."""

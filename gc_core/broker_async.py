@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from typing import Any, Callable, Sequence
+import sys
+from typing import Any, Awaitable, Callable, Sequence
 
 import aio_pika
 import aiormq.exceptions
@@ -203,8 +204,8 @@ class AsyncBrokerSession:
         """One attempt: None once confirmed, else what went wrong."""
         target = self._exchanges.get(exchange) or await self._exchange(exchange)
         try:
-            async with _timeout(max(seconds, 0.001)):
-                await target.publish(message, routing_key, mandatory=mandatory)
+            await _within(max(seconds, 0.001),
+                          target.publish(message, routing_key, mandatory=mandatory))
             return None
         except asyncio.CancelledError as exc:
             if _cancelled_from_outside():
@@ -342,36 +343,13 @@ def _envelope(message: AbstractIncomingMessage) -> Envelope:
                     message.content_type or "", dict(message.headers or {}), message.body)
 
 
-def _timeout(seconds: float) -> Any:
-    """``asyncio.timeout`` (no extra task per publish) where there is one, else a fallback."""
-    if hasattr(asyncio, "timeout"):  # Python 3.11+
-        return asyncio.timeout(seconds)
-    return _WaitFor(seconds)
-
-
-class _WaitFor:
-    """Python 3.10: run the body's awaits under a deadline via a cancelling timer."""
-
-    def __init__(self, seconds: float) -> None:
-        self._seconds = seconds
-        self._timer: asyncio.TimerHandle | None = None
-        self._expired = False
-
-    async def __aenter__(self) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-
-        def expire() -> None:
-            self._expired = True
-            task.cancel()
-
-        self._timer = asyncio.get_running_loop().call_later(self._seconds, expire)
-
-    async def __aexit__(self, exc_type: type[BaseException] | None, *_: object) -> None:
-        assert self._timer is not None
-        self._timer.cancel()
-        if self._expired and exc_type is asyncio.CancelledError:
-            raise asyncio.TimeoutError
+async def _within(seconds: float, awaitable: Awaitable[Any]) -> None:
+    """Await under a deadline; ``asyncio.timeout`` (3.11+) spares ``wait_for``'s extra task."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            await awaitable
+    else:
+        await asyncio.wait_for(awaitable, seconds)
 
 
 def _is_transient(exc: BaseException | None) -> bool:

@@ -64,7 +64,8 @@ def _json_loads(data: bytes) -> Any:
 
 
 def _pickle_dumps(value: Any) -> bytes:
-    return cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    data: bytes = cloudpickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+    return data
 
 
 CLOUDPICKLE = Serializer(

@@ -11,9 +11,9 @@ import hashlib
 import json
 import time
 import uuid
-from typing import Any, Iterable
+from typing import Any, Iterable, cast
 
-from sqlalchemy import func, select
+from sqlalchemy import Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -164,7 +164,8 @@ def _insert(db: Session) -> Any:
     """A one-row upsert on the tasks table, run with executemany: compiled once, cached,
     and never near a database's bound-variable limit however many rows come."""
     dialect = db.get_bind().dialect.name
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(TaskRow.__table__)
+    table = cast(Table, TaskRow.__table__)
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 
 def _result_row(result: ResultMessage) -> dict[str, Any]:
