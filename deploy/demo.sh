@@ -2,7 +2,11 @@
 # `make demo`: bring the local stack up in .demo/, run the examples, bring it down again.
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
-export GC_HOME=${GC_HOME:-$here/.demo}
+if [ -z "${GC_HOME:-}" ]; then
+  # The demo's own state: start afresh, so an older registry schema never gets in the way.
+  export GC_HOME=$here/.demo
+  rm -rf "$GC_HOME"
+fi
 export GC_REGISTRY_URL=${GC_REGISTRY_URL:-http://127.0.0.1:8765}
 trap 'bash "$here/deploy/local-stack.sh" down' EXIT
 endpoint_id=$(bash "$here/deploy/local-stack.sh" up | tail -n 1)
