@@ -26,12 +26,16 @@ up)
   if [ ! -f "$GC_HOME/endpoints/$endpoint/config.yaml" ]; then
     "$bin/gc-agent" configure "$endpoint" --engine processes --workers 2 >/dev/null
   fi
-  "$bin/gc-agent" list | grep -q "^$endpoint .*running" || "$bin/gc-agent" start "$endpoint" --detach
+  # Read the whole listing first: `grep -q` closing the pipe early would fail the writer
+  # under pipefail.
+  listing=$("$bin/gc-agent" list)
+  grep -q "^$endpoint .*running" <<<"$listing" || "$bin/gc-agent" start "$endpoint" --detach
   "$bin/python" -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['endpoint_id'])" \
     "$GC_HOME/endpoints/$endpoint/config.yaml"
   ;;
 down)
-  "$bin/gc-agent" list | grep -q "^$endpoint .*running" && "$bin/gc-agent" stop "$endpoint" || true
+  listing=$("$bin/gc-agent" list)
+  if grep -q "^$endpoint .*running" <<<"$listing"; then "$bin/gc-agent" stop "$endpoint"; fi
   if [ -f "$GC_HOME/registry.pid" ]; then
     kill "$(cat "$GC_HOME/registry.pid")" 2>/dev/null || true
     rm -f "$GC_HOME/registry.pid"

@@ -67,8 +67,10 @@ class _Function:
 class Agent:
     """One endpoint's agent."""
 
-    def __init__(self, config: EndpointConfig, settings: FabricSettings) -> None:
+    def __init__(self, config: EndpointConfig, settings: FabricSettings, *,
+                 on_heartbeat: Callable[[Heartbeat, bool], None] | None = None) -> None:
         self.config = config
+        self._on_heartbeat = on_heartbeat
         self.endpoint_id = config.endpoint_id
         self._broker_url = config.broker_url or settings.broker_url
         self._registry_url = config.registry_url or settings.registry_url
@@ -87,6 +89,8 @@ class Agent:
         self._cancelled: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
+        #: Set when the agent has been idle for ``idle_heartbeats`` periods and wants to stop.
+        self.idle = threading.Event()
         self._started_at = time.time()
         self._queue_depth: int | None = None
 
@@ -338,10 +342,25 @@ class Agent:
         assert self._broker is not None
         queue = self._topology.queue("endpoint_tasks", endpoint_id=self.endpoint_id).name
         key = self._topology.routing_key("heartbeat", endpoint_id=self.endpoint_id)
+        idle_periods, last_received = 0, -1
         while not self._stopped.is_set():
+            received = self._counts["received"]
+            idle_periods = idle_periods + 1 if received == last_received and not self._in_flight else 0
+            last_received = received
+            if self.config.idle_heartbeats and idle_periods > self.config.idle_heartbeats:
+                logger.info("agent for endpoint %s idle for %d heartbeats; shutting down",
+                            self.endpoint_id, self.config.idle_heartbeats)
+                self.idle.set()
+                return
             self._broker.queue_message_count(queue, self._note_depth)
-            self._broker.publish(self._topology.exchange("events"), key,
-                                 encode_event(self.heartbeat()), persistent=False)
+            heartbeat = self.heartbeat()
+            self._broker.publish(self._topology.exchange("events"), key, encode_event(heartbeat),
+                                 persistent=False)
+            if self._on_heartbeat is not None:
+                try:
+                    self._on_heartbeat(heartbeat, self._broker.connected)
+                except Exception:
+                    logger.exception("recording the agent's status failed")
             self._stopped.wait(self.config.heartbeat_period)
 
     def _note_depth(self, depth: int) -> None:

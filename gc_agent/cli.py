@@ -2,19 +2,25 @@
 
 from __future__ import annotations
 
+import getpass
 import os
+import shutil
 import signal
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import click
+import yaml
 
 from gc_agent.agent import Agent
 from gc_agent.config import EndpointConfig, EngineConfig, load_config, save_config
 from gc_agent.daemon import EndpointFiles, spawn_detached, stop_process
-from gc_core.broker import BrokerSession
+from gc_agent.systemd import ENV_DIR, UNIT_DIR, BootInstall, systemd_running
+from gc_core.broker import BrokerSession, redact_url
 from gc_core.errors import GCError
 from gc_core.logs import configure_logging
 from gc_core.registry.client import RegistryClient
@@ -35,7 +41,9 @@ def main(ctx: click.Context, home: str | None) -> None:
     Typical use:
       gc-agent configure my-laptop      # registers the endpoint, prints its id
       gc-agent start my-laptop --detach
-      gc-agent list
+      gc-agent status my-laptop
+      gc-agent logs my-laptop -f
+      gc-agent enable-on-boot my-laptop # as root: a systemd service
       gc-agent stop my-laptop
     """
     ctx.obj = resolve_settings(home=home)
@@ -104,7 +112,11 @@ def start(settings: FabricSettings, name: str, detach: bool, log_file: Path | No
     try:
         files = EndpointFiles.of(settings, name)
         config = load_config(files.config)
+        stale = files.pid.exists()
         pid = files.running_pid()
+        if stale and pid is None:
+            click.echo(f"Removed a stale pid file ({files.pid}): its agent is no longer running.",
+                       err=True)
         if pid is not None:
             _fail(f"endpoint {name} is already running (pid {pid}); "
                   f"`gc-agent stop {name}` first")
@@ -114,7 +126,10 @@ def start(settings: FabricSettings, name: str, detach: bool, log_file: Path | No
                        f"log: {files.log}")
             return
         configure_logging(log_level, log_file=log_file)
-        _serve(Agent(config, settings), files)
+        broker_url = redact_url(config.broker_url or settings.broker_url)
+        agent = Agent(config, settings, on_heartbeat=lambda heartbeat, connected:
+                      files.write_status(heartbeat, connected, broker_url))
+        _serve(agent, files)
     except GCError as exc:
         _fail(str(exc))
 
@@ -131,11 +146,12 @@ def _serve(agent: Agent, files: EndpointFiles) -> None:
     agent.start()
     files.pid.write_text(str(os.getpid()))
     try:
-        while not stop.wait(1.0):
+        while not stop.wait(0.2) and not agent.idle.is_set():
             pass
         agent.stop()
     finally:
         files.pid.unlink(missing_ok=True)
+        files.status.unlink(missing_ok=True)
 
 
 @main.command()
@@ -159,6 +175,175 @@ def stop(settings: FabricSettings, name: str, timeout: float) -> None:
     else:
         click.echo(f"Endpoint {name} did not drain within {timeout:.0f}s and was killed; "
                    "its unfinished tasks return to the queue.")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--timeout", default=60.0, show_default=True,
+              help="Seconds to wait for running tasks before the old agent is killed.")
+@click.pass_obj
+def restart(settings: FabricSettings, name: str, timeout: float) -> None:
+    """Stop the agent of NAME (draining it) and start it again in the background.
+
+    The endpoint keeps its id and queue: tasks sent meanwhile wait for the new agent.
+    """
+    files = _configured(settings, name)
+    pid = files.running_pid()
+    if pid is not None and not stop_process(pid, timeout=timeout):
+        click.echo(f"Endpoint {name} did not drain within {timeout:.0f}s and was killed; "
+                   "its unfinished tasks return to the queue.")
+    try:
+        pid = spawn_detached(files, name)
+    except GCError as exc:
+        _fail(str(exc))
+    click.echo(f"Endpoint {name} restarted, pid {pid}.")
+
+
+@main.command()
+@click.argument("name")
+@click.pass_obj
+def status(settings: FabricSettings, name: str) -> None:
+    """Show whether NAME runs, its pid, uptime, broker connection, queue and tasks."""
+    files = _configured(settings, name)
+    config = load_config(files.config)
+    pid = files.running_pid()
+    click.echo(f"endpoint:   {name} ({config.endpoint_id})")
+    if pid is None:
+        click.echo("agent:      stopped")
+        return
+    click.echo(f"agent:      running, pid {pid}")
+    record = files.read_status()
+    if record is None:
+        click.echo("            (no heartbeat recorded yet)")
+        return
+    age = time.time() - record["sent"]
+    click.echo(f"uptime:     {_duration(time.time() - record['started'])}")
+    click.echo(f"broker:     {'connected' if record['broker_connected'] else 'DISCONNECTED'} "
+               f"({record['broker_url']})")
+    click.echo(f"engine:     {record['engine']}, {record['workers']} workers, "
+               f"{record['workers_busy']} busy")
+    depth = record.get("queue_depth")
+    click.echo(f"queue:      {'unknown' if depth is None else depth} tasks waiting")
+    click.echo(f"tasks:      {record['tasks_received']} received, {record['tasks_succeeded']} "
+               f"succeeded, {record['tasks_failed']} failed, "
+               f"{record.get('tasks_cancelled', 0)} cancelled")
+    if age > 3 * record["period"]:
+        click.echo(f"warning:    last heartbeat {age:.0f}s ago; the agent may be stuck")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m {secs:02d}s" if hours else f"{minutes}m {secs:02d}s"
+
+
+@main.command(name="render-config")
+@click.argument("name")
+@click.pass_obj
+def render_config(settings: FabricSettings, name: str) -> None:
+    """Print NAME's effective configuration: config.yaml with every default filled in."""
+    config = load_config(_configured(settings, name).config)
+    effective = config.model_dump(mode="json")
+    effective["allowed_serializers"] = sorted(effective["allowed_serializers"])
+    effective["broker_url"] = redact_url(config.broker_url or settings.broker_url)
+    effective["registry_url"] = config.registry_url or settings.registry_url
+    click.echo(yaml.safe_dump(effective, sort_keys=False), nl=False)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--lines", "-n", default=50, show_default=True, help="How many lines to show.")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new lines (Ctrl-C to stop).")
+@click.pass_obj
+def logs(settings: FabricSettings, name: str, lines: int, follow: bool) -> None:
+    """Show the log of NAME's detached agent (rotated at 10 MB, 5 kept)."""
+    files = _configured(settings, name)
+    if not files.log.exists():
+        _fail(f"no log yet at {files.log}; the agent logs there when started with --detach")
+    with open(files.log, errors="replace") as log:
+        for line in log.readlines()[-lines:]:
+            click.echo(line, nl=False)
+        while follow:
+            line = log.readline()
+            if line:
+                click.echo(line, nl=False)
+            else:
+                time.sleep(0.2)
+
+
+@main.command()
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.pass_obj
+def delete(settings: FabricSettings, name: str, yes: bool) -> None:
+    """Delete NAME's local configuration (stopping its agent first).
+
+    The endpoint stays registered and its queue keeps any waiting tasks, so configuring
+    a new endpoint does not take them over.
+    """
+    files = _configured(settings, name)
+    if not yes:
+        click.confirm(f"Delete endpoint {name} ({files.directory})?", abort=True)
+    pid = files.running_pid()
+    if pid is not None:
+        stop_process(pid, timeout=60)
+    shutil.rmtree(files.directory)
+    click.echo(f"Endpoint {name} deleted.")
+
+
+@main.command(name="enable-on-boot")
+@click.argument("name")
+@click.option("--user", "run_as", default=None, help="Account the service runs as [default: you].")
+@click.option("--unit-dir", type=click.Path(path_type=Path), default=UNIT_DIR, show_default=True)
+@click.option("--env-dir", type=click.Path(path_type=Path), default=ENV_DIR, show_default=True)
+@click.pass_obj
+def enable_on_boot(settings: FabricSettings, name: str, run_as: str | None, unit_dir: Path,
+                   env_dir: Path) -> None:
+    """Install NAME as the systemd service gc-agent@NAME (Restart=always) and enable it."""
+    _configured(settings, name)
+    boot = BootInstall(name, unit_dir, env_dir)
+    try:
+        boot.install(settings, run_as or getpass.getuser())
+    except OSError as exc:
+        _fail(f"cannot write {boot.unit_path} or {boot.env_path}: {exc}; run as root, or "
+              "give --unit-dir and --env-dir")
+    click.echo(f"Wrote {boot.unit_path} and {boot.env_path}.")
+    if not systemd_running():
+        click.echo(f"systemd is not running on this machine, so nothing was enabled; where it "
+                   f"runs: systemctl daemon-reload && systemctl enable --now {boot.instance}")
+        return
+    for args in (("daemon-reload",), ("enable", "--now")):
+        done = (subprocess.run(["systemctl", *args], capture_output=True, text=True)
+                if args == ("daemon-reload",) else boot.systemctl(*args))
+        if done.returncode != 0:
+            _fail(f"systemctl {' '.join(args)} failed: {done.stderr.strip()}")
+    click.echo(f"Enabled and started {boot.instance}.")
+
+
+@main.command(name="disable-on-boot")
+@click.argument("name")
+@click.option("--unit-dir", type=click.Path(path_type=Path), default=UNIT_DIR, show_default=True)
+@click.option("--env-dir", type=click.Path(path_type=Path), default=ENV_DIR, show_default=True)
+@click.pass_obj
+def disable_on_boot(settings: FabricSettings, name: str, unit_dir: Path, env_dir: Path) -> None:
+    """Stop and disable the systemd service of NAME and remove its settings file."""
+    boot = BootInstall(name, unit_dir, env_dir)
+    if systemd_running():
+        done = boot.systemctl("disable", "--now")
+        if done.returncode != 0:
+            _fail(f"systemctl disable failed: {done.stderr.strip()}")
+    boot.remove()
+    click.echo(f"{boot.instance} disabled; removed {boot.env_path}.")
+
+
+def _configured(settings: FabricSettings, name: str) -> EndpointFiles:
+    """The files of a configured endpoint, or exit with what to do."""
+    try:
+        files = EndpointFiles.of(settings, name)
+        load_config(files.config)
+    except GCError as exc:
+        _fail(str(exc))
+    return files
 
 
 @main.command(name="list")

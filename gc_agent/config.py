@@ -40,6 +40,10 @@ class EndpointConfig(BaseModel):
     allowed_serializers: frozenset[Literal["cloudpickle", "json"]] = frozenset(
         {"cloudpickle", "json"})
     heartbeat_period: float = Field(default=10.0, gt=0)
+    idle_heartbeats: int | None = Field(
+        default=None, ge=1,
+        description="Stop (exit 0) after this many heartbeat periods in a row with no task "
+                    "received or running; None keeps the agent up for ever.")
     output_limit: int = Field(
         default=16_384, ge=0, le=49_152,
         description="Bytes of a task's stdout, and of its stderr, kept on its result; more is "

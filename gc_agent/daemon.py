@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -9,8 +10,10 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from gc_core.errors import ConfigError
+from gc_core.protocol import Heartbeat
 from gc_core.settings import FabricSettings
 from gc_core.topology import safe_name_part
 
@@ -40,6 +43,26 @@ class EndpointFiles:
     @property
     def log(self) -> Path:
         return self.directory / "agent.log"
+
+    @property
+    def status(self) -> Path:
+        return self.directory / "status.json"
+
+    def write_status(self, heartbeat: Heartbeat, broker_connected: bool, broker_url: str) -> None:
+        """Record the agent's latest heartbeat for `gc-agent status` (atomically)."""
+        record = {**heartbeat.model_dump(), "broker_connected": broker_connected,
+                  "broker_url": broker_url}
+        partial = self.status.with_suffix(".tmp")
+        partial.write_text(json.dumps(record))
+        partial.replace(self.status)
+
+    def read_status(self) -> dict[str, Any] | None:
+        """The latest recorded status, or None."""
+        try:
+            record: dict[str, Any] = json.loads(self.status.read_text())
+        except (OSError, ValueError):
+            return None
+        return record
 
     def running_pid(self) -> int | None:
         """The agent's pid if it is running; a stale pid file is removed."""
