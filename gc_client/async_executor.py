@@ -20,7 +20,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import weakref
-from typing import Any, AsyncIterator, Callable, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from typing import Any
 
 from gc_client.client import Client
 from gc_client.executor import RESULT_PREFETCH
@@ -102,6 +103,8 @@ class AsyncExecutor:
             BrokerUnreachable: the first submission could not connect.
             RegistryError: the function could not be registered.
         """
+        if self._shutdown:
+            raise RuntimeError("cannot submit to an AsyncExecutor after shutdown")
         function_id = await self._function_id(fn)
         return await self.submit_to_registered_function(function_id, args, kwargs)
 
@@ -266,24 +269,26 @@ class AsyncExecutor:
             pass
 
     def _flush(self) -> None:
-        """Start publishing what was submitted since the last flush, batch by batch."""
+        """Start publishing what was submitted since the last flush: per batch its manifest,
+        then its tasks, each publish a task of its own so that their confirms pipeline."""
         self._flush_scheduled = False
         outbox, self._outbox = [entry for entry in self._outbox if not entry[1].cancelled()], []
+        session = self._session
+        if not outbox or session is None or self.endpoint_id is None:
+            return
         for start in range(0, len(outbox), self.batch_size):
-            job = asyncio.get_running_loop().create_task(
-                self._publish_batch(outbox[start:start + self.batch_size]))
-            self._publishing.add(job)
-            job.add_done_callback(self._publishing.discard)
+            batch = outbox[start:start + self.batch_size]
+            manifest = make_manifest([task.task_id for task, _ in batch],
+                                     task_group_id=self.task_group_id,
+                                     endpoint_id=self.endpoint_id, user=self._user)
+            self._spawn(self._publish_manifest(session, manifest))
+            for task, future in batch:
+                self._spawn(self._publish_task(session, task, future))
 
-    async def _publish_batch(self, batch: list[tuple[TaskMessage, AsyncComputeFuture]]) -> None:
-        """The batch's manifest, then its tasks, all in flight at once."""
-        assert self._session is not None and self.endpoint_id is not None
-        manifest = make_manifest([task.task_id for task, _ in batch],
-                                 task_group_id=self.task_group_id,
-                                 endpoint_id=self.endpoint_id, user=self._user)
-        await asyncio.gather(self._publish_manifest(self._session, manifest),
-                             *(self._publish_task(self._session, task, future)
-                               for task, future in batch))
+    def _spawn(self, publish: Coroutine[Any, Any, None]) -> None:
+        job = asyncio.get_running_loop().create_task(publish)
+        self._publishing.add(job)
+        job.add_done_callback(self._publishing.discard)
 
     async def _publish_manifest(self, session: AsyncBrokerSession,
                                 manifest: GroupManifest) -> None:

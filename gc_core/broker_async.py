@@ -3,7 +3,7 @@
 An :class:`AsyncBrokerSession` owns one robust aio-pika connection and one confirm-mode
 channel on the caller's event loop. It declares the topology's exchanges and the queues
 it was given, publishes and waits for the broker's confirm (so callers pipeline confirms
-by publishing concurrently), and consumes queues with acks batched per loop turn.
+by publishing concurrently), and consumes queues with acks batched every few milliseconds.
 aio-pika reconnects on its own and declares the exchanges, queues, bindings and
 consumers again; a publish caught by a lost connection is sent again on the new one
 until its confirm timeout runs out, so callers see at-least-once, as with the sync
@@ -16,7 +16,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import sys
-from typing import Any, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import aio_pika
 import aiormq.exceptions
@@ -44,6 +45,8 @@ CONNECT_TIMEOUT = 15.0
 CONFIRM_TIMEOUT = 30.0
 #: Publishes awaiting their confirm at once; more wait their turn before their clock starts.
 MAX_UNCONFIRMED = 1000
+#: Seconds deliveries wait to be acked together (one frame for all consumed meanwhile).
+ACK_LINGER = 0.005
 #: Seconds aio-pika waits between reconnect attempts after a lost connection.
 RECONNECT_INTERVAL = 1.0
 #: Seconds a publish caught by a lost connection pauses before it is sent again.
@@ -104,7 +107,7 @@ class AsyncBrokerSession:
         self._queues: dict[str, AbstractRobustQueue] = {}
         self._consumer_tags: dict[str, str] = {}
         self._ack_next: AbstractIncomingMessage | None = None
-        self._ack_scheduled = False
+        self._ack_timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[None]] = set()
         self._window = asyncio.Semaphore(max_unconfirmed)
 
@@ -129,7 +132,7 @@ class AsyncBrokerSession:
         """
         retrying = AsyncRetrying(
             retry=retry_if_exception(_is_transient),
-            wait=wait_exponential_jitter(initial=0.2, max=5.0, jitter=0.2),
+            wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
             stop=stop_after_delay(timeout),
             before_sleep=lambda state: logger.warning(
                 "broker %s unreachable (%s); retrying in %.1fs", self.url,
@@ -295,6 +298,16 @@ class AsyncBrokerSession:
             raise
         self._connection, self._channel = connection, channel
         self._exchanges, self._queues = exchanges, queues
+        connection.close_callbacks.add(self._on_connection_lost)
+        connection.reconnect_callbacks.add(self._on_reconnected)
+
+    def _on_connection_lost(self, _connection: object, reason: BaseException | None) -> None:
+        if self._connection is not None:  # not our own close()
+            logger.warning("connection %s to %s lost (%s); reconnecting", self._name, self.url,
+                           _describe(reason))
+
+    def _on_reconnected(self, _connection: object) -> None:
+        logger.info("connection %s to %s restored", self._name, self.url)
 
     async def _exchange(self, name: str) -> AbstractExchange:
         """An exchange the topology does not list (the default one, say), looked up once."""
@@ -308,7 +321,7 @@ class AsyncBrokerSession:
         return exchange
 
     def _ack_in_order(self, message: AbstractIncomingMessage) -> None:
-        """Ack ``message`` and every earlier delivery of its channel with one frame per turn.
+        """Ack ``message`` and every earlier delivery of its channel, one frame per ACK_LINGER.
 
         Correct because callbacks finish in delivery order: aiormq creates one task per
         delivery, in order, each starts its callback as a task at once, and the callback
@@ -318,12 +331,13 @@ class AsyncBrokerSession:
         if previous is not None and previous.channel is not message.channel:
             self._flush_ack()  # a reconnect in between: settle the old channel's ones apart
         self._ack_next = message
-        if not self._ack_scheduled:
-            self._ack_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush_ack)
+        if self._ack_timer is None:
+            self._ack_timer = asyncio.get_running_loop().call_later(ACK_LINGER, self._flush_ack)
 
     def _flush_ack(self) -> None:
-        self._ack_scheduled = False
+        if self._ack_timer is not None:
+            self._ack_timer.cancel()
+            self._ack_timer = None
         message, self._ack_next = self._ack_next, None
         if message is not None:
             task = asyncio.get_running_loop().create_task(self._ack(message))
