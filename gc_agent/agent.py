@@ -75,7 +75,7 @@ class Agent:
         self._broker_url = config.broker_url or settings.broker_url
         self._registry_url = config.registry_url or settings.registry_url
         self._topology = load_topology()
-        self._engine: Engine = make_engine(config.engine)
+        self._engine: Engine = make_engine(config)
         self._registry: RegistryClient | None = None
         self._broker: BrokerSession | None = None
         self._functions: dict[str, _Function] = {}
@@ -238,7 +238,8 @@ class Agent:
         self._owners[task.task_id] = task.user
         job = Job(task.task_id, task.function_id, function.payload, function.python,
                   task.content_type, task.payload, task.sender_python, task.sender_serializer,
-                  self.config.output_limit, task.resource_spec)
+                  self.config.output_limit, task.resource_spec, task.identity or task.user,
+                  task.user_endpoint_config)
         self._engine.submit(job, lambda outcome: self._on_outcome(delivery, task, received, outcome))
 
     def _on_outcome(self, delivery: Delivery, task: TaskMessage, received: float,

@@ -11,7 +11,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gc_core.errors import ConfigError
 
-__all__ = ["EndpointConfig", "EngineConfig", "load_config", "save_config"]
+__all__ = ["EndpointConfig", "EngineConfig", "IdentityRule", "MultiUserConfig", "load_config",
+           "save_config"]
 
 
 class EngineConfig(BaseModel):
@@ -21,6 +22,33 @@ class EngineConfig(BaseModel):
 
     type: Literal["threads", "processes"] = "processes"
     max_workers: int = Field(default=2, ge=1, le=1024)
+
+
+class IdentityRule(BaseModel):
+    """One identity-mapping rule: a regular expression and an account-name template."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    match: str
+    output: str
+
+
+class MultiUserConfig(BaseModel):
+    """A multi-user endpoint: map identities to accounts, render each user's engine."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    identity_mapping: list[IdentityRule] = []
+    identity_mapping_command: str | None = Field(
+        default=None, description="Gets the identity on stdin, prints the account name.")
+    user_config_template: Path = Field(description="Jinja2 template of a user's engine config.")
+    user_config_schema: Path | None = Field(
+        default=None, description="JSON Schema of the options users may set.")
+    worker_python: str | None = Field(
+        default=None, description="Python that user workers run (readable by every user); "
+                                  "default: the agent's.")
+    user_idle_timeout: float = Field(default=300.0, gt=0,
+                                     description="Seconds before an idle user's workers stop.")
 
 
 class EndpointConfig(BaseModel):
@@ -37,6 +65,7 @@ class EndpointConfig(BaseModel):
     prefetch: int | None = Field(
         default=None, ge=1,
         description="Unacked tasks the agent holds; default 16 per worker.")
+    multi_user: MultiUserConfig | None = None
     allowed_serializers: frozenset[Literal["cloudpickle", "json"]] = frozenset(
         {"cloudpickle", "json"})
     heartbeat_period: float = Field(default=10.0, gt=0)

@@ -41,6 +41,8 @@ class Job:
     sender_serializer: str
     output_limit: int = 16_384
     resource_spec: dict[str, Any] = field(default_factory=dict)
+    identity: str = ""
+    user_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)

@@ -50,9 +50,11 @@ class Client:
     """The fabric as seen from a script: the registry over HTTP, tasks over AMQP."""
 
     def __init__(self, *, broker_url: str | None = None, registry_url: str | None = None,
-                 token: str | None = None, home: str | None = None, user: str | None = None) -> None:
+                 token: str | None = None, home: str | None = None, user: str | None = None,
+                 identity: str | None = None) -> None:
         self.settings: FabricSettings = resolve_settings(
-            broker_url=broker_url, registry_url=registry_url, token=token, home=home, user=user)
+            broker_url=broker_url, registry_url=registry_url, token=token, home=home, user=user,
+            identity=identity)
         safe_name_part(self.settings.user, "user name (GC_USER)")
         self.topology: Topology = load_topology()
         self.registry = RegistryClient(self.settings.registry_url, token=self.settings.token)
@@ -124,7 +126,8 @@ class Client:
         tasks = [make_task(endpoint_id=endpoint_id, function_id=function_id,
                            user=self.settings.user, task_group_id=batch.task_group_id,
                            serializer=batch.serializer, args=args, kwargs=kwargs,
-                           resource_spec=batch.resource_specification)
+                           resource_spec=batch.resource_specification,
+                           identity=self.settings.identity)
                  for function_id, args, kwargs in batch.calls]
         self._publish_confirmed(endpoint_id, batch.task_group_id, tasks)
         return [t.task_id for t in tasks]

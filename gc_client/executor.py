@@ -83,6 +83,7 @@ class Executor(_BaseExecutor):
         client: Client | None = None,
         task_group_id: str | None = None,
         resource_specification: dict[str, Any] | None = None,
+        user_endpoint_config: dict[str, Any] | None = None,
         serializer: str = "cloudpickle",
         batch_size: int = FLUSH_BATCH,
         linger: float = 0.0,
@@ -94,6 +95,7 @@ class Executor(_BaseExecutor):
         self._owns_client = client is None
         self.task_group_id = safe_name_part(task_group_id or new_id(), "task_group_id")
         self.resource_specification = resource_specification
+        self.user_endpoint_config = user_endpoint_config
         self.serializer = get_serializer(serializer)
         self.batch_size = batch_size
         self.linger = linger
@@ -126,7 +128,9 @@ class Executor(_BaseExecutor):
         task = make_task(endpoint_id=self.endpoint_id, function_id=function_id, user=self._user,
                          task_group_id=self.task_group_id, serializer=self.serializer,
                          args=tuple(args), kwargs=dict(kwargs or {}),
-                         resource_spec=self.resource_specification)
+                         resource_spec=self.resource_specification,
+                         identity=self.client.settings.identity,
+                         user_endpoint_config=self.user_endpoint_config)
         future = ComputeFuture(task.task_id, self._cancel_remotely)
         with self._lock:
             self._futures[task.task_id] = future

@@ -56,6 +56,8 @@ H_RECEIVED = "gc-received"
 H_STARTED = "gc-started"
 H_FINISHED = "gc-finished"
 H_EVENT = "gc-event"
+H_IDENTITY = "gc-identity"
+H_USER_ENDPOINT_CONFIG = "gc-user-endpoint-config"
 H_STDOUT = "gc-stdout"
 H_STDERR = "gc-stderr"
 
@@ -102,6 +104,8 @@ class TaskMessage(_Frozen):
     content_type: str
     payload: bytes = Field(repr=False)
     resource_spec: dict[str, Any] = Field(default_factory=dict)
+    identity: str = ""
+    user_endpoint_config: dict[str, Any] = Field(default_factory=dict)
     sender_python: str = ""
     sender_serializer: str = ""
     protocol: int = PROTOCOL_VERSION
@@ -141,6 +145,10 @@ def encode_task(task: TaskMessage) -> Envelope:
     }
     if task.resource_spec:
         headers[H_RESOURCE_SPEC] = json.dumps(task.resource_spec)
+    if task.identity:
+        headers[H_IDENTITY] = task.identity
+    if task.user_endpoint_config:
+        headers[H_USER_ENDPOINT_CONFIG] = json.dumps(task.user_endpoint_config)
     return Envelope(task.task_id, task.task_group_id, task.content_type, headers, task.payload)
 
 
@@ -155,6 +163,8 @@ def decode_task(envelope: Envelope) -> TaskMessage:
     try:
         spec_text = headers.get(H_RESOURCE_SPEC)
         resource_spec = json.loads(_text(spec_text)) if spec_text else {}
+        options_text = headers.get(H_USER_ENDPOINT_CONFIG)
+        user_options = json.loads(_text(options_text)) if options_text else {}
         return TaskMessage(
             task_id=envelope.message_id or "",
             task_group_id=envelope.correlation_id or _text(headers.get(H_GROUP, "")),
@@ -164,6 +174,8 @@ def decode_task(envelope: Envelope) -> TaskMessage:
             content_type=envelope.content_type or "",
             payload=envelope.body,
             resource_spec=resource_spec,
+            identity=_text(headers.get(H_IDENTITY, "")),
+            user_endpoint_config=user_options,
             sender_python=_text(headers.get(H_PYTHON, "")),
             sender_serializer=_text(headers.get(H_SERIALIZER, "")),
         )

@@ -32,6 +32,7 @@ class FabricSettings(BaseModel):
     token: str | None = None
     home: Path = Path("~/.gc").expanduser()
     user: str = "anonymous"
+    identity: str = ""
 
     @property
     def endpoints_dir(self) -> Path:
@@ -46,9 +47,10 @@ def resolve_settings(
     token: str | None = None,
     home: str | Path | None = None,
     user: str | None = None,
+    identity: str | None = None,
 ) -> FabricSettings:
     """Settings from the arguments, else ``GC_BROKER_URL`` / ``GC_REGISTRY_URL`` / ``GC_TOKEN``
-    / ``GC_HOME`` / ``GC_USER``, else the defaults that match the demo."""
+    / ``GC_HOME`` / ``GC_USER`` / ``GC_IDENTITY``, else the defaults that match the demo."""
     env = os.environ
     return FabricSettings(
         broker_url=broker_url or env.get("GC_BROKER_URL") or DEFAULT_BROKER_URL,
@@ -56,6 +58,7 @@ def resolve_settings(
         token=token or env.get("GC_TOKEN") or None,
         home=Path(home or env.get("GC_HOME") or "~/.gc").expanduser(),
         user=user or env.get("GC_USER") or _login_name(),
+        identity=identity or env.get("GC_IDENTITY") or "",
     )
 
 

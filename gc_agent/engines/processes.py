@@ -1,45 +1,84 @@
-"""Process engine: each slot owns one worker process, fed over a pipe.
+"""Process engine: each slot owns one worker process, fed over a socket.
 
 A task that crashes its worker (a segfault, ``os._exit``, the OOM killer) costs only
 that worker: the slot reports the task lost, so the agent returns it to the broker,
-and a fresh worker takes the slot.
+and a fresh worker takes the slot. Workers are started with ``subprocess`` so that a
+multi-user endpoint can start them as another account (see ``WorkerLaunch``).
 """
 
 from __future__ import annotations
 
 import logging
-import multiprocessing
-import signal
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from multiprocessing.process import BaseProcess
+from pathlib import Path
+from typing import Any
 
+import gc_agent
 from gc_agent.engines.base import SlotPool
-from gc_agent.execution import FunctionCache, Job, Outcome, run_job
+from gc_agent.execution import Job, Outcome
+from gc_core.errors import PolicyError
 from gc_core.protocol import ErrorInfo
 
-__all__ = ["ProcessEngine"]
+__all__ = ["Account", "ProcessEngine", "WorkerLaunch"]
 
 logger = logging.getLogger(__name__)
 
 #: Seconds a worker gets to exit on its own at shutdown before it is killed.
 WORKER_EXIT_GRACE = 2.0
+#: PATH of a worker started as another account: nothing inherited from the agent.
+CLEAN_PATH = "/usr/local/bin:/usr/bin:/bin"
 
-# Spawned workers start from a clean interpreter: no inherited broker threads or sockets.
-_CONTEXT = multiprocessing.get_context("spawn")
+
+@dataclass(frozen=True)
+class Account:
+    """A local account tasks run as."""
+
+    name: str
+    uid: int
+    gid: int
+    home: str
+    shell: str = "/bin/sh"
 
 
-def _worker_main(conn: Connection) -> None:
-    """A worker process: run jobs from the pipe until told to stop or the agent goes away."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the agent's to handle
-    functions: FunctionCache = {}
-    while True:
-        try:
-            job = conn.recv()
-        except (EOFError, OSError):
-            return  # the agent died: nothing left to serve
-        if job is None:
-            return
-        conn.send(run_job(job, functions))
+@dataclass(frozen=True)
+class WorkerLaunch:
+    """How to start a worker: which Python, and as which account (None: as the agent)."""
+
+    python: str = sys.executable
+    account: Account | None = None
+    import_paths: tuple[str, ...] = field(default_factory=lambda: _agent_import_paths())
+
+    def popen_options(self) -> dict[str, Any]:
+        """subprocess.Popen keywords: initgroups + setgid + setuid, a clean environment and
+        the account's home, when running as another account."""
+        if self.account is None:
+            return {}
+        account = self.account
+        if account.uid == 0:
+            raise PolicyError("refusing to run tasks as root")
+        return {
+            "user": account.uid,
+            "group": account.gid,
+            "extra_groups": os.getgrouplist(account.name, account.gid),
+            "cwd": account.home,
+            "env": {"HOME": account.home, "USER": account.name, "LOGNAME": account.name,
+                    "SHELL": account.shell, "PATH": CLEAN_PATH, "LANG": "C.UTF-8",
+                    # Only where gc-fabric itself is installed, so the worker can import it.
+                    "PYTHONPATH": os.pathsep.join(self.import_paths)},
+        }
+
+
+def _agent_import_paths() -> tuple[str, ...]:
+    """Where this agent imports gc-fabric and its dependencies from."""
+    import site
+
+    package_root = str(Path(gc_agent.__file__).resolve().parents[1])
+    return tuple(dict.fromkeys([package_root, *site.getsitepackages()]))
 
 
 class ProcessEngine(SlotPool):
@@ -48,17 +87,18 @@ class ProcessEngine(SlotPool):
     name = "processes"
     _interruptible = True
 
-    def __init__(self, max_workers: int) -> None:
+    def __init__(self, max_workers: int, launch: WorkerLaunch | None = None) -> None:
         super().__init__(max_workers)
-        self._workers: dict[int, tuple[BaseProcess, Connection]] = {}
+        self._launch = launch or WorkerLaunch()
+        self._workers: dict[int, tuple[subprocess.Popen[bytes], Connection]] = {}
 
     def _start_slot(self, slot: int) -> None:
-        ours, theirs = _CONTEXT.Pipe(duplex=True)
-        process = _CONTEXT.Process(target=_worker_main, args=(theirs,), daemon=True,
-                                   name=f"gc-worker-{slot}")
-        process.start()
+        ours, theirs = socket.socketpair()
+        process = subprocess.Popen(
+            [self._launch.python, "-m", "gc_agent.engines.worker", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, **self._launch.popen_options())
         theirs.close()
-        self._workers[slot] = (process, ours)
+        self._workers[slot] = (process, Connection(ours.detach()))
 
     def _stop_slot(self, slot: int) -> None:
         process, conn = self._workers.pop(slot)
@@ -66,15 +106,16 @@ class ProcessEngine(SlotPool):
             conn.send(None)
         except OSError:
             pass
-        process.join(WORKER_EXIT_GRACE)
-        if process.is_alive():
+        try:
+            process.wait(WORKER_EXIT_GRACE)
+        except subprocess.TimeoutExpired:
             process.kill()
-            process.join()
+            process.wait()
         conn.close()
 
     def _interrupt(self, slot: int) -> bool:
         process, _conn = self._workers[slot]
-        process.kill()  # the slot sees the pipe close, reports the job, and starts a new worker
+        process.kill()  # the slot sees the socket close, reports the job, and starts a new worker
         return True
 
     def _run(self, slot: int, job: Job) -> Outcome:
@@ -84,8 +125,11 @@ class ProcessEngine(SlotPool):
             outcome: Outcome = conn.recv()
             return outcome
         except (EOFError, OSError):
-            process.join(1.0)
-            message = (f"worker process {process.pid} exited with code {process.exitcode} "
+            try:
+                process.wait(1.0)
+            except subprocess.TimeoutExpired:
+                process.kill()
+            message = (f"worker process {process.pid} exited with code {process.returncode} "
                        f"while running task {job.task_id}")
             conn.close()
             if not self._closing:

@@ -1,0 +1,32 @@
+"""A worker process: run jobs from the agent's socket until told to stop.
+
+Started by the process engine as ``python -m gc_agent.engines.worker FD``, where FD is
+its end of a socket pair; in a multi-user endpoint it starts already running as the
+mapped account.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+from multiprocessing.connection import Connection
+
+from gc_agent.execution import FunctionCache, run_job
+
+
+def serve(conn: Connection) -> None:
+    """Run jobs until the agent sends None or goes away."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the agent's to handle
+    functions: FunctionCache = {}
+    while True:
+        try:
+            job = conn.recv()
+        except (EOFError, OSError):
+            return  # the agent died: nothing left to serve
+        if job is None:
+            return
+        conn.send(run_job(job, functions))
+
+
+if __name__ == "__main__":
+    serve(Connection(int(sys.argv[1])))

@@ -1,0 +1,1 @@
+"""Multi-user endpoints: one root agent, tasks run under each submitter's local account."""
