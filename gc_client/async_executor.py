@@ -25,10 +25,10 @@ from typing import Any
 
 from gc_client.client import Client
 from gc_client.executor import RESULT_PREFETCH
-from gc_client.tasks import make_manifest, make_task, new_id, result_value
+from gc_client.tasks import make_manifest, make_task, new_id, not_accepted, result_value
 from gc_core.broker import FLUSH_BATCH
 from gc_core.broker_async import AsyncBrokerSession
-from gc_core.errors import BrokerError, ProtocolError, PublishNotConfirmed
+from gc_core.errors import BrokerError, ProtocolError
 from gc_core.protocol import Envelope, GroupManifest, TaskMessage, decode_result, encode_event, encode_task
 from gc_core.serialize import get_serializer
 from gc_core.topology import QueueDeclaration
@@ -310,10 +310,8 @@ class AsyncExecutor:
                                   encode_task(task), mandatory=True)
         except BrokerError as exc:
             if not future.done():
-                future.set_exception(PublishNotConfirmed(
-                    f"task {task.task_id} was not accepted for endpoint {task.endpoint_id}: "
-                    f"{exc}. Check the endpoint id, and that the endpoint was configured "
-                    "(`gc-agent configure`) so its task queue exists."))
+                future.set_exception(not_accepted(f"task {task.task_id} was", task.endpoint_id,
+                                                  exc))
 
     def _on_result(self, envelope: Envelope) -> None:
         """Resolve the future this result belongs to; the session acks it afterwards."""

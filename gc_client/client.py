@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from gc_client.tasks import make_manifest, make_task, new_id, task_out_value
+from gc_client.tasks import make_manifest, make_task, new_id, not_accepted, task_out_value
 from gc_core.broker import BrokerSession
 from gc_core.errors import PublishNotConfirmed, TaskPending
 from gc_core.protocol import CancelCommand, Envelope, TaskMessage, encode_event, encode_task
@@ -225,10 +225,8 @@ class Client:
         messages += [(exchange, key, encode_task(task), True) for task in tasks]
         failures = self._publish_and_wait(self._connected_publisher(), messages)
         if failures:
-            raise PublishNotConfirmed(
-                f"{len(failures)} of {len(tasks)} tasks were not accepted for endpoint "
-                f"{endpoint_id}: {failures[0]}. Check the endpoint id, and that the endpoint "
-                "was configured (`gc-agent configure`) so its task queue exists.")
+            raise not_accepted(f"{len(failures)} of {len(tasks)} tasks were", endpoint_id,
+                               failures[0])
 
     @staticmethod
     def _publish_and_wait(publisher: BrokerSession,

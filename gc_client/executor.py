@@ -20,9 +20,16 @@ from typing import Any, Callable, Iterable, Iterator
 from tqdm import tqdm
 
 from gc_client.client import Client
-from gc_client.tasks import make_manifest, make_task, new_id, result_value, task_out_value
+from gc_client.tasks import (
+    make_manifest,
+    make_task,
+    new_id,
+    not_accepted,
+    result_value,
+    task_out_value,
+)
 from gc_core.broker import FLUSH_BATCH, BrokerSession, Delivery
-from gc_core.errors import ProtocolError, PublishNotConfirmed
+from gc_core.errors import ProtocolError
 from gc_core.protocol import (
     CancelCommand,
     ResultMessage,
@@ -274,10 +281,8 @@ class Executor(_BaseExecutor):
         with self._lock:
             self._futures.pop(future.task_id, None)
         if not future.done():
-            future.set_exception(PublishNotConfirmed(
-                f"task {future.task_id} was not accepted for endpoint {self.endpoint_id}: "
-                f"{reason}. Check the endpoint id, and that the endpoint was configured "
-                "(`gc-agent configure`) so its task queue exists."))
+            future.set_exception(not_accepted(f"task {future.task_id} was",
+                                              str(self.endpoint_id), reason))
 
     def _on_result(self, delivery: Delivery) -> None:
         """IO thread: resolve the future this result belongs to, then ack it."""

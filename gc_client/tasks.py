@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 from gc_core.errors import (
+    PublishNotConfirmed,
     SerializationError,
     TaskCancelled,
     TaskDeadLettered,
@@ -18,8 +19,8 @@ from gc_core.protocol import ErrorInfo, GroupManifest, ResultMessage, TaskMessag
 from gc_core.registry.schemas import TaskOut
 from gc_core.serialize import JSON, PYTHON_VERSION, Serializer, get_serializer
 
-__all__ = ["error_to_exception", "make_manifest", "make_task", "new_id", "result_value",
-           "task_out_value"]
+__all__ = ["error_to_exception", "make_manifest", "make_task", "new_id", "not_accepted",
+           "result_value", "task_out_value"]
 
 
 def new_id() -> str:
@@ -46,6 +47,13 @@ def make_manifest(task_ids: list[str], *, task_group_id: str, endpoint_id: str,
     """Tell the ledger which tasks a group holds before their results exist."""
     return GroupManifest(task_group_id=task_group_id, endpoint_id=endpoint_id, user=user,
                          task_ids=task_ids, submitted=time.time())
+
+
+def not_accepted(what: str, endpoint_id: str, reason: object) -> PublishNotConfirmed:
+    """The error for tasks the broker did not take: usually a wrong or unconfigured endpoint."""
+    return PublishNotConfirmed(
+        f"{what} not accepted for endpoint {endpoint_id}: {reason}. Check the endpoint id, "
+        "and that the endpoint was configured (`gc-agent configure`) so its task queue exists.")
 
 
 def error_to_exception(task_id: str, error: ErrorInfo) -> TaskError:

@@ -23,5 +23,6 @@ def configure_logging(level: str = "INFO", *, log_file: Path | None = None) -> N
         "handlers": {"main": handler},
         "root": {"level": level.upper(), "handlers": ["main"]},
         # pika reports every dropped connection at ERROR; BrokerSession already says it once.
-        "loggers": {"pika": {"level": "CRITICAL"}, "httpx": {"level": "WARNING"}},
+        "loggers": {"pika": {"level": "CRITICAL"}, "aiormq": {"level": "CRITICAL"},
+                    "aio_pika": {"level": "WARNING"}, "httpx": {"level": "WARNING"}},
     })
