@@ -11,7 +11,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import click
 import yaml
@@ -49,7 +49,7 @@ def main(ctx: click.Context, home: str | None) -> None:
     ctx.obj = resolve_settings(home=home)
 
 
-def _fail(message: str) -> None:
+def _fail(message: str) -> NoReturn:
     click.echo(f"Error: {message}", err=True)
     sys.exit(1)
 
@@ -161,20 +161,21 @@ def _serve(agent: Agent, files: EndpointFiles) -> None:
 @click.pass_obj
 def stop(settings: FabricSettings, name: str, timeout: float) -> None:
     """Stop the agent of endpoint NAME; running tasks finish or go back to the queue."""
-    try:
-        files = EndpointFiles.of(settings, name)
-        load_config(files.config)
-    except GCError as exc:
-        _fail(str(exc))
-    pid = files.running_pid()
-    if pid is None:
+    files = _configured(settings, name)
+    if files.running_pid() is None:
         _fail(f"endpoint {name} is not running")
-        return
-    if stop_process(pid, timeout=timeout):
+    if _stop_agent(files, name, timeout):
         click.echo(f"Endpoint {name} stopped.")
-    else:
-        click.echo(f"Endpoint {name} did not drain within {timeout:.0f}s and was killed; "
-                   "its unfinished tasks return to the queue.")
+
+
+def _stop_agent(files: EndpointFiles, name: str, timeout: float) -> bool:
+    """Drain the running agent (if any); True if it stopped by itself."""
+    pid = files.running_pid()
+    if pid is None or stop_process(pid, timeout=timeout):
+        return True
+    click.echo(f"Endpoint {name} did not drain within {timeout:.0f}s and was killed; "
+               "its unfinished tasks return to the queue.")
+    return False
 
 
 @main.command()
@@ -188,10 +189,7 @@ def restart(settings: FabricSettings, name: str, timeout: float) -> None:
     The endpoint keeps its id and queue: tasks sent meanwhile wait for the new agent.
     """
     files = _configured(settings, name)
-    pid = files.running_pid()
-    if pid is not None and not stop_process(pid, timeout=timeout):
-        click.echo(f"Endpoint {name} did not drain within {timeout:.0f}s and was killed; "
-                   "its unfinished tasks return to the queue.")
+    _stop_agent(files, name, timeout)
     try:
         pid = spawn_detached(files, name)
     except GCError as exc:
@@ -284,9 +282,7 @@ def delete(settings: FabricSettings, name: str, yes: bool) -> None:
     files = _configured(settings, name)
     if not yes:
         click.confirm(f"Delete endpoint {name} ({files.directory})?", abort=True)
-    pid = files.running_pid()
-    if pid is not None:
-        stop_process(pid, timeout=60)
+    _stop_agent(files, name, 60.0)
     shutil.rmtree(files.directory)
     click.echo(f"Endpoint {name} deleted.")
 

@@ -9,21 +9,10 @@ import pytest
 from gc_client import AsyncExecutor, Client, TaskExecutionFailed
 from gc_core.errors import PublishNotConfirmed
 from tests.fabric import Endpoint
+from tests.integration.test_executor import divide, hello_world, square
 
 #: Seconds a test waits for results before it fails instead of hanging.
 RESULT_TIMEOUT = 60.0
-
-
-def hello_world() -> str:
-    return "Hello World!"
-
-
-def divide(a: float, b: float) -> float:
-    return a / b
-
-
-def square(x: int) -> int:
-    return x * x
 
 
 def test_hello_world_round_trip(client: Client, endpoint: Endpoint) -> None:
