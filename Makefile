@@ -30,6 +30,10 @@ bench: install broker
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench.run
 
+## deb: the agent as a Debian package, dist/gc-fabric-agent_<version>_<arch>.deb
+deb: install
+	bash deploy/debian/build-deb.sh dist
+
 lint: install
 	$(BIN)/ruff check gc_core gc_agent gc_client tests examples
 	$(BIN)/mypy
