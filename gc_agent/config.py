@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
 
+from gc_agent.providers import PROVIDER_TYPES, LocalProviderConfig, ProviderConfig
 from gc_core.errors import ConfigError
 
-__all__ = ["EndpointConfig", "EngineConfig", "IdentityRule", "MultiUserConfig", "load_config",
-           "save_config"]
+__all__ = ["EndpointConfig", "EngineConfig", "HtexEngineConfig", "IdentityRule", "MultiUserConfig",
+           "load_config", "save_config"]
 
 
 class EngineConfig(BaseModel):
@@ -22,6 +23,55 @@ class EngineConfig(BaseModel):
 
     type: Literal["threads", "processes"] = "processes"
     max_workers: int = Field(default=2, ge=1, le=1024)
+
+
+class HtexEngineConfig(BaseModel):
+    """Parsl's HighThroughputExecutor: an interchange here, worker pools on the provider's blocks."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["htex"]
+    label: str = Field(default="htex", pattern=r"^[A-Za-z0-9_.-]+$")
+    max_workers_per_node: int = Field(default=2, ge=1, le=1024)
+    max_retries_on_system_failure: int = Field(
+        default=0, ge=0, le=100,
+        description="Times a task whose worker or node was lost runs again before it fails "
+                    "with WorkerLost (0, as in Globus Compute: it fails at once).")
+    address: str = Field(default="127.0.0.1", description="Address the workers reach the "
+                                                          "interchange on.")
+    encrypted: bool = Field(default=True, description="CurveZMQ between interchange and workers.")
+    heartbeat_period: int = Field(default=30, ge=1, le=3600,
+                                  description="Seconds between worker-pool heartbeats; also how "
+                                              "often a pool checks for dead workers.")
+    heartbeat_threshold: int = Field(default=120, ge=2, le=86_400,
+                                     description="Seconds without a heartbeat before a worker "
+                                                 "pool (and its tasks) counts as lost.")
+    run_dir: str | None = Field(default=None, description="Parsl's logs and scripts; default "
+                                                          "$GC_HOME/endpoints/<name>/htex or a "
+                                                          "temporary directory.")
+    provider: ProviderConfig = LocalProviderConfig()
+
+
+def _engine_tag(data: Any) -> str | None:
+    """Which engine model a config's ``engine`` section is: no ``type`` means the local default."""
+    kind = data.get("type", "processes") if isinstance(data, dict) else getattr(data, "type", None)
+    if kind in ("threads", "processes"):
+        return "local"
+    return "htex" if kind == "htex" else None
+
+
+#: The ``engine`` section: a local pool (threads, processes) or the high-throughput engine.
+AnyEngineConfig = Annotated[
+    Annotated[EngineConfig, Tag("local")] | Annotated[HtexEngineConfig, Tag("htex")],
+    Discriminator(_engine_tag, custom_error_type="engine_type",
+                  custom_error_message="type should be 'threads', 'processes' or 'htex'"),
+]
+
+#: Names pydantic puts in an error's location after these keys to say which variant it tried;
+#: they are not keys of the file, so error messages leave them out.
+_VARIANT_TAGS = {"engine": ("local", "htex"), "provider": PROVIDER_TYPES}
+#: Errors of a section whose ``type`` names no variant.
+_BAD_TYPE_ERRORS = ("engine_type", "provider_type")
 
 
 class IdentityRule(BaseModel):
@@ -61,7 +111,7 @@ class EndpointConfig(BaseModel):
     description: str = ""
     broker_url: str | None = None
     registry_url: str | None = None
-    engine: EngineConfig = EngineConfig()
+    engine: AnyEngineConfig = EngineConfig()
     prefetch: int | None = Field(
         default=None, ge=1,
         description="Unacked tasks the agent holds; default 16 per worker.")
@@ -100,10 +150,20 @@ def load_config(path: Path) -> EndpointConfig:
     try:
         return EndpointConfig.model_validate(data)
     except ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(str(p) for p in e['loc']) or 'file'}: {e['msg']} (got {e.get('input')!r})"
-            for e in exc.errors())
+        problems = "; ".join(_describe(error) for error in exc.errors())
         raise ConfigError(f"invalid endpoint config {path}: {problems}") from exc
+
+
+def _describe(error: Any) -> str:
+    """One validation error as ``key.path: message (got value)``."""
+    loc: list[Any] = []
+    for part in error["loc"]:
+        if not (loc and part in _VARIANT_TAGS.get(loc[-1], ())):
+            loc.append(part)
+    got = error.get("input")
+    if error["type"] in _BAD_TYPE_ERRORS and isinstance(got, dict):
+        loc, got = [*loc, "type"], got.get("type")
+    return f"{'.'.join(str(p) for p in loc) or 'file'}: {error['msg']} (got {got!r})"
 
 
 def save_config(config: EndpointConfig, path: Path) -> None:

@@ -1,15 +1,24 @@
-"""Engines run tasks: in threads, in local worker processes."""
+"""Engines run tasks: in threads, in local worker processes, on Parsl's HighThroughputExecutor."""
 
-from gc_agent.config import EndpointConfig
+from gc_agent.config import EndpointConfig, HtexEngineConfig
 from gc_agent.engines.base import Engine, OnDone
 from gc_agent.engines.processes import ProcessEngine
 from gc_agent.engines.threads import ThreadEngine
+from gc_core.errors import ConfigError
 
 __all__ = ["Engine", "OnDone", "ProcessEngine", "ThreadEngine", "make_engine"]
 
 
 def make_engine(config: EndpointConfig) -> Engine:
     """The engine an endpoint's config asks for."""
+    if isinstance(config.engine, HtexEngineConfig):
+        if config.multi_user is not None:
+            raise ConfigError("engine.type 'htex' is not supported on a multi-user endpoint; "
+                              "allowed there: 'processes'")
+        # Imported here: Parsl loads only on endpoints that use it.
+        from gc_agent.engines.htex import HtexEngine, default_run_dir
+
+        return HtexEngine(config.engine, default_run_dir(config.name, config.engine))
     if config.multi_user is not None:
         from gc_agent.multiuser.engines import UserEngines
 

@@ -1,0 +1,194 @@
+"""Where the high-throughput engine gets its nodes: config models mapped onto Parsl's providers.
+
+An endpoint's ``engine.provider`` section says which batch system hands out the blocks
+(``local``, ``slurm``, ``pbspro``, ``lsf``) and how the worker pools are started on a
+block's nodes (``launcher``: ``single``, ``srun``, ``mpiexec``). This module validates that
+section and builds the matching Parsl objects; Parsl does the scheduler plumbing.
+
+    >>> provider = build_provider(SlurmProviderConfig(partition="debug", walltime="00:30:00"))
+    >>> type(provider).__name__
+    'SlurmProvider'
+"""
+
+from __future__ import annotations
+
+import re
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+
+if TYPE_CHECKING:
+    from parsl.launchers.base import Launcher
+    from parsl.providers.base import ExecutionProvider
+
+__all__ = [
+    "PROVIDER_TYPES",
+    "LSFProviderConfig",
+    "LauncherConfig",
+    "LocalProviderConfig",
+    "PBSProProviderConfig",
+    "ProviderConfig",
+    "SlurmProviderConfig",
+    "build_launcher",
+    "build_provider",
+]
+
+#: A batch walltime: HH:MM:SS (hours may exceed 24).
+WALLTIME_PATTERN = re.compile(r"^\d{1,4}:[0-5]\d:[0-5]\d$")
+#: Largest number of blocks (batch jobs) one endpoint may ask for.
+MAX_BLOCKS_LIMIT = 1024
+
+
+class LauncherConfig(BaseModel):
+    """How a block starts one worker pool per node: directly, under srun, or under mpiexec."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    type: Literal["single", "srun", "mpiexec"] = "single"
+    overrides: str = Field(default="", description="Extra options for srun or mpiexec.")
+
+    @model_validator(mode="after")
+    def _overrides_need_a_wrapper(self) -> LauncherConfig:
+        if self.overrides and self.type == "single":
+            raise ValueError(f"launcher.overrides {self.overrides!r} is only allowed with "
+                             "launcher.type srun or mpiexec")
+        return self
+
+
+class _BlockConfig(BaseModel):
+    """What every provider shares: block counts, node count, set-up commands."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    nodes_per_block: int = Field(default=1, ge=1, le=4096)
+    init_blocks: int = Field(default=1, ge=0, le=MAX_BLOCKS_LIMIT)
+    min_blocks: int = Field(default=0, ge=0, le=MAX_BLOCKS_LIMIT)
+    max_blocks: int = Field(default=1, ge=1, le=MAX_BLOCKS_LIMIT)
+    worker_init: str = Field(default="", description="Shell run on each block before its workers.")
+    launcher: LauncherConfig = LauncherConfig()
+
+    @model_validator(mode="after")
+    def _blocks_in_order(self) -> _BlockConfig:
+        if self.min_blocks > self.max_blocks:
+            raise ValueError(f"min_blocks {self.min_blocks} is more than max_blocks "
+                             f"{self.max_blocks}; allowed: min_blocks <= max_blocks")
+        if not self.min_blocks <= self.init_blocks <= self.max_blocks:
+            raise ValueError(f"init_blocks {self.init_blocks} is outside min_blocks..max_blocks "
+                             f"({self.min_blocks}..{self.max_blocks}); allowed: "
+                             "min_blocks <= init_blocks <= max_blocks")
+        return self
+
+
+class _BatchConfig(_BlockConfig):
+    """A provider that submits blocks as batch jobs."""
+
+    walltime: str = Field(default="00:10:00", description="HH:MM:SS per block.")
+    scheduler_options: str = Field(default="", description="Extra lines for the job script header.")
+
+    @field_validator("walltime")
+    @classmethod
+    def _walltime_is_hms(cls, value: str) -> str:
+        if not WALLTIME_PATTERN.match(value):
+            raise ValueError(f"walltime {value!r} is not HH:MM:SS (e.g. '01:30:00')")
+        return value
+
+
+class LocalProviderConfig(_BlockConfig):
+    """Blocks are process groups on the agent's own machine."""
+
+    type: Literal["local"] = "local"
+
+    @field_validator("launcher")
+    @classmethod
+    def _single_node_only(cls, value: LauncherConfig) -> LauncherConfig:
+        if value.type != "single":
+            raise ValueError(f"launcher.type {value.type!r} is not allowed with provider local; "
+                             "allowed: 'single'")
+        return value
+
+
+class SlurmProviderConfig(_BatchConfig):
+    """Blocks are Slurm jobs."""
+
+    type: Literal["slurm"]
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    exclusive: bool = True
+
+
+class PBSProProviderConfig(_BatchConfig):
+    """Blocks are PBS Pro jobs; ``partition`` is the queue."""
+
+    type: Literal["pbspro"]
+    partition: str | None = Field(default=None, description="The PBS queue.")
+    account: str | None = None
+    cpus_per_node: int = Field(default=1, ge=1)
+
+
+class LSFProviderConfig(_BatchConfig):
+    """Blocks are LSF jobs; ``partition`` is the queue, ``account`` the project."""
+
+    type: Literal["lsf"]
+    partition: str | None = Field(default=None, description="The LSF queue.")
+    account: str | None = Field(default=None, description="The LSF project.")
+
+
+#: Provider types: the tags pydantic also puts in an error's location after ``provider``.
+PROVIDER_TYPES = ("local", "slurm", "pbspro", "lsf")
+
+
+def _provider_tag(data: Any) -> str | None:
+    """Which provider model a ``provider`` section is; no ``type`` means ``local``."""
+    kind = data.get("type", "local") if isinstance(data, dict) else getattr(data, "type", None)
+    return kind if kind in PROVIDER_TYPES else None
+
+
+#: The ``provider`` section of an htex engine, told apart by ``type`` (default ``local``).
+ProviderConfig = Annotated[
+    Annotated[LocalProviderConfig, Tag("local")]
+    | Annotated[SlurmProviderConfig, Tag("slurm")]
+    | Annotated[PBSProProviderConfig, Tag("pbspro")]
+    | Annotated[LSFProviderConfig, Tag("lsf")],
+    Discriminator(_provider_tag, custom_error_type="provider_type",
+                  custom_error_message="type should be 'local', 'slurm', 'pbspro' or 'lsf'"),
+]
+
+
+def build_launcher(config: LauncherConfig) -> Launcher:
+    """The Parsl launcher ``config`` asks for."""
+    # Parsl is imported here, not at the top: loading an endpoint config must stay quick.
+    from parsl.launchers import MpiExecLauncher, SingleNodeLauncher, SrunLauncher
+
+    if config.type == "srun":
+        return SrunLauncher(overrides=config.overrides)
+    if config.type == "mpiexec":
+        return MpiExecLauncher(overrides=config.overrides)
+    return SingleNodeLauncher()
+
+
+def build_provider(config: LocalProviderConfig | SlurmProviderConfig | PBSProProviderConfig
+                   | LSFProviderConfig, *, worker_init_prefix: str = "") -> ExecutionProvider:
+    """The Parsl provider ``config`` asks for, its blocks set up by ``worker_init_prefix``
+    (e.g. putting the agent's Python on PATH) and then by the config's own ``worker_init``."""
+    from parsl.providers import LocalProvider, LSFProvider, PBSProProvider, SlurmProvider
+
+    blocks: dict[str, Any] = {
+        "nodes_per_block": config.nodes_per_block,
+        "init_blocks": config.init_blocks,
+        "min_blocks": config.min_blocks,
+        "max_blocks": config.max_blocks,
+        "worker_init": "\n".join(filter(None, [worker_init_prefix, config.worker_init])),
+        "launcher": build_launcher(config.launcher),
+    }
+    if isinstance(config, LocalProviderConfig):
+        return LocalProvider(**blocks)  # type: ignore[no-untyped-call]
+    batch = {**blocks, "walltime": config.walltime, "scheduler_options": config.scheduler_options}
+    if isinstance(config, SlurmProviderConfig):
+        return SlurmProvider(partition=config.partition, account=config.account, qos=config.qos,
+                             exclusive=config.exclusive, **batch)
+    if isinstance(config, PBSProProviderConfig):
+        return PBSProProvider(queue=config.partition, account=config.account,  # type: ignore[no-untyped-call]
+                              cpus_per_node=config.cpus_per_node, **batch)
+    return LSFProvider(queue=config.partition, project=config.account,  # type: ignore[no-untyped-call]
+                       **batch)

@@ -1,0 +1,161 @@
+"""The high-throughput engine (Parsl's HighThroughputExecutor) through the whole fabric.
+
+One endpoint with a LocalProvider block of two workers serves every test in this module:
+client ─▶ RabbitMQ ─▶ agent ─▶ interchange ─▶ worker pool ─▶ workers, and back.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("parsl", reason="the htex engine needs Parsl (pip install parsl)")
+
+from gc_agent.config import HtexEngineConfig, load_config, save_config
+from gc_agent.providers import LocalProviderConfig
+from gc_client import Client, Executor, TaskExecutionFailed
+from tests.fabric import Endpoint, Fabric
+
+#: Repository root: the worker pools import this module's functions (pickled by reference).
+REPO_ROOT = Path(__file__).resolve().parents[2]
+#: Seconds a test waits for a result; the first ones wait for the worker pool to come up.
+RESULT_TIMEOUT = 90
+
+
+def square(x: int) -> int:
+    return x * x
+
+
+def divide(a: float, b: float) -> float:
+    return a / b
+
+
+def seen_resource_spec() -> dict[str, Any]:
+    from gc_agent.execution import current_resource_spec
+
+    return current_resource_spec()
+
+
+def lose_once(marker: str, seconds: float) -> str:
+    """First run: note this worker's pid and sleep (to be killed); a later run: return at once."""
+    import os
+    import time
+    from pathlib import Path
+
+    path = Path(marker)
+    if path.exists():
+        return f"rerun after {path.read_text()} was lost"
+    path.write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return "not killed"
+
+
+def kill_own_worker() -> None:
+    import os
+    import signal
+
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def htex_endpoint(fabric: Fabric) -> Iterator[Endpoint]:
+    """An endpoint whose engine is HTEX on one local block of two workers."""
+    ep = fabric.configure_endpoint(f"htex-{uuid.uuid4().hex[:8]}", heartbeat_period=1.0)
+    engine = HtexEngineConfig(
+        type="htex", max_workers_per_node=2, max_retries_on_system_failure=2,
+        heartbeat_period=1,  # the worker pool checks for dead workers this often
+        provider=LocalProviderConfig(init_blocks=1, min_blocks=1, max_blocks=1,
+                                     worker_init=f"export PYTHONPATH={REPO_ROOT}"))
+    path = ep.directory / "config.yaml"
+    save_config(load_config(path).model_copy(update={"engine": engine}), path)
+    assert load_config(path).engine == engine  # what the agent reads back is what was meant
+    ep.start()
+    yield ep
+    ep.stop_all()
+
+
+def test_a_sweep_of_50_tasks_on_htex_returns_every_value(client: Client,
+                                                        htex_endpoint: Endpoint) -> None:
+    with Executor(endpoint_id=htex_endpoint.endpoint_id, client=client) as ex:
+        futures = [ex.submit(square, x) for x in range(50)]
+        results = [f.result(timeout=RESULT_TIMEOUT) for f in futures]
+
+    assert results == [x * x for x in range(50)]
+    assert "htex" in htex_endpoint.read_logs()
+
+
+def test_a_remote_exception_on_htex_comes_back_as_task_execution_failed(
+        client: Client, htex_endpoint: Endpoint) -> None:
+    with Executor(endpoint_id=htex_endpoint.endpoint_id, client=client) as ex:
+        future = ex.submit(divide, 1, 0)
+        with pytest.raises(TaskExecutionFailed) as caught:
+            future.result(timeout=RESULT_TIMEOUT)
+
+    assert caught.value.remote_type == "ZeroDivisionError"
+    assert "in divide" in caught.value.remote_traceback
+
+
+def test_the_resource_specification_reaches_the_htex_worker(client: Client,
+                                                            htex_endpoint: Endpoint) -> None:
+    spec = {"priority": 3, "num_nodes": 1}  # Parsl takes the priority; the task sees both
+
+    with Executor(endpoint_id=htex_endpoint.endpoint_id, client=client,
+                  resource_specification=spec) as ex:
+        seen = ex.submit(seen_resource_spec).result(timeout=RESULT_TIMEOUT)
+
+    assert seen == spec
+
+
+def test_a_task_whose_htex_worker_is_killed_runs_again_and_succeeds(
+        client: Client, htex_endpoint: Endpoint, tmp_path: Path) -> None:
+    marker = tmp_path / "worker.pid"
+
+    with Executor(endpoint_id=htex_endpoint.endpoint_id, client=client) as ex:
+        # Given a task running on an HTEX worker
+        future = ex.submit(lose_once, str(marker), 120)
+        pid = int(_eventually(lambda: marker.exists() and marker.read_text(), "the task to start"))
+        assert "process_worker_pool" in _parent_command(pid), "the task runs in an HTEX worker"
+
+        # When that worker is killed
+        os.kill(pid, signal.SIGKILL)
+
+        # Then the pool reports it lost, the engine runs the task again, and it succeeds
+        assert future.result(timeout=RESULT_TIMEOUT) == f"rerun after {pid} was lost"
+    assert "lost its worker" in htex_endpoint.read_logs()
+
+
+def test_a_task_that_keeps_killing_its_worker_fails_with_worker_lost_naming_the_host(
+        client: Client, htex_endpoint: Endpoint) -> None:
+    with Executor(endpoint_id=htex_endpoint.endpoint_id, client=client) as ex:
+        future = ex.submit(kill_own_worker)
+        with pytest.raises(TaskExecutionFailed) as caught:
+            future.result(timeout=RESULT_TIMEOUT)
+
+    # the first run and max_retries_on_system_failure (2) more, each losing its worker
+    assert caught.value.remote_type == "WorkerLost"
+    assert "lost with its worker 3 times" in caught.value.remote_message
+    assert f"on host {socket.gethostname()}" in caught.value.remote_message
+
+
+def _parent_command(pid: int) -> str:
+    """The command line of ``pid``'s parent process."""
+    status = Path(f"/proc/{pid}/status").read_text()
+    ppid = next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:"))
+    return Path(f"/proc/{ppid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def _eventually(check: Any, what: str, timeout: float = RESULT_TIMEOUT) -> Any:
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.05)
+    return value
