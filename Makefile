@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench broker install lint clean
+.PHONY: demo test bench broker install lint clean deb
 
 $(BIN)/gc-agent: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)

@@ -19,7 +19,7 @@ import yaml
 from gc_agent.agent import Agent
 from gc_agent.config import EndpointConfig, EngineConfig, load_config, save_config
 from gc_agent.daemon import EndpointFiles, spawn_detached, stop_process
-from gc_agent.systemd import ENV_DIR, UNIT_DIR, BootInstall, systemd_running
+from gc_agent.systemd import ENV_DIR, PACKAGED_UNIT, UNIT_DIR, BootInstall, systemd_running
 from gc_core.broker import BrokerSession, redact_url
 from gc_core.errors import GCError
 from gc_core.logs import configure_logging
@@ -143,7 +143,7 @@ def _serve(agent: Agent, files: EndpointFiles) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    agent.start()
+    agent.start(timeout=agent.config.connect_timeout)
     files.pid.write_text(str(os.getpid()))
     try:
         while not stop.wait(0.2) and not agent.idle.is_set():
@@ -296,14 +296,19 @@ def delete(settings: FabricSettings, name: str, yes: bool) -> None:
 def enable_on_boot(settings: FabricSettings, name: str, run_as: str | None, unit_dir: Path,
                    env_dir: Path) -> None:
     """Install NAME as the systemd service gc-agent@NAME (Restart=always) and enable it."""
-    _configured(settings, name)
+    files = _configured(settings, name)
+    account = run_as or getpass.getuser()
+    if account != getpass.getuser() and not _readable_by(account, files.config):
+        _fail(f"the service account {account} cannot read {files.config}; configure the "
+              f"endpoint under a GC_HOME that {account} owns (e.g. GC_HOME=/var/lib/gc-fabric)")
     boot = BootInstall(name, unit_dir, env_dir)
     try:
-        boot.install(settings, run_as or getpass.getuser())
+        boot.install(settings, account)
     except OSError as exc:
         _fail(f"cannot write {boot.unit_path} or {boot.env_path}: {exc}; run as root, or "
               "give --unit-dir and --env-dir")
-    click.echo(f"Wrote {boot.unit_path} and {boot.env_path}.")
+    unit = PACKAGED_UNIT if boot.uses_packaged_unit else boot.unit_path
+    click.echo(f"Wrote {boot.env_path}; the unit is {unit}.")
     if not systemd_running():
         click.echo(f"systemd is not running on this machine, so nothing was enabled; where it "
                    f"runs: systemctl daemon-reload && systemctl enable --now {boot.instance}")
@@ -330,6 +335,13 @@ def disable_on_boot(settings: FabricSettings, name: str, unit_dir: Path, env_dir
             _fail(f"systemctl disable failed: {done.stderr.strip()}")
     boot.remove()
     click.echo(f"{boot.instance} disabled; removed {boot.env_path}.")
+
+
+def _readable_by(account: str, path: Path) -> bool:
+    """Whether ``account`` can read ``path`` (checked as that account)."""
+    done = subprocess.run(["su", "-s", "/bin/sh", account, "-c", f"test -r '{path}'"],
+                          capture_output=True)
+    return done.returncode == 0
 
 
 def _configured(settings: FabricSettings, name: str) -> EndpointFiles:

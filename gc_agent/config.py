@@ -119,6 +119,9 @@ class EndpointConfig(BaseModel):
     allowed_serializers: frozenset[Literal["cloudpickle", "json"]] = frozenset(
         {"cloudpickle", "json"})
     heartbeat_period: float = Field(default=10.0, gt=0)
+    connect_timeout: float = Field(
+        default=30.0, gt=0,
+        description="Seconds a starting agent keeps trying to reach the broker before it fails.")
     idle_heartbeats: int | None = Field(
         default=None, ge=1,
         description="Stop (exit 0) after this many heartbeat periods in a row with no task "

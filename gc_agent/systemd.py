@@ -16,6 +16,8 @@ __all__ = ["BootInstall", "env_file_text", "render_unit", "systemd_running"]
 
 #: Where the unit and the per-instance settings go by default.
 UNIT_DIR = Path("/etc/systemd/system")
+#: Where the Debian package installs the unit; a copy in UNIT_DIR would shadow it.
+PACKAGED_UNIT = Path("/lib/systemd/system/gc-agent@.service")
 ENV_DIR = Path("/etc/gc-fabric")
 UNIT_NAME = "gc-agent@.service"
 
@@ -51,6 +53,11 @@ class BootInstall:
         return self.unit_dir / UNIT_NAME
 
     @property
+    def uses_packaged_unit(self) -> bool:
+        """The Debian package's unit serves (installing into the default place would shadow it)."""
+        return self.unit_dir == UNIT_DIR and PACKAGED_UNIT.exists()
+
+    @property
     def env_path(self) -> Path:
         return self.env_dir / f"agent-{self.name}.env"
 
@@ -61,8 +68,10 @@ class BootInstall:
     def install(self, settings: FabricSettings, user: str) -> None:
         """Write the unit and the settings (mode 0600: the broker URL may hold a password)."""
         gc_agent = str(Path(sys.executable).parent / "gc-agent")
-        self.unit_dir.mkdir(parents=True, exist_ok=True)
-        self.unit_path.write_text(render_unit(gc_agent=gc_agent, user=user, env_dir=self.env_dir))
+        if not self.uses_packaged_unit:
+            self.unit_dir.mkdir(parents=True, exist_ok=True)
+            self.unit_path.write_text(render_unit(gc_agent=gc_agent, user=user,
+                                                  env_dir=self.env_dir))
         self.env_dir.mkdir(parents=True, exist_ok=True)
         self.env_path.touch(mode=0o600, exist_ok=True)
         self.env_path.chmod(0o600)

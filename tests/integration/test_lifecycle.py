@@ -95,7 +95,7 @@ def test_a_stale_pid_file_is_reported_and_replaced(fabric: Fabric, make_endpoint
 
 
 def test_an_unreachable_broker_is_named_in_the_error(fabric: Fabric, make_endpoint: Any) -> None:
-    ep: Endpoint = make_endpoint()
+    ep: Endpoint = make_endpoint(connect_timeout=2.0)
     env = {**fabric.env, "GC_BROKER_URL": "amqp://guest:secret@127.0.0.1:1/%2F"}
     done = subprocess.run([str(Path(os.environ.get("VIRTUAL_ENV", ".venv")) / "bin" / "gc-agent"),
                            "start", ep.name], env=env, capture_output=True, text=True, timeout=120)
@@ -117,7 +117,7 @@ def test_enable_on_boot_writes_a_unit_systemd_accepts_and_its_exec_start_runs(
     units, envs = tmp_path / "units", tmp_path / "env"
     out = fabric.cli("gc-agent", "enable-on-boot", ep.name, "--unit-dir", str(units),
                      "--env-dir", str(envs)).stdout
-    assert "gc-agent@.service" in out
+    assert f"the unit is {units}/gc-agent@.service" in out
     unit = (units / "gc-agent@.service").read_text()
     assert "Restart=always" in unit and f"EnvironmentFile={envs}/agent-%i.env" in unit
     env_file = envs / f"agent-{ep.name}.env"
