@@ -145,6 +145,37 @@ def test_a_task_that_keeps_killing_its_worker_fails_with_worker_lost_naming_the_
     assert f"on host {socket.gethostname()}" in caught.value.remote_message
 
 
+def test_the_htex_engine_cancels_or_hands_back_jobs_still_waiting_and_abandons_the_others(
+        tmp_path: Path) -> None:
+    from gc_agent.engines.htex import HtexEngine
+    from gc_agent.execution import Job, Outcome
+
+    # Given an engine with room for two jobs (and no block yet, so nothing runs)
+    engine = HtexEngine(HtexEngineConfig(type="htex", max_workers_per_node=2, provider=(
+        LocalProviderConfig(init_blocks=0, min_blocks=0, max_blocks=1))), tmp_path / "run")
+    outcomes: dict[str, Outcome] = {}
+    jobs = [Job(task_id=f"t{n}", function_id="f", function_payload=b"", function_python="",
+                content_type="", payload=b"", sender_python="", sender_serializer="")
+            for n in range(4)]
+    engine.start()
+    try:
+        # When four arrive: two go to Parsl, two wait in the engine
+        for job in jobs:
+            engine.submit(job, lambda outcome: outcomes.__setitem__(outcome.task_id, outcome))
+        assert (engine.capacity, engine.busy) == (2, 2)
+
+        # Then a waiting job is removed, one Parsl holds is abandoned, an unknown one is unknown
+        assert engine.cancel("t2") == "removed"
+        assert engine.cancel("t0") == "abandoned"
+        assert engine.cancel("nope") == "unknown"
+        assert {task_id: o.state for task_id, o in outcomes.items()} == {
+            "t2": "cancelled", "t0": "cancelled"}
+        # and a draining agent gets back the job that never reached Parsl
+        assert [job.task_id for job, _ in engine.take_waiting()] == ["t3"]
+    finally:
+        engine.shutdown()
+
+
 def _parent_command(pid: int) -> str:
     """The command line of ``pid``'s parent process."""
     status = Path(f"/proc/{pid}/status").read_text()
