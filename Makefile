@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/gc-agent: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,examples]'
+	$(BIN)/pip install -q -e '.[test,examples,htex]'
 	@touch $@
 
 install: $(BIN)/gc-agent
