@@ -143,13 +143,15 @@ class Executor(_BaseExecutor):
             self._futures[task.task_id] = future
             self._manifest_ids.append(task.task_id)
             first_of_batch = len(self._manifest_ids) == 1
-        if first_of_batch:
-            session.call_soon(self._publish_manifest)
         topology = self.client.topology
         session.publish(topology.exchange("tasks"),
                         topology.routing_key("task", endpoint_id=self.endpoint_id),
                         encode_task(task), mandatory=True,
                         on_confirm=lambda reason: self._on_task_confirm(future, reason))
+        if first_of_batch:
+            # After the batch's first task, not before: the ledger copes with either order,
+            # and the task should not queue behind the manifest's write to the ledger.
+            session.call_soon(self._publish_manifest)
         return future
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
