@@ -77,6 +77,39 @@ def test_cancelling_a_queued_task_means_it_never_runs(client: Client, make_endpo
         assert ex.submit(mark_and_sleep, str(marker), 0).result(timeout=60) > 0  # agent serves
 
 
+def test_cancelling_a_task_waiting_at_the_agent_removes_it(client: Client, make_endpoint: Any,
+                                                            tmp_path: Path) -> None:
+    # Given one worker busy, and a second task delivered to the agent, waiting behind it
+    ep: Endpoint = make_endpoint(workers=1, heartbeat_period=0.3)
+    ep.start()
+    busy, waiting = tmp_path / "busy", tmp_path / "waiting"
+    with Executor(endpoint_id=ep.endpoint_id, client=client) as ex:
+        blocker = ex.submit(mark_and_sleep, str(busy), 5)
+        _eventually(busy.exists, 60, "the first task to start")
+        queued = ex.submit(mark_and_sleep, str(waiting), 0)
+        _eventually(lambda: _received(ep) >= 2, 30, "the agent to take the second task")
+        # When the waiting one is cancelled
+        assert queued.cancel()
+        # Then it is recorded cancelled before the running one even finishes, and never runs
+        _eventually(lambda: client.get_task(queued.task_id).status == "cancelled", 30,
+                    "cancelled")
+        assert not blocker.done()
+        assert blocker.result(timeout=60) > 0
+        assert not waiting.exists()
+    error = client.get_task(queued.task_id).error
+    assert error is not None and "before it started" in error.message
+
+
+def _received(ep: Endpoint) -> int:
+    """Tasks the agent has taken from its queue, from the status it records each heartbeat."""
+    import json
+
+    try:
+        return int(json.loads((ep.directory / "status.json").read_text())["tasks_received"])
+    except (OSError, ValueError, KeyError):
+        return 0
+
+
 def test_cancelling_a_running_task_stops_its_worker(client: Client, make_endpoint: Any,
                                                     tmp_path: Path) -> None:
     ep: Endpoint = make_endpoint(workers=1)

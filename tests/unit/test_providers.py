@@ -21,8 +21,8 @@ from gc_core.errors import ConfigError
 
 parsl = pytest.importorskip("parsl", reason="mapping onto Parsl needs Parsl")
 
-from parsl.launchers import MpiExecLauncher, SingleNodeLauncher, SrunLauncher
-from parsl.providers import LocalProvider, LSFProvider, PBSProProvider, SlurmProvider
+from parsl.launchers import MpiExecLauncher, SingleNodeLauncher, SrunLauncher  # noqa: E402
+from parsl.providers import LocalProvider, LSFProvider, PBSProProvider, SlurmProvider  # noqa: E402
 
 
 def _load(tmp_path: Path, engine: str) -> EndpointConfig:
