@@ -55,11 +55,12 @@ def create_app(settings: RegistrySettings) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.sessions = open_database(settings.db_url)
-        ledger = None
+        ledger = app.state.ledger = None
         if settings.ledger:
             ledger = Ledger(broker_url=settings.broker_url, topology=load_topology(),
                             sessions=app.state.sessions)
             ledger.start()
+            app.state.ledger = ledger
         yield
         if ledger is not None:
             ledger.stop()
@@ -75,8 +76,11 @@ def create_app(settings: RegistrySettings) -> FastAPI:
         return JSONResponse(status_code=422, content={"detail": f"payload_b64 is not base64: {exc}"})
 
     @app.get("/health")
-    def health() -> dict[str, Any]:
-        return {"status": "ok"}
+    def health(request: Request) -> dict[str, Any]:
+        ledger = request.app.state.ledger
+        return {"status": "ok",
+                "ledger": "off" if ledger is None else
+                          "consuming" if ledger.connected else "waiting for the broker"}
 
     @app.post("/functions", response_model=FunctionOut)
     def register_function(body: FunctionIn, session: Db) -> FunctionOut:

@@ -12,6 +12,7 @@ import logging
 import threading
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from gc_core.broker import BrokerSession, Delivery
@@ -51,6 +52,11 @@ class Ledger:
         self._stop = threading.Event()
         self._writer: threading.Thread | None = None
 
+    @property
+    def connected(self) -> bool:
+        """Whether the ledger's queue is declared and consumed right now."""
+        return self._broker.connected
+
     def start(self) -> None:
         """Start consuming in the background; the broker may come later."""
         self._broker.consume(self._queue.name, self._on_delivery)
@@ -80,17 +86,26 @@ class Ledger:
         if not batch:
             return
         results: list[ResultMessage] = []
-        with self._sessions() as db:
+        try:
+            with self._sessions() as db:
+                for delivery in batch:
+                    item = self._decode(delivery)
+                    if isinstance(item, ResultMessage):
+                        results.append(item)
+                    elif isinstance(item, GroupManifest):
+                        store.record_manifest(db, item)
+                    elif isinstance(item, Heartbeat):
+                        store.record_heartbeat(db, item)
+                store.record_results(db, results)
+                db.commit()
+        except SQLAlchemyError:
+            # The writer must outlive a database hiccup (locked, restarted): the batch goes
+            # back to the queue and is written again, which the upserts make harmless.
+            logger.exception("ledger could not commit %d messages; returning them to the queue",
+                             len(batch))
             for delivery in batch:
-                item = self._decode(delivery)
-                if isinstance(item, ResultMessage):
-                    results.append(item)
-                elif isinstance(item, GroupManifest):
-                    store.record_manifest(db, item)
-                elif isinstance(item, Heartbeat):
-                    store.record_heartbeat(db, item)
-            store.record_results(db, results)
-            db.commit()
+                self._broker.reject(delivery, requeue=True)
+            return
         # Deliveries arrive and are committed in order: one ack covers the whole batch.
         self._broker.ack(batch[-1], multiple=True)
         logger.debug("ledger committed %d messages (%d results)", len(batch), len(results))
