@@ -353,16 +353,20 @@ class Agent:
                             self.endpoint_id, self.config.idle_heartbeats)
                 self.idle.set()
                 return
-            self._broker.queue_message_count(queue, self._note_depth)
-            heartbeat = self.heartbeat()
-            self._broker.publish(self._topology.exchange("events"), key, encode_event(heartbeat),
-                                 persistent=False)
-            if self._on_heartbeat is not None:
-                try:
-                    self._on_heartbeat(heartbeat, self._broker.connected)
-                except Exception:
-                    logger.exception("recording the agent's status failed")
+            try:
+                self._send_heartbeat(queue, key)
+            except Exception:  # heartbeats must outlive a bad one
+                logger.exception("sending the heartbeat of endpoint %s failed", self.endpoint_id)
             self._stopped.wait(self.config.heartbeat_period)
+
+    def _send_heartbeat(self, queue: str, key: str) -> None:
+        assert self._broker is not None
+        self._broker.queue_message_count(queue, self._note_depth)
+        heartbeat = self.heartbeat()
+        self._broker.publish(self._topology.exchange("events"), key, encode_event(heartbeat),
+                             persistent=False)
+        if self._on_heartbeat is not None:
+            self._on_heartbeat(heartbeat, self._broker.connected)
 
     def _note_depth(self, depth: int) -> None:
         self._queue_depth = depth
