@@ -11,6 +11,7 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Callable
 
 import uvicorn
 
@@ -19,6 +20,20 @@ from gc_core.registry.app import RegistrySettings, create_app
 
 #: Seconds to wait for a process or server to come up in tests.
 START_TIMEOUT = 60.0
+
+
+def eventually(check: Callable[[], Any], timeout: float = 60, what: str = "a condition") -> Any:
+    """Poll ``check`` until it returns something truthy, and return that.
+
+    Raises:
+        AssertionError: still falsy after ``timeout`` seconds (names ``what``).
+    """
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:g}s waiting for {what}")
+        time.sleep(0.05)
+    return value
 
 
 def free_port() -> int:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import re
 import signal
 import threading
-import time
 from collections import Counter
 from concurrent.futures import Future
 from typing import Any
@@ -13,7 +12,7 @@ from typing import Any
 import pytest
 
 from gc_client import Client, Executor, TaskDeadLettered
-from tests.fabric import Endpoint, rabbitmqctl
+from tests.fabric import Endpoint, eventually, rabbitmqctl
 
 
 def triple(x: int) -> int:
@@ -40,13 +39,6 @@ def _count_resolutions(futures: list[Future[Any]]) -> Counter[str]:
     return counts
 
 
-def _wait_until(condition: Any, timeout: float, what: str) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
-
 
 def test_kill_9_of_the_agent_mid_sweep_loses_no_task(client: Client, make_endpoint: Any) -> None:
     # Given an agent running a 2,000-task sweep
@@ -55,7 +47,7 @@ def test_kill_9_of_the_agent_mid_sweep_loses_no_task(client: Client, make_endpoi
     with Executor(endpoint_id=ep.endpoint_id, client=client) as ex:
         futures = [ex.submit(triple, x) for x in range(2000)]
         resolutions = _count_resolutions(futures)
-        _wait_until(lambda: sum(f.done() for f in futures) >= 300, 120, "300 results")
+        eventually(lambda: sum(f.done() for f in futures) >= 300, 120, "300 results")
         # When it is killed with SIGKILL and a new agent takes over
         ep.kill(signal.SIGKILL)
         done_at_kill = sum(f.done() for f in futures)
@@ -66,7 +58,7 @@ def test_kill_9_of_the_agent_mid_sweep_loses_no_task(client: Client, make_endpoi
     assert values == [3 * x for x in range(2000)]
     assert set(resolutions.values()) == {1} and len(resolutions) == 2000
     # and the ledger, which commits asynchronously, ends up with the same picture
-    _wait_until(lambda: {t.status for t in client.registry.list_group_tasks(ex.task_group_id)}
+    eventually(lambda: {t.status for t in client.registry.list_group_tasks(ex.task_group_id)}
                 == {"success"}, 60, "the ledger to record every result")
     assert len(client.registry.list_group_tasks(ex.task_group_id)) == 2000
 
@@ -82,7 +74,7 @@ def test_a_task_that_kills_its_worker_every_time_ends_dead_lettered(client: Clie
         assert caught.value.task_id == poison.task_id
         # and the agent keeps serving
         assert ex.submit(triple, 5).result(timeout=60) == 15
-    _wait_until(lambda: client.get_task(poison.task_id).status == "failed", 60, "the ledger")
+    eventually(lambda: client.get_task(poison.task_id).status == "failed", 60, "the ledger")
     error = client.get_task(poison.task_id).error
     assert error is not None and error.type == "TaskDeadLettered"
 
@@ -105,7 +97,7 @@ def test_forced_connection_close_of_client_and_agent_recovers(client: Client, ma
     ep.start()
     with Executor(endpoint_id=ep.endpoint_id, client=client) as ex:
         futures = [ex.submit(triple, x) for x in range(1500)]
-        _wait_until(lambda: sum(f.done() for f in futures) >= 200, 120, "200 results")
+        eventually(lambda: sum(f.done() for f in futures) >= 200, 120, "200 results")
         # When the broker closes both the agent's and the client's connections
         agent_conns = _connections_named(f"gc-agent:{ep.endpoint_id}", vhost)
         client_conns = _connections_named(f"gc-client:{client.settings.user}:{ex.task_group_id}",
@@ -124,7 +116,7 @@ def test_sigterm_drains_the_agent_and_loses_nothing(client: Client, make_endpoin
     process = ep.start()
     with Executor(endpoint_id=ep.endpoint_id, client=client) as ex:
         futures = [ex.submit(triple, x) for x in range(600)]
-        _wait_until(lambda: sum(f.done() for f in futures) >= 100, 120, "100 results")
+        eventually(lambda: sum(f.done() for f in futures) >= 100, 120, "100 results")
         process.send_signal(signal.SIGTERM)
         assert process.wait(60) == 0, ep.read_logs()
         assert "draining" in ep.read_logs()

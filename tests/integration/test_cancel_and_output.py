@@ -5,12 +5,12 @@ from __future__ import annotations
 import os
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import pytest
 
 from gc_client import Client, Executor, TaskExecutionFailed
-from tests.fabric import Endpoint, Fabric
+from tests.fabric import Endpoint, Fabric, eventually
 
 
 def mark_and_sleep(marker: str, seconds: float) -> int:
@@ -41,16 +41,6 @@ def big_result(size: int) -> bytes:
     return b"x" * size
 
 
-def _eventually(check: Callable[[], Any], timeout: float = 60, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-
 
 def _pid_alive(pid: int) -> bool:
     try:
@@ -72,7 +62,7 @@ def test_cancelling_a_queued_task_means_it_never_runs(client: Client, make_endpo
         assert future.cancel() and future.cancelled()
         ep.start()
         # Then the ledger records it cancelled and it never ran
-        _eventually(lambda: client.get_task(future.task_id).status == "cancelled", 60, "cancelled")
+        eventually(lambda: client.get_task(future.task_id).status == "cancelled", 60, "cancelled")
         assert not marker.exists()
         assert ex.submit(mark_and_sleep, str(marker), 0).result(timeout=60) > 0  # agent serves
 
@@ -85,13 +75,13 @@ def test_cancelling_a_task_waiting_at_the_agent_removes_it(client: Client, make_
     busy, waiting = tmp_path / "busy", tmp_path / "waiting"
     with Executor(endpoint_id=ep.endpoint_id, client=client) as ex:
         blocker = ex.submit(mark_and_sleep, str(busy), 5)
-        _eventually(busy.exists, 60, "the first task to start")
+        eventually(busy.exists, 60, "the first task to start")
         queued = ex.submit(mark_and_sleep, str(waiting), 0)
-        _eventually(lambda: _received(ep) >= 2, 30, "the agent to take the second task")
+        eventually(lambda: _received(ep) >= 2, 30, "the agent to take the second task")
         # When the waiting one is cancelled
         assert queued.cancel()
         # Then it is recorded cancelled before the running one even finishes, and never runs
-        _eventually(lambda: client.get_task(queued.task_id).status == "cancelled", 30,
+        eventually(lambda: client.get_task(queued.task_id).status == "cancelled", 30,
                     "cancelled")
         assert not blocker.done()
         assert blocker.result(timeout=60) > 0
@@ -117,12 +107,12 @@ def test_cancelling_a_running_task_stops_its_worker(client: Client, make_endpoin
     marker = tmp_path / "started"
     with Executor(endpoint_id=ep.endpoint_id, client=client) as ex:
         future = ex.submit(mark_and_sleep, str(marker), 120)
-        _eventually(marker.exists, 60, "the task to start")
+        eventually(marker.exists, 60, "the task to start")
         worker_pid = int(marker.read_text())
         cancelled_at = time.monotonic()
         assert future.cancel()
-        _eventually(lambda: client.get_task(future.task_id).status == "cancelled", 60, "cancelled")
-        _eventually(lambda: not _pid_alive(worker_pid), 30, "the worker to be stopped")
+        eventually(lambda: client.get_task(future.task_id).status == "cancelled", 60, "cancelled")
+        eventually(lambda: not _pid_alive(worker_pid), 30, "the worker to be stopped")
         assert time.monotonic() - cancelled_at < 30
         # and a new worker takes the slot
         assert ex.submit(chatty, 0).result(timeout=60) == "done"
@@ -140,7 +130,7 @@ def test_shutdown_with_cancel_futures_cancels_at_the_endpoint(client: Client, ma
     assert all(f.cancelled() for f in futures)
     ep.start()
     for future in futures:
-        _eventually(lambda f=future: client.get_task(f.task_id).status == "cancelled", 60,
+        eventually(lambda f=future: client.get_task(f.task_id).status == "cancelled", 60,
                     "cancelled")
     assert not list(tmp_path.glob("ran-*"))
 
@@ -152,11 +142,11 @@ def test_gc_client_cancel_stops_a_running_task(fabric: Fabric, client: Client, m
     marker = tmp_path / "started"
     task_id = client.run(str(marker), 120, endpoint_id=ep.endpoint_id,
                          function_id=client.register_function(mark_and_sleep))
-    _eventually(marker.exists, 60, "the task to start")
-    _eventually(lambda: client.get_task(task_id).status == "waiting", 30, "the ledger")
+    eventually(marker.exists, 60, "the task to start")
+    eventually(lambda: client.get_task(task_id).status == "waiting", 30, "the ledger")
     out = fabric.cli("gc-client", "cancel", task_id)
     assert "cancel sent" in out.stdout
-    _eventually(lambda: client.get_task(task_id).status == "cancelled", 60, "cancelled")
+    eventually(lambda: client.get_task(task_id).status == "cancelled", 60, "cancelled")
 
 
 def test_stdout_and_stderr_are_captured_on_the_future_and_in_the_ledger(
@@ -170,7 +160,7 @@ def test_stdout_and_stderr_are_captured_on_the_future_and_in_the_ledger(
         with pytest.raises(TaskExecutionFailed):
             failing.result(timeout=60)
         assert failing.stdout == "about to fail\n"
-    _eventually(lambda: client.get_task(future.task_id).stdout, 30, "the ledger")
+    eventually(lambda: client.get_task(future.task_id).stdout, 30, "the ledger")
     out = fabric.cli("gc-client", "result", future.task_id, "--output")
     assert "line 2" in out.stderr and "a warning" in out.stderr and '"done"' in out.stdout
 

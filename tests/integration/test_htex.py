@@ -25,7 +25,7 @@ pytest.importorskip("parsl", reason="the htex engine needs Parsl (pip install pa
 from gc_agent.config import HtexEngineConfig, load_config, save_config
 from gc_agent.providers import LocalProviderConfig
 from gc_client import Client, Executor, TaskExecutionFailed
-from tests.fabric import Endpoint, Fabric
+from tests.fabric import Endpoint, Fabric, eventually
 
 #: Repository root: the worker pools import this module's functions (pickled by reference).
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -50,7 +50,6 @@ def seen_resource_spec() -> dict[str, Any]:
 def lose_once(marker: str, seconds: float) -> str:
     """First run: note this worker's pid and sleep (to be killed); a later run: return at once."""
     import os
-    import time
     from pathlib import Path
 
     path = Path(marker)
@@ -124,7 +123,8 @@ def test_a_task_whose_htex_worker_is_killed_runs_again_and_succeeds(
     with Executor(endpoint_id=htex_endpoint.endpoint_id, client=client) as ex:
         # Given a task running on an HTEX worker
         future = ex.submit(lose_once, str(marker), 120)
-        pid = int(_eventually(lambda: marker.exists() and marker.read_text(), "the task to start"))
+        pid = int(eventually(lambda: marker.exists() and marker.read_text(), RESULT_TIMEOUT,
+                             "the task to start"))
         assert "process_worker_pool" in _parent_command(pid), "the task runs in an HTEX worker"
 
         # When that worker is killed
@@ -235,12 +235,3 @@ def _parent_command(pid: int) -> str:
     status = Path(f"/proc/{pid}/status").read_text()
     ppid = next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:"))
     return Path(f"/proc/{ppid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
-
-
-def _eventually(check: Any, what: str, timeout: float = RESULT_TIMEOUT) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
-    return value

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from gc_client import Client, Executor
-from tests.fabric import Endpoint, Fabric
+from tests.fabric import Endpoint, Fabric, eventually
 
 
 def triple(x: int) -> int:
@@ -21,14 +20,6 @@ def triple(x: int) -> int:
     time.sleep(0.003)
     return 3 * x
 
-
-def _until(check: Any, timeout: float = 60) -> Any:
-    deadline = time.monotonic() + timeout
-    while not (value := check()):
-        if time.monotonic() > deadline:
-            raise AssertionError("timed out")
-        time.sleep(0.1)
-    return value
 
 
 def test_status_shows_pid_uptime_broker_queue_and_tasks(fabric: Fabric, client: Client,
@@ -39,8 +30,8 @@ def test_status_shows_pid_uptime_broker_queue_and_tasks(fabric: Fabric, client: 
     try:
         with Executor(endpoint_id=ep.endpoint_id, client=client) as ex:
             assert ex.submit(triple, 2).result(timeout=60) == 6
-        out = _until(lambda: (o := fabric.cli("gc-agent", "status", ep.name).stdout)
-                     and "1 succeeded" in o and o)
+        out = eventually(lambda: (o := fabric.cli("gc-agent", "status", ep.name).stdout)
+                         and "1 succeeded" in o and o)
         assert "running, pid" in out and "uptime:" in out
         assert "connected (amqp://guest:***@" in out and "2 workers" in out
         assert "tasks waiting" in out
@@ -55,7 +46,7 @@ def test_restart_keeps_the_id_serves_at_once_and_loses_no_task(fabric: Fabric, c
     try:
         with Executor(endpoint_id=ep.endpoint_id, client=client) as ex:
             futures = [ex.submit(triple, x) for x in range(400)]
-            _until(lambda: sum(f.done() for f in futures) >= 50)
+            eventually(lambda: sum(f.done() for f in futures) >= 50)
             out = fabric.cli("gc-agent", "restart", ep.name).stdout
             assert "restarted" in out
             assert [f.result(timeout=120) for f in futures] == [3 * x for x in range(400)]
@@ -137,7 +128,7 @@ def test_enable_on_boot_writes_a_unit_systemd_accepts_and_its_exec_start_runs(
                              env={"PATH": os.environ["PATH"], **settings},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        _until(lambda: (ep.directory / "agent.pid").exists(), 60)
+        eventually(lambda: (ep.directory / "agent.pid").exists(), 60)
     finally:
         agent.terminate()
         assert agent.wait(60) == 0
