@@ -382,7 +382,7 @@ class Agent:
             workers_busy=self._engine.busy, tasks_received=counts["received"],
             tasks_succeeded=counts["succeeded"], tasks_failed=counts["failed"],
             tasks_cancelled=counts["cancelled"],
-            queue_depth=self._queue_depth)
+            queue_depth=self._queue_depth, engine_status=self._engine.status())
 
 
 def _routable(*words: str) -> bool:

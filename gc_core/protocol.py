@@ -337,6 +337,9 @@ class Heartbeat(_Frozen):
     tasks_failed: int
     tasks_cancelled: int = 0
     queue_depth: int | None = None
+    #: The engine's own view, e.g. the htex engine's blocks (pending, running), managers and
+    #: idle/busy workers; empty for engines whose worker counts say it all.
+    engine_status: dict[str, Any] = Field(default_factory=dict)
 
 
 class GroupManifest(_Frozen):

@@ -6,7 +6,7 @@ import logging
 import queue
 import threading
 from abc import ABC, abstractmethod
-from typing import Callable, Literal
+from typing import Any, Callable, Literal
 
 from gc_agent.execution import Job, Outcome
 from gc_core.protocol import ErrorInfo
@@ -48,6 +48,11 @@ class Engine(ABC):
     @abstractmethod
     def start(self) -> None:
         """Bring the workers up."""
+
+    def status(self) -> dict[str, Any]:
+        """Engine-specific status for the heartbeat (the htex engine: blocks, managers,
+        workers); empty when the heartbeat's worker counts say it all."""
+        return {}
 
     @abstractmethod
     def submit(self, job: Job, on_done: OnDone) -> None:
