@@ -52,8 +52,8 @@ class GcFabricSystem(System):
         port = _free_port()
         env = {"GC_HOME": str(self._home), "GC_BROKER_URL": broker_url,
                "GC_REGISTRY_URL": f"http://127.0.0.1:{port}"}
-        registry = [sys.executable, "-m", "gc_core.registry.cli", "serve", "--port", str(port),
-                    "--log-level", "WARNING"] + ([] if self.ledger else ["--no-ledger"])
+        registry = [sys.executable, "-m", "gc_core.registry.cli", "serve", "--auth", "open",
+                    "--port", str(port), "--log-level", "WARNING"] + ([] if self.ledger else ["--no-ledger"])
         self._processes.append(_process.start_worker(registry, self._home / "registry.log", env))
         _wait_for_registry(env["GC_REGISTRY_URL"])
         subprocess.run([sys.executable, "-m", "gc_agent.cli", "configure", "bench", "--engine",

@@ -17,7 +17,7 @@ registry_up() { curl -fsS "$GC_REGISTRY_URL/health" >/dev/null 2>&1; }
 case "${1:-}" in
 up)
   if ! registry_up; then
-    "$bin/gc-registry" serve --port "$port" >"$GC_HOME/registry.log" 2>&1 &
+    "$bin/gc-registry" serve --auth open --port "$port" >"$GC_HOME/registry.log" 2>&1 &
     echo $! >"$GC_HOME/registry.pid"
     for _ in $(seq 1 100); do registry_up && break; sleep 0.1; done
     registry_up || { echo "registry did not start; see $GC_HOME/registry.log" >&2; exit 1; }

@@ -18,7 +18,9 @@
     │   └── WorkerLost
     ├── PolicyError                the endpoint refuses the task
     ├── RegistryError              the registry answered with an error or not at all
-    │   └── NotFound
+    │   ├── NotFound
+    │   ├── NotAuthenticated       no token, or one that is unknown, expired or revoked (401)
+    │   └── Forbidden              authenticated, but a policy does not allow it (403)
     └── ConfigError
 """
 
@@ -29,7 +31,9 @@ __all__ = [
     "BrokerUnreachable",
     "ConfigError",
     "ConnectionLost",
+    "Forbidden",
     "GCError",
+    "NotAuthenticated",
     "NotFound",
     "PolicyError",
     "ProtocolError",
@@ -175,6 +179,23 @@ class RegistryError(GCError):
 
 class NotFound(RegistryError):
     """The registry has no such object."""
+
+    def __init__(self, message: str, *, status: int | None = 404) -> None:
+        super().__init__(message, status=status)
+
+
+class NotAuthenticated(RegistryError):
+    """No token, or a token the registry does not accept; the message says which and why."""
+
+    def __init__(self, message: str, *, status: int | None = 401) -> None:
+        super().__init__(message, status=status)
+
+
+class Forbidden(RegistryError):
+    """The caller is known, but a policy does not allow what they asked."""
+
+    def __init__(self, message: str, *, status: int | None = 403) -> None:
+        super().__init__(message, status=status)
 
 
 class ConfigError(GCError):

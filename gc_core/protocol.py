@@ -57,6 +57,7 @@ H_STARTED = "gc-started"
 H_FINISHED = "gc-finished"
 H_EVENT = "gc-event"
 H_IDENTITY = "gc-identity"
+H_ON_BEHALF_OF = "gc-on-behalf-of"
 H_USER_ENDPOINT_CONFIG = "gc-user-endpoint-config"
 H_STDOUT = "gc-stdout"
 H_STDERR = "gc-stderr"
@@ -105,6 +106,8 @@ class TaskMessage(_Frozen):
     payload: bytes = Field(repr=False)
     resource_spec: dict[str, Any] = Field(default_factory=dict)
     identity: str = ""
+    #: The end user a service account (a science gateway) submits this task for.
+    on_behalf_of: str = ""
     user_endpoint_config: dict[str, Any] = Field(default_factory=dict)
     sender_python: str = ""
     sender_serializer: str = ""
@@ -119,6 +122,7 @@ class ResultMessage(_Frozen):
     endpoint_id: str = ""
     function_id: str = ""
     user: str
+    on_behalf_of: str = ""
     state: TaskState
     content_type: str
     payload: bytes = Field(default=b"", repr=False)
@@ -147,6 +151,8 @@ def encode_task(task: TaskMessage) -> Envelope:
         headers[H_RESOURCE_SPEC] = json.dumps(task.resource_spec)
     if task.identity:
         headers[H_IDENTITY] = task.identity
+    if task.on_behalf_of:
+        headers[H_ON_BEHALF_OF] = task.on_behalf_of
     if task.user_endpoint_config:
         headers[H_USER_ENDPOINT_CONFIG] = json.dumps(task.user_endpoint_config)
     return Envelope(task.task_id, task.task_group_id, task.content_type, headers, task.payload)
@@ -175,6 +181,7 @@ def decode_task(envelope: Envelope) -> TaskMessage:
             payload=envelope.body,
             resource_spec=resource_spec,
             identity=_text(headers.get(H_IDENTITY, "")),
+            on_behalf_of=_text(headers.get(H_ON_BEHALF_OF, "")),
             user_endpoint_config=user_options,
             sender_python=_text(headers.get(H_PYTHON, "")),
             sender_serializer=_text(headers.get(H_SERIALIZER, "")),
@@ -201,7 +208,8 @@ def encode_result(result: ResultMessage) -> Envelope:
                         (H_FINISHED, timings.finished)):
         if value is not None:
             headers[name] = round(value * 1_000_000)  # AMQP tables have no portable float
-    for name, text in ((H_STDOUT, result.stdout), (H_STDERR, result.stderr)):
+    for name, text in ((H_STDOUT, result.stdout), (H_STDERR, result.stderr),
+                       (H_ON_BEHALF_OF, result.on_behalf_of)):
         if text:
             headers[name] = text
     if result.error is not None:
@@ -235,6 +243,7 @@ def decode_result(envelope: Envelope) -> ResultMessage:
             endpoint_id=_text(headers.get(H_ENDPOINT, "")),
             function_id=_text(headers.get(H_FUNCTION, "")),
             user=_text(headers.get(H_USER, "")),
+            on_behalf_of=_text(headers.get(H_ON_BEHALF_OF, "")),
             state=state,  # type: ignore[arg-type]  # pydantic validates the literal
             content_type=envelope.content_type or "",
             payload=envelope.body if error is None else b"",
@@ -257,8 +266,8 @@ def error_result(task: TaskMessage, error: ErrorInfo, *, state: TaskState = "fai
     """A failed (or cancelled) result for ``task``."""
     return ResultMessage(
         task_id=task.task_id, task_group_id=task.task_group_id, endpoint_id=task.endpoint_id,
-        function_id=task.function_id, user=task.user, state=state,
-        content_type=JSON.content_type, error=error, timings=timings or Timings(), worker=worker,
+        function_id=task.function_id, user=task.user, on_behalf_of=task.on_behalf_of,
+        state=state, content_type=JSON.content_type, error=error, timings=timings or Timings(), worker=worker,
     )
 
 
@@ -282,6 +291,7 @@ def _dead_letter_result(envelope: Envelope) -> ResultMessage:
         endpoint_id=_text(headers.get(H_ENDPOINT, "")),
         function_id=_text(headers.get(H_FUNCTION, "")),
         user=_text(headers.get(H_USER, "")),
+        on_behalf_of=_text(headers.get(H_ON_BEHALF_OF, "")),
         state="failed",
         content_type=JSON.content_type,
         error=ErrorInfo(type="TaskDeadLettered", message=f"task {task_id} was given up: {why}"),

@@ -54,10 +54,11 @@ def rabbitmqctl(*args: str, timeout: float = 60) -> str:
 class RegistryServer:
     """The real registry app served by uvicorn in a background thread."""
 
-    def __init__(self, db_url: str, broker_url: str) -> None:
+    def __init__(self, db_url: str, broker_url: str, *, auth: str = "open") -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        app = create_app(RegistrySettings(db_url=db_url, broker_url=broker_url))
+        app = create_app(RegistrySettings(db_url=db_url, broker_url=broker_url,
+                                          auth=auth))  # type: ignore[arg-type]
         self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                                      log_level="warning", lifespan="on"))
         self._thread = threading.Thread(target=self._server.run, daemon=True)

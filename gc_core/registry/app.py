@@ -3,27 +3,34 @@
 from __future__ import annotations
 
 import binascii
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Annotated, Any
+from typing import Any, Literal
 
-from fastapi import Depends, FastAPI, Request
+from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict
-from sqlalchemy.orm import Session
+from pydantic import BaseModel, ConfigDict, Field
 
-from gc_core.errors import NotFound
-from gc_core.registry import store
+from gc_core.errors import RegistryError
+from gc_core.registry import identity, store
 from gc_core.registry.db import open_database
+from gc_core.registry.deps import Caller, Db
+from gc_core.registry.identity import Principal
 from gc_core.registry.ledger import Ledger
 from gc_core.registry.schemas import (
     EndpointIn,
     EndpointOut,
+    EndpointPolicy,
     EndpointStatus,
     FunctionIn,
     FunctionOut,
+    FunctionSharing,
+    IssuedToken,
     TaskBatchIn,
     TaskOut,
+    TokenIn,
+    TokenOut,
+    WhoAmI,
 )
 from gc_core.settings import DEFAULT_BROKER_URL
 from gc_core.topology import load_topology
@@ -39,14 +46,37 @@ class RegistrySettings(BaseModel):
     db_url: str = "sqlite:///registry.db"
     broker_url: str = DEFAULT_BROKER_URL
     ledger: bool = True
+    #: ``tokens``: every request needs a token and policies hold. ``open``: identities are
+    #: claimed, not proven — for a laptop demo on a broker nobody else can reach.
+    auth: Literal["open", "tokens"] = Field(default="tokens")
 
 
-def _db(request: Request) -> Iterator[Session]:
-    with request.app.state.sessions() as session:
-        yield session
+class Refusal(BaseModel):
+    """Why a request was refused."""
+
+    detail: str
 
 
-Db = Annotated[Session, Depends(_db)]
+class TaskCheckIn(BaseModel):
+    """A task an agent is about to run, for the registry's policy re-check."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    user: str = Field(min_length=1, max_length=200)
+    function_id: str = Field(min_length=1, max_length=64)
+    content_type: str = Field(max_length=100)
+
+
+class TaskCheckOut(BaseModel):
+    """The re-check's answer: allowed, or refused and why."""
+
+    allowed: bool
+    reason: str = ""
+
+
+def _owner(caller: Principal, claimed: str) -> str:
+    """Who owns what a caller creates: themselves, or whoever they claim on an open registry."""
+    return claimed if caller is identity.ANONYMOUS else caller.name
 
 
 def create_app(settings: RegistrySettings) -> FastAPI:
@@ -54,6 +84,7 @@ def create_app(settings: RegistrySettings) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.settings = settings
         app.state.sessions = open_database(settings.db_url)
         ledger = app.state.ledger = None
         if settings.ledger:
@@ -65,11 +96,20 @@ def create_app(settings: RegistrySettings) -> FastAPI:
         if ledger is not None:
             ledger.stop()
 
-    app = FastAPI(title="gc-fabric registry", version="1", lifespan=lifespan)
+    app = FastAPI(title="gc-fabric registry", version="1", lifespan=lifespan,
+                  responses={401: {"model": Refusal}, 403: {"model": Refusal},
+                             404: {"model": Refusal}})
+    app.state.settings = settings
 
-    @app.exception_handler(NotFound)
-    async def not_found(_request: Request, exc: NotFound) -> JSONResponse:
-        return JSONResponse(status_code=404, content={"detail": str(exc)})
+    @app.exception_handler(RegistryError)
+    async def refused(_request: Request, exc: RegistryError) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if exc.status == 401 else None
+        return JSONResponse(status_code=exc.status or 400, content={"detail": str(exc)},
+                            headers=headers)
+
+    @app.exception_handler(ValueError)
+    async def bad_value(_request: Request, exc: ValueError) -> JSONResponse:
+        return JSONResponse(status_code=422, content={"detail": str(exc)})
 
     @app.exception_handler(binascii.Error)
     async def bad_base64(_request: Request, exc: binascii.Error) -> JSONResponse:
@@ -82,44 +122,89 @@ def create_app(settings: RegistrySettings) -> FastAPI:
                 "ledger": "off" if ledger is None else
                           "consuming" if ledger.connected else "waiting for the broker"}
 
+    @app.get("/whoami", response_model=WhoAmI)
+    def whoami(caller: Caller) -> WhoAmI:
+        return WhoAmI(name=caller.name, kind=caller.kind, admin=caller.admin,
+                      groups=sorted(caller.groups), endpoint_id=caller.endpoint_id,
+                      auth=settings.auth)
+
+    @app.post("/tokens", response_model=IssuedToken)
+    def issue_token(body: TokenIn, session: Db, caller: Caller) -> IssuedToken:
+        if caller.is_agent or caller is identity.ANONYMOUS:
+            raise RegistryError("only a user's own token can issue tokens; log in first",
+                                status=403)
+        return identity.issue_token(session, caller.name, label=body.label,
+                                    lifetime=body.lifetime, endpoint_id=body.endpoint_id)
+
+    @app.get("/tokens", response_model=list[TokenOut])
+    def list_tokens(session: Db, caller: Caller) -> list[TokenOut]:
+        return identity.list_tokens(session, None if caller.admin else caller.name)
+
+    @app.delete("/tokens/{token_id}", response_model=TokenOut)
+    def revoke_token(token_id: str, session: Db, caller: Caller) -> TokenOut:
+        return identity.revoke_token(session, token_id, by=caller)
+
     @app.post("/functions", response_model=FunctionOut)
-    def register_function(body: FunctionIn, session: Db) -> FunctionOut:
-        return store.register_function(session, body)
+    def register_function(body: FunctionIn, session: Db, caller: Caller) -> FunctionOut:
+        return store.register_function(session, body, owner=_owner(caller, body.owner))
 
     @app.get("/functions/{function_id}", response_model=FunctionOut)
-    def get_function(function_id: str, session: Db) -> FunctionOut:
-        return store.get_function(session, function_id)
+    def get_function(function_id: str, session: Db, caller: Caller) -> FunctionOut:
+        return store.get_function(session, function_id, caller)
+
+    @app.put("/functions/{function_id}/sharing", response_model=FunctionOut)
+    def share_function(function_id: str, body: FunctionSharing, session: Db,
+                       caller: Caller) -> FunctionOut:
+        return store.set_function_sharing(session, function_id, body, caller)
 
     @app.post("/endpoints", response_model=EndpointOut)
-    def create_endpoint(body: EndpointIn, session: Db) -> EndpointOut:
-        return store.create_endpoint(session, body)
+    def create_endpoint(body: EndpointIn, session: Db, caller: Caller) -> EndpointOut:
+        return store.create_endpoint(session, body, owner=_owner(caller, body.owner))
 
     @app.get("/endpoints", response_model=list[EndpointOut])
-    def list_endpoints(session: Db) -> list[EndpointOut]:
-        return store.list_endpoints(session)
+    def list_endpoints(session: Db, caller: Caller) -> list[EndpointOut]:
+        return store.list_endpoints(session, caller)
 
     @app.get("/endpoints/{endpoint_id}", response_model=EndpointOut)
-    def get_endpoint(endpoint_id: str, session: Db) -> EndpointOut:
-        return store.get_endpoint(session, endpoint_id)
+    def get_endpoint(endpoint_id: str, session: Db, caller: Caller) -> EndpointOut:
+        return store.get_endpoint(session, endpoint_id, caller)
+
+    @app.put("/endpoints/{endpoint_id}/policy", response_model=EndpointOut)
+    def set_endpoint_policy(endpoint_id: str, body: EndpointPolicy, session: Db,
+                            caller: Caller) -> EndpointOut:
+        return store.set_endpoint_policy(session, endpoint_id, body, caller)
+
+    @app.get("/endpoints/{endpoint_id}/functions", response_model=list[FunctionOut])
+    def allowed_functions(endpoint_id: str, session: Db, caller: Caller) -> list[FunctionOut]:
+        return store.allowed_functions(session, endpoint_id, caller)
+
+    @app.post("/endpoints/{endpoint_id}/check-task", response_model=TaskCheckOut)
+    def check_task(endpoint_id: str, body: TaskCheckIn, session: Db,
+                   caller: Caller) -> TaskCheckOut:
+        reason = store.authorize_task(session, endpoint_id, body.user, body.function_id,
+                                      body.content_type, caller)
+        return TaskCheckOut(allowed=reason is None, reason=reason or "")
 
     @app.get("/endpoints/{endpoint_id}/status", response_model=EndpointStatus)
-    def get_endpoint_status(endpoint_id: str, session: Db) -> EndpointStatus:
+    def get_endpoint_status(endpoint_id: str, session: Db, caller: Caller) -> EndpointStatus:
+        store.get_endpoint(session, endpoint_id, caller)
         return store.endpoint_status(session, endpoint_id)
 
     @app.get("/endpoints/{endpoint_id}/task-counts", response_model=dict[str, int])
-    def get_task_counts(endpoint_id: str, session: Db) -> dict[str, int]:
+    def get_task_counts(endpoint_id: str, session: Db, caller: Caller) -> dict[str, int]:
+        store.get_endpoint(session, endpoint_id, caller)
         return store.task_counts(session, endpoint_id)
 
     @app.get("/tasks/{task_id}", response_model=TaskOut)
-    def get_task(task_id: str, session: Db) -> TaskOut:
-        return store.get_tasks(session, [task_id])[0]
+    def get_task(task_id: str, session: Db, caller: Caller) -> TaskOut:
+        return store.get_tasks(session, [task_id], caller)[0]
 
     @app.post("/tasks/batch", response_model=list[TaskOut])
-    def get_task_batch(body: TaskBatchIn, session: Db) -> list[TaskOut]:
-        return store.get_tasks(session, body.task_ids)
+    def get_task_batch(body: TaskBatchIn, session: Db, caller: Caller) -> list[TaskOut]:
+        return store.get_tasks(session, body.task_ids, caller)
 
     @app.get("/task-groups/{task_group_id}/tasks", response_model=list[TaskOut])
-    def list_group_tasks(task_group_id: str, session: Db) -> list[TaskOut]:
-        return store.list_group_tasks(session, task_group_id)
+    def list_group_tasks(task_group_id: str, session: Db, caller: Caller) -> list[TaskOut]:
+        return store.list_group_tasks(session, task_group_id, caller)
 
     return app

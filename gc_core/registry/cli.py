@@ -1,44 +1,222 @@
-"""gc-registry: run the registry service."""
+"""gc-registry: run the registry service, and administer its users, groups and tokens."""
 
 from __future__ import annotations
 
+import logging
+import re
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, TypeVar
+
 import click
 import uvicorn
+from sqlalchemy.orm import Session
 
+from gc_core.errors import RegistryError
 from gc_core.logs import configure_logging
+from gc_core.registry import identity
 from gc_core.registry.app import RegistrySettings, create_app
+from gc_core.registry.db import open_database
 from gc_core.settings import resolve_settings
 
 __all__ = ["main"]
 
+logger = logging.getLogger("gc_core.registry")
+
+_F = TypeVar("_F", bound=Callable[..., Any])
+_DURATION = re.compile(r"^(\d+)([smhdw])$")
+_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def _db_option(command: _F) -> _F:
+    return click.option(
+        "--db", "db_url", default=None, metavar="URL",
+        help="SQLAlchemy database URL [default: sqlite:///$GC_HOME/registry.db]. "
+             "PostgreSQL: postgresql+psycopg://user@host/dbname")(command)
+
+
+def _database_url(db_url: str | None) -> str:
+    if db_url is not None:
+        return db_url
+    home = resolve_settings().home
+    home.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{home / 'registry.db'}"
+
+
+@contextmanager
+def _session(db_url: str | None) -> Iterator[Session]:
+    """A database session; registry refusals become one-line CLI errors."""
+    with open_database(_database_url(db_url))() as session:
+        try:
+            yield session
+        except (RegistryError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+
 
 @click.group()
 def main() -> None:
-    """The gc-fabric registry: functions, endpoints and the task ledger."""
+    """The gc-fabric registry: identities, policies, functions, endpoints and the task ledger.
+
+    `serve` runs the service; `user`, `group` and `token` administer identities directly in
+    its database (run them on the registry's host, as the account that owns the database).
+    """
 
 
 @main.command()
-@click.option("--db", "db_url", default=None, metavar="URL",
-              help="SQLAlchemy database URL [default: sqlite:///$GC_HOME/registry.db]. "
-                   "PostgreSQL: postgresql+psycopg://user@host/dbname")
+@_db_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8765, show_default=True, type=int, help="Port to listen on.")
 @click.option("--broker-url", default=None, metavar="URL",
               help="Broker the ledger consumes from [default: $GC_BROKER_URL or the local one].")
 @click.option("--no-ledger", is_flag=True, help="Do not consume the task ledger queue.")
+@click.option("--auth", type=click.Choice(["tokens", "open"]), default="tokens", show_default=True,
+              help="tokens: every request needs a token and policies hold. open: identities "
+                   "are claimed, not proven (a laptop demo only).")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def serve(db_url: str | None, host: str, port: int, broker_url: str | None, no_ledger: bool,
-          log_level: str) -> None:
+          auth: str, log_level: str) -> None:
     """Serve the registry's HTTP API and record the task ledger."""
     configure_logging(log_level)
     fabric = resolve_settings(broker_url=broker_url)
-    if db_url is None:
-        fabric.home.mkdir(parents=True, exist_ok=True)
-        db_url = f"sqlite:///{fabric.home / 'registry.db'}"
-    settings = RegistrySettings(db_url=db_url, broker_url=fabric.broker_url, ledger=not no_ledger)
+    settings = RegistrySettings(db_url=_database_url(db_url), broker_url=fabric.broker_url,
+                                ledger=not no_ledger, auth=auth)  # type: ignore[arg-type]
+    if auth == "open":
+        logger.warning("registry is OPEN: anyone who reaches it may act as anyone; use "
+                       "--auth tokens anywhere but a single-user demo")
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower(),
                 access_log=False)
+
+
+@main.group()
+def user() -> None:
+    """Users and service accounts."""
+
+
+@user.command("create")
+@_db_option
+@click.argument("name")
+@click.option("--service", is_flag=True,
+              help="A service account: a science gateway that submits for its own end users.")
+@click.option("--admin", is_flag=True, help="May see and change everything.")
+def user_create(db_url: str | None, name: str, service: bool, admin: bool) -> None:
+    """Add a user (or with --service, a service account)."""
+    with _session(db_url) as db:
+        made = identity.create_user(db, name, kind="service" if service else "user", admin=admin)
+    click.echo(f"created {made.kind} {made.name}" + (" (admin)" if made.admin else ""))
+
+
+@user.command("list")
+@_db_option
+def user_list(db_url: str | None) -> None:
+    """List users and service accounts with their groups."""
+    with _session(db_url) as db:
+        for row in identity.list_users(db):
+            flags = f"{row.kind}{', admin' if row.admin else ''}"
+            click.echo(f"{row.name:<24} {flags:<16} {','.join(row.groups) or '-'}")
+
+
+@main.group()
+def group() -> None:
+    """Groups, which endpoint and function policies can name."""
+
+
+@group.command("create")
+@_db_option
+@click.argument("name")
+def group_create(db_url: str | None, name: str) -> None:
+    """Add a group."""
+    with _session(db_url) as db:
+        identity.create_group(db, name)
+    click.echo(f"created group {name}")
+
+
+@group.command("add")
+@_db_option
+@click.argument("group_name", metavar="GROUP")
+@click.argument("users", nargs=-1, required=True)
+def group_add(db_url: str | None, group_name: str, users: tuple[str, ...]) -> None:
+    """Put users in a group."""
+    with _session(db_url) as db:
+        for name in users:
+            identity.add_member(db, group_name, name)
+    click.echo(f"{group_name}: added {', '.join(users)}")
+
+
+@group.command("remove")
+@_db_option
+@click.argument("group_name", metavar="GROUP")
+@click.argument("users", nargs=-1, required=True)
+def group_remove(db_url: str | None, group_name: str, users: tuple[str, ...]) -> None:
+    """Take users out of a group."""
+    with _session(db_url) as db:
+        for name in users:
+            identity.remove_member(db, group_name, name)
+    click.echo(f"{group_name}: removed {', '.join(users)}")
+
+
+@main.group()
+def token() -> None:
+    """Tokens: issue, list, revoke. Only a hash of each is stored."""
+
+
+@token.command("create")
+@_db_option
+@click.argument("user_name", metavar="USER")
+@click.option("--label", default="", help="What the token is for, shown in listings.")
+@click.option("--expires-in", default=None, metavar="DURATION",
+              help="Lifetime such as 90d, 12h, 30m [default: until revoked].")
+@click.option("--endpoint", "endpoint_id", default=None, metavar="ENDPOINT_ID",
+              help="Issue the agent token of this endpoint (USER must own it).")
+def token_create(db_url: str | None, user_name: str, label: str, expires_in: str | None,
+                 endpoint_id: str | None) -> None:
+    """Issue a token for USER; its secret is printed once, on stdout alone."""
+    with _session(db_url) as db:
+        issued = identity.issue_token(db, user_name, label=label,
+                                      lifetime=_duration(expires_in), endpoint_id=endpoint_id)
+    click.echo(f"issued token {issued.token_id} for {issued.principal}"
+               + (f", expires {_when(issued.expires)}" if issued.expires else ""), err=True)
+    click.echo(issued.token)
+
+
+@token.command("list")
+@_db_option
+@click.option("--user", "user_name", default=None, help="Only this user's tokens.")
+def token_list(db_url: str | None, user_name: str | None) -> None:
+    """List tokens (never their secrets)."""
+    with _session(db_url) as db:
+        for row in identity.list_tokens(db, user_name):
+            state = ("revoked" if row.revoked else
+                     "expired" if row.expires and row.expires <= time.time() else "valid")
+            who = f"endpoint-{row.endpoint_id}" if row.endpoint_id else row.user
+            click.echo(f"{row.token_id}  {who:<45} {state:<8} "
+                       f"expires {_when(row.expires) if row.expires else 'never':<24} {row.label}")
+
+
+@token.command("revoke")
+@_db_option
+@click.argument("token_ids", nargs=-1, required=True, metavar="TOKEN_ID...")
+def token_revoke(db_url: str | None, token_ids: tuple[str, ...]) -> None:
+    """Revoke tokens: the next request or broker connection with them is refused."""
+    with _session(db_url) as db:
+        for token_id in token_ids:
+            identity.revoke_token(db, token_id)
+    click.echo(f"revoked {', '.join(token_ids)}")
+
+
+def _duration(text: str | None) -> float | None:
+    if text is None:
+        return None
+    match = _DURATION.match(text.strip())
+    if match is None:
+        raise click.BadParameter(f"{text!r} is not a duration; write e.g. 90d, 12h or 30m",
+                                 param_hint="--expires-in")
+    return int(match[1]) * _SECONDS[match[2]]
+
+
+def _when(timestamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(timestamp)) if timestamp else "never"
 
 
 if __name__ == "__main__":

@@ -4,10 +4,23 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import Engine, Float, Index, LargeBinary, String, Text, create_engine, event
+from sqlalchemy import (
+    JSON,
+    Boolean,
+    Engine,
+    Float,
+    ForeignKey,
+    Index,
+    LargeBinary,
+    String,
+    Text,
+    create_engine,
+    event,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-__all__ = ["Base", "EndpointRow", "FunctionRow", "TaskRow", "open_database"]
+__all__ = ["Base", "EndpointRow", "FunctionRow", "GroupMemberRow", "GroupRow", "TaskRow",
+           "TokenRow", "UserRow", "open_database"]
 
 
 class Base(DeclarativeBase):
@@ -29,6 +42,9 @@ class FunctionRow(Base):
     python_version: Mapped[str] = mapped_column(String(40))
     serializer: Mapped[str] = mapped_column(String(100))
     created: Mapped[float] = mapped_column(Float)
+    #: private (owner only), groups (members of ``shared_groups``) or public.
+    sharing: Mapped[str] = mapped_column(String(10), default="private")
+    shared_groups: Mapped[list[str]] = mapped_column(JSON, default=list)
 
 
 class EndpointRow(Base):
@@ -43,6 +59,14 @@ class EndpointRow(Base):
     created: Mapped[float] = mapped_column(Float)
     last_seen: Mapped[float | None] = mapped_column(Float)
     heartbeat_json: Mapped[str | None] = mapped_column(Text)
+    #: private (only the owner and the allowed users and groups see it) or listed (all do).
+    visibility: Mapped[str] = mapped_column(String(10), default="private")
+    allowed_users: Mapped[list[str]] = mapped_column(JSON, default=list)
+    allowed_groups: Mapped[list[str]] = mapped_column(JSON, default=list)
+    #: None: any function its users may use; a list: only these function ids.
+    allowed_functions: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    #: None: the agent's own allow-list decides; a list: only these serializer content types.
+    allowed_serializers: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
 
 
 class TaskRow(Base):
@@ -56,6 +80,8 @@ class TaskRow(Base):
     endpoint_id: Mapped[str] = mapped_column(String(64), default="")
     function_id: Mapped[str] = mapped_column(String(64), default="")
     user: Mapped[str] = mapped_column(String(200), default="")
+    #: The end user a service account submitted for ("" when users submit for themselves).
+    on_behalf_of: Mapped[str] = mapped_column(String(200), default="")
     status: Mapped[str] = mapped_column(String(20))
     submitted: Mapped[float | None] = mapped_column(Float)
     received: Mapped[float | None] = mapped_column(Float)
@@ -67,6 +93,54 @@ class TaskRow(Base):
     error_json: Mapped[str | None] = mapped_column(Text)
     stdout: Mapped[str] = mapped_column(Text, default="")
     stderr: Mapped[str] = mapped_column(Text, default="")
+
+
+class UserRow(Base):
+    """A person or a service account (a science gateway that submits for its own users)."""
+
+    __tablename__ = "users"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(10), default="user")  # user | service
+    admin: Mapped[bool] = mapped_column(Boolean, default=False)
+    created: Mapped[float] = mapped_column(Float)
+
+
+class TokenRow(Base):
+    """A bearer token: only its SHA-256 is kept; the secret is shown once, when issued."""
+
+    __tablename__ = "tokens"
+
+    token_id: Mapped[str] = mapped_column(String(16), primary_key=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    #: The user the token acts as; for an agent token, the endpoint's owner.
+    user: Mapped[str] = mapped_column(ForeignKey("users.name", ondelete="CASCADE"), index=True)
+    #: Set for an agent's token: it may act for this endpoint only.
+    endpoint_id: Mapped[str | None] = mapped_column(String(36), nullable=True)
+    label: Mapped[str] = mapped_column(String(200), default="")
+    created: Mapped[float] = mapped_column(Float)
+    expires: Mapped[float | None] = mapped_column(Float, nullable=True)
+    revoked: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class GroupRow(Base):
+    """A named set of users that policies can name."""
+
+    __tablename__ = "groups"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    created: Mapped[float] = mapped_column(Float)
+
+
+class GroupMemberRow(Base):
+    """One user's membership of one group."""
+
+    __tablename__ = "group_members"
+
+    group: Mapped[str] = mapped_column(ForeignKey("groups.name", ondelete="CASCADE"),
+                                       primary_key=True)
+    user: Mapped[str] = mapped_column(ForeignKey("users.name", ondelete="CASCADE"),
+                                      primary_key=True)
 
 
 def open_database(url: str) -> sessionmaker[Any]:

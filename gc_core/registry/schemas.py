@@ -10,13 +10,20 @@ from gc_core.protocol import ErrorInfo, Timings
 
 __all__ = [
     "EndpointIn",
+    "EndpointPolicy",
     "EndpointOut",
     "EndpointStatus",
     "FunctionIn",
     "FunctionOut",
+    "FunctionSharing",
+    "IssuedToken",
     "TaskBatchIn",
     "TaskOut",
     "TaskStatus",
+    "TokenIn",
+    "TokenOut",
+    "UserOut",
+    "WhoAmI",
 ]
 
 TaskStatus = Literal["waiting", "success", "failed", "cancelled", "unknown"]
@@ -24,6 +31,13 @@ TaskStatus = Literal["waiting", "success", "failed", "cancelled", "unknown"]
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class FunctionSharing(_Body):
+    """Who may run a function besides its owner."""
+
+    sharing: Literal["private", "groups", "public"] = "private"
+    shared_groups: list[str] = Field(default_factory=list, max_length=1000)
 
 
 class FunctionIn(_Body):
@@ -35,7 +49,9 @@ class FunctionIn(_Body):
     source: str | None = None
     python_version: str
     serializer: str
-    owner: str = "anonymous"
+    owner: str = Field(default="anonymous", description="Ignored when the registry checks "
+                                                        "tokens: the caller owns it.")
+    sharing: FunctionSharing = FunctionSharing()
 
 
 class FunctionOut(_Body):
@@ -51,14 +67,31 @@ class FunctionOut(_Body):
     serializer: str
     owner: str
     created: float
+    sharing: FunctionSharing = FunctionSharing()
+
+
+class EndpointPolicy(_Body):
+    """Who may send tasks to an endpoint, and which functions and serializers it takes."""
+
+    visibility: Literal["private", "listed"] = "private"
+    allowed_users: list[str] = Field(default_factory=list, max_length=10_000)
+    allowed_groups: list[str] = Field(default_factory=list, max_length=1000)
+    allowed_functions: list[str] | None = Field(
+        default=None, max_length=10_000,
+        description="None: any function its users may run; a list: only these function ids.")
+    allowed_serializers: list[str] | None = Field(
+        default=None, max_length=100,
+        description="None: the agent's own allow-list decides; a list: only these content types.")
 
 
 class EndpointIn(_Body):
     """An endpoint to create."""
 
     name: str = Field(min_length=1, max_length=200)
-    owner: str = "anonymous"
+    owner: str = Field(default="anonymous", description="Ignored when the registry checks "
+                                                        "tokens: the caller owns it.")
     description: str = ""
+    policy: EndpointPolicy = EndpointPolicy()
 
 
 class EndpointOut(_Body):
@@ -69,6 +102,7 @@ class EndpointOut(_Body):
     owner: str
     description: str
     created: float
+    policy: EndpointPolicy = EndpointPolicy()
 
 
 class EndpointStatus(_Body):
@@ -88,6 +122,7 @@ class TaskOut(_Body):
     endpoint_id: str
     function_id: str
     user: str
+    on_behalf_of: str = ""
     status: TaskStatus
     submitted: float | None = None
     timings: Timings = Timings()
@@ -103,3 +138,53 @@ class TaskBatchIn(_Body):
     """Task ids to look up at once."""
 
     task_ids: list[str] = Field(max_length=10_000)
+
+
+class UserOut(_Body):
+    """A user or service account."""
+
+    name: str
+    kind: Literal["user", "service"]
+    admin: bool = False
+    groups: list[str] = []
+    created: float
+
+
+class WhoAmI(_Body):
+    """The identity a token stands for, as the registry sees it."""
+
+    name: str
+    kind: Literal["user", "service", "agent", "anonymous"]
+    admin: bool = False
+    groups: list[str] = []
+    endpoint_id: str | None = None
+    auth: Literal["open", "tokens"]
+
+
+class TokenIn(_Body):
+    """A token to issue for the caller."""
+
+    label: str = Field(default="", max_length=200)
+    lifetime: float | None = Field(default=None, gt=0, le=10 * 365 * 86400,
+                                   description="Seconds until it expires; none: until revoked.")
+    endpoint_id: str | None = Field(default=None, description="Issue an agent token for this "
+                                                              "endpoint, which the caller owns.")
+
+
+class TokenOut(_Body):
+    """A token, without its secret."""
+
+    token_id: str
+    user: str
+    endpoint_id: str | None = None
+    label: str = ""
+    created: float
+    expires: float | None = None
+    revoked: float | None = None
+
+
+class IssuedToken(TokenOut):
+    """A token just issued: the only time its secret is shown."""
+
+    token: str
+    principal: str = Field(description="The user name to give the broker with this token.")

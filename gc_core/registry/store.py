@@ -17,20 +17,26 @@ from sqlalchemy import Table, func, select
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
-from gc_core.errors import NotFound
+from gc_core.errors import Forbidden, NotFound
 from gc_core.protocol import ErrorInfo, GroupManifest, Heartbeat, ResultMessage, Timings
+from gc_core.registry import policy
 from gc_core.registry.db import EndpointRow, FunctionRow, TaskRow
+from gc_core.registry.identity import ANONYMOUS, Principal
 from gc_core.registry.schemas import (
     EndpointIn,
     EndpointOut,
+    EndpointPolicy,
     EndpointStatus,
     FunctionIn,
     FunctionOut,
+    FunctionSharing,
     TaskOut,
 )
 
 __all__ = [
     "OFFLINE_AFTER_PERIODS",
+    "allowed_functions",
+    "authorize_task",
     "create_endpoint",
     "endpoint_status",
     "get_endpoint",
@@ -42,6 +48,8 @@ __all__ = [
     "record_manifest",
     "record_results",
     "register_function",
+    "set_endpoint_policy",
+    "set_function_sharing",
     "task_counts",
 ]
 
@@ -49,47 +57,99 @@ __all__ = [
 OFFLINE_AFTER_PERIODS = 3
 
 
-def register_function(db: Session, body: FunctionIn) -> FunctionOut:
-    """Store a function once: the same bytes from the same owner give the same id."""
+def register_function(db: Session, body: FunctionIn, *, owner: str | None = None) -> FunctionOut:
+    """Store a function once: the same bytes from the same owner give the same id.
+    ``owner`` (the authenticated caller) overrides the owner the body claims."""
+    owner = owner or body.owner
     payload = base64.b64decode(body.payload_b64, validate=True)
     digest = hashlib.sha256(payload).hexdigest()
     row = db.scalars(select(FunctionRow).where(
-        FunctionRow.content_hash == digest, FunctionRow.owner == body.owner)).first()
+        FunctionRow.content_hash == digest, FunctionRow.owner == owner)).first()
     if row is None:
         row = FunctionRow(
-            function_id=str(uuid.uuid4()), name=body.name, owner=body.owner, content_hash=digest,
+            function_id=str(uuid.uuid4()), name=body.name, owner=owner, content_hash=digest,
             content_type=body.content_type, payload=payload, source=body.source,
-            python_version=body.python_version, serializer=body.serializer, created=time.time())
+            python_version=body.python_version, serializer=body.serializer, created=time.time(),
+            sharing=body.sharing.sharing, shared_groups=body.sharing.shared_groups)
         db.add(row)
         db.commit()
     return _function_out(row)
 
 
-def get_function(db: Session, function_id: str) -> FunctionOut:
-    """A registered function by id."""
+def get_function(db: Session, function_id: str, principal: Principal = ANONYMOUS) -> FunctionOut:
+    """A registered function by id, if ``principal`` may use it (agents may fetch any: the
+    broker only lets them see tasks their endpoint's policy allowed)."""
     row = db.get(FunctionRow, function_id)
-    if row is None:
-        raise NotFound(f"no function {function_id} is registered", status=404)
+    if row is None or not (principal.is_agent or policy.may_use_function(principal, row)):
+        raise NotFound(f"no function {function_id} is registered (or it is not shared with you)")
     return _function_out(row)
 
 
-def create_endpoint(db: Session, body: EndpointIn) -> EndpointOut:
-    """Register a new endpoint with a fresh id."""
-    row = EndpointRow(endpoint_id=str(uuid.uuid4()), name=body.name, owner=body.owner,
+def set_function_sharing(db: Session, function_id: str, sharing: FunctionSharing,
+                         principal: Principal = ANONYMOUS) -> FunctionOut:
+    """Change who may run a function; only its owner (or an admin) may."""
+    row = db.get(FunctionRow, function_id)
+    if row is None or not policy.may_use_function(principal, row):
+        raise NotFound(f"no function {function_id} is registered (or it is not shared with you)")
+    if not (principal.admin or principal.name == row.owner):
+        raise Forbidden(f"only {row.owner}, who owns function {function_id}, may share it")
+    row.sharing, row.shared_groups = sharing.sharing, sharing.shared_groups
+    db.commit()
+    return _function_out(row)
+
+
+def create_endpoint(db: Session, body: EndpointIn, *, owner: str | None = None) -> EndpointOut:
+    """Register a new endpoint with a fresh id; ``owner`` overrides the one the body claims."""
+    row = EndpointRow(endpoint_id=str(uuid.uuid4()), name=body.name, owner=owner or body.owner,
                       description=body.description, created=time.time())
+    _apply_policy(row, body.policy)
     db.add(row)
     db.commit()
     return _endpoint_out(row)
 
 
-def get_endpoint(db: Session, endpoint_id: str) -> EndpointOut:
-    """A registered endpoint by id."""
-    return _endpoint_out(_endpoint_row(db, endpoint_id))
+def get_endpoint(db: Session, endpoint_id: str, principal: Principal = ANONYMOUS) -> EndpointOut:
+    """A registered endpoint by id, if ``principal`` may see it."""
+    return _endpoint_out(policy.endpoint_or_404(db, principal, endpoint_id))
 
 
-def list_endpoints(db: Session) -> list[EndpointOut]:
-    """Every registered endpoint, oldest first."""
-    return [_endpoint_out(r) for r in db.scalars(select(EndpointRow).order_by(EndpointRow.created))]
+def list_endpoints(db: Session, principal: Principal = ANONYMOUS) -> list[EndpointOut]:
+    """Every endpoint ``principal`` may see, oldest first."""
+    rows = db.scalars(select(EndpointRow).order_by(EndpointRow.created))
+    return [_endpoint_out(r) for r in rows if policy.may_see_endpoint(principal, r)]
+
+
+def set_endpoint_policy(db: Session, endpoint_id: str, new: EndpointPolicy,
+                        principal: Principal = ANONYMOUS) -> EndpointOut:
+    """Replace an endpoint's policy; only its owner (or an admin) may."""
+    row = policy.endpoint_or_404(db, principal, endpoint_id)
+    policy.require_endpoint_owner(principal, row)
+    _apply_policy(row, new)
+    db.commit()
+    return _endpoint_out(row)
+
+
+def allowed_functions(db: Session, endpoint_id: str,
+                      principal: Principal = ANONYMOUS) -> list[FunctionOut]:
+    """The functions ``principal`` may run on an endpoint (empty if they may not use it)."""
+    endpoint = policy.endpoint_or_404(db, principal, endpoint_id)
+    if not policy.may_submit(principal, endpoint):
+        return []
+    query = select(FunctionRow).order_by(FunctionRow.created)
+    if endpoint.allowed_functions is not None:
+        query = query.where(FunctionRow.function_id.in_(endpoint.allowed_functions))
+    return [_function_out(row) for row in db.scalars(query)
+            if policy.function_refusal(principal, row, endpoint) is None]
+
+
+def authorize_task(db: Session, endpoint_id: str, user: str, function_id: str,
+                   content_type: str, principal: Principal = ANONYMOUS) -> str | None:
+    """The agents' re-check: why the endpoint must refuse this task, or None. Only the
+    endpoint's own agent (or an admin) may ask."""
+    endpoint = _endpoint_row(db, endpoint_id)
+    if not (principal.admin or principal.endpoint_id == endpoint_id):
+        raise Forbidden(f"only the agent of endpoint {endpoint_id} may ask what it may run")
+    return policy.task_refusal(db, endpoint, user, function_id, content_type)
 
 
 def endpoint_status(db: Session, endpoint_id: str, now: float | None = None) -> EndpointStatus:
@@ -137,9 +197,11 @@ def record_results(db: Session, results: Iterable[ResultMessage]) -> None:
             where=TaskRow.__table__.c.status == "waiting"), rows)
 
 
-def get_tasks(db: Session, task_ids: list[str]) -> list[TaskOut]:
-    """Tasks by id, in the order asked; an id the ledger has never seen is ``unknown``."""
-    found = {r.task_id: r for r in db.scalars(select(TaskRow).where(TaskRow.task_id.in_(task_ids)))}
+def get_tasks(db: Session, task_ids: list[str], principal: Principal = ANONYMOUS) -> list[TaskOut]:
+    """Tasks by id, in the order asked; an id the ledger has never seen, or one that is not
+    ``principal``'s to see, is ``unknown``."""
+    found = {r.task_id: r for r in db.scalars(select(TaskRow).where(TaskRow.task_id.in_(task_ids)))
+             if _may_see_task(principal, r)}
     return [_task_out(found[t]) if t in found else _unknown_task(t) for t in task_ids]
 
 
@@ -153,11 +215,17 @@ def task_counts(db: Session, endpoint_id: str) -> dict[str, int]:
     return counts
 
 
-def list_group_tasks(db: Session, task_group_id: str) -> list[TaskOut]:
-    """Every task the ledger knows in a task group."""
+def list_group_tasks(db: Session, task_group_id: str,
+                     principal: Principal = ANONYMOUS) -> list[TaskOut]:
+    """Every task the ledger knows in a task group (of those ``principal`` may see)."""
     rows = db.scalars(select(TaskRow).where(TaskRow.task_group_id == task_group_id)
                       .order_by(TaskRow.submitted))
-    return [_task_out(r) for r in rows]
+    return [_task_out(r) for r in rows if _may_see_task(principal, r)]
+
+
+def _may_see_task(principal: Principal, row: TaskRow) -> bool:
+    """A task is its submitter's (and its endpoint's agent's) to see."""
+    return principal.admin or row.user == principal.name or row.endpoint_id == principal.endpoint_id
 
 
 def _insert(db: Session) -> Any:
@@ -172,7 +240,8 @@ def _result_row(result: ResultMessage) -> dict[str, Any]:
     return dict(
         task_id=result.task_id, task_group_id=result.task_group_id,
         endpoint_id=result.endpoint_id, function_id=result.function_id, user=result.user,
-        status=result.state, submitted=None, received=result.timings.received,
+        on_behalf_of=result.on_behalf_of, status=result.state, submitted=None,
+        received=result.timings.received,
         started=result.timings.started, finished=result.timings.finished, worker=result.worker,
         content_type=result.content_type, result=result.payload if result.error is None else None,
         error_json=result.error.model_dump_json() if result.error else None,
@@ -182,8 +251,14 @@ def _result_row(result: ResultMessage) -> dict[str, Any]:
 def _endpoint_row(db: Session, endpoint_id: str) -> EndpointRow:
     row = db.get(EndpointRow, endpoint_id)
     if row is None:
-        raise NotFound(f"no endpoint {endpoint_id} is registered", status=404)
+        raise NotFound(f"no endpoint {endpoint_id} is registered")
     return row
+
+
+def _apply_policy(row: EndpointRow, new: EndpointPolicy) -> None:
+    row.visibility, row.allowed_users, row.allowed_groups = (
+        new.visibility, new.allowed_users, new.allowed_groups)
+    row.allowed_functions, row.allowed_serializers = new.allowed_functions, new.allowed_serializers
 
 
 def _function_out(row: FunctionRow) -> FunctionOut:
@@ -191,18 +266,27 @@ def _function_out(row: FunctionRow) -> FunctionOut:
         function_id=row.function_id, name=row.name, content_hash=row.content_hash,
         content_type=row.content_type, payload_b64=base64.b64encode(row.payload).decode(),
         source=row.source, python_version=row.python_version, serializer=row.serializer,
-        owner=row.owner, created=row.created)
+        owner=row.owner, created=row.created,
+        sharing=FunctionSharing(sharing=row.sharing,  # type: ignore[arg-type]
+                                shared_groups=row.shared_groups or []))
 
 
 def _endpoint_out(row: EndpointRow) -> EndpointOut:
     return EndpointOut(endpoint_id=row.endpoint_id, name=row.name, owner=row.owner,
-                       description=row.description, created=row.created)
+                       description=row.description, created=row.created,
+                       policy=EndpointPolicy(
+                           visibility=row.visibility,  # type: ignore[arg-type]
+                           allowed_users=row.allowed_users or [],
+                           allowed_groups=row.allowed_groups or [],
+                           allowed_functions=row.allowed_functions,
+                           allowed_serializers=row.allowed_serializers))
 
 
 def _task_out(row: TaskRow) -> TaskOut:
     return TaskOut(
         task_id=row.task_id, task_group_id=row.task_group_id, endpoint_id=row.endpoint_id,
-        function_id=row.function_id, user=row.user, status=row.status,  # type: ignore[arg-type]
+        function_id=row.function_id, user=row.user, on_behalf_of=row.on_behalf_of or "",
+        status=row.status,  # type: ignore[arg-type]
         submitted=row.submitted,
         timings=Timings(received=row.received, started=row.started, finished=row.finished),
         worker=row.worker, content_type=row.content_type,

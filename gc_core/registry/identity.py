@@ -1,0 +1,215 @@
+"""Who is asking: users, service accounts, groups, and the tokens they authenticate with.
+
+Plain functions over a SQLAlchemy session, like ``store``; the admin CLI and the HTTP API
+both call them. A token's secret is shown once, when issued: only its SHA-256 is stored
+(tokens are 256 random bits, so an unsalted hash is as strong as the token).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import time
+from dataclasses import dataclass, field
+from typing import Literal
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from gc_core.errors import Forbidden, NotAuthenticated, NotFound
+from gc_core.registry.db import EndpointRow, GroupMemberRow, GroupRow, TokenRow, UserRow
+from gc_core.registry.schemas import IssuedToken, TokenOut, UserOut
+
+__all__ = [
+    "AGENT_PREFIX",
+    "ANONYMOUS",
+    "NAME_PATTERN",
+    "Principal",
+    "add_member",
+    "authenticate",
+    "create_group",
+    "create_user",
+    "get_user",
+    "issue_token",
+    "list_tokens",
+    "list_users",
+    "remove_member",
+    "revoke_token",
+]
+
+#: User and group names: one routing-key word (result queues are ``gc.results.<user>.<group>``).
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
+#: An agent authenticates to the broker as ``endpoint-<endpoint id>``; no user may be named so.
+AGENT_PREFIX = "endpoint-"
+_TOKEN_PREFIX = "gct_"
+
+UserKind = Literal["user", "service"]
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The identity behind a request: a user, a service account, or an endpoint's agent."""
+
+    name: str
+    kind: Literal["user", "service", "agent", "anonymous"]
+    groups: frozenset[str] = field(default_factory=frozenset)
+    admin: bool = False
+    #: For an agent: the endpoint it serves; ``name`` is then ``endpoint-<id>``.
+    endpoint_id: str | None = None
+    #: For an agent: the endpoint owner, whose rights it has over that endpoint.
+    owner: str | None = None
+
+    @property
+    def is_agent(self) -> bool:
+        return self.kind == "agent"
+
+
+#: Who an open-mode registry (the demo's) takes an unauthenticated caller to be: identities
+#: are claimed, not proven, so no policy can hold and everyone may do everything.
+ANONYMOUS = Principal(name="anonymous", kind="anonymous", admin=True)
+
+
+def create_user(db: Session, name: str, *, kind: UserKind = "user", admin: bool = False) -> UserOut:
+    """Add a user or a service account."""
+    if not re.match(NAME_PATTERN, name) or name.startswith(AGENT_PREFIX):
+        raise ValueError(f"user name {name!r} is not allowed: use 1-64 letters, digits, '_' or "
+                         f"'-', starting with a letter or digit, and not {AGENT_PREFIX!r}…")
+    if db.get(UserRow, name) is not None:
+        raise ValueError(f"user {name!r} already exists")
+    row = UserRow(name=name, kind=kind, admin=admin, created=time.time())
+    db.add(row)
+    db.commit()
+    return _user_out(db, row)
+
+
+def get_user(db: Session, name: str) -> UserOut:
+    """One user with their groups."""
+    return _user_out(db, _user_row(db, name))
+
+
+def list_users(db: Session) -> list[UserOut]:
+    """Every user and service account, by name."""
+    return [_user_out(db, row) for row in db.scalars(select(UserRow).order_by(UserRow.name))]
+
+
+def create_group(db: Session, name: str) -> None:
+    """Add an (empty) group."""
+    if not re.match(NAME_PATTERN, name):
+        raise ValueError(f"group name {name!r} is not allowed: use 1-64 letters, digits, '_' "
+                         "or '-', starting with a letter or digit")
+    if db.get(GroupRow, name) is not None:
+        raise ValueError(f"group {name!r} already exists")
+    db.add(GroupRow(name=name, created=time.time()))
+    db.commit()
+
+
+def add_member(db: Session, group: str, user: str) -> None:
+    """Put a user in a group (idempotent)."""
+    _user_row(db, user)
+    if db.get(GroupRow, group) is None:
+        raise NotFound(f"no group {group!r}; create it with `gc-registry group create {group}`")
+    if db.get(GroupMemberRow, (group, user)) is None:
+        db.add(GroupMemberRow(group=group, user=user))
+        db.commit()
+
+
+def remove_member(db: Session, group: str, user: str) -> None:
+    """Take a user out of a group (idempotent)."""
+    db.execute(delete(GroupMemberRow).where(GroupMemberRow.group == group,
+                                            GroupMemberRow.user == user))
+    db.commit()
+
+
+def issue_token(db: Session, user: str, *, label: str = "", lifetime: float | None = None,
+                endpoint_id: str | None = None) -> IssuedToken:
+    """A new token for ``user`` (for an agent: scoped to ``endpoint_id``, which ``user`` must
+    own). ``lifetime`` in seconds; None means it lasts until revoked."""
+    _user_row(db, user)
+    if endpoint_id is not None:
+        endpoint = db.get(EndpointRow, endpoint_id)
+        if endpoint is None:
+            raise NotFound(f"no endpoint {endpoint_id} is registered")
+        if endpoint.owner != user:
+            raise Forbidden(f"only the owner of endpoint {endpoint_id} ({endpoint.owner}) may "
+                            "issue its agent token")
+    secret = _TOKEN_PREFIX + secrets.token_urlsafe(32)
+    now = time.time()
+    row = TokenRow(token_id=secrets.token_hex(6), token_hash=_hash(secret), user=user,
+                   endpoint_id=endpoint_id, label=label, created=now,
+                   expires=None if lifetime is None else now + lifetime)
+    db.add(row)
+    db.commit()
+    principal = AGENT_PREFIX + endpoint_id if endpoint_id else user
+    return IssuedToken(token=secret, principal=principal, **_token_out(row).model_dump())
+
+
+def list_tokens(db: Session, user: str | None = None) -> list[TokenOut]:
+    """Tokens (never their secrets), newest first; all of them, or one user's."""
+    query = select(TokenRow).order_by(TokenRow.created.desc())
+    if user is not None:
+        query = query.where(TokenRow.user == user)
+    return [_token_out(row) for row in db.scalars(query)]
+
+
+def revoke_token(db: Session, token_id: str, *, by: Principal | None = None) -> TokenOut:
+    """Revoke a token now; ``by`` (when given) must own it or be an admin."""
+    row = db.get(TokenRow, token_id)
+    if row is None or (by is not None and not by.admin and row.user != by.name):
+        raise NotFound(f"no token {token_id} of yours; `gc-client tokens` lists them")
+    if row.revoked is None:
+        row.revoked = time.time()
+        db.commit()
+    return _token_out(row)
+
+
+def authenticate(db: Session, token: str, *, now: float | None = None) -> Principal:
+    """The principal a token stands for, or ``NotAuthenticated`` saying what is wrong with it
+    and what to do."""
+    row = db.scalars(select(TokenRow).where(TokenRow.token_hash == _hash(token))).first()
+    if row is None:
+        raise NotAuthenticated("the registry does not know this token; log in again with "
+                               "`gc-client login` and a token your administrator issued")
+    if row.revoked is not None:
+        raise NotAuthenticated(f"token {row.token_id} was revoked at {_when(row.revoked)}; ask "
+                               "your administrator for a new one and run `gc-client login`")
+    if row.expires is not None and row.expires <= (now or time.time()):
+        raise NotAuthenticated(f"token {row.token_id} expired at {_when(row.expires)}; ask your "
+                               "administrator for a new one and run `gc-client login`")
+    user = _user_row(db, row.user)
+    if row.endpoint_id is not None:
+        return Principal(name=AGENT_PREFIX + row.endpoint_id, kind="agent",
+                         endpoint_id=row.endpoint_id, owner=user.name)
+    return Principal(name=user.name, kind=user.kind,  # type: ignore[arg-type]
+                     groups=frozenset(_groups_of(db, user.name)), admin=user.admin)
+
+
+def _groups_of(db: Session, user: str) -> list[str]:
+    return list(db.scalars(select(GroupMemberRow.group).where(GroupMemberRow.user == user)
+                           .order_by(GroupMemberRow.group)))
+
+
+def _user_row(db: Session, name: str) -> UserRow:
+    row = db.get(UserRow, name)
+    if row is None:
+        raise NotFound(f"no user {name!r}; create it with `gc-registry user create {name}`")
+    return row
+
+
+def _user_out(db: Session, row: UserRow) -> UserOut:
+    return UserOut(name=row.name, kind=row.kind, admin=row.admin,  # type: ignore[arg-type]
+                   groups=_groups_of(db, row.name), created=row.created)
+
+
+def _token_out(row: TokenRow) -> TokenOut:
+    return TokenOut(token_id=row.token_id, user=row.user, endpoint_id=row.endpoint_id,
+                    label=row.label, created=row.created, expires=row.expires,
+                    revoked=row.revoked)
+
+
+def _hash(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
