@@ -251,7 +251,8 @@ class Agent:
         outcome = _within_size_limit(outcome, self.config.result_size_limit)
         result = ResultMessage(
             task_id=task.task_id, task_group_id=task.task_group_id, endpoint_id=self.endpoint_id,
-            function_id=task.function_id, user=task.user, state=outcome.state,
+            function_id=task.function_id, user=task.user, on_behalf_of=task.on_behalf_of,
+            state=outcome.state,
             content_type=outcome.content_type, payload=outcome.payload, error=outcome.error,
             timings=Timings(received=received, started=outcome.started, finished=outcome.finished),
             worker=outcome.worker, stdout=outcome.stdout, stderr=outcome.stderr,
