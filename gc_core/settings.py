@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import getpass
+import json
 import os
 import re
 from pathlib import Path
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
 __all__ = [
+    "CREDENTIALS_FILE",
     "DEFAULT_BROKER_URL",
     "DEFAULT_REGISTRY_URL",
     "FabricSettings",
+    "read_credentials",
     "resolve_settings",
 ]
 
@@ -20,6 +24,8 @@ __all__ = [
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 #: The demo's local registry (``gc-registry serve``).
 DEFAULT_REGISTRY_URL = "http://127.0.0.1:8765"
+#: Where ``gc-client login`` keeps the token and the name it stands for, under ``$GC_HOME``.
+CREDENTIALS_FILE = "credentials.json"
 
 
 class FabricSettings(BaseModel):
@@ -52,14 +58,29 @@ def resolve_settings(
     """Settings from the arguments, else ``GC_BROKER_URL`` / ``GC_REGISTRY_URL`` / ``GC_TOKEN``
     / ``GC_HOME`` / ``GC_USER`` / ``GC_IDENTITY``, else the defaults that match the demo."""
     env = os.environ
+    home_dir = Path(home or env.get("GC_HOME") or "~/.gc").expanduser()
+    # A token given directly wins; else the one `gc-client login` stored, with its user name.
+    token = token or env.get("GC_TOKEN") or None
+    stored = read_credentials(home_dir) if token is None else {}
     return FabricSettings(
-        broker_url=broker_url or env.get("GC_BROKER_URL") or DEFAULT_BROKER_URL,
-        registry_url=(registry_url or env.get("GC_REGISTRY_URL") or DEFAULT_REGISTRY_URL).rstrip("/"),
-        token=token or env.get("GC_TOKEN") or None,
-        home=Path(home or env.get("GC_HOME") or "~/.gc").expanduser(),
-        user=user or env.get("GC_USER") or _login_name(),
+        broker_url=broker_url or env.get("GC_BROKER_URL") or stored.get("broker_url")
+        or DEFAULT_BROKER_URL,
+        registry_url=(registry_url or env.get("GC_REGISTRY_URL") or stored.get("registry_url")
+                      or DEFAULT_REGISTRY_URL).rstrip("/"),
+        token=token or stored.get("token"),
+        home=home_dir,
+        user=user or env.get("GC_USER") or stored.get("user") or _login_name(),
         identity=identity or env.get("GC_IDENTITY") or "",
     )
+
+
+def read_credentials(home: Path) -> dict[str, Any]:
+    """What ``gc-client login`` stored under ``home``, or nothing."""
+    try:
+        stored = json.loads((home / CREDENTIALS_FILE).read_text())
+    except (OSError, ValueError):
+        return {}
+    return stored if isinstance(stored, dict) else {}
 
 
 def _login_name() -> str:
