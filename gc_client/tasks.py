@@ -84,6 +84,9 @@ def task_out_value(task: TaskOut) -> Any:
     if task.error is not None or task.status != "success":
         raise error_to_exception(task.task_id, task.error or ErrorInfo(
             type="TaskError", message=f"task ended {task.status}"))
+    if task.result_note:
+        raise TaskError(f"task {task.task_id} succeeded, but {task.result_note}",
+                        task_id=task.task_id)
     return _decode(task.task_id, task.content_type, base64.b64decode(task.payload_b64))
 
 

@@ -16,7 +16,7 @@ from gc_core.registry import identity, store
 from gc_core.registry.db import open_database
 from gc_core.registry.deps import Caller, Db
 from gc_core.registry.identity import Principal
-from gc_core.registry.ledger import Ledger
+from gc_core.registry.ledger import Ledger, Retention
 from gc_core.registry.schemas import (
     EndpointIn,
     EndpointOut,
@@ -49,6 +49,10 @@ class RegistrySettings(BaseModel):
     #: ``tokens``: every request needs a token and policies hold. ``open``: identities are
     #: claimed, not proven — for a laptop demo on a broker nobody else can reach.
     auth: Literal["open", "tokens"] = Field(default="tokens")
+    #: Results larger than this many bytes are not kept in the ledger (None: no cap).
+    result_size_limit: int | None = Field(default=Retention.size_limit, ge=0)
+    #: Seconds the ledger keeps a result's value (None: for ever).
+    result_ttl: float | None = Field(default=Retention.ttl, gt=0)
 
 
 class Refusal(BaseModel):
@@ -89,7 +93,8 @@ def create_app(settings: RegistrySettings) -> FastAPI:
         ledger = app.state.ledger = None
         if settings.ledger:
             ledger = Ledger(broker_url=settings.broker_url, topology=load_topology(),
-                            sessions=app.state.sessions)
+                            sessions=app.state.sessions,
+                            retention=Retention(settings.result_size_limit, settings.result_ttl))
             ledger.start()
             app.state.ledger = ledger
         yield

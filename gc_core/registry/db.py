@@ -93,6 +93,10 @@ class TaskRow(Base):
     error_json: Mapped[str | None] = mapped_column(Text)
     stdout: Mapped[str] = mapped_column(Text, default="")
     stderr: Mapped[str] = mapped_column(Text, default="")
+    #: When the ledger recorded the final state (a dead letter has no agent timings).
+    recorded: Mapped[float | None] = mapped_column(Float, index=True)
+    #: Why the result's value is not kept: larger than the cap, or past its time to live.
+    result_note: Mapped[str] = mapped_column(Text, default="")
 
 
 class UserRow(Base):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
@@ -28,7 +30,7 @@ from gc_core.protocol import (
 from gc_core.registry import store
 from gc_core.topology import Topology
 
-__all__ = ["Ledger"]
+__all__ = ["Ledger", "Retention"]
 
 logger = logging.getLogger(__name__)
 
@@ -36,13 +38,31 @@ logger = logging.getLogger(__name__)
 COMMIT_INTERVAL = 0.05
 #: Unacked deliveries the ledger may hold; bounds one commit's size.
 LEDGER_PREFETCH = 2000
+#: How often (seconds) the writer drops results past their time to live.
+EXPIRE_INTERVAL = 60.0
+
+
+@dataclass(frozen=True)
+class Retention:
+    """How much of each result the ledger keeps, and for how long (None: no limit)."""
+
+    size_limit: int | None = 10 * 2**20
+    ttl: float | None = 30 * 86400.0
+
+    @property
+    def ttl_text(self) -> str:
+        days, seconds = divmod(self.ttl or 0, 86400)
+        return f"{days:g} days" if days and not seconds else f"{self.ttl:g} seconds"
 
 
 class Ledger:
     """Consumes the ledger queue into the database."""
 
-    def __init__(self, *, broker_url: str, topology: Topology, sessions: sessionmaker[Any]) -> None:
+    def __init__(self, *, broker_url: str, topology: Topology, sessions: sessionmaker[Any],
+                 retention: Retention = Retention()) -> None:
         self._sessions = sessions
+        self._retention = retention
+        self._next_expiry = 0.0
         self._topology = topology
         self._queue = topology.queue("ledger")
         self._broker = BrokerSession(broker_url, name="gc-registry:ledger", topology=topology,
@@ -78,7 +98,24 @@ class Ledger:
     def _write_loop(self) -> None:
         while not self._stop.wait(COMMIT_INTERVAL):
             self._commit_pending()
+            self._expire_old_results()
         self._commit_pending()
+
+    def _expire_old_results(self) -> None:
+        ttl, now = self._retention.ttl, time.time()
+        if ttl is None or now < self._next_expiry:
+            return
+        self._next_expiry = now + EXPIRE_INTERVAL
+        try:
+            with self._sessions() as db:
+                dropped = store.expire_results(db, now - ttl, self._retention.ttl_text)
+                db.commit()
+        except SQLAlchemyError:
+            logger.exception("ledger could not drop expired results; it will try again")
+            return
+        if dropped:
+            logger.info("ledger dropped %d results older than %s", dropped,
+                        self._retention.ttl_text)
 
     def _commit_pending(self) -> None:
         with self._lock:
@@ -96,7 +133,7 @@ class Ledger:
                         store.record_manifest(db, item)
                     elif isinstance(item, Heartbeat):
                         store.record_heartbeat(db, item)
-                store.record_results(db, results)
+                store.record_results(db, results, size_limit=self._retention.size_limit)
                 db.commit()
         except SQLAlchemyError:
             # The writer must outlive a database hiccup (locked, restarted): the batch goes

@@ -19,6 +19,7 @@ __all__ = [
     "IssuedToken",
     "TaskBatchIn",
     "TaskOut",
+    "TaskEvent",
     "TaskStatus",
     "TokenIn",
     "TokenOut",
@@ -114,6 +115,15 @@ class EndpointStatus(_Body):
     details: dict[str, Any] = {}
 
 
+class TaskEvent(_Body):
+    """One state a task passed through, and when."""
+
+    state: Literal["waiting", "received", "running", "success", "failed", "cancelled",
+                   "dead-lettered"]
+    at: float
+    detail: str = ""
+
+
 class TaskOut(_Body):
     """A task as the ledger knows it: status, timings and, once finished, its result."""
 
@@ -132,6 +142,9 @@ class TaskOut(_Body):
     error: ErrorInfo | None = None
     stdout: str = ""
     stderr: str = ""
+    history: list[TaskEvent] = []
+    result_note: str = Field(default="", description="Why the value is not kept, if it is not: "
+                                                     "too large for the ledger, or expired.")
 
 
 class TaskBatchIn(_Body):

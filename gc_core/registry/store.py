@@ -13,7 +13,7 @@ import time
 import uuid
 from typing import Any, Iterable, cast
 
-from sqlalchemy import Table, func, select
+from sqlalchemy import Table, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -30,6 +30,7 @@ from gc_core.registry.schemas import (
     FunctionIn,
     FunctionOut,
     FunctionSharing,
+    TaskEvent,
     TaskOut,
 )
 
@@ -38,6 +39,7 @@ __all__ = [
     "allowed_functions",
     "authorize_task",
     "create_endpoint",
+    "expire_results",
     "endpoint_status",
     "get_endpoint",
     "get_function",
@@ -183,18 +185,33 @@ def record_manifest(db: Session, manifest: GroupManifest) -> None:
             index_elements=["task_id"], set_={"submitted": statement.excluded.submitted}), rows)
 
 
-def record_results(db: Session, results: Iterable[ResultMessage]) -> None:
-    """Record finished tasks; the first result for a task wins, as it does for the client."""
+def record_results(db: Session, results: Iterable[ResultMessage], *,
+                   size_limit: int | None = None, now: float | None = None) -> None:
+    """Record finished tasks; the first result for a task wins, as it does for the client.
+    A value larger than ``size_limit`` bytes is not kept (the task's state and error are)."""
     first: dict[str, ResultMessage] = {}
     for result in results:
         first.setdefault(result.task_id, result)
-    rows = [_result_row(r) for r in first.values()]
+    recorded = now or time.time()
+    rows = [_result_row(r, size_limit, recorded) for r in first.values()]
     if rows:
         statement = _insert(db)
         update = {c: statement.excluded[c] for c in rows[0] if c not in ("task_id", "submitted")}
         db.connection().execute(statement.on_conflict_do_update(
             index_elements=["task_id"], set_=update,
             where=TaskRow.__table__.c.status == "waiting"), rows)
+
+
+def expire_results(db: Session, older_than: float, ttl_text: str) -> int:
+    """Drop the values (and output) of tasks recorded before ``older_than``; their states
+    stay. Returns how many were dropped."""
+    expired = db.execute(
+        update(TaskRow)
+        .where(TaskRow.recorded < older_than, TaskRow.result_note == "",
+               TaskRow.status != "waiting")
+        .values(result=None, stdout="", stderr="",
+                result_note=f"the result expired: this registry keeps results for {ttl_text}"))
+    return int(expired.rowcount or 0)  # type: ignore[attr-defined]
 
 
 def get_tasks(db: Session, task_ids: list[str], principal: Principal = ANONYMOUS) -> list[TaskOut]:
@@ -236,16 +253,22 @@ def _insert(db: Session) -> Any:
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 
-def _result_row(result: ResultMessage) -> dict[str, Any]:
+def _result_row(result: ResultMessage, size_limit: int | None, recorded: float) -> dict[str, Any]:
+    value = result.payload if result.error is None else None
+    note = ""
+    if value is not None and size_limit is not None and len(value) > size_limit:
+        value, note = None, (f"the result ({len(value):,} bytes) is larger than the "
+                             f"{size_limit:,} bytes this registry's ledger keeps; it was "
+                             "delivered to the submitter's result queue only")
     return dict(
         task_id=result.task_id, task_group_id=result.task_group_id,
         endpoint_id=result.endpoint_id, function_id=result.function_id, user=result.user,
         on_behalf_of=result.on_behalf_of, status=result.state, submitted=None,
         received=result.timings.received,
         started=result.timings.started, finished=result.timings.finished, worker=result.worker,
-        content_type=result.content_type, result=result.payload if result.error is None else None,
+        content_type=result.content_type, result=value,
         error_json=result.error.model_dump_json() if result.error else None,
-        stdout=result.stdout, stderr=result.stderr)
+        stdout=result.stdout, stderr=result.stderr, recorded=recorded, result_note=note)
 
 
 def _endpoint_row(db: Session, endpoint_id: str) -> EndpointRow:
@@ -283,6 +306,7 @@ def _endpoint_out(row: EndpointRow) -> EndpointOut:
 
 
 def _task_out(row: TaskRow) -> TaskOut:
+    error = ErrorInfo.model_validate_json(row.error_json) if row.error_json else None
     return TaskOut(
         task_id=row.task_id, task_group_id=row.task_group_id, endpoint_id=row.endpoint_id,
         function_id=row.function_id, user=row.user, on_behalf_of=row.on_behalf_of or "",
@@ -291,8 +315,19 @@ def _task_out(row: TaskRow) -> TaskOut:
         timings=Timings(received=row.received, started=row.started, finished=row.finished),
         worker=row.worker, content_type=row.content_type,
         payload_b64=base64.b64encode(row.result).decode() if row.result else "",
-        error=ErrorInfo.model_validate_json(row.error_json) if row.error_json else None,
-        stdout=row.stdout or "", stderr=row.stderr or "")
+        error=error, stdout=row.stdout or "", stderr=row.stderr or "",
+        history=_history(row, error), result_note=row.result_note or "")
+
+
+def _history(row: TaskRow, error: ErrorInfo | None) -> list[TaskEvent]:
+    """The states a task passed through, from the times the ledger holds."""
+    final = ("dead-lettered" if error is not None and error.type == "TaskDeadLettered"
+             else row.status)
+    steps = [("waiting", row.submitted, ""), ("received", row.received, ""),
+             ("running", row.started, ""),
+             (final, row.finished or row.recorded, error.message if error else "")]
+    return [TaskEvent(state=state, at=at, detail=detail)  # type: ignore[arg-type]
+            for state, at, detail in steps if at is not None]
 
 
 def _unknown_task(task_id: str) -> TaskOut:

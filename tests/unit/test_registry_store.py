@@ -274,3 +274,49 @@ def test_list_endpoints_lists_the_oldest_first(db: Session) -> None:
 
     assert listed.index(first.endpoint_id) < listed.index(second.endpoint_id)
     assert store.get_endpoint(db, second.endpoint_id).name == "second"
+
+
+# -- history, size cap and time to live --------------------------------------------------
+
+
+def test_a_finished_task_lists_each_state_it_passed_through_with_its_time(db: Session) -> None:
+    store.record_manifest(db, a_manifest(["t1"], submitted=100.0))
+    store.record_results(db, [a_result("t1")])
+    history = store.get_tasks(db, ["t1"])[0].history
+    assert [(e.state, e.at) for e in history] == [
+        ("waiting", 100.0), ("received", 101.0), ("running", 102.0), ("success", 103.0)]
+
+
+def test_a_dead_lettered_task_ends_its_history_dead_lettered_with_the_reason(db: Session) -> None:
+    store.record_results(db, [a_result(
+        "t1", state="failed", payload=b"", timings=Timings(),
+        error=ErrorInfo(type="TaskDeadLettered", message="delivery limit reached"))], now=150.0)
+    (event,) = store.get_tasks(db, ["t1"])[0].history
+    assert (event.state, event.at, event.detail) == ("dead-lettered", 150.0, "delivery limit reached")
+
+
+def test_a_result_over_the_size_cap_keeps_its_state_but_not_its_value(db: Session) -> None:
+    store.record_results(db, [a_result("big", payload=b"x" * 2000), a_result("small")],
+                         size_limit=1000)
+    big, small = store.get_tasks(db, ["big", "small"])
+    assert (big.status, big.payload_b64) == ("success", "")
+    assert "2,000 bytes" in big.result_note and "1,000" in big.result_note
+    assert (small.payload_b64, small.result_note) == (base64.b64encode(b"42").decode(), "")
+
+
+def test_results_past_their_time_to_live_lose_their_values_and_say_so(db: Session) -> None:
+    store.record_results(db, [a_result("old")], now=1000.0)
+    store.record_results(db, [a_result("new")], now=5000.0)
+    store.record_manifest(db, a_manifest(["waiting"]))
+    assert store.expire_results(db, older_than=2000.0, ttl_text="7 days") == 1
+    old, new, waiting = store.get_tasks(db, ["old", "new", "waiting"])
+    assert (old.status, old.payload_b64) == ("success", "")
+    assert old.result_note == "the result expired: this registry keeps results for 7 days"
+    assert new.payload_b64 and not new.result_note
+    assert waiting.status == "waiting" and not waiting.result_note
+
+
+def test_the_end_user_a_gateway_submitted_for_is_recorded(db: Session) -> None:
+    store.record_results(db, [a_result("t1", user="gateway", on_behalf_of="carol@uni.edu")])
+    task = store.get_tasks(db, ["t1"])[0]
+    assert (task.user, task.on_behalf_of) == ("gateway", "carol@uni.edu")
