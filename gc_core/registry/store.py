@@ -257,9 +257,10 @@ def _result_row(result: ResultMessage, size_limit: int | None, recorded: float) 
     value = result.payload if result.error is None else None
     note = ""
     if value is not None and size_limit is not None and len(value) > size_limit:
-        value, note = None, (f"the result ({len(value):,} bytes) is larger than the "
-                             f"{size_limit:,} bytes this registry's ledger keeps; it was "
-                             "delivered to the submitter's result queue only")
+        note = (f"the result ({len(value):,} bytes) is larger than the {size_limit:,} bytes "
+                "this registry's ledger keeps; it was delivered to the submitter's result "
+                "queue only")
+        value = None
     return dict(
         task_id=result.task_id, task_group_id=result.task_group_id,
         endpoint_id=result.endpoint_id, function_id=result.function_id, user=result.user,
