@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
 
-from gc_agent.providers import PROVIDER_TYPES, LocalProviderConfig, ProviderConfig
+from gc_agent.providers import PROVIDER_TYPES, LocalProviderConfig, ProviderConfig, walltime_seconds
 from gc_core.errors import ConfigError
 
 __all__ = ["EndpointConfig", "EngineConfig", "HtexEngineConfig", "IdentityRule", "MultiUserConfig",
@@ -49,7 +49,37 @@ class HtexEngineConfig(BaseModel):
     run_dir: str | None = Field(default=None, description="Parsl's logs and scripts; default "
                                                           "$GC_HOME/endpoints/<name>/htex or a "
                                                           "temporary directory.")
+    idle_timeout: float = Field(default=120.0, ge=0, le=86_400,
+                                description="Seconds with no task before blocks above "
+                                            "min_blocks are released.")
+    strategy_period: float = Field(default=5.0, gt=0, le=3600,
+                                   description="Seconds between scaling decisions.")
+    drain_margin: int | None = Field(
+        default=60, ge=0, le=86_400,
+        description="Seconds before a block's walltime at which its workers stop taking new "
+                    "tasks and exit once idle (None: never).")
+    shutdown_timeout: float = Field(default=10.0, gt=0, le=600,
+                                    description="Seconds a stopping engine waits for its "
+                                                "interchange before killing it.")
     provider: ProviderConfig = LocalProviderConfig()
+
+    @model_validator(mode="after")
+    def _drain_before_walltime(self) -> HtexEngineConfig:
+        walltime = getattr(self.provider, "walltime", None)
+        if walltime and self.drain_margin is not None \
+                and self.drain_margin >= walltime_seconds(walltime):
+            raise ValueError(f"drain_margin {self.drain_margin} is not less than the provider's "
+                             f"walltime {walltime!r} ({walltime_seconds(walltime)} s); allowed: a "
+                             "margin shorter than the walltime, or null for no draining")
+        return self
+
+    @property
+    def drain_period(self) -> int | None:
+        """Seconds after a worker pool starts at which it drains: walltime minus the margin."""
+        walltime = getattr(self.provider, "walltime", None)
+        if not walltime or self.drain_margin is None:
+            return None
+        return walltime_seconds(walltime) - self.drain_margin
 
 
 def _engine_tag(data: Any) -> str | None:

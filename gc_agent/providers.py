@@ -31,6 +31,7 @@ __all__ = [
     "SlurmProviderConfig",
     "build_launcher",
     "build_provider",
+    "walltime_seconds",
 ]
 
 #: A batch walltime: HH:MM:SS (hours may exceed 24).
@@ -66,6 +67,10 @@ class _BlockConfig(BaseModel):
     max_blocks: int = Field(default=1, ge=1, le=MAX_BLOCKS_LIMIT)
     worker_init: str = Field(default="", description="Shell run on each block before its workers.")
     launcher: LauncherConfig = LauncherConfig()
+    status_poll_period: float | None = Field(
+        default=None, gt=0, le=3600,
+        description="Seconds between queries of the blocks' state (squeue, qstat, bjobs); "
+                    "default Parsl's for the provider (Slurm, PBS Pro, LSF 60, local 5).")
 
     @model_validator(mode="after")
     def _blocks_in_order(self) -> _BlockConfig:
@@ -132,6 +137,10 @@ class LSFProviderConfig(_BatchConfig):
     type: Literal["lsf"]
     partition: str | None = Field(default=None, description="The LSF queue.")
     account: str | None = Field(default=None, description="The LSF project.")
+    cores_per_node: int | None = Field(
+        default=None, ge=1, le=4096,
+        description="Ask for cores (-n, span[ptile]) instead of whole nodes (-nnodes, which "
+                    "only LSF with CSM offers).")
 
 
 #: Provider types: the tags pydantic also puts in an error's location after ``provider``.
@@ -153,6 +162,12 @@ ProviderConfig = Annotated[
     Discriminator(_provider_tag, custom_error_type="provider_type",
                   custom_error_message="type should be 'local', 'slurm', 'pbspro' or 'lsf'"),
 ]
+
+
+def walltime_seconds(walltime: str) -> int:
+    """``HH:MM:SS`` as seconds."""
+    hours, minutes, seconds = (int(part) for part in walltime.split(":"))
+    return hours * 3600 + minutes * 60 + seconds
 
 
 def build_launcher(config: LauncherConfig) -> Launcher:
@@ -181,14 +196,38 @@ def build_provider(config: LocalProviderConfig | SlurmProviderConfig | PBSProPro
         "worker_init": "\n".join(filter(None, [worker_init_prefix, config.worker_init])),
         "launcher": build_launcher(config.launcher),
     }
+    kind: type[ExecutionProvider]
     if isinstance(config, LocalProviderConfig):
-        return LocalProvider(**blocks)  # type: ignore[no-untyped-call]
-    batch = {**blocks, "walltime": config.walltime, "scheduler_options": config.scheduler_options}
-    if isinstance(config, SlurmProviderConfig):
-        return SlurmProvider(partition=config.partition, account=config.account, qos=config.qos,
-                             exclusive=config.exclusive, **batch)
-    if isinstance(config, PBSProProviderConfig):
-        return PBSProProvider(queue=config.partition, account=config.account,  # type: ignore[no-untyped-call]
-                              cpus_per_node=config.cpus_per_node, **batch)
-    return LSFProvider(queue=config.partition, project=config.account,  # type: ignore[no-untyped-call]
-                       **batch)
+        kind, options = LocalProvider, blocks
+    else:
+        options = {**blocks, "walltime": config.walltime,
+                   "scheduler_options": config.scheduler_options}
+        if isinstance(config, SlurmProviderConfig):
+            kind = SlurmProvider
+            options.update(partition=config.partition, account=config.account, qos=config.qos,
+                           exclusive=config.exclusive)
+        elif isinstance(config, PBSProProviderConfig):
+            kind = PBSProProvider
+            options.update(queue=config.partition, account=config.account,
+                           cpus_per_node=config.cpus_per_node)
+        else:
+            kind = LSFProvider
+            # bsub reads the script's #BSUB lines only from standard input.
+            options.update(queue=config.partition, project=config.account, bsub_redirection=True)
+            if config.cores_per_node is not None:
+                options.update(request_by_nodes=False, cores_per_node=config.cores_per_node,
+                               cores_per_block=config.cores_per_node * config.nodes_per_block)
+    if config.status_poll_period is not None:
+        kind = _polled_every(kind, config.status_poll_period)
+    return kind(**options)
+
+
+def _polled_every(kind: type[ExecutionProvider], seconds: float) -> type[ExecutionProvider]:
+    """``kind`` with its status polling interval set to ``seconds``.
+
+    Parsl fixes the interval per provider class (a read-only property: 60 s for Slurm), and
+    the scaling strategy sees a cancelled or finished block only once it polls: a shorter
+    period replaces lost blocks sooner. The subclass overrides that property alone.
+    """
+    return type(kind.__name__, (kind,), {"status_polling_interval": property(lambda _: seconds),
+                                         "__module__": kind.__module__})

@@ -23,6 +23,8 @@ def configure_logging(level: str = "INFO", *, log_file: Path | None = None) -> N
         "handlers": {"main": handler},
         "root": {"level": level.upper(), "handlers": ["main"]},
         # pika reports every dropped connection at ERROR; BrokerSession already says it once.
+        # Parsl logs every poll and block at INFO; the htex engine logs block changes itself.
         "loggers": {"pika": {"level": "CRITICAL"}, "aiormq": {"level": "CRITICAL"},
-                    "aio_pika": {"level": "WARNING"}, "httpx": {"level": "WARNING"}},
+                    "aio_pika": {"level": "WARNING"}, "httpx": {"level": "WARNING"},
+                    "parsl": {"level": "WARNING"}},
     })

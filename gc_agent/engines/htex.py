@@ -26,10 +26,11 @@ import sys
 import tempfile
 import threading
 import uuid
+from collections.abc import Mapping
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from gc_agent.config import HtexEngineConfig
 from gc_agent.engines.base import CancelResult, Engine, OnDone, cancelled_outcome
@@ -40,13 +41,18 @@ __all__ = ["HtexEngine"]
 
 logger = logging.getLogger(__name__)
 
-#: Seconds the job-status poller waits between scaling decisions (Parsl's DFK uses 5).
-STRATEGY_PERIOD = 5.0
-#: Seconds a block may sit idle before the scaling strategy releases it (above min_blocks).
-MAX_IDLETIME = 120.0
-#: Resource-specification keys Parsl's interchange itself understands; the whole
-#: specification also travels with the job to the worker (``current_resource_spec``).
+#: Parsl's scaling strategy: scale out while tasks wait, scale in blocks idle for idle_timeout.
+STRATEGY = "htex_auto_scale"
+#: Resource-specification keys Parsl's interchange itself understands (lower runs first).
 PARSL_RESOURCE_KEYS = ("priority",)
+#: Every key a task's resource specification may hold here, with the types allowed: Parsl's
+#: HTEX takes ``priority``; the MPI keys (Parsl's MPI-mode names) size an MPIFunction's
+#: launch on the worker, which sees the whole specification (``current_resource_spec``).
+RESOURCE_KEYS: dict[str, tuple[type, ...]] = {
+    "priority": (int, float), "num_nodes": (int,), "ranks_per_node": (int,),
+    "num_ranks": (int,), "launcher_options": (str,)}
+#: Environment variables naming the batch job a worker runs in, by scheduler.
+BATCH_JOB_VARIABLES = (("slurm", "SLURM_JOB_ID"), ("pbs", "PBS_JOBID"), ("lsf", "LSB_JOBID"))
 
 #: Functions loaded on this worker, by id (one cache per HTEX worker process).
 _WORKER_FUNCTIONS: FunctionCache = {}
@@ -54,7 +60,36 @@ _WORKER_FUNCTIONS: FunctionCache = {}
 
 def run_on_worker(job: Job) -> Outcome:
     """Run ``job`` on an HTEX worker: what Parsl's pool calls for every task."""
-    return run_job(job, _WORKER_FUNCTIONS)
+    outcome = run_job(job, _WORKER_FUNCTIONS)
+    return replace(outcome, worker=describe_worker(outcome.worker, os.environ))
+
+
+def describe_worker(worker: str, environ: Mapping[str, str]) -> str:
+    """``host:pid``, then the Parsl block and the batch job the worker runs in, if any.
+
+    >>> describe_worker("node7:42", {"PARSL_WORKER_BLOCK_ID": "3", "SLURM_JOB_ID": "1234"})
+    'node7:42 block 3 slurm job 1234'
+    """
+    parts = [worker]
+    if environ.get("PARSL_WORKER_BLOCK_ID"):
+        parts.append(f"block {environ['PARSL_WORKER_BLOCK_ID']}")
+    parts += [f"{scheduler} job {environ[name]}" for scheduler, name in BATCH_JOB_VARIABLES
+              if environ.get(name)]
+    return " ".join(parts)
+
+
+def resource_spec_problem(spec: Mapping[str, Any]) -> str | None:
+    """What is wrong with a task's resource specification for this engine, or None."""
+    allowed = ", ".join(RESOURCE_KEYS)
+    for key, value in spec.items():
+        types = RESOURCE_KEYS.get(key)
+        if types is None:
+            return (f"resource_specification key {key!r} is not supported by the htex engine; "
+                    f"allowed: {allowed}")
+        if isinstance(value, bool) or not isinstance(value, types):
+            wanted = " or ".join(t.__name__ for t in types)
+            return (f"resource_specification {key!r} must be {wanted}, got {value!r}")
+    return None
 
 
 @dataclass
@@ -87,6 +122,9 @@ class HtexEngine(Engine):
         self._poller: Any = None
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
         self._closing = False
+        self._blocks: dict[str, str] = {}
+        self._manager_blocks: dict[str, str] = {}
+        self._snapshot: dict[str, Any] = {"provider": config.provider.type}
 
     @property
     def capacity(self) -> int:
@@ -103,24 +141,55 @@ class HtexEngine(Engine):
         return self._run_dir
 
     def start(self) -> None:
-        from parsl.jobs.job_status_poller import JobStatusPoller
-
         if self._run_dir is None:
             self._tempdir = tempfile.TemporaryDirectory(prefix="gc-htex-")
             self._run_dir = Path(self._tempdir.name)
         self._run_dir.mkdir(parents=True, exist_ok=True)
         self._executor = _build_executor(self._config, self._run_dir)
+        logging.getLogger("parsl.executors.high_throughput.executor").addFilter(_quiet_scale_in)
         self._executor.start()
-        self._poller = JobStatusPoller(strategy="simple", max_idletime=MAX_IDLETIME,
-                                       strategy_period=STRATEGY_PERIOD)
+        self._poller = _make_poller(self._config, self._on_poll)
         self._poller.add_executors([self._executor])
         # The strategy starts the init_blocks on its first run, a whole period from now
         # (Parsl's DFK waits too): run it once at once, before the poller's thread does.
         self._poller.poll()
-        logger.info("htex engine started: %d workers per node, provider %s, run dir %s",
-                    self._config.max_workers_per_node, self._config.provider.type, self._run_dir)
+        logger.info("htex engine started: %d workers per node, provider %s, interchange on %s "
+                    "(%s), run dir %s", self._config.max_workers_per_node,
+                    self._config.provider.type, self._config.address,
+                    "CurveZMQ" if self._config.encrypted else "unencrypted", self._run_dir)
+
+    def status(self) -> dict[str, Any]:
+        """Blocks by state, managers and workers as of the last poll, and the jobs held here."""
+        with self._lock:
+            waiting, in_parsl = len(self._waiting), self._in_parsl
+        return {**self._snapshot, "tasks_waiting": waiting, "tasks_at_parsl": in_parsl}
+
+    def _on_poll(self, executor: Any) -> None:
+        """After each scaling pass: log block state changes, note what status reports."""
+        blocks = {block_id: status.state.name.lower()
+                  for block_id, status in executor.status_facade.items()}
+        for block_id, state in blocks.items():
+            if self._blocks.get(block_id) != state:
+                logger.info("htex block %s (job %s): %s", block_id,
+                            executor.blocks_to_job_id.get(block_id, "?"), state)
+        self._blocks = blocks
+        managers = executor.connected_managers()
+        self._manager_blocks.update((m["manager"], m["block_id"]) for m in managers)
+        managers = [m for m in managers if m["active"]]
+        workers = sum(int(m["worker_count"]) for m in managers)
+        busy = sum(min(int(m["tasks"]), int(m["worker_count"])) for m in managers)
+        states = collections.Counter(blocks.values())
+        self._snapshot = {"provider": self._config.provider.type,
+                          "blocks_pending": states["pending"], "blocks_running": states["running"],
+                          "managers": len(managers), "workers": workers, "workers_busy": busy,
+                          "workers_idle": workers - busy}
 
     def submit(self, job: Job, on_done: OnDone) -> None:
+        problem = resource_spec_problem(job.resource_spec)
+        if problem is not None:
+            on_done(Outcome(job.task_id, "failed", error=ErrorInfo(
+                type="InvalidResourceSpecification", message=f"task {job.task_id}: {problem}")))
+            return
         with self._lock:
             self._tasks[job.task_id] = _Task(job, on_done)
             self._waiting.append(job.task_id)
@@ -156,9 +225,9 @@ class HtexEngine(Engine):
         self._closing = True
         try:
             if self._poller is not None:
-                self._poller.close()
+                self._poller.close(timeout=self._config.shutdown_timeout)  # also cancels the blocks
             if self._executor is not None:
-                self._executor.shutdown()
+                self._executor.shutdown(timeout=self._config.shutdown_timeout)
         finally:
             self._poller = self._executor = None
             if self._tempdir is not None:
@@ -206,8 +275,9 @@ class HtexEngine(Engine):
             self._dispatch()
             return  # cancelled: its outcome went out already
         if retry:
-            logger.warning("task %s lost its worker (%s); running it again (retry %d of %d)",
-                           task_id, exc, attempt, self._config.max_retries_on_system_failure)
+            logger.warning("task %s lost its worker (%s%s); running it again (retry %d of %d)",
+                           task_id, exc, self._job_of(exc), attempt,
+                           self._config.max_retries_on_system_failure)
             self._launch(task)
             return
         try:
@@ -215,6 +285,15 @@ class HtexEngine(Engine):
         except Exception:
             logger.exception("handling the outcome of task %s failed", task_id)
         self._dispatch()
+
+    def _job_of(self, exc: BaseException | None) -> str:
+        """`` (block B, batch job J)`` for a lost manager whose block is known, else ''."""
+        manager = getattr(exc, "manager_id", b"")
+        block = self._manager_blocks.get(manager.decode() if isinstance(manager, bytes) else "")
+        if block is None or self._executor is None:
+            return ""
+        return f" (block {block}, {self._config.provider.type} job " \
+               f"{self._executor.blocks_to_job_id.get(block, '?')})"
 
     def _outcome_of(self, task: _Task, future: Future[Any]) -> Outcome:
         task_id = task.job.task_id
@@ -225,7 +304,8 @@ class HtexEngine(Engine):
         if _is_system_failure(exc):
             message = (f"task {task_id} was lost with its worker {task.attempt} times "
                        f"(max_retries_on_system_failure is "
-                       f"{self._config.max_retries_on_system_failure}); last: {exc}")
+                       f"{self._config.max_retries_on_system_failure}); last: {exc}"
+                       f"{self._job_of(exc)}")
             logger.warning("%s", message)
             return Outcome(task_id, "failed", error=ErrorInfo(type="WorkerLost", message=message),
                            worker=_host_of(exc))
@@ -233,6 +313,12 @@ class HtexEngine(Engine):
         return Outcome(task_id, "failed", error=ErrorInfo(
             type=type(exc).__name__, message=f"the high-throughput engine refused task {task_id}: "
                                              f"{exc}"))
+
+
+def _quiet_scale_in(record: logging.LogRecord) -> bool:
+    """Drop Parsl's warning, on every scaling pass while tasks run, that no block was idle
+    long enough to release: that is the normal case, not a problem."""
+    return not record.getMessage().startswith("Could not find enough blocks to kill")
 
 
 def _is_system_failure(exc: BaseException) -> bool:
@@ -269,6 +355,7 @@ def _build_executor(config: HtexEngineConfig, run_dir: Path) -> Any:
         interchange_launch_cmd=[sys.executable, str(bin_dir / "interchange.py")],
         heartbeat_period=config.heartbeat_period,
         heartbeat_threshold=config.heartbeat_threshold,
+        drain_period=config.drain_period,
         encrypted=config.encrypted,
     )
     executor.run_id = str(uuid.uuid4())
@@ -277,6 +364,23 @@ def _build_executor(config: HtexEngineConfig, run_dir: Path) -> Any:
     script_dir.mkdir(parents=True, exist_ok=True)
     provider.script_dir = str(script_dir)
     return executor
+
+
+def _make_poller(config: HtexEngineConfig, on_poll: Callable[[Any], None]) -> Any:
+    """Parsl's job-status poller (the DFK's scaling loop), calling ``on_poll`` after each pass."""
+    from parsl.jobs.job_status_poller import JobStatusPoller
+
+    class Poller(JobStatusPoller):
+        def poll(self) -> None:
+            super().poll()
+            for executor in self._executors:
+                try:
+                    on_poll(executor)
+                except Exception:  # the status report must never stop the scaling loop
+                    logger.warning("reading the htex engine's status failed", exc_info=True)
+
+    return Poller(strategy=STRATEGY, max_idletime=config.idle_timeout,
+                  strategy_period=config.strategy_period)
 
 
 def default_run_dir(endpoint_name: str, config: HtexEngineConfig) -> Path | None:

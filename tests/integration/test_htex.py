@@ -7,11 +7,8 @@ client ─▶ RabbitMQ ─▶ agent ─▶ interchange ─▶ worker pool ─▶
 from __future__ import annotations
 
 import os
-import queue
-import shutil
 import signal
 import socket
-import subprocess
 import time
 import uuid
 from collections.abc import Iterator
@@ -177,57 +174,6 @@ def test_the_htex_engine_cancels_or_hands_back_jobs_still_waiting_and_abandons_t
         assert [job.task_id for job, _ in engine.take_waiting()] == ["t3"]
     finally:
         engine.shutdown()
-
-
-def slurm_job_id() -> str:
-    import os
-
-    return os.environ.get("SLURM_JOB_ID", "")
-
-
-def _slurm_is_up() -> bool:
-    if shutil.which("scontrol") is None:
-        return False
-    done = subprocess.run(["scontrol", "ping"], capture_output=True, text=True, check=False)
-    return done.returncode == 0 and "UP" in done.stdout
-
-
-@pytest.mark.skipif(not _slurm_is_up(), reason="no Slurm controller up; start one with "
-                                               "../shared/slurm/start-slurm.sh")
-def test_the_htex_engine_runs_tasks_in_a_slurm_job(tmp_path: Path) -> None:
-    import cloudpickle
-
-    from gc_agent.engines.htex import HtexEngine
-    from gc_agent.execution import Job, Outcome
-    from gc_agent.providers import SlurmProviderConfig
-    from gc_client.tasks import make_task
-    from gc_core.serialize import CLOUDPICKLE, PYTHON_VERSION
-
-    # Given an engine whose one block is a Slurm job on the debug partition
-    engine = HtexEngine(HtexEngineConfig(type="htex", max_workers_per_node=2, provider=(
-        SlurmProviderConfig(type="slurm", partition="debug", walltime="00:05:00", init_blocks=1,
-                            max_blocks=1, exclusive=False,
-                            worker_init=f"export PYTHONPATH={REPO_ROOT}"))), tmp_path / "run")
-    done: queue.SimpleQueue[Outcome] = queue.SimpleQueue()
-    engine.start()
-    try:
-        # When two tasks run there
-        for _ in range(2):
-            task = make_task(endpoint_id="ep-1", function_id="f-slurm", user="alice",
-                             task_group_id="g", serializer=CLOUDPICKLE, args=(), kwargs={})
-            engine.submit(Job(task_id=task.task_id, function_id="f-slurm",
-                              function_payload=cloudpickle.dumps(slurm_job_id),
-                              function_python=PYTHON_VERSION, content_type=task.content_type,
-                              payload=task.payload, sender_python=task.sender_python,
-                              sender_serializer=task.sender_serializer), done.put)
-        outcomes = [done.get(timeout=RESULT_TIMEOUT) for _ in range(2)]
-    finally:
-        engine.shutdown()
-
-    # Then both ran inside the same Slurm job
-    assert all(o.state == "success" for o in outcomes), [o.error for o in outcomes]
-    job_ids = {CLOUDPICKLE.loads(o.payload) for o in outcomes}
-    assert len(job_ids) == 1 and job_ids != {""}
 
 
 def _parent_command(pid: int) -> str:

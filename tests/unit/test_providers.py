@@ -188,3 +188,46 @@ def test_an_lsf_provider_config_maps_partition_to_the_queue_and_account_to_the_p
     ("single", SingleNodeLauncher), ("srun", SrunLauncher), ("mpiexec", MpiExecLauncher)])
 def test_each_launcher_type_maps_to_its_parsl_launcher(kind: str, parsl_type: type) -> None:
     assert isinstance(build_launcher(LauncherConfig(type=kind)), parsl_type)  # type: ignore[arg-type]
+
+
+def test_a_status_poll_period_replaces_parsls_fixed_interval() -> None:
+    default = build_provider(LocalProviderConfig())
+    polled = build_provider(LocalProviderConfig(status_poll_period=1.5))
+
+    assert default.status_polling_interval == 5  # Parsl's for LocalProvider
+    assert isinstance(polled, LocalProvider) and polled.status_polling_interval == 1.5
+
+
+# -- what the htex engine checks and reports per task -----------------------------------
+
+
+def test_a_resource_specification_with_the_htex_keys_is_accepted() -> None:
+    from gc_agent.engines.htex import resource_spec_problem
+
+    assert resource_spec_problem({"priority": 2.5, "num_nodes": 2, "ranks_per_node": 4,
+                                  "num_ranks": 8, "launcher_options": "--bind-to core"}) is None
+
+
+def test_an_unknown_resource_specification_key_is_named_with_the_allowed_ones() -> None:
+    from gc_agent.engines.htex import resource_spec_problem
+
+    problem = resource_spec_problem({"num_nodes": 1, "cores": 4})
+
+    assert problem is not None and "'cores'" in problem
+    assert "allowed: priority, num_nodes, ranks_per_node, num_ranks, launcher_options" in problem
+
+
+def test_a_resource_specification_value_of_the_wrong_type_is_named() -> None:
+    from gc_agent.engines.htex import resource_spec_problem
+
+    assert resource_spec_problem({"num_nodes": "2"}) \
+        == "resource_specification 'num_nodes' must be int, got '2'"
+    assert resource_spec_problem({"priority": True}) is not None
+
+
+def test_a_worker_names_its_block_and_batch_job() -> None:
+    from gc_agent.engines.htex import describe_worker
+
+    assert describe_worker("n1:7", {"PARSL_WORKER_BLOCK_ID": "0", "PBS_JOBID": "4213.pbs01"}) \
+        == "n1:7 block 0 pbs job 4213.pbs01"
+    assert describe_worker("laptop:9", {}) == "laptop:9"
