@@ -13,6 +13,7 @@ from typing import Any, Callable, TextIO
 import click
 from tqdm import tqdm
 
+from gc_client.cli_identity import COMMANDS as IDENTITY_COMMANDS
 from gc_client.client import Client
 from gc_client.functions import MPIFunction, ShellFunction
 from gc_core.errors import GCError, TaskError, TaskPending
@@ -30,7 +31,7 @@ def main(ctx: click.Context) -> None:
 
     \b
     Settings come from GC_BROKER_URL, GC_REGISTRY_URL, GC_TOKEN and GC_HOME
-    (defaults match the local demo).
+    (defaults match the local demo); `gc-client login` stores a token.
     \b
     Typical use:
       gc-client register analysis.py:fit      # prints a function id
@@ -372,6 +373,10 @@ def endpoints(lazy: _Lazy) -> None:
             click.echo(f"{endpoint_id.ljust(36)}  {state.ljust(10)}  {name}")
 
     _run(action)
+
+
+for _command in IDENTITY_COMMANDS:
+    main.add_command(_command)
 
 
 if __name__ == "__main__":

@@ -20,7 +20,15 @@ from gc_core.broker import BrokerSession
 from gc_core.errors import PublishNotConfirmed, TaskPending
 from gc_core.protocol import CancelCommand, Envelope, TaskMessage, encode_event, encode_task
 from gc_core.registry.client import RegistryClient
-from gc_core.registry.schemas import EndpointOut, EndpointStatus, TaskOut
+from gc_core.registry.schemas import (
+    EndpointOut,
+    EndpointPolicy,
+    EndpointStatus,
+    FunctionOut,
+    FunctionSharing,
+    TaskOut,
+    WhoAmI,
+)
 from gc_core.serialize import CLOUDPICKLE, Serializer, get_serializer
 from gc_core.settings import FabricSettings, resolve_settings
 from gc_core.topology import Topology, load_topology, safe_name_part
@@ -51,11 +59,14 @@ class Client:
 
     def __init__(self, *, broker_url: str | None = None, registry_url: str | None = None,
                  token: str | None = None, home: str | None = None, user: str | None = None,
-                 identity: str | None = None) -> None:
+                 identity: str | None = None, on_behalf_of: str = "") -> None:
         self.settings: FabricSettings = resolve_settings(
             broker_url=broker_url, registry_url=registry_url, token=token, home=home, user=user,
             identity=identity)
         safe_name_part(self.settings.user, "user name (GC_USER)")
+        #: For a service account (a science gateway): the end user its tasks are run for,
+        #: recorded in the ledger beside the account itself.
+        self.on_behalf_of = on_behalf_of
         self.topology: Topology = load_topology()
         self.registry = RegistryClient(self.settings.registry_url, token=self.settings.token)
         #: Task group of tasks sent with :meth:`run`.
@@ -94,8 +105,25 @@ class Client:
         return function_id
 
     def list_endpoints(self) -> list[EndpointOut]:
-        """Every endpoint the registry knows."""
+        """Every endpoint you may see: listed ones, and private ones shared with you."""
         return self.registry.list_endpoints()
+
+    def whoami(self) -> WhoAmI:
+        """The identity the registry takes your token to be (``anonymous`` on an open one)."""
+        return self.registry.whoami()
+
+    def get_allowed_functions(self, endpoint_id: str) -> list[FunctionOut]:
+        """The functions you may run on ``endpoint_id``: shared with you and, if the endpoint
+        permits only some, among those."""
+        return self.registry.allowed_functions(endpoint_id)
+
+    def set_endpoint_policy(self, endpoint_id: str, policy: EndpointPolicy) -> EndpointOut:
+        """Replace who may use an endpoint you own, and what it runs."""
+        return self.registry.set_endpoint_policy(endpoint_id, policy)
+
+    def share_function(self, function_id: str, sharing: FunctionSharing) -> FunctionOut:
+        """Change who may run a function you own."""
+        return self.registry.share_function(function_id, sharing)
 
     def get_endpoint_status(self, endpoint_id: str) -> EndpointStatus:
         """Online/offline and the latest heartbeat's details."""
@@ -127,7 +155,7 @@ class Client:
                            user=self.settings.user, task_group_id=batch.task_group_id,
                            serializer=batch.serializer, args=args, kwargs=kwargs,
                            resource_spec=batch.resource_specification,
-                           identity=self.settings.identity)
+                           identity=self.settings.identity, on_behalf_of=self.on_behalf_of)
                  for function_id, args, kwargs in batch.calls]
         self._publish_confirmed(endpoint_id, batch.task_group_id, tasks)
         return [t.task_id for t in tasks]

@@ -94,6 +94,7 @@ class Executor(_BaseExecutor):
         serializer: str = "cloudpickle",
         batch_size: int = FLUSH_BATCH,
         linger: float = 0.0,
+        on_behalf_of: str | None = None,
     ) -> None:
         if batch_size < 1 or linger < 0:
             raise ValueError("batch_size must be at least 1 and linger (seconds) at least 0")
@@ -107,6 +108,8 @@ class Executor(_BaseExecutor):
         self.batch_size = batch_size
         self.linger = linger
         self._user = self.client.settings.user
+        #: The end user a service account submits for (default: the client's).
+        self.on_behalf_of = self.client.on_behalf_of if on_behalf_of is None else on_behalf_of
         self._futures: dict[str, ComputeFuture] = {}
         self._unclaimed: dict[str, ResultMessage] = {}
         self._manifest_ids: list[str] = []
@@ -136,7 +139,7 @@ class Executor(_BaseExecutor):
                          task_group_id=self.task_group_id, serializer=self.serializer,
                          args=tuple(args), kwargs=dict(kwargs or {}),
                          resource_spec=self.resource_specification,
-                         identity=self.client.settings.identity,
+                         identity=self.client.settings.identity, on_behalf_of=self.on_behalf_of,
                          user_endpoint_config=self.user_endpoint_config)
         future = ComputeFuture(task.task_id, self._cancel_remotely)
         with self._lock:

@@ -31,6 +31,7 @@ def new_id() -> str:
 def make_task(*, endpoint_id: str, function_id: str, user: str, task_group_id: str,
               serializer: Serializer, args: tuple[Any, ...], kwargs: dict[str, Any],
               resource_spec: dict[str, Any] | None = None, identity: str = "",
+              on_behalf_of: str = "",
               user_endpoint_config: dict[str, Any] | None = None) -> TaskMessage:
     """A task message calling ``function_id`` with ``args`` and ``kwargs``."""
     call: Any = {"args": list(args), "kwargs": kwargs} if serializer is JSON else (args, kwargs)
@@ -38,7 +39,7 @@ def make_task(*, endpoint_id: str, function_id: str, user: str, task_group_id: s
         task_id=new_id(), task_group_id=task_group_id, endpoint_id=endpoint_id,
         function_id=function_id, user=user, content_type=serializer.content_type,
         payload=serializer.dumps(call), resource_spec=resource_spec or {}, identity=identity,
-        user_endpoint_config=user_endpoint_config or {},
+        on_behalf_of=on_behalf_of, user_endpoint_config=user_endpoint_config or {},
         sender_python=PYTHON_VERSION, sender_serializer=serializer.label)
 
 

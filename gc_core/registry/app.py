@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from gc_core.errors import RegistryError
-from gc_core.registry import identity, store
+from gc_core.registry import actions, identity, store
 from gc_core.registry.db import open_database
 from gc_core.registry.deps import Caller, Db
 from gc_core.registry.identity import Principal
@@ -27,6 +27,8 @@ from gc_core.registry.schemas import (
     FunctionSharing,
     IssuedToken,
     TaskBatchIn,
+    TaskCheckIn,
+    TaskCheckOut,
     TaskOut,
     TokenIn,
     TokenOut,
@@ -59,23 +61,6 @@ class Refusal(BaseModel):
     """Why a request was refused."""
 
     detail: str
-
-
-class TaskCheckIn(BaseModel):
-    """A task an agent is about to run, for the registry's policy re-check."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    user: str = Field(min_length=1, max_length=200)
-    function_id: str = Field(min_length=1, max_length=64)
-    content_type: str = Field(max_length=100)
-
-
-class TaskCheckOut(BaseModel):
-    """The re-check's answer: allowed, or refused and why."""
-
-    allowed: bool
-    reason: str = ""
 
 
 def _owner(caller: Principal, claimed: str) -> str:
@@ -131,7 +116,7 @@ def create_app(settings: RegistrySettings) -> FastAPI:
     def whoami(caller: Caller) -> WhoAmI:
         return WhoAmI(name=caller.name, kind=caller.kind, admin=caller.admin,
                       groups=sorted(caller.groups), endpoint_id=caller.endpoint_id,
-                      auth=settings.auth)
+                      token_id=caller.token_id, auth=settings.auth)
 
     @app.post("/tokens", response_model=IssuedToken)
     def issue_token(body: TokenIn, session: Db, caller: Caller) -> IssuedToken:
@@ -187,7 +172,7 @@ def create_app(settings: RegistrySettings) -> FastAPI:
     def check_task(endpoint_id: str, body: TaskCheckIn, session: Db,
                    caller: Caller) -> TaskCheckOut:
         reason = store.authorize_task(session, endpoint_id, body.user, body.function_id,
-                                      body.content_type, caller)
+                                      body.content_type, caller, body.on_behalf_of)
         return TaskCheckOut(allowed=reason is None, reason=reason or "")
 
     @app.get("/endpoints/{endpoint_id}/status", response_model=EndpointStatus)
@@ -212,4 +197,5 @@ def create_app(settings: RegistrySettings) -> FastAPI:
     def list_group_tasks(task_group_id: str, session: Db, caller: Caller) -> list[TaskOut]:
         return store.list_group_tasks(session, task_group_id, caller)
 
+    app.include_router(actions.router)
     return app

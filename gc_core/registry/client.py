@@ -11,15 +11,23 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, TypeAdapter
 
-from gc_core.errors import NotFound, RegistryError
+from gc_core.errors import Forbidden, NotAuthenticated, NotFound, RegistryError
 from gc_core.registry.schemas import (
     EndpointIn,
     EndpointOut,
+    EndpointPolicy,
     EndpointStatus,
     FunctionIn,
     FunctionOut,
+    FunctionSharing,
+    IssuedToken,
     TaskBatchIn,
+    TaskCheckIn,
+    TaskCheckOut,
     TaskOut,
+    TokenIn,
+    TokenOut,
+    WhoAmI,
 )
 from gc_core.serialize import CLOUDPICKLE, PYTHON_VERSION
 
@@ -50,6 +58,38 @@ class RegistryClient:
                           payload_b64=base64.b64encode(payload).decode(), source=source,
                           python_version=PYTHON_VERSION, serializer=CLOUDPICKLE.label, owner=owner)
         return self._call("POST", "/functions", FunctionOut, json=body).function_id
+
+    def whoami(self) -> WhoAmI:
+        """Who the registry takes this client's token to be."""
+        return self._call("GET", "/whoami", WhoAmI)
+
+    def issue_token(self, body: TokenIn) -> IssuedToken:
+        """A new token for the caller (or an agent token for an endpoint the caller owns)."""
+        return self._call("POST", "/tokens", IssuedToken, json=body)
+
+    def list_tokens(self) -> list[TokenOut]:
+        """The caller's tokens (every token, for an admin), without their secrets."""
+        return self._call_list("GET", "/tokens", TokenOut)
+
+    def revoke_token(self, token_id: str) -> TokenOut:
+        """Revoke one of the caller's tokens."""
+        return self._call("DELETE", f"/tokens/{token_id}", TokenOut)
+
+    def share_function(self, function_id: str, sharing: FunctionSharing) -> FunctionOut:
+        """Change who may run a function the caller owns."""
+        return self._call("PUT", f"/functions/{function_id}/sharing", FunctionOut, json=sharing)
+
+    def set_endpoint_policy(self, endpoint_id: str, policy: EndpointPolicy) -> EndpointOut:
+        """Replace the policy of an endpoint the caller owns."""
+        return self._call("PUT", f"/endpoints/{endpoint_id}/policy", EndpointOut, json=policy)
+
+    def allowed_functions(self, endpoint_id: str) -> list[FunctionOut]:
+        """The functions the caller may run on an endpoint."""
+        return self._call_list("GET", f"/endpoints/{endpoint_id}/functions", FunctionOut)
+
+    def check_task(self, endpoint_id: str, check: TaskCheckIn) -> TaskCheckOut:
+        """An agent's re-check of a task against its endpoint's policy."""
+        return self._call("POST", f"/endpoints/{endpoint_id}/check-task", TaskCheckOut, json=check)
 
     def get_function(self, function_id: str) -> FunctionOut:
         """A registered function, with its serialized bytes."""
@@ -102,7 +142,11 @@ class RegistryClient:
                 f"cannot reach the registry at {self.url}: {exc}; is `gc-registry serve` "
                 "running, and does GC_REGISTRY_URL point at it?") from exc
         if response.status_code == 404:
-            raise NotFound(_detail(response), status=404)
+            raise NotFound(_detail(response))
+        if response.status_code == 401:
+            raise NotAuthenticated(_detail(response))
+        if response.status_code == 403:
+            raise Forbidden(_detail(response))
         if response.status_code >= 400:
             raise RegistryError(f"registry refused {method} {path}: {_detail(response)}",
                                 status=response.status_code)

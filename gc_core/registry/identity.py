@@ -59,6 +59,8 @@ class Principal:
     endpoint_id: str | None = None
     #: For an agent: the endpoint owner, whose rights it has over that endpoint.
     owner: str | None = None
+    #: The token the request came with, so a client can revoke its own on logout.
+    token_id: str | None = None
 
     @property
     def is_agent(self) -> bool:
@@ -179,9 +181,10 @@ def authenticate(db: Session, token: str, *, now: float | None = None) -> Princi
     user = _user_row(db, row.user)
     if row.endpoint_id is not None:
         return Principal(name=AGENT_PREFIX + row.endpoint_id, kind="agent",
-                         endpoint_id=row.endpoint_id, owner=user.name)
+                         endpoint_id=row.endpoint_id, owner=user.name, token_id=row.token_id)
     return Principal(name=user.name, kind=user.kind,  # type: ignore[arg-type]
-                     groups=frozenset(_groups_of(db, user.name)), admin=user.admin)
+                     groups=frozenset(_groups_of(db, user.name)), admin=user.admin,
+                     token_id=row.token_id)
 
 
 def _groups_of(db: Session, user: str) -> list[str]:

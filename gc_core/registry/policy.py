@@ -60,11 +60,15 @@ def function_refusal(principal: Principal, function: FunctionRow,
 
 
 def task_refusal(db: Session, endpoint: EndpointRow, user: str, function_id: str,
-                 content_type: str) -> str | None:
+                 content_type: str, on_behalf_of: str = "") -> str | None:
     """Why ``endpoint`` must refuse a task ``user`` sent, or None: the agents' re-check."""
     principal = principal_of_user(db, user)
     if principal is None:
         return f"{user} is not a registered user"
+    if on_behalf_of and principal.kind != "service":
+        return (f"{user} is not a service account, so it may not submit on behalf of "
+                f"{on_behalf_of}; an administrator creates service accounts with "
+                "`gc-registry user create NAME --service`")
     if not may_submit(principal, endpoint):
         return f"{user} is not allowed to use endpoint {endpoint.endpoint_id}"
     function = db.get(FunctionRow, function_id)

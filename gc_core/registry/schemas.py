@@ -18,6 +18,8 @@ __all__ = [
     "FunctionSharing",
     "IssuedToken",
     "TaskBatchIn",
+    "TaskCheckIn",
+    "TaskCheckOut",
     "TaskOut",
     "TaskEvent",
     "TaskStatus",
@@ -171,6 +173,7 @@ class WhoAmI(_Body):
     admin: bool = False
     groups: list[str] = []
     endpoint_id: str | None = None
+    token_id: str | None = None
     auth: Literal["open", "tokens"]
 
 
@@ -201,3 +204,19 @@ class IssuedToken(TokenOut):
 
     token: str
     principal: str = Field(description="The user name to give the broker with this token.")
+
+
+class TaskCheckIn(_Body):
+    """A task an agent is about to run, for the registry's policy re-check."""
+
+    user: str = Field(min_length=1, max_length=200)
+    function_id: str = Field(min_length=1, max_length=64)
+    content_type: str = Field(max_length=100)
+    on_behalf_of: str = Field(default="", max_length=200)
+
+
+class TaskCheckOut(_Body):
+    """The re-check's answer: allowed, or refused and why."""
+
+    allowed: bool
+    reason: str = ""

@@ -145,13 +145,14 @@ def allowed_functions(db: Session, endpoint_id: str,
 
 
 def authorize_task(db: Session, endpoint_id: str, user: str, function_id: str,
-                   content_type: str, principal: Principal = ANONYMOUS) -> str | None:
+                   content_type: str, principal: Principal = ANONYMOUS,
+                   on_behalf_of: str = "") -> str | None:
     """The agents' re-check: why the endpoint must refuse this task, or None. Only the
     endpoint's own agent (or an admin) may ask."""
     endpoint = _endpoint_row(db, endpoint_id)
     if not (principal.admin or principal.endpoint_id == endpoint_id):
         raise Forbidden(f"only the agent of endpoint {endpoint_id} may ask what it may run")
-    return policy.task_refusal(db, endpoint, user, function_id, content_type)
+    return policy.task_refusal(db, endpoint, user, function_id, content_type, on_behalf_of)
 
 
 def endpoint_status(db: Session, endpoint_id: str, now: float | None = None) -> EndpointStatus:
