@@ -18,6 +18,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
 from typing import Callable
 
+from gc_agent.admission import Admission, AdmissionKey
 from gc_agent.config import EndpointConfig
 from gc_agent.engines import Engine, make_engine
 from gc_agent.execution import Job, Outcome
@@ -77,9 +78,12 @@ class Agent:
         self._topology = load_topology()
         self._engine: Engine = make_engine(config)
         self._registry: RegistryClient | None = None
+        #: The agent's token: with one, the registry checks tokens and re-admits each task.
+        self._token = settings.token
+        self._admission: Admission | None = None
         self._broker: BrokerSession | None = None
         self._functions: dict[str, _Function] = {}
-        self._fetching: dict[str, list[tuple[Delivery, TaskMessage, float]]] = {}
+        self._fetching: dict[AdmissionKey, list[tuple[Delivery, TaskMessage, float]]] = {}
         self._fetch_lock = threading.Lock()
         self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fetch")
         self._done: OrderedDict[str, None] = OrderedDict()
@@ -102,7 +106,9 @@ class Agent:
         Raises:
             BrokerUnreachable: the broker did not answer within ``timeout``.
         """
-        self._registry = RegistryClient(self._registry_url)
+        self._registry = RegistryClient(self._registry_url, token=self._token)
+        if self._token:
+            self._admission = Admission(self._registry, self.endpoint_id)
         self._engine.start()
         tasks_queue = self._topology.queue("endpoint_tasks", endpoint_id=self.endpoint_id)
         commands_queue = self._topology.queue("endpoint_commands", endpoint_id=self.endpoint_id)
@@ -190,40 +196,59 @@ class Agent:
             self._publish(delivery, error_result(task, problem, timings=Timings(received=received)))
             return
         function = self._functions.get(task.function_id)
-        if function is None:
-            self._fetch_then_run(delivery, task, received)
+        if function is None or (self._admission is not None and not self._admission.admitted(task)):
+            self._prepare_then_run(delivery, task, received)
         else:
             self._run(delivery, task, function, received)
 
-    def _fetch_then_run(self, delivery: Delivery, task: TaskMessage, received: float) -> None:
-        """Fetch a function once from the registry, off the IO thread; queue its tasks meanwhile."""
+    def _prepare_then_run(self, delivery: Delivery, task: TaskMessage, received: float) -> None:
+        """Off the IO thread: have the registry admit the task (when it checks tokens) and
+        fetch its function once; tasks with the same needs wait for the same answer."""
+        key = AdmissionKey.of(task)
         with self._fetch_lock:
-            waiting = self._fetching.get(task.function_id)
+            waiting = self._fetching.get(key)
             if waiting is not None:
                 waiting.append((delivery, task, received))
                 return
-            self._fetching[task.function_id] = [(delivery, task, received)]
-        self._fetcher.submit(_logged(self._fetch), task.function_id)
+            self._fetching[key] = [(delivery, task, received)]
+        self._fetcher.submit(_logged(self._prepare), key, task)
 
-    def _fetch(self, function_id: str) -> None:
-        assert self._registry is not None
+    def _prepare(self, key: AdmissionKey, task: TaskMessage) -> None:
+        function: _Function | ErrorInfo
         try:
-            found = self._registry.get_function(function_id)
-            function: _Function | ErrorInfo = _Function(base64.b64decode(found.payload_b64),
-                                                        found.python_version)
+            function = self._admit(task) or self._function(task.function_id)
         except GCError as exc:
             function = ErrorInfo(type=type(exc).__name__,
-                                 message=f"cannot fetch function {function_id}: {exc}")
+                                 message=f"cannot fetch function {task.function_id}: {exc}")
         with self._fetch_lock:
-            waiting = self._fetching.pop(function_id, [])
+            waiting = self._fetching.pop(key, [])
+        for delivery, waiting_task, received in waiting:
             if isinstance(function, _Function):
-                self._functions[function_id] = function
-        for delivery, task, received in waiting:
-            if isinstance(function, _Function):
-                self._run(delivery, task, function, received)
+                self._run(delivery, waiting_task, function, received)
             else:
-                self._publish(delivery, error_result(task, function,
+                logger.warning("refused task %s: %s", waiting_task.task_id, function.message)
+                self._publish(delivery, error_result(waiting_task, function,
                                                      timings=Timings(received=received)))
+
+    def _admit(self, task: TaskMessage) -> ErrorInfo | None:
+        """The registry's refusal of ``task`` as an error result, or None."""
+        if self._admission is None:
+            return None
+        reason = self._admission.refusal(task)
+        if reason is None:
+            return None
+        return ErrorInfo(type="PolicyError",
+                         message=f"endpoint {self.endpoint_id} refuses task {task.task_id}: {reason}")
+
+    def _function(self, function_id: str) -> _Function:
+        """A function from the cache, or fetched from the registry once."""
+        function = self._functions.get(function_id)
+        if function is None:
+            assert self._registry is not None
+            found = self._registry.get_function(function_id)
+            function = _Function(base64.b64decode(found.payload_b64), found.python_version)
+            self._functions[function_id] = function
+        return function
 
     def _run(self, delivery: Delivery, task: TaskMessage, function: _Function,
              received: float) -> None:
@@ -396,14 +421,16 @@ def _routable(*words: str) -> bool:
     return True
 
 
-def _logged(fn: Callable[[str], None]) -> Callable[[str], None]:
+def _logged(fn: Callable[[AdmissionKey, TaskMessage], None]
+            ) -> Callable[[AdmissionKey, TaskMessage], None]:
     """A thread pool swallows exceptions; this says them instead."""
 
-    def run(arg: str) -> None:
+    def run(key: AdmissionKey, task: TaskMessage) -> None:
         try:
-            fn(arg)
+            fn(key, task)
         except Exception:
-            logger.exception("fetching function %s failed", arg)
+            logger.exception("preparing task %s (function %s) failed", task.task_id,
+                             task.function_id)
 
     return run
 

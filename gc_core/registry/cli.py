@@ -73,15 +73,22 @@ def main() -> None:
 @click.option("--auth", type=click.Choice(["tokens", "open"]), default="tokens", show_default=True,
               help="tokens: every request needs a token and policies hold. open: identities "
                    "are claimed, not proven (a laptop demo only).")
+@click.option("--result-size-limit", type=click.IntRange(min=0), default=10 * 2**20,
+              show_default=True, metavar="BYTES",
+              help="Results larger than this keep their state in the ledger but not their value.")
+@click.option("--result-ttl", default="30d", show_default=True, metavar="DURATION",
+              help="How long the ledger keeps result values (e.g. 7d, 12h; 'forever').")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
 def serve(db_url: str | None, host: str, port: int, broker_url: str | None, no_ledger: bool,
-          auth: str, log_level: str) -> None:
+          auth: str, result_size_limit: int, result_ttl: str, log_level: str) -> None:
     """Serve the registry's HTTP API and record the task ledger."""
     configure_logging(log_level)
     fabric = resolve_settings(broker_url=broker_url)
+    ttl = None if result_ttl == "forever" else _duration(result_ttl, "--result-ttl")
     settings = RegistrySettings(db_url=_database_url(db_url), broker_url=fabric.broker_url,
-                                ledger=not no_ledger, auth=auth)  # type: ignore[arg-type]
+                                ledger=not no_ledger, auth=auth,  # type: ignore[arg-type]
+                                result_size_limit=result_size_limit, result_ttl=ttl)
     if auth == "open":
         logger.warning("registry is OPEN: anyone who reaches it may act as anyone; use "
                        "--auth tokens anywhere but a single-user demo")
@@ -174,7 +181,8 @@ def token_create(db_url: str | None, user_name: str, label: str, expires_in: str
     """Issue a token for USER; its secret is printed once, on stdout alone."""
     with _session(db_url) as db:
         issued = identity.issue_token(db, user_name, label=label,
-                                      lifetime=_duration(expires_in), endpoint_id=endpoint_id)
+                                      lifetime=_duration(expires_in, "--expires-in"),
+                                      endpoint_id=endpoint_id)
     click.echo(f"issued token {issued.token_id} for {issued.principal}"
                + (f", expires {_when(issued.expires)}" if issued.expires else ""), err=True)
     click.echo(issued.token)
@@ -205,13 +213,13 @@ def token_revoke(db_url: str | None, token_ids: tuple[str, ...]) -> None:
     click.echo(f"revoked {', '.join(token_ids)}")
 
 
-def _duration(text: str | None) -> float | None:
+def _duration(text: str | None, option: str) -> float | None:
     if text is None:
         return None
     match = _DURATION.match(text.strip())
     if match is None:
         raise click.BadParameter(f"{text!r} is not a duration; write e.g. 90d, 12h or 30m",
-                                 param_hint="--expires-in")
+                                 param_hint=option)
     return int(match[1]) * _SECONDS[match[2]]
 
 
