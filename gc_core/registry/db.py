@@ -14,13 +14,14 @@ from sqlalchemy import (
     LargeBinary,
     String,
     Text,
+    UniqueConstraint,
     create_engine,
     event,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
-__all__ = ["Base", "EndpointRow", "FunctionRow", "GroupMemberRow", "GroupRow", "TaskRow",
-           "TokenRow", "UserRow", "open_database"]
+__all__ = ["ActionRow", "Base", "EndpointRow", "FunctionRow", "GroupMemberRow", "GroupRow",
+           "TaskRow", "TokenRow", "UserRow", "open_database"]
 
 
 class Base(DeclarativeBase):
@@ -97,6 +98,30 @@ class TaskRow(Base):
     recorded: Mapped[float | None] = mapped_column(Float, index=True)
     #: Why the result's value is not kept: larger than the cap, or past its time to live.
     result_note: Mapped[str] = mapped_column(Text, default="")
+
+
+class ActionRow(Base):
+    """A Flows-style action: one task submitted through ``/actions/run``, until released."""
+
+    __tablename__ = "actions"
+    __table_args__ = (UniqueConstraint("creator", "request_id", name="uq_actions_request"),)
+
+    #: The task id of the action's one task.
+    action_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    #: The caller's id for the request: a repeat with the same id gets the same action.
+    request_id: Mapped[str] = mapped_column(String(200))
+    #: SHA-256 of the request, to refuse a repeated request_id with different content.
+    request_hash: Mapped[str] = mapped_column(String(64))
+    creator: Mapped[str] = mapped_column(String(200))
+    endpoint_id: Mapped[str] = mapped_column(String(64))
+    label: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    monitor_by: Mapped[list[str]] = mapped_column(JSON, default=list)
+    manage_by: Mapped[list[str]] = mapped_column(JSON, default=list)
+    #: ISO 8601 duration after completion when the action is forgotten.
+    release_after: Mapped[str] = mapped_column(String(40))
+    created: Mapped[float] = mapped_column(Float)
+    cancel_requested: Mapped[float | None] = mapped_column(Float, nullable=True)
+    released: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class UserRow(Base):
