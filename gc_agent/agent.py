@@ -23,7 +23,7 @@ from gc_agent.config import EndpointConfig
 from gc_agent.engines import Engine, make_engine
 from gc_agent.execution import Job, Outcome
 from gc_agent.policy import refusal
-from gc_core.broker import BrokerSession, Delivery
+from gc_core.broker import BrokerSession, Delivery, token_login
 from gc_core.errors import GCError, ProtocolError
 from gc_core.protocol import (
     CancelCommand,
@@ -39,6 +39,7 @@ from gc_core.protocol import (
     error_result,
 )
 from gc_core.registry.client import RegistryClient
+from gc_core.registry.identity import AGENT_PREFIX
 from gc_core.serialize import JSON, PYTHON_VERSION, SERIALIZERS
 from gc_core.settings import FabricSettings
 from gc_core.topology import load_topology, safe_name_part
@@ -53,6 +54,10 @@ PREFETCH_PER_WORKER = 16
 DONE_MEMORY = 20_000
 #: Cancelled task ids not yet delivered here, remembered so they are answered, not run.
 CANCEL_MEMORY = 100_000
+#: What to do when the broker refuses the agent's token.
+AGENT_TOKEN_REMEDY = ("give the agent its endpoint's token: token_file in its config.yaml, "
+                      "from `gc-agent configure` while logged in, or `POST /tokens` with the "
+                      "endpoint_id")
 #: Which heartbeat counter a result state counts in.
 _COUNTER = {"success": "succeeded", "failed": "failed", "cancelled": "cancelled"}
 
@@ -74,6 +79,9 @@ class Agent:
         self._on_heartbeat = on_heartbeat
         self.endpoint_id = config.endpoint_id
         self._broker_url = config.broker_url or settings.broker_url
+        # On a secured broker (a URL without credentials) the agent logs in with its token.
+        self._login = token_login(self._broker_url, AGENT_PREFIX + config.endpoint_id,
+                                  settings.token, remedy=AGENT_TOKEN_REMEDY)
         self._registry_url = config.registry_url or settings.registry_url
         self._topology = load_topology()
         self._engine: Engine = make_engine(config)
@@ -115,7 +123,7 @@ class Agent:
         prefetch = self.config.prefetch or PREFETCH_PER_WORKER * self._engine.capacity
         self._broker = BrokerSession(
             self._broker_url, name=f"gc-agent:{self.endpoint_id}", topology=self._topology,
-            queues=[tasks_queue, commands_queue], prefetch=prefetch)
+            queues=[tasks_queue, commands_queue], prefetch=prefetch, login=self._login)
         self._broker.consume(commands_queue.name, self._on_command)
         try:
             self._broker.start(timeout=timeout)
@@ -240,6 +248,12 @@ class Agent:
         return ErrorInfo(type="PolicyError",
                          message=f"endpoint {self.endpoint_id} refuses task {task.task_id}: {reason}")
 
+    def _identity_of(self, task: TaskMessage) -> str:
+        """Whom a multi-user endpoint maps to a local account. When the registry checks
+        tokens, only the authenticated user counts: a claimed ``gc-identity`` could name
+        anyone's account."""
+        return task.user if self._admission is not None else task.identity or task.user
+
     def _function(self, function_id: str) -> _Function:
         """A function from the cache, or fetched from the registry once."""
         function = self._functions.get(function_id)
@@ -263,7 +277,7 @@ class Agent:
         self._owners[task.task_id] = task.user
         job = Job(task.task_id, task.function_id, function.payload, function.python,
                   task.content_type, task.payload, task.sender_python, task.sender_serializer,
-                  self.config.output_limit, task.resource_spec, task.identity or task.user,
+                  self.config.output_limit, task.resource_spec, self._identity_of(task),
                   task.user_endpoint_config)
         self._engine.submit(job, lambda outcome: self._on_outcome(delivery, task, received, outcome))
 

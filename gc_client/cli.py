@@ -358,19 +358,26 @@ def tasks(lazy: _Lazy, task_group_id: str) -> None:
 @main.command()
 @click.pass_obj
 def endpoints(lazy: _Lazy) -> None:
-    """List endpoints with their status."""
+    """List the endpoints you may see: status, last heartbeat, queue and workers."""
 
     def action() -> None:
-        rows = []
-        for endpoint in lazy.client.list_endpoints():
-            health = lazy.client.get_endpoint_status(endpoint.endpoint_id)
-            rows.append((endpoint.endpoint_id, endpoint.name, health.status))
-        if not rows:
-            click.echo("No endpoints registered; an admin runs `gc-agent configure NAME`.")
+        listed = lazy.client.list_endpoints()
+        if not listed:
+            click.echo("No endpoints you can see; an admin runs `gc-agent configure NAME`, and "
+                       "an owner shares one with `gc-client policy set ID --allow-user YOU`.")
             return
-        click.echo(f"{'ENDPOINT ID'.ljust(36)}  {'STATUS'.ljust(10)}  NAME")
-        for endpoint_id, name, state in rows:
-            click.echo(f"{endpoint_id.ljust(36)}  {state.ljust(10)}  {name}")
+        click.echo(f"{'ENDPOINT ID'.ljust(36)}  {'STATUS'.ljust(10)}  {'LAST SEEN'.ljust(9)}  "
+                   "QUEUED  BUSY  IDLE  NAME")
+        now = time.time()
+        for endpoint in listed:
+            health = lazy.client.get_endpoint_status(endpoint.endpoint_id)
+            details = health.details
+            workers, busy = details.get("workers"), details.get("workers_busy")
+            idle = workers - busy if isinstance(workers, int) and isinstance(busy, int) else None
+            seen = "-" if health.last_seen is None else f"{max(0, now - health.last_seen):.0f}s ago"
+            click.echo(f"{endpoint.endpoint_id.ljust(36)}  {health.status.ljust(10)}  "
+                       f"{seen.ljust(9)}  {_cell(details.get('queue_depth'), 6)}  "
+                       f"{_cell(busy, 4)}  {_cell(idle, 4)}  {endpoint.name}")
 
     _run(action)
 

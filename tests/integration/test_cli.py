@@ -13,7 +13,7 @@ from click.testing import CliRunner
 from gc_agent import cli as agent_cli
 from gc_client import cli as client_cli
 from gc_core.registry import cli as registry_cli
-from tests.fabric import Endpoint, Fabric
+from tests.fabric import Endpoint, Fabric, eventually
 
 
 def test_every_verb_has_help(fabric: Fabric) -> None:
@@ -91,6 +91,15 @@ def test_start_detach_list_and_stop(fabric: Fabric, make_endpoint: Any) -> None:
                          if line.startswith(ep.name)][0]
 
 
-def test_endpoints_lists_status(fabric: Fabric, endpoint: Endpoint) -> None:
-    out = fabric.cli("gc-client", "endpoints").stdout
-    assert endpoint.endpoint_id in out
+def test_endpoints_lists_status_last_heartbeat_queue_and_workers(fabric: Fabric,
+                                                                   endpoint: Endpoint) -> None:
+    def row() -> list[str]:
+        out = fabric.cli("gc-client", "endpoints").stdout
+        return next(line.split() for line in out.splitlines()
+                    if line.startswith(endpoint.endpoint_id))
+
+    eventually(lambda: row()[1] == "online", timeout=30)
+    endpoint_id, status, seen, _ago, queued, busy, idle, name = row()
+    assert (status, name) == ("online", "shared")
+    assert seen.endswith("s") and queued.isdigit()
+    assert int(busy) + int(idle) == 2  # the shared endpoint's two workers
