@@ -8,7 +8,7 @@ from typing import Any, Callable
 import pytest
 
 from gc_client import Client, TaskExecutionFailed, TaskPending
-from tests.fabric import Endpoint
+from tests.fabric import Endpoint, Fabric
 
 
 def add(a: int, b: int = 0) -> int:
@@ -94,3 +94,26 @@ def test_an_endpoint_that_stopped_goes_offline(client: Client, make_endpoint: An
     ep.kill()
     time.sleep(2.0)
     assert client.get_endpoint_status(ep.endpoint_id).status == "offline"
+
+
+def test_results_outlive_the_process_that_submitted_them(fabric: Fabric, endpoint: Endpoint,
+                                                        client: Client) -> None:
+    function_id = client.register_function(add)
+    # Another process submits and exits at once; this one reads what the ledger kept.
+    task_ids = [fabric.cli("gc-client", "run", "--endpoint", endpoint.endpoint_id,
+                           "--function", function_id, str(n), "--kwargs", '{"b": 1}'
+                           ).stdout.strip() for n in (1, 2)]
+    with Client(broker_url=fabric.broker_url, registry_url=fabric.registry_url,
+                home=str(fabric.home)) as later:
+        assert _eventually(lambda: later.get_result(task_ids[0])) == 2
+        batch = _eventually(lambda: _all_done(later.get_batch_result(task_ids)))
+        assert [batch[t]["result"] for t in task_ids] == [2, 3]
+        history = later.get_task(task_ids[1]).history
+    assert [event.state for event in history] == ["waiting", "received", "running", "success"]
+    times = [event.at for event in history]
+    assert times == sorted(times)
+
+
+def _all_done(batch: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    assert not any(entry["pending"] for entry in batch.values())
+    return batch
