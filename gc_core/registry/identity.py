@@ -11,7 +11,7 @@ import hashlib
 import re
 import secrets
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Literal
 
 from sqlalchemy import delete, select
@@ -34,6 +34,7 @@ __all__ = [
     "issue_token",
     "list_tokens",
     "list_users",
+    "principal_of_user",
     "remove_member",
     "revoke_token",
 ]
@@ -178,13 +179,22 @@ def authenticate(db: Session, token: str, *, now: float | None = None) -> Princi
     if row.expires is not None and row.expires <= (now or time.time()):
         raise NotAuthenticated(f"token {row.token_id} expired at {_when(row.expires)}; ask your "
                                "administrator for a new one and run `gc-client login`")
-    user = _user_row(db, row.user)
     if row.endpoint_id is not None:
         return Principal(name=AGENT_PREFIX + row.endpoint_id, kind="agent",
-                         endpoint_id=row.endpoint_id, owner=user.name, token_id=row.token_id)
-    return Principal(name=user.name, kind=user.kind,  # type: ignore[arg-type]
-                     groups=frozenset(_groups_of(db, user.name)), admin=user.admin,
-                     token_id=row.token_id)
+                         endpoint_id=row.endpoint_id, owner=row.user, token_id=row.token_id)
+    user = principal_of_user(db, row.user)
+    if user is None:
+        raise NotAuthenticated(f"token {row.token_id} belongs to a user who no longer exists")
+    return replace(user, token_id=row.token_id)
+
+
+def principal_of_user(db: Session, name: str) -> Principal | None:
+    """A registered user or service account as a principal, or None."""
+    row = db.get(UserRow, name)
+    if row is None:
+        return None
+    return Principal(name=row.name, kind=row.kind,  # type: ignore[arg-type]
+                     groups=frozenset(_groups_of(db, name)), admin=row.admin)
 
 
 def _groups_of(db: Session, user: str) -> list[str]:

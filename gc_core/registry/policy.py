@@ -6,12 +6,11 @@ agents' defence-in-depth checks, so the three can never disagree.
 
 from __future__ import annotations
 
-from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from gc_core.errors import Forbidden, NotFound
-from gc_core.registry.db import EndpointRow, FunctionRow, GroupMemberRow, UserRow
-from gc_core.registry.identity import Principal
+from gc_core.registry.db import EndpointRow, FunctionRow
+from gc_core.registry.identity import Principal, principal_of_user
 
 __all__ = [
     "endpoint_or_404",
@@ -80,16 +79,6 @@ def task_refusal(db: Session, endpoint: EndpointRow, user: str, function_id: str
         refusal = (f"endpoint {endpoint.endpoint_id} takes only "
                    f"{', '.join(endpoint.allowed_serializers)}, not {content_type}")
     return refusal
-
-
-def principal_of_user(db: Session, name: str) -> Principal | None:
-    """A registered user or service account as a principal, or None."""
-    row = db.get(UserRow, name)
-    if row is None:
-        return None
-    groups = db.scalars(select(GroupMemberRow.group).where(GroupMemberRow.user == name))
-    return Principal(name=row.name, kind=row.kind, groups=frozenset(groups),  # type: ignore[arg-type]
-                     admin=row.admin)
 
 
 def require_endpoint_owner(principal: Principal, endpoint: EndpointRow) -> None:
