@@ -20,6 +20,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from gc_core.registry import migrations
+
 __all__ = ["ActionRow", "Base", "EndpointRow", "FunctionRow", "GroupMemberRow", "GroupRow",
            "TaskRow", "TokenRow", "UserRow", "open_database"]
 
@@ -173,9 +175,9 @@ class GroupMemberRow(Base):
 
 
 def open_database(url: str) -> sessionmaker[Any]:
-    """Connect, create missing tables, and return a session factory."""
+    """Connect, migrate the schema to the newest revision, and return a session factory."""
     engine = _make_engine(url)
-    Base.metadata.create_all(engine)
+    migrations.upgrade(engine)
     return sessionmaker(engine, expire_on_commit=False)
 
 

@@ -1,0 +1,133 @@
+"""The registry's schema and store on SQLite and PostgreSQL: migrations, upserts, the ledger."""
+
+from __future__ import annotations
+
+import base64
+import time
+import uuid
+
+import httpx
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import Engine, create_engine, inspect, select, text
+
+from gc_core.broker import BrokerSession
+from gc_core.protocol import GroupManifest, ResultMessage, encode_result
+from gc_core.registry import identity, store
+from gc_core.registry.db import Base, TaskRow, open_database
+from gc_core.registry.schemas import EndpointIn, FunctionIn
+from gc_core.topology import load_topology
+from tests.fabric import eventually
+from tests.integration.conftest import OwnRegistry
+
+
+def _schema_differences(engine: Engine) -> list[object]:
+    """What ``alembic check`` would report: the models against the migrated database."""
+    with engine.connect() as connection:
+        context = MigrationContext.configure(connection, opts={"compare_type": True})
+        return list(compare_metadata(context, Base.metadata))
+
+
+def test_the_migrations_build_exactly_the_models(db_url: str) -> None:
+    sessions = open_database(db_url)
+    engine = sessions.kw["bind"]
+    assert _schema_differences(engine) == []
+    with engine.connect() as connection:
+        assert connection.execute(text("SELECT version_num FROM alembic_version")).scalar()
+    engine.dispose()
+
+
+def test_a_database_made_before_migrations_is_completed_and_keeps_its_rows(db_url: str) -> None:
+    # Given the tables create_all made before the ledger kept notes and before actions
+    engine = create_engine(db_url)
+    Base.metadata.create_all(engine, tables=[t for t in Base.metadata.sorted_tables
+                                             if t.name != "actions"])
+    with engine.begin() as connection:
+        connection.execute(text("DROP INDEX ix_tasks_recorded"))
+        for column in ("recorded", "result_note"):
+            connection.execute(text(f"ALTER TABLE tasks DROP COLUMN {column}"))
+        connection.execute(text(
+            "INSERT INTO tasks (task_id, task_group_id, endpoint_id, function_id, \"user\", "
+            "on_behalf_of, status, worker, content_type, stdout, stderr) "
+            "VALUES ('old', 'g', 'e', 'f', 'u', '', 'success', '', 'application/json', '', '')"))
+    engine.dispose()
+    # When the registry opens it
+    sessions = open_database(db_url)
+    engine = sessions.kw["bind"]
+    # Then it has every table and column of the models, and the old row is still there
+    assert _schema_differences(engine) == []
+    assert {"actions", "alembic_version"} <= set(inspect(engine).get_table_names())
+    with sessions() as db:
+        row = db.scalars(select(TaskRow).where(TaskRow.task_id == "old")).one()
+        assert (row.status, row.result_note) == ("success", "")
+    engine.dispose()
+
+
+def test_the_store_and_the_ledger_upserts_work_on_both_databases(db_url: str) -> None:
+    sessions = open_database(db_url)
+    with sessions() as db:
+        # Identities and tokens
+        identity.create_user(db, "alice")
+        token = identity.issue_token(db, "alice")
+        assert identity.authenticate(db, token.token).name == "alice"
+        # Functions and endpoints
+        function = store.register_function(db, FunctionIn(
+            name="f", content_type="application/vnd.gc.cloudpickle",
+            payload_b64=base64.b64encode(b"\x80payload").decode(), python_version="3.11",
+            serializer="cloudpickle"), owner="alice")
+        again = store.register_function(db, FunctionIn(
+            name="f", content_type="application/vnd.gc.cloudpickle",
+            payload_b64=base64.b64encode(b"\x80payload").decode(), python_version="3.11",
+            serializer="cloudpickle"), owner="alice")
+        assert again.function_id == function.function_id
+        assert store.get_function(db, function.function_id).payload_b64 == function.payload_b64
+        endpoint = store.create_endpoint(db, EndpointIn(name="lab"), owner="alice")
+        assert [e.endpoint_id for e in store.list_endpoints(db)] == [endpoint.endpoint_id]
+        # The ledger: a manifest, then results (the first one wins), then the manifest again
+        manifest = GroupManifest(task_group_id="g", endpoint_id=endpoint.endpoint_id,
+                                 user="alice", task_ids=["t1", "t2"], submitted=time.time())
+        store.record_manifest(db, manifest)
+        db.commit()
+        store.record_results(db, [_result("t1", b"1"), _result("t1", b"2")])
+        db.commit()
+        store.record_results(db, [_result("t1", b"3")])
+        store.record_manifest(db, manifest)
+        db.commit()
+        t1, t2 = store.get_tasks(db, ["t1", "t2"])
+        assert (t1.status, base64.b64decode(t1.payload_b64), t2.status) == ("success", b"1", "waiting")
+        assert t1.submitted == pytest.approx(manifest.submitted)
+    sessions.kw["bind"].dispose()
+
+
+def test_a_registry_on_postgresql_records_results_from_the_broker(
+        own_registry: OwnRegistry, postgres_url: str) -> None:
+    # Given a registry on PostgreSQL with its ledger on a vhost of its own
+    server, broker_url = own_registry(postgres_url, "open")
+    topology = load_topology()
+    publisher = BrokerSession(broker_url, name="test-postgres", topology=topology)
+    publisher.start()
+    try:
+        eventually(lambda: httpx.get(f"{server.url}/health").json()["ledger"] == "consuming",
+                   what="the ledger to consume")
+        # When a result reaches gc.results
+        task_id = str(uuid.uuid4())
+        publisher.publish(topology.exchange("results"), "someone.g",
+                          encode_result(_result(task_id, b"42")))
+        assert publisher.wait_settled(30)
+        # Then the registry's ledger has it in PostgreSQL
+        task = eventually(lambda: _finished(f"{server.url}/tasks/{task_id}"),
+                          what="the result in the ledger")
+        assert base64.b64decode(task["payload_b64"]) == b"42"
+    finally:
+        publisher.close()
+
+
+def _finished(url: str) -> dict[str, object] | None:
+    task: dict[str, object] = httpx.get(url).json()
+    return task if task["status"] == "success" else None
+
+
+def _result(task_id: str, payload: bytes) -> ResultMessage:
+    return ResultMessage(task_id=task_id, task_group_id="g", user="someone", state="success",
+                         content_type="application/json", payload=payload)
