@@ -13,8 +13,10 @@ def make_engine(config: EndpointConfig) -> Engine:
     """The engine an endpoint's config asks for."""
     if isinstance(config.engine, HtexEngineConfig):
         if config.multi_user is not None:
-            raise ConfigError("engine.type 'htex' is not supported on a multi-user endpoint; "
-                              "allowed there: 'processes'")
+            raise ConfigError("engine.type 'htex' is not allowed on a multi-user endpoint's own "
+                              "config (allowed there: 'processes', whose max_workers sizes the "
+                              "agent's prefetch); each user gets an htex engine of their own "
+                              "when the user_config_template renders one")
         # Imported here: Parsl loads only on endpoints that use it.
         from gc_agent.engines.htex import HtexEngine, default_run_dir
 

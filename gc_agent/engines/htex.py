@@ -337,14 +337,21 @@ def _host_of(exc: BaseException) -> str:
 def _build_executor(config: HtexEngineConfig, run_dir: Path) -> Any:
     """A HighThroughputExecutor set up the way Parsl's DataFlowKernel would set it up."""
     from parsl.executors import HighThroughputExecutor
+    from parsl.executors.high_throughput.executor import DEFAULT_LAUNCH_CMD
 
     from gc_agent.providers import build_provider
 
     # Parsl starts interchange.py and process_worker_pool.py by name from PATH, which lacks
-    # the scripts of an agent run from an unactivated venv: name the first in full, and put
-    # the agent's scripts first on the worker pools' PATH (the config's worker_init can
-    # still change it, e.g. to activate another environment on the nodes).
+    # the scripts of an agent run from an unactivated venv. The interchange runs here: start
+    # its module with our Python. Worker pools: put our scripts first on the pools' PATH (the
+    # config's worker_init can still change it, e.g. to activate another environment on the
+    # nodes) — or, for a Python without them beside it (a multi-user endpoint's user engine
+    # runs the system Python with gc-fabric on PYTHONPATH), run the pool's module with it.
     bin_dir = Path(sys.executable).parent
+    launch_cmd = DEFAULT_LAUNCH_CMD
+    if not (bin_dir / "process_worker_pool.py").exists():
+        launch_cmd = launch_cmd.replace("process_worker_pool.py", f"{shlex.quote(sys.executable)} "
+                                        "-m parsl.executors.high_throughput.process_worker_pool", 1)
     provider = build_provider(config.provider,
                               worker_init_prefix=f"export PATH={shlex.quote(str(bin_dir))}:$PATH")
     executor = HighThroughputExecutor(
@@ -352,7 +359,8 @@ def _build_executor(config: HtexEngineConfig, run_dir: Path) -> Any:
         address=config.address,
         provider=provider,
         max_workers_per_node=config.max_workers_per_node,
-        interchange_launch_cmd=[sys.executable, str(bin_dir / "interchange.py")],
+        launch_cmd=launch_cmd,
+        interchange_launch_cmd=[sys.executable, "-m", "parsl.executors.high_throughput.interchange"],
         heartbeat_period=config.heartbeat_period,
         heartbeat_threshold=config.heartbeat_threshold,
         drain_period=config.drain_period,

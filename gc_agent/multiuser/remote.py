@@ -1,0 +1,224 @@
+"""A user's own high-throughput engine, run as that user in a process of its own.
+
+On a multi-user endpoint the root agent must not run Parsl for a user: the interchange
+and every batch job it submits would be root's. ``RemoteEngine`` starts
+``python -m gc_agent.multiuser.user_engine`` as the mapped account (initgroups, setgid,
+setuid, a clean environment, the account's home, like the user's process workers), which
+runs an ``HtexEngine`` — so ``sbatch`` runs as the user and the jobs are the user's.
+
+The two talk JSON lines over a socket pair. Nothing the user's process sends is unpickled
+by root: outcomes are validated models, and only for task ids root handed over.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import socket
+import subprocess
+import threading
+from dataclasses import asdict
+from typing import Any
+
+from pydantic import TypeAdapter, ValidationError
+
+from gc_agent.config import HtexEngineConfig
+from gc_agent.engines.base import CancelResult, Engine, OnDone
+from gc_agent.engines.processes import WorkerLaunch
+from gc_agent.execution import Job, Outcome
+from gc_core.protocol import ErrorInfo
+
+__all__ = ["RemoteEngine", "job_from_wire", "job_to_wire", "outcome_from_wire", "outcome_to_wire"]
+
+logger = logging.getLogger(__name__)
+
+#: Seconds root waits for the user's engine to answer a cancel or a take-back.
+REPLY_TIMEOUT = 10.0
+#: Seconds a stopping user engine gets beyond its own shutdown timeout before it is killed.
+EXIT_GRACE = 30.0
+#: Job fields that are bytes (base64 on the wire).
+_BYTES_FIELDS = ("function_payload", "payload")
+
+
+#: Checks an outcome from the user's process field by field (pydantic validates dataclasses).
+_OUTCOME: TypeAdapter[Outcome] = TypeAdapter(Outcome)
+
+
+def job_to_wire(job: Job) -> dict[str, Any]:
+    """A job as JSON-ready data."""
+    data = asdict(job)
+    for name in _BYTES_FIELDS:
+        data[name] = base64.b64encode(data[name]).decode()
+    return data
+
+
+def job_from_wire(data: dict[str, Any]) -> Job:
+    """The job ``job_to_wire`` made (in the user's process, from root: trusted)."""
+    return Job(**{**data, **{name: base64.b64decode(data[name]) for name in _BYTES_FIELDS}})
+
+
+def outcome_to_wire(outcome: Outcome) -> dict[str, Any]:
+    """An outcome as JSON-ready data."""
+    data = asdict(outcome)
+    data["payload"] = base64.b64encode(outcome.payload).decode()
+    data["error"] = outcome.error.model_dump() if outcome.error else None
+    return data
+
+
+def outcome_from_wire(data: Any) -> Outcome:
+    """An outcome from the user's process.
+
+    Raises:
+        ValueError: not a well-formed outcome.
+    """
+    if not isinstance(data, dict) or not isinstance(data.get("payload"), str):
+        raise ValueError("an outcome must be an object with a base64 payload")
+    return _OUTCOME.validate_python({**data, "payload": base64.b64decode(data["payload"],
+                                                                         validate=True)})
+
+
+class RemoteEngine(Engine):
+    """Root's handle on a user's htex engine process."""
+
+    name = "htex"
+
+    def __init__(self, config: HtexEngineConfig, launch: WorkerLaunch, *, name: str) -> None:
+        self._config = config
+        self._launch = launch
+        self._name = name
+        self._pending: dict[str, tuple[Job, OnDone]] = {}
+        self._lock = threading.Lock()
+        self._send_lock = threading.Lock()
+        self._replies: dict[str, Any] = {}
+        self._replied = threading.Condition(self._lock)
+        self._status: dict[str, Any] = {}
+        self._process: subprocess.Popen[bytes] | None = None
+        self._writer: Any = None
+        self._failure = ""
+        self.alive = False
+
+    @property
+    def capacity(self) -> int:
+        provider = self._config.provider
+        return self._config.max_workers_per_node * provider.nodes_per_block * provider.max_blocks
+
+    @property
+    def busy(self) -> int:
+        return len(self._pending)
+
+    def status(self) -> dict[str, Any]:
+        return dict(self._status)
+
+    def start(self) -> None:
+        """Start the user's engine process; it brings up its interchange and blocks itself."""
+        ours, theirs = socket.socketpair()
+        self._process = subprocess.Popen(
+            [self._launch.python, "-m", "gc_agent.multiuser.user_engine", str(theirs.fileno())],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL, **self._launch.popen_options())
+        theirs.close()
+        self._writer = ours.makefile("w", encoding="utf-8")
+        reader = ours.makefile("r", encoding="utf-8")
+        self.alive = True
+        self._send({"op": "start", "name": self._name, "config": self._config.model_dump(mode="json")})
+        threading.Thread(target=self._read, args=(reader,), daemon=True,
+                         name=f"user-engine-{self._name}").start()
+
+    def submit(self, job: Job, on_done: OnDone) -> None:
+        with self._lock:
+            self._pending[job.task_id] = (job, on_done)
+        if not self._send({"op": "submit", "job": job_to_wire(job)}):
+            self._finish(job.task_id, Outcome(job.task_id, "failed", lost=True))
+
+    def cancel(self, task_id: str) -> CancelResult:
+        with self._lock:
+            if task_id not in self._pending:
+                return "unknown"
+        answer = self._ask({"op": "cancel", "task_id": task_id}, f"cancel {task_id}")
+        return answer if answer in ("removed", "abandoned", "interrupted") else "unknown"
+
+    def take_waiting(self) -> list[tuple[Job, OnDone]]:
+        answer = self._ask({"op": "take_waiting"}, "take_waiting")
+        with self._lock:
+            return [self._pending.pop(task_id) for task_id in answer or []
+                    if isinstance(task_id, str) and task_id in self._pending]
+
+    def shutdown(self) -> None:
+        self._send({"op": "shutdown"})
+        if self._process is None:
+            return
+        try:
+            self._process.wait(self._config.shutdown_timeout + EXIT_GRACE)
+        except subprocess.TimeoutExpired:
+            logger.warning("user engine %s did not stop; killing it", self._name)
+            self._process.kill()
+            self._process.wait()
+
+    # -- the channel ---------------------------------------------------------------------
+
+    def _send(self, message: dict[str, Any]) -> bool:
+        try:
+            with self._send_lock:
+                self._writer.write(json.dumps(message) + "\n")
+                self._writer.flush()
+            return True
+        except (OSError, ValueError):
+            return False  # the user's engine is gone; _read reports its tasks
+
+    def _ask(self, message: dict[str, Any], key: str) -> Any:
+        """Send a request and wait for its answer (None if none comes in time)."""
+        if not self._send(message):
+            return None
+        with self._replied:
+            self._replied.wait_for(lambda: key in self._replies or not self.alive, REPLY_TIMEOUT)
+            return self._replies.pop(key, None)
+
+    def _read(self, reader: Any) -> None:
+        for line in reader:
+            try:
+                self._handle(json.loads(line))
+            except (ValueError, ValidationError, KeyError, TypeError) as exc:
+                logger.warning("user engine %s sent a malformed message (%d bytes): %s",
+                               self._name, len(line), exc)
+        self._gone()
+
+    def _handle(self, message: dict[str, Any]) -> None:
+        op = message["op"]
+        if op == "outcome":
+            outcome = outcome_from_wire(message["outcome"])
+            self._finish(outcome.task_id, outcome)
+        elif op == "status" and isinstance(message["status"], dict):
+            self._status = message["status"]
+        elif op in ("cancelled", "taken"):
+            key = f"cancel {message['task_id']}" if op == "cancelled" else "take_waiting"
+            with self._replied:
+                self._replies[key] = message["result"]
+                self._replied.notify_all()
+        elif op == "failed":
+            self._failure = str(message["message"])
+            logger.error("the engine of %s failed to start: %s", self._name, self._failure)
+
+    def _finish(self, task_id: str, outcome: Outcome) -> None:
+        with self._lock:
+            item = self._pending.pop(task_id, None)
+        if item is None:
+            return  # not ours, or reported already
+        try:
+            item[1](outcome)
+        except Exception:
+            logger.exception("handling the outcome of task %s failed", task_id)
+
+    def _gone(self) -> None:
+        """The process ended: its tasks fail with the reason it gave, else go back to the queue."""
+        with self._replied:
+            self.alive = False
+            self._replied.notify_all()
+            pending, self._pending = list(self._pending.items()), {}
+        for task_id, (_job, on_done) in pending:
+            if self._failure:
+                on_done(Outcome(task_id, "failed", error=ErrorInfo(
+                    type="EngineStartFailed", message=f"the htex engine of {self._name} could "
+                                                      f"not start: {self._failure}")))
+            else:
+                on_done(Outcome(task_id, "failed", lost=True))
