@@ -176,6 +176,65 @@ def test_the_htex_engine_cancels_or_hands_back_jobs_still_waiting_and_abandons_t
         engine.shutdown()
 
 
+def test_the_interchange_binds_only_the_configured_address_and_encrypts_by_default(
+        tmp_path: Path) -> None:
+    from gc_agent.engines.htex import HtexEngine
+
+    # Given an engine with the default config but for a block-less provider
+    config = HtexEngineConfig(type="htex", address="127.0.0.1", provider=LocalProviderConfig(
+        init_blocks=0, min_blocks=0, max_blocks=1))
+    engine = HtexEngine(config, tmp_path / "run")
+    engine.start()
+    try:
+        # Then its interchange listens on 127.0.0.1 only
+        interchange = next(pid for pid in _children(os.getpid())
+                           if "interchange" in _command(pid).lower())
+        addresses = _listening_addresses(interchange)
+        assert addresses and addresses <= {"127.0.0.1"}, addresses
+        # and CurveZMQ is on: the interchange's keys exist, private to the agent's user
+        certificates = tmp_path / "run" / config.label / "certificates"
+        assert (certificates / "server.key_secret").exists()
+        assert certificates.stat().st_mode & 0o077 == 0
+    finally:
+        engine.shutdown()
+    assert config.encrypted is True
+
+
+def _children(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                status = (entry / "status").read_text()
+            except OSError:
+                continue
+            if f"\nPPid:\t{pid}\n" in status:
+                found.append(int(entry.name))
+    return found
+
+
+def _command(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def _listening_addresses(pid: int) -> set[str]:
+    """Addresses ``pid`` listens on, from its socket inodes and /proc/net/tcp{,6}; an
+    IPv4-mapped IPv6 address (ZeroMQ binds those) as its IPv4 form."""
+    inodes = {link.split("[")[1].rstrip("]") for fd in Path(f"/proc/{pid}/fd").iterdir()
+              if (link := os.readlink(fd)).startswith("socket:[")}
+    addresses = set()
+    for table in ("tcp", "tcp6"):
+        for row in Path(f"/proc/net/{table}").read_text().splitlines()[1:]:
+            fields = row.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                packed = fields[1].split(":")[0]
+                if len(packed) == 32 and not packed.startswith("0000000000000000FFFF0000"):
+                    addresses.add(f"ipv6 {packed}")
+                    continue
+                addresses.add(".".join(str(b) for b in bytes.fromhex(packed[-8:])[::-1]))
+    return addresses
+
+
 def _parent_command(pid: int) -> str:
     """The command line of ``pid``'s parent process."""
     status = Path(f"/proc/{pid}/status").read_text()
