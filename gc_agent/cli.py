@@ -16,14 +16,23 @@ from typing import Any, NoReturn
 import click
 import yaml
 
-from gc_agent.agent import Agent
-from gc_agent.config import EndpointConfig, EngineConfig, load_config, save_config
+from gc_agent.agent import AGENT_TOKEN_REMEDY, Agent
+from gc_agent.config import (
+    EndpointConfig,
+    EngineConfig,
+    load_config,
+    read_token,
+    save_config,
+    write_token,
+)
 from gc_agent.daemon import EndpointFiles, spawn_detached, stop_process
 from gc_agent.systemd import ENV_DIR, PACKAGED_UNIT, UNIT_DIR, BootInstall, systemd_running
-from gc_core.broker import BrokerSession, redact_url
+from gc_core.broker import BrokerSession, redact_url, token_login
 from gc_core.errors import GCError
 from gc_core.logs import configure_logging
 from gc_core.registry.client import RegistryClient
+from gc_core.registry.identity import AGENT_PREFIX
+from gc_core.registry.schemas import TokenIn
 from gc_core.settings import FabricSettings, resolve_settings
 from gc_core.topology import load_topology
 
@@ -75,11 +84,17 @@ def configure(settings: FabricSettings, name: str, engine: str, workers: int, de
                   f"{files.config}); edit that file, or `gc-agent delete {name}` first")
         registry = RegistryClient(registry_url or settings.registry_url, token=settings.token)
         endpoint = registry.create_endpoint(name, owner=settings.user, description=description)
+        token_file, agent_token = None, None
+        if settings.token:  # logged in: the agent gets a token of its endpoint's own
+            agent_token = registry.issue_token(TokenIn(label=f"agent of {name}",
+                                                       endpoint_id=endpoint.endpoint_id)).token
+            token_file = files.directory.resolve() / "agent.token"
+            write_token(agent_token, token_file)
         config = EndpointConfig(name=name, endpoint_id=endpoint.endpoint_id,
                                 description=description, broker_url=broker_url,
-                                registry_url=registry_url,
+                                registry_url=registry_url, token_file=token_file,
                                 engine=EngineConfig(type=engine, max_workers=workers))  # type: ignore[arg-type]
-        _declare_queues(config, broker_url or settings.broker_url)
+        _declare_queues(config, broker_url or settings.broker_url, agent_token)
         save_config(config, files.config)
     except GCError as exc:
         _fail(str(exc))
@@ -88,11 +103,14 @@ def configure(settings: FabricSettings, name: str, engine: str, workers: int, de
     click.echo(f"Start it with: gc-agent start {name} --detach")
 
 
-def _declare_queues(config: EndpointConfig, broker_url: str) -> None:
-    """Create the endpoint's queues now, so tasks sent before its first start wait there."""
+def _declare_queues(config: EndpointConfig, broker_url: str, token: str | None) -> None:
+    """Create the endpoint's queues now, so tasks sent before its first start wait there
+    (as the agent: on a secured broker only it may)."""
     topology = load_topology()
+    login = token_login(broker_url, AGENT_PREFIX + config.endpoint_id, token,
+                        remedy=AGENT_TOKEN_REMEDY)
     session = BrokerSession(broker_url, name=f"gc-agent-configure:{config.endpoint_id}",
-                            topology=topology, queues=[
+                            topology=topology, login=login, queues=[
                                 topology.queue("endpoint_tasks", endpoint_id=config.endpoint_id),
                                 topology.queue("endpoint_commands", endpoint_id=config.endpoint_id)])
     session.start()
@@ -112,6 +130,8 @@ def start(settings: FabricSettings, name: str, detach: bool, log_file: Path | No
     try:
         files = EndpointFiles.of(settings, name)
         config = load_config(files.config)
+        if config.token_file is not None:  # the agent is its endpoint, not whoever starts it
+            settings = settings.model_copy(update={"token": read_token(config.token_file)})
         stale = files.pid.exists()
         pid = files.running_pid()
         if stale and pid is None:

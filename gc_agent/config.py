@@ -13,7 +13,7 @@ from gc_agent.providers import PROVIDER_TYPES, LocalProviderConfig, ProviderConf
 from gc_core.errors import ConfigError
 
 __all__ = ["EndpointConfig", "EngineConfig", "HtexEngineConfig", "IdentityRule", "MultiUserConfig",
-           "load_config", "save_config"]
+           "load_config", "read_token", "save_config", "write_token"]
 
 
 class EngineConfig(BaseModel):
@@ -141,6 +141,11 @@ class EndpointConfig(BaseModel):
     description: str = ""
     broker_url: str | None = None
     registry_url: str | None = None
+    token_file: Path | None = Field(
+        default=None,
+        description="File (mode 0600) holding this endpoint's agent token: the agent logs in "
+                    "to the registry, and to a broker URL without credentials, as "
+                    "endpoint-<endpoint_id> with it.")
     engine: AnyEngineConfig = EngineConfig()
     prefetch: int | None = Field(
         default=None, ge=1,
@@ -204,8 +209,37 @@ def save_config(config: EndpointConfig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = config.model_dump(mode="json", exclude_none=True)
     data["allowed_serializers"] = sorted(data["allowed_serializers"])
+    _write_private(path, yaml.safe_dump(data, sort_keys=False))
+
+
+def read_token(path: Path) -> str:
+    """The agent token in ``path``, which only its owner may read.
+
+    Raises:
+        ConfigError: the file is missing, empty, or readable by group or others.
+    """
+    try:
+        mode = path.stat().st_mode
+        token = path.read_text().strip()
+    except OSError as exc:
+        raise ConfigError(f"cannot read the agent token file {path}: {exc}") from exc
+    if mode & 0o077:
+        raise ConfigError(f"the agent token file {path} is readable by others "
+                          f"(mode {mode & 0o777:o}); `chmod 600 {path}`")
+    if not token:
+        raise ConfigError(f"the agent token file {path} is empty")
+    return token
+
+
+def write_token(token: str, path: Path) -> None:
+    """Write an agent token to ``path``, readable by its owner only."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_private(path, token + "\n")
+
+
+def _write_private(path: Path, text: str) -> None:
     # Created 0600 from the first byte: never readable by others, not even for a moment.
     descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     os.fchmod(descriptor, 0o600)
     with os.fdopen(descriptor, "w") as file:
-        file.write(yaml.safe_dump(data, sort_keys=False))
+        file.write(text)

@@ -233,7 +233,7 @@ class AsyncExecutor:
                 session = AsyncBrokerSession(
                     self.client.settings.broker_url, topology=self.client.topology,
                     name=f"gc-client:{self._user}:{self.task_group_id}", queues=[queue],
-                    prefetch=RESULT_PREFETCH)
+                    prefetch=RESULT_PREFETCH, login=self.client.broker_login)
                 await session.connect()
                 try:
                     await session.consume(queue.name, self._on_result)

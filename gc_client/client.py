@@ -16,7 +16,7 @@ from typing import Any, Callable
 import cloudpickle
 
 from gc_client.tasks import make_manifest, make_task, new_id, not_accepted, task_out_value
-from gc_core.broker import BrokerSession
+from gc_core.broker import BrokerSession, TokenLogin, token_login
 from gc_core.errors import PublishNotConfirmed, TaskPending
 from gc_core.protocol import CancelCommand, Envelope, TaskMessage, encode_event, encode_task
 from gc_core.registry.client import RegistryClient
@@ -229,9 +229,16 @@ class Client:
 
     # -- internals ------------------------------------------------------------------------
 
+    @property
+    def broker_login(self) -> TokenLogin | None:
+        """This user's name and token as broker credentials, when the broker URL has none
+        of its own (a secured broker: ``broker_config/rabbitmq.conf``)."""
+        return token_login(self.settings.broker_url, self.settings.user, self.settings.token)
+
     def broker_session(self, name: str, **options: Any) -> BrokerSession:
         """A new broker session with this client's settings (the Executor uses one each)."""
-        return BrokerSession(self.settings.broker_url, name=name, topology=self.topology, **options)
+        return BrokerSession(self.settings.broker_url, name=name, topology=self.topology,
+                             login=self.broker_login, **options)
 
     def _connected_publisher(self) -> BrokerSession:
         with self._lock:

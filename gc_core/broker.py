@@ -6,6 +6,11 @@ flushed in batches, so confirms pipeline (pika's BlockingConnection waits for
 each confirm in turn). When the connection drops, the session reconnects with
 tenacity backoff, declares its queues again, resumes its consumers and
 re-publishes whatever the broker had not confirmed: callers see at-least-once.
+
+On a secured broker (``broker_config/rabbitmq.conf``) a session logs in with a
+:class:`TokenLogin`: the registry token is the password, every publish carries the
+``user_id`` the broker checks, and exchanges are only looked up (passively declared),
+since only the registry's own account may create them.
 """
 
 from __future__ import annotations
@@ -14,9 +19,9 @@ import logging
 import threading
 import time
 from collections import OrderedDict, deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import quote, urlsplit, urlunsplit
 
 import pika
 import pika.exceptions
@@ -30,7 +35,8 @@ from gc_core.errors import BrokerError, BrokerUnreachable
 from gc_core.protocol import Envelope
 from gc_core.topology import QueueDeclaration, Topology
 
-__all__ = ["BrokerSession", "ConfirmCallback", "Delivery", "redact_url"]
+__all__ = ["BrokerSession", "ConfirmCallback", "Delivery", "TokenLogin", "redact_url",
+           "token_login"]
 
 logger = logging.getLogger(__name__)
 
@@ -41,8 +47,49 @@ HEARTBEAT_SECONDS = 20
 #: Reply codes that no reconnect can fix (access refused, precondition failed, not allowed).
 FATAL_REPLY_CODES = frozenset({403, 406, 530})
 
+#: Words in a channel-close reply that mean the broker refused a publish (its exchange or
+#: routing key, or a forged user_id), not the session: such publishes fail, the rest go on.
+_PUBLISH_REFUSALS = ("access to topic", "access to exchange", "user_id property")
+
 #: Called once per publish on the IO thread: None when confirmed, else the reason it was not.
 ConfirmCallback = Callable[[str | None], None]
+
+
+@dataclass(frozen=True)
+class TokenLogin:
+    """Log in to a secured broker as ``username`` (a user, or ``endpoint-<id>`` for an agent)
+    with a registry token as the password."""
+
+    username: str
+    token: str = field(repr=False)
+    #: What to do when the broker refuses the token, for the error message.
+    remedy: str = "run `gc-client login` with a valid token"
+
+    def apply(self, url: str) -> str:
+        """``url`` with these credentials in place of its own."""
+        parts = urlsplit(url)
+        host = parts.hostname or "localhost"
+        netloc = f"{quote(self.username, safe='')}:{quote(self.token, safe='')}@{host}" + (
+            f":{parts.port}" if parts.port else "")
+        return urlunsplit(parts._replace(netloc=netloc))
+
+    def refusal(self, url: str, vhost_refused: bool) -> str:
+        """One line saying the broker refused this login, and what to do."""
+        if vhost_refused:
+            return (f"the broker at {redact_url(url)} refused {self.username} access to its "
+                    "virtual host: the registry knows no such user or endpoint, or this is not "
+                    "the fabric's vhost")
+        return (f"the broker at {redact_url(url)} refused the token for {self.username}: it is "
+                f"unknown, revoked or expired, or not {self.username}'s; {self.remedy}")
+
+
+def token_login(url: str, username: str, token: str | None, *,
+                remedy: str = TokenLogin.remedy) -> TokenLogin | None:
+    """Log in with ``token`` when there is one and ``url`` names no user of its own (a URL
+    with credentials, like the demo's guest one, keeps them: an open broker knows no tokens)."""
+    if token is None or urlsplit(url).username:
+        return None
+    return TokenLogin(username, token, remedy)
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +103,8 @@ class Delivery:
     delivery_count: int
     generation: int
     tag: int
+    #: The AMQP ``user_id`` the publisher set; a secured broker has checked it is theirs.
+    user_id: str = ""
 
 
 @dataclass(slots=True)
@@ -103,8 +152,10 @@ class BrokerSession:
         prefetch: int = 0,
         linger: float = 0.0,
         batch_size: int = FLUSH_BATCH,
+        login: TokenLogin | None = None,
     ) -> None:
-        self._url = url
+        self._login = login
+        self._url = login.apply(url) if login is not None else url
         self._name = name
         self._topology = topology
         self._queues = list(queues)
@@ -285,7 +336,8 @@ class BrokerSession:
             properties = BasicProperties(
                 message_id=op.envelope.message_id, correlation_id=op.envelope.correlation_id,
                 content_type=op.envelope.content_type, headers=op.envelope.headers,
-                delivery_mode=2 if op.persistent else 1)
+                delivery_mode=2 if op.persistent else 1,
+                user_id=self._login.username if self._login is not None else None)
             channel.basic_publish(op.exchange, op.routing_key, op.envelope.body, properties,
                                   mandatory=op.mandatory)
             self._seq += 1
@@ -353,7 +405,12 @@ class BrokerSession:
 
     def _on_connection_open_error(self, connection: SelectConnection, error: BaseException) -> None:
         self._last_error = _describe(error)
-        if isinstance(error, pika.exceptions.ProbableAuthenticationError):
+        refused = isinstance(error, (pika.exceptions.ProbableAuthenticationError,
+                                     pika.exceptions.AuthenticationError))
+        if self._login is not None and (refused or isinstance(
+                error, pika.exceptions.ProbableAccessDeniedError)):
+            self._fatal = self._login.refusal(self._url, vhost_refused=not refused)
+        elif refused:
             self._fatal = f"the broker at {self.url} refused the credentials: {error}"
         connection.ioloop.stop()
 
@@ -376,7 +433,8 @@ class BrokerSession:
         channel.add_on_return_callback(self._on_return)
         channel.confirm_delivery(self._on_confirm)
         for name, kind in self._topology.exchanges.values():
-            channel.exchange_declare(name, kind, durable=True)
+            # Logged in with a token we may not create exchanges: only check they exist.
+            channel.exchange_declare(name, kind, durable=True, passive=self._login is not None)
         for queue in self._queues:
             channel.queue_declare(queue.name, durable=True, arguments=queue.arguments)
             for binding in queue.bindings:
@@ -399,8 +457,11 @@ class BrokerSession:
 
     def _on_channel_closed(self, channel: Channel, reason: BaseException) -> None:
         code = getattr(reason, "reply_code", 0)
+        text = str(getattr(reason, "reply_text", ""))
         if code in FATAL_REPLY_CODES and not self._ready.is_set() and not self._stopping.is_set():
             self._fatal = f"the broker at {self.url} refused session {self._name}: {reason}"
+        elif code in FATAL_REPLY_CODES and any(w in text for w in _PUBLISH_REFUSALS):
+            self._fail_refused_publish(text)
         elif not self._stopping.is_set():
             logger.warning("channel of %s closed (%s); reconnecting", self._name, reason)
         connection = self._connection
@@ -423,7 +484,7 @@ class BrokerSession:
                 exchange=method.exchange, routing_key=method.routing_key,
                 redelivered=method.redelivered,
                 delivery_count=int(headers.get("x-delivery-count", 0) or 0),
-                generation=generation, tag=method.delivery_tag)
+                generation=generation, tag=method.delivery_tag, user_id=props.user_id or "")
             _guarded(lambda: on_message(delivery))
 
         self._channel.basic_consume(queue, deliver, consumer_tag=f"{self._name}:{queue}")
@@ -456,6 +517,23 @@ class BrokerSession:
             if publish.on_confirm is not None:
                 on_confirm, why = publish.on_confirm, refused or reason
                 _guarded(lambda: on_confirm(why))
+
+    def _fail_refused_publish(self, text: str) -> None:
+        """The broker closed the channel over a publish: confirms come in order, so it is
+        the oldest unconfirmed one. It fails with every other unconfirmed one to the same
+        exchange and routing key; the rest are sent again after reconnecting."""
+        if not self._unconfirmed:
+            return
+        first = next(iter(self._unconfirmed.values()))
+        target = (first.exchange, first.routing_key)
+        refused = [seq for seq, p in self._unconfirmed.items()
+                   if (p.exchange, p.routing_key) == target]
+        logger.warning("the broker refused %d publishes to %s (%s): %s", len(refused),
+                       first.exchange, first.routing_key, text)
+        for seq in refused:
+            on_confirm = self._unconfirmed.pop(seq).on_confirm
+            if on_confirm is not None:
+                _guarded(lambda: on_confirm(f"the broker refused it: {text}"))
 
     def _requeue_unconfirmed(self) -> None:
         """Put publishes the broker never confirmed back at the front, in order."""

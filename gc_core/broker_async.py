@@ -30,7 +30,7 @@ from aio_pika.abc import (
 )
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
-from gc_core.broker import HEARTBEAT_SECONDS, redact_url
+from gc_core.broker import HEARTBEAT_SECONDS, TokenLogin, redact_url
 from gc_core.errors import BrokerError, BrokerUnreachable, ConnectionLost, PublishNotConfirmed
 from gc_core.protocol import Envelope
 from gc_core.topology import QueueDeclaration, Topology
@@ -64,7 +64,13 @@ _FINAL_ERRORS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.AuthenticationError, aiormq.exceptions.ProbableAuthenticationError,
     aiormq.exceptions.IncompatibleProtocolError, aiormq.exceptions.DeliveryError,
     aiormq.exceptions.ChannelAccessRefused, aiormq.exceptions.ChannelPreconditionFailed,
-    aiormq.exceptions.ChannelNotFoundEntity)
+    aiormq.exceptions.ChannelNotFoundEntity, aiormq.exceptions.ConnectionNotAllowed)
+
+
+#: How aiormq reports a refused login or vhost.
+_LOGIN_REFUSALS: tuple[type[BaseException], ...] = (
+    aiormq.exceptions.AuthenticationError, aiormq.exceptions.ProbableAuthenticationError,
+    aiormq.exceptions.ConnectionNotAllowed)
 
 
 class _ConfirmTimeout(Exception):
@@ -91,11 +97,13 @@ class AsyncBrokerSession:
         prefetch: int = 0,
         confirm_timeout: float = CONFIRM_TIMEOUT,
         max_unconfirmed: int = MAX_UNCONFIRMED,
+        login: TokenLogin | None = None,
     ) -> None:
         if prefetch < 0 or confirm_timeout <= 0 or max_unconfirmed < 1:
             raise ValueError("prefetch must be at least 0, confirm_timeout above 0 and "
                              "max_unconfirmed at least 1")
-        self._url = url
+        self._login = login
+        self._url = login.apply(url) if login is not None else url
         self._name = name
         self._topology = topology
         self._queue_declarations = list(queues)
@@ -145,6 +153,9 @@ class AsyncBrokerSession:
                 with attempt:
                     await self._open(timeout)
         except _AMQP_ERRORS as exc:
+            if self._login is not None and isinstance(exc, _LOGIN_REFUSALS):
+                raise BrokerUnreachable(self.url, self._login.refusal(
+                    self._url, vhost_refused=_vhost_refused(exc))) from exc
             raise _translate(exc, self.url, connecting=True) from exc
         logger.info("connection %s to %s open", self._name, self.url)
 
@@ -186,6 +197,7 @@ class AsyncBrokerSession:
         message = aio_pika.Message(
             envelope.body, headers=envelope.headers, content_type=envelope.content_type or None,
             message_id=envelope.message_id or None, correlation_id=envelope.correlation_id or None,
+            user_id=self._login.username if self._login is not None else None,
             delivery_mode=(aio_pika.DeliveryMode.PERSISTENT if persistent
                            else aio_pika.DeliveryMode.NOT_PERSISTENT))
         loop = asyncio.get_running_loop()
@@ -284,7 +296,9 @@ class AsyncBrokerSession:
             await channel.set_qos(prefetch_count=self._prefetch)
             exchanges: dict[str, AbstractExchange] = {}
             for name, kind in self._topology.exchanges.values():
-                exchanges[name] = await channel.declare_exchange(name, kind, durable=True)
+                # Logged in with a token we may not create exchanges: only check they exist.
+                exchanges[name] = await channel.declare_exchange(
+                    name, kind, durable=True, passive=self._login is not None)
             queues: dict[str, AbstractRobustQueue] = {}
             for declaration in self._queue_declarations:
                 queue = await channel.declare_queue(declaration.name, durable=True,
@@ -371,6 +385,10 @@ def _is_transient(exc: BaseException | None) -> bool:
     if isinstance(exc, asyncio.CancelledError):
         return True  # aiormq cancels pending confirms when their channel closes
     return isinstance(exc, _AMQP_ERRORS) and not isinstance(exc, _FINAL_ERRORS)
+
+
+def _vhost_refused(exc: BaseException) -> bool:
+    return isinstance(exc, aiormq.exceptions.ConnectionNotAllowed) or "vhost" in str(exc)
 
 
 def _cancelled_from_outside() -> bool:

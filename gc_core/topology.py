@@ -104,6 +104,15 @@ class Topology:
         """A routing key of ``kind`` (task, result, heartbeat, ...) with values filled in."""
         return self._spec.routing_keys[kind].format(**values)
 
+    def routing_key_pattern(self, kind: str, **fixed: str) -> re.Pattern[str]:
+        """A regex matching routing keys of ``kind``: ``fixed`` values exactly, every other
+        placeholder as one name part (so no wildcard or dot). The broker auth backend uses it."""
+        return _pattern(self._spec.routing_keys[kind], fixed)
+
+    def queue_name_pattern(self, kind: str, **fixed: str) -> re.Pattern[str]:
+        """A regex matching names of queues of ``kind``, as :meth:`routing_key_pattern`."""
+        return _pattern(self._spec.queues[kind].name, fixed)
+
     def queue(self, kind: str, **values: str) -> QueueDeclaration:
         """The declaration of a queue of ``kind`` (endpoint_tasks, results, ledger, ...)."""
         spec = self._spec.queues[kind]
@@ -116,6 +125,16 @@ class Topology:
                 for b in spec.bindings
             ),
         )
+
+
+def _pattern(template: str, fixed: dict[str, str]) -> re.Pattern[str]:
+    """``template`` as an anchored regex (``\\Z``: a trailing newline does not match)."""
+    any_part = _NAME_PART.pattern[1:-1]
+    pieces = re.split(r"\{(\w+)\}", template)  # literal, placeholder, literal, ..., literal
+    regex = "".join(
+        re.escape(piece) if i % 2 == 0 else re.escape(fixed[piece]) if piece in fixed else any_part
+        for i, piece in enumerate(pieces))
+    return re.compile(rf"\A{regex}\Z")
 
 
 def _fill(arguments: dict[str, Any], values: dict[str, str]) -> dict[str, Any]:

@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from gc_core.errors import RegistryError
-from gc_core.registry import actions, identity, store
+from gc_core.registry import actions, broker_auth, identity, store
 from gc_core.registry.db import open_database
 from gc_core.registry.deps import Caller, Db
 from gc_core.registry.identity import Principal
@@ -198,4 +198,5 @@ def create_app(settings: RegistrySettings) -> FastAPI:
         return store.list_group_tasks(session, task_group_id, caller)
 
     app.include_router(actions.router)
+    app.include_router(broker_auth.router)
     return app

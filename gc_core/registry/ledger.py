@@ -4,6 +4,11 @@ The broker copies every result, dead letter, heartbeat and task-group manifest
 to ``gc.ledger``. The consumer collects deliveries on the broker's IO thread and
 a writer thread commits them in batches, acking only after the commit: a
 registry crash loses nothing, it only replays.
+
+Dead letters reach their submitter through the ledger too: result queues do not bind
+to ``gc.dead`` (a headers binding escapes the broker's topic authorization), so after
+committing a dead-lettered task the ledger publishes it to ``gc.results`` as a failed
+result under the submitter's routing key, and acks only once the broker confirmed that.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import sessionmaker
 
 from gc_core.broker import BrokerSession, Delivery
-from gc_core.errors import ProtocolError
+from gc_core.errors import GCError, ProtocolError
 from gc_core.protocol import (
     ControlMessage,
     GroupManifest,
@@ -26,9 +31,10 @@ from gc_core.protocol import (
     ResultMessage,
     decode_event,
     decode_result,
+    encode_result,
 )
 from gc_core.registry import store
-from gc_core.topology import Topology
+from gc_core.topology import Topology, safe_name_part
 
 __all__ = ["Ledger", "Retention"]
 
@@ -38,6 +44,8 @@ logger = logging.getLogger(__name__)
 COMMIT_INTERVAL = 0.05
 #: Unacked deliveries the ledger may hold; bounds one commit's size.
 LEDGER_PREFETCH = 2000
+#: Seconds the writer waits for the broker to confirm republished dead letters.
+REPUBLISH_TIMEOUT = 30.0
 #: How often (seconds) the writer drops results past their time to live.
 EXPIRE_INTERVAL = 60.0
 
@@ -123,12 +131,15 @@ class Ledger:
         if not batch:
             return
         results: list[ResultMessage] = []
+        dead_letters: list[ResultMessage] = []
         try:
             with self._sessions() as db:
                 for delivery in batch:
                     item = self._decode(delivery)
                     if isinstance(item, ResultMessage):
                         results.append(item)
+                        if delivery.exchange == self._topology.exchange("dead"):
+                            dead_letters.append(item)
                     elif isinstance(item, GroupManifest):
                         store.record_manifest(db, item)
                     elif isinstance(item, Heartbeat):
@@ -140,12 +151,53 @@ class Ledger:
             # back to the queue and is written again, which the upserts make harmless.
             logger.exception("ledger could not commit %d messages; returning them to the queue",
                              len(batch))
-            for delivery in batch:
-                self._broker.reject(delivery, requeue=True)
+            self._requeue(batch)
+            return
+        if dead_letters and not self._republish(dead_letters):
+            self._requeue(batch)
             return
         # Deliveries arrive and are committed in order: one ack covers the whole batch.
         self._broker.ack(batch[-1], multiple=True)
         logger.debug("ledger committed %d messages (%d results)", len(batch), len(results))
+
+    def _requeue(self, batch: list[Delivery]) -> None:
+        for delivery in batch:
+            self._broker.reject(delivery, requeue=True)
+
+    def _republish(self, dead_letters: list[ResultMessage]) -> bool:
+        """Send dead-lettered tasks to their submitters as failed results; True once the
+        broker confirmed all of them (False: the batch is replayed, duplicates are harmless)."""
+        confirmed = threading.Semaphore(0)
+        refusals: list[str] = []
+
+        def on_confirm(reason: str | None) -> None:
+            if reason is not None:
+                refusals.append(reason)
+            confirmed.release()
+
+        sent = 0
+        for result in dead_letters:
+            try:
+                key = self._topology.routing_key(
+                    "result", user=safe_name_part(result.user, "user"),
+                    task_group_id=safe_name_part(result.task_group_id, "task group id"))
+            except GCError as exc:
+                logger.warning("dead-lettered task %s has no submitter to tell: %s",
+                               result.task_id, exc)
+                continue
+            self._broker.publish(self._topology.exchange("results"), key, encode_result(result),
+                                 on_confirm=on_confirm)
+            sent += 1
+        for _ in range(sent):
+            if not confirmed.acquire(timeout=REPUBLISH_TIMEOUT):
+                refusals.append(f"no confirm within {REPUBLISH_TIMEOUT:.0f}s")
+                break
+        if refusals:
+            logger.warning("ledger could not republish %d dead letters (%s); replaying them",
+                           sent, refusals[0])
+            return False
+        logger.info("ledger republished %d dead-lettered tasks as failed results", sent)
+        return True
 
     def _decode(self, delivery: Delivery) -> ResultMessage | ControlMessage | None:
         try:

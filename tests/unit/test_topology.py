@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -45,16 +46,14 @@ def test_the_endpoint_commands_queue_is_bound_to_the_commands_exchange() -> None
     assert queue.bindings == (Binding("gc.commands", "ep-7", {}),)
 
 
-def test_a_results_queue_binds_to_its_results_and_to_its_own_dead_letters() -> None:
+def test_a_results_queue_binds_only_to_its_own_results() -> None:
+    # Not to gc.dead: a headers binding escapes topic authorization (the ledger relays them).
     queue = load_topology().queue("results", user="alice", task_group_id="g-1")
 
     assert queue.name == "gc.results.alice.g-1"
     assert queue.arguments["x-queue-type"] == "classic"
     assert isinstance(queue.arguments["x-expires"], int)
-    topic, dead = queue.bindings
-    assert topic == Binding("gc.results", "alice.g-1", {})
-    assert dead.exchange == "gc.dead"
-    assert dead.arguments == {"x-match": "all", "gc-user": "alice", "gc-task-group": "g-1"}
+    assert queue.bindings == (Binding("gc.results", "alice.g-1", {}),)
 
 
 def test_the_ledger_queue_sees_every_result_event_and_dead_letter() -> None:
@@ -71,8 +70,22 @@ def test_filling_one_queue_does_not_change_the_next() -> None:
     topology.queue("results", user="alice", task_group_id="g-1")
     second = topology.queue("results", user="bob", task_group_id="g-2")
 
-    assert second.bindings[1].arguments["gc-user"] == "bob"
-    assert second.bindings[1].arguments["gc-task-group"] == "g-2"
+    assert second.bindings[0].routing_key == "bob.g-2"
+
+
+def test_patterns_match_one_name_part_per_open_placeholder_and_fixed_values_exactly() -> None:
+    topology = load_topology()
+    own = topology.queue_name_pattern("results", user="alice")
+    heartbeat = topology.routing_key_pattern("heartbeat", endpoint_id="ep-1")
+
+    assert own.match("gc.results.alice.g-1")
+    assert not any(own.match(name) for name in (
+        "gc.results.bob.g-1", "gc.results.alice.g.1", "gc.results.alice.#",
+        "gc.results.alice.*", "gc.results.alice.g-1\n", "gc.results.alicex.g-1"))
+    assert heartbeat.match("endpoint.ep-1.heartbeat")
+    assert not heartbeat.match("endpoint.ep-2.heartbeat")
+    assert topology.routing_key_pattern("result").match("bob.g-2")
+    assert not topology.routing_key_pattern("result").match("bob.#")
 
 
 @pytest.mark.parametrize(("kind", "values", "expected"), [
@@ -131,3 +144,14 @@ def test_load_topology_reads_a_given_file(tmp_path: Path) -> None:
     assert topology.queue("q", who="me").name == "x.me"
     assert topology.queue("q", who="me").bindings == (Binding("x.tasks", "me", {}),)
     assert topology.routing_key("task", who="me") == "k.me"
+
+
+def test_the_secured_nodes_definitions_hold_every_exchange_of_the_topology() -> None:
+    # broker_config/definitions.json gives a secured node its exchanges at boot (nobody but
+    # the registry may declare them there): it must not drift from topology.yaml.
+    path = Path(__file__).resolve().parents[2] / "broker_config" / "definitions.json"
+    definitions = json.loads(path.read_text())
+
+    assert {(e["name"], e["type"]) for e in definitions["exchanges"]} == set(
+        load_topology().exchanges.values())
+    assert all(e["durable"] for e in definitions["exchanges"])

@@ -1,0 +1,112 @@
+#!/usr/bin/env bash
+# Start (or stop) a private RabbitMQ node whose users are the registry's: tokens checked by
+# the registry's /auth/* routes (broker_config/rabbitmq.conf), nothing else allowed.
+#
+#   deploy/rabbitmq/start-secured-node.sh start   # prints the registry's broker URL file
+#   deploy/rabbitmq/start-secured-node.sh stop
+#   deploy/rabbitmq/start-secured-node.sh ctl list_users     # rabbitmqctl on this node
+#
+# Settings (environment):
+#   GC_NODE_DIR        where the node keeps config, data, logs, cookie   [./.secured-node]
+#   GC_NODE_NAME       Erlang node name                                  [gc-secured@localhost]
+#   GC_NODE_PORT       AMQP port (listens on 127.0.0.1 unless GC_NODE_IP) [5673]
+#   GC_DIST_PORT       Erlang distribution port                          [25673]
+#   GC_REGISTRY_URL    the registry the node asks                        [http://127.0.0.1:8765]
+#   GC_AUTH_CACHE_TTL  milliseconds a decision is cached                 [from rabbitmq.conf]
+#   GC_REGISTRY_BROKER_USER / _PASSWORD  the registry's own broker account [gc-registry / random]
+#
+# The node's own rabbitmq.conf, enabled_plugins and definitions.json go into GC_NODE_DIR,
+# so the system's /etc/rabbitmq and any broker already running are left alone. `start`
+# writes the registry's broker URL (with its password) to GC_NODE_DIR/registry-broker-url,
+# mode 0600: give it to `gc-registry serve` (GC_BROKER_URL) so its ledger can consume.
+set -euo pipefail
+
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+config_dir="$(cd "$here/../../broker_config" && pwd)"
+dir="${GC_NODE_DIR:-$PWD/.secured-node}"
+node="${GC_NODE_NAME:-gc-secured@localhost}"
+port="${GC_NODE_PORT:-5673}"
+ip="${GC_NODE_IP:-127.0.0.1}"
+dist_port="${GC_DIST_PORT:-25673}"
+registry="${GC_REGISTRY_URL:-http://127.0.0.1:8765}"
+account="${GC_REGISTRY_BROKER_USER:-gc-registry}"
+# The packaged scripts, not /usr/sbin's wrappers (those switch to the rabbitmq user).
+bin="${RABBITMQ_BIN:-/usr/lib/rabbitmq/bin}"
+[ -x "$bin/rabbitmq-server" ] || bin="$(dirname "$(command -v rabbitmq-server)")"
+
+mkdir -p "$dir"
+dir="$(cd "$dir" && pwd)"
+# The node and its CLI share an Erlang cookie of their own under GC_NODE_DIR.
+export HOME="$dir"
+export RABBITMQ_NODENAME="$node" RABBITMQ_NODE_IP_ADDRESS="$ip" RABBITMQ_NODE_PORT="$port"
+export RABBITMQ_DIST_PORT="$dist_port" RABBITMQ_CONF_ENV_FILE="$dir/rabbitmq-env.conf"
+export RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" RABBITMQ_ADVANCED_CONFIG_FILE="$dir/advanced.config"
+export RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" RABBITMQ_PID_FILE="$dir/node.pid"
+export RABBITMQ_MNESIA_BASE="$dir/mnesia" RABBITMQ_LOG_BASE="$dir/log"
+export ERL_EPMD_ADDRESS="${ERL_EPMD_ADDRESS:-127.0.0.1}"
+
+ctl() { "$bin/rabbitmqctl" -q -n "$node" "$@"; }
+
+render_config() {
+    : >"$dir/rabbitmq-env.conf"
+    cp "$config_dir/enabled_plugins" "$dir/enabled_plugins"
+    cp "$config_dir/definitions.json" "$dir/definitions.json"
+    sed -e "s#http://127.0.0.1:8765#${registry%/}#" "$config_dir/rabbitmq.conf" >"$dir/rabbitmq.conf"
+    if [ -n "${GC_AUTH_CACHE_TTL:-}" ]; then
+        sed -i -e "s#^auth_cache.cache_ttl = .*#auth_cache.cache_ttl = $GC_AUTH_CACHE_TTL#" \
+            "$dir/rabbitmq.conf"
+    fi
+    printf 'load_definitions = %s\n' "$dir/definitions.json" >>"$dir/rabbitmq.conf"
+    add_account
+}
+
+add_account() {
+    # The registry's account goes into the node's definitions (password salted and hashed
+    # the way RabbitMQ's internal backend does), so it exists from the first moment.
+    local password="${GC_REGISTRY_BROKER_PASSWORD:-$(head -c 24 /dev/urandom | base64 | tr -d '/+=')}"
+    GC_ACCOUNT="$account" GC_PASSWORD="$password" python3 - "$dir/definitions.json" <<'PY'
+import base64, hashlib, json, os, sys
+path, salt = sys.argv[1], os.urandom(4)
+digest = hashlib.sha256(salt + os.environ["GC_PASSWORD"].encode()).digest()
+definitions = json.load(open(path))
+definitions["users"] = [{"name": os.environ["GC_ACCOUNT"], "tags": [],
+                         "password_hash": base64.b64encode(salt + digest).decode(),
+                         "hashing_algorithm": "rabbit_password_hashing_sha256"}]
+definitions["permissions"] = [{"user": os.environ["GC_ACCOUNT"], "vhost": vhost["name"],
+                               "configure": ".*", "write": ".*", "read": ".*"}
+                              for vhost in definitions["vhosts"]]
+json.dump(definitions, open(path, "w"), indent=2)
+PY
+    (umask 077 && printf 'amqp://%s:%s@%s:%s/%%2F\n' "$account" "$password" "$ip" "$port" \
+        >"$dir/registry-broker-url")
+}
+
+case "${1:-start}" in
+    start)
+        render_config
+        mkdir -p "$dir/log"
+        nohup "$bin/rabbitmq-server" </dev/null >"$dir/log/startup.log" 2>&1 &
+        server=$!
+        # await_startup gives up at once while the node is not yet known to epmd: retry.
+        until ctl await_startup --timeout 120 >/dev/null 2>&1; do
+            if ! kill -0 "$server" 2>/dev/null; then
+                echo "the secured node $node did not start; see $dir/log" >&2
+                tail -n 20 "$dir/log/startup.log" >&2 || true
+                exit 1
+            fi
+            sleep 0.5
+        done
+        echo "$dir/registry-broker-url"
+        ;;
+    stop)
+        ctl stop "$dir/node.pid" >/dev/null 2>&1 || true
+        ;;
+    ctl)
+        shift
+        ctl "$@"
+        ;;
+    *)
+        echo "usage: $0 start|stop|ctl ARGS..." >&2
+        exit 2
+        ;;
+esac
