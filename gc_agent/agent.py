@@ -197,6 +197,11 @@ class Agent:
             logger.debug("task %s redelivered after its result was confirmed; acking", task.task_id)
             self._settle(delivery, requeue=None)
             return
+        if not self._sent_by(delivery, task.user):
+            logger.warning("dropped task %s: it claims to come from %s, the broker says %r",
+                           task.task_id, task.user, delivery.user_id)
+            self._settle(delivery, requeue=None)
+            return
         problem = refusal(task, endpoint_id=self.endpoint_id,
                           allowed_serializers=self.config.allowed_serializers)
         if problem is not None:
@@ -328,10 +333,15 @@ class Agent:
             logger.warning("dropped an undecodable command (%d bytes): %s", len(exc.raw), exc)
             self._broker.ack(delivery)
             return
-        if isinstance(command, CancelCommand):
+        if isinstance(command, CancelCommand) and self._sent_by(delivery, command.user):
             for task_id in command.task_ids:
                 self._cancel(task_id, command.user)
         self._broker.ack(delivery)
+
+    def _sent_by(self, delivery: Delivery, user: str) -> bool:
+        """Whether ``user`` sent it: on a secured broker (we log in with a token) the
+        ``user_id`` the broker checked must match; elsewhere the claim is all there is."""
+        return self._login is None or delivery.user_id == user
 
     def _cancel(self, task_id: str, user: str) -> None:
         owner = self._owners.get(task_id)

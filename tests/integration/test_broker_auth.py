@@ -26,7 +26,7 @@ from gc_client import Client, Executor
 from gc_core.errors import BrokerError, GCError
 from gc_core.protocol import Envelope, decode_result
 from gc_core.registry import identity, store
-from gc_core.registry.schemas import EndpointIn
+from gc_core.registry.schemas import EndpointIn, EndpointPolicy
 from gc_core.topology import load_topology
 from tests.fabric import Endpoint, eventually
 from tests.secured_broker import SecuredFabric, SecuredNode, amqp_error, node_log, secured_fabric
@@ -320,6 +320,19 @@ def test_alice_runs_a_function_on_her_endpoint_through_the_secured_node(secured:
             assert [f.result(timeout=60) for f in futures] == [0, 2, 4, 6, 8]
         eventually(lambda: client_status(secured, endpoint.endpoint_id) == "online", 30,
                    "the agent's heartbeat to reach the ledger")
+        # And a task bob may send there but that claims to be alice's is dropped by the agent,
+        # which trusts the user_id the broker checked over the gc-user header
+        with secured.sessions() as db:
+            store.set_endpoint_policy(db, endpoint.endpoint_id,
+                                      EndpointPolicy(allowed_users=["bob"]))
+        forged = str(uuid.uuid4())
+        secured.channel("bob").basic_publish(
+            "gc.tasks", endpoint.endpoint_id, b"{}", pika.BasicProperties(
+                message_id=forged, correlation_id="g1", user_id="bob",
+                content_type="application/json", headers=_task_headers("alice", "g1")),
+            mandatory=True)
+        eventually(lambda: f"dropped task {forged}" in endpoint.read_logs(), 30,
+                   "the agent to drop the forged task")
     except BaseException:
         print(endpoint.read_logs(), node_log(secured.node))
         raise
