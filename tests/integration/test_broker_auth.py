@@ -7,6 +7,7 @@ owns endpoint B; each endpoint has an agent token. Every refusal below comes fro
 
 from __future__ import annotations
 
+import asyncio
 import json
 import time
 import uuid
@@ -22,7 +23,7 @@ import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 from sqlalchemy.orm import Session, sessionmaker
 
-from gc_client import Client, Executor
+from gc_client import AsyncExecutor, Client, Executor
 from gc_core.errors import BrokerError, GCError
 from gc_core.protocol import Envelope, decode_result
 from gc_core.registry import identity, store
@@ -195,6 +196,9 @@ def test_our_client_reports_the_refused_task_and_keeps_working(secured: Secured)
         function_id = bob.register_function(_double)
         with pytest.raises(GCError, match="ACCESS_REFUSED"):
             bob.run(1, endpoint_id=secured.endpoint_a, function_id=function_id)
+        # as does his AsyncExecutor's
+        with pytest.raises(GCError, match="ACCESS_REFUSED"):
+            asyncio.run(_run_async(bob, secured.endpoint_a))
         # the same session then delivers to bob's own endpoint (queue declared by its agent)
         agent = secured.channel(f"endpoint-{secured.endpoint_b}")
         _declare_endpoint_queues(agent, secured.endpoint_b)
@@ -318,6 +322,8 @@ def test_alice_runs_a_function_on_her_endpoint_through_the_secured_node(secured:
             futures = [ex.submit(_double, x) for x in range(5)]
             # Then the agent runs them and the results come back to her
             assert [f.result(timeout=60) for f in futures] == [0, 2, 4, 6, 8]
+            # and so does her AsyncExecutor (aio-pika logs in the same way)
+            assert asyncio.run(_run_async(client, endpoint.endpoint_id)) == [0, 2, 4]
         eventually(lambda: client_status(secured, endpoint.endpoint_id) == "online", 30,
                    "the agent's heartbeat to reach the ledger")
         # And a task bob may send there but that claims to be alice's is dropped by the agent,
@@ -338,6 +344,12 @@ def test_alice_runs_a_function_on_her_endpoint_through_the_secured_node(secured:
         raise
     finally:
         endpoint.stop_all()
+
+
+async def _run_async(client: Client, endpoint_id: str) -> list[int]:
+    async with AsyncExecutor(endpoint_id=endpoint_id, client=client) as ex:
+        futures = [await ex.submit(_double, x) for x in range(3)]
+        return [await asyncio.wait_for(f, 60) for f in futures]
 
 
 def client_status(secured: Secured, endpoint_id: str) -> str:
