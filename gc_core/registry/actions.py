@@ -294,25 +294,16 @@ def run(request: ActionRequest, response: Response, session: Db, caller: Caller,
     _publish(publisher, publisher.topology.exchange("tasks"),
              publisher.topology.routing_key("task", endpoint_id=request.body.endpoint_id),
              encode_task(task), mandatory=True, what=f"the task of action {action_id}")
-    row = ActionRow(action_id=action_id, request_id=request.request_id, request_hash=digest,
-                    creator=caller.name, endpoint_id=request.body.endpoint_id,
-                    label=request.label, monitor_by=request.monitor_by,
-                    manage_by=request.manage_by, release_after=request.release_after,
-                    created=time.time())
-    session.add(row)
-    # The ledger learns of the task here rather than from a published manifest: the
-    # status is ACTIVE from the first answer on, and a result that wins the race is kept.
-    store.record_manifest(session, GroupManifest(
-        task_group_id=action_id, endpoint_id=task.endpoint_id, user=task.user,
-        task_ids=[action_id], submitted=row.created))
+    row = _record(session, request, digest, task)
     try:
         session.commit()
-    except IntegrityError:  # the same request_id, run twice at once: one action is kept
+    except IntegrityError as exc:  # the same request_id, run twice at once: one action is kept
         session.rollback()
-        response.status_code = 200
         earlier = _earlier_request(session, caller, request.request_id, digest)
         if earlier is None:
-            raise
+            raise RegistryError(f"could not record action {action_id}: {exc.orig}",
+                                status=409) from exc
+        response.status_code = 200
         return earlier
     logger.info("action %s: task for %s on endpoint %s", action_id, caller.name, task.endpoint_id)
     return action_status(row, session.get(TaskRow, action_id))
@@ -358,12 +349,30 @@ def _earlier_request(db: Session, caller: Principal, request_id: str,
     """The action an earlier request with this id started, if any (its content must match)."""
     action = db.scalars(select(ActionRow).where(ActionRow.creator == caller.name,
                                                 ActionRow.request_id == request_id)).first()
-    if action is None or action.released is not None:
+    if action is None:
         return None
+    if action.released is not None:
+        raise RegistryError(f"request_id {request_id!r} started action {action.action_id}, "
+                            "which has been released; use a new request_id", status=409)
     if action.request_hash != digest:
         raise RegistryError(f"request_id {request_id!r} was used for a different request "
                             f"(action {action.action_id}); use a new request_id", status=409)
     return action_status(action, db.get(TaskRow, action.action_id))
+
+
+def _record(db: Session, request: ActionRequest, digest: str, task: TaskMessage) -> ActionRow:
+    """Add the action and its task (as waiting) to the session."""
+    row = ActionRow(action_id=task.task_id, request_id=request.request_id, request_hash=digest,
+                    creator=task.user, endpoint_id=task.endpoint_id, label=request.label,
+                    monitor_by=request.monitor_by, manage_by=request.manage_by,
+                    release_after=request.release_after, created=time.time())
+    db.add(row)
+    # The ledger learns of the task here rather than from a published manifest: the
+    # status is ACTIVE from the first answer on, and a result that wins the race is kept.
+    store.record_manifest(db, GroupManifest(
+        task_group_id=task.task_group_id, endpoint_id=task.endpoint_id, user=task.user,
+        task_ids=[task.task_id], submitted=row.created))
+    return row
 
 
 def _check_may_run(db: Session, caller: Principal, body: ActionBody) -> None:

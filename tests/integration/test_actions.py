@@ -116,7 +116,10 @@ def test_cancelling_a_running_action_fails_it_as_cancelled(
 def test_an_action_is_released_only_once_finished_and_then_gone(
         http: httpx.Client, client: Client, make_endpoint: Any) -> None:
     idle: Endpoint = make_endpoint()
-    action_id = _run(http, idle.endpoint_id, client.register_function(add), 1).json()["action_id"]
+    request = {"request_id": str(uuid.uuid4()), "body": {
+        "endpoint_id": idle.endpoint_id, "function_id": client.register_function(add),
+        "args": [1]}}
+    action_id = http.post("/actions/run", json=request).json()["action_id"]
     # An active action cannot be released
     refused = http.post(f"/actions/{action_id}/release")
     assert refused.status_code == 409
@@ -130,6 +133,10 @@ def test_an_action_is_released_only_once_finished_and_then_gone(
         gone = http.request("GET" if path == "status" else "POST", f"/actions/{action_id}/{path}")
         assert gone.status_code == 404
         assert action_id in gone.json()["detail"]
+    # and its request_id cannot start it again
+    rerun = http.post("/actions/run", json=request)
+    assert rerun.status_code == 409
+    assert "released" in rerun.json()["detail"]
 
 
 def test_a_repeated_request_id_returns_the_same_action_and_a_reused_one_is_refused(
