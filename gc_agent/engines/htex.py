@@ -225,8 +225,9 @@ class HtexEngine(Engine):
         self._closing = True
         try:
             if self._poller is not None:
-                self._poller.close(timeout=self._config.shutdown_timeout)  # also cancels the blocks
+                self._poller.stop(timeout=self._config.shutdown_timeout)
             if self._executor is not None:
+                _cancel_blocks(self._executor)
                 self._executor.shutdown(timeout=self._config.shutdown_timeout)
         finally:
             self._poller = self._executor = None
@@ -374,11 +375,36 @@ def _build_executor(config: HtexEngineConfig, run_dir: Path) -> Any:
     return executor
 
 
+def _cancel_blocks(executor: Any) -> None:
+    """Cancel every block not known to have ended, through the provider alone.
+
+    Parsl's own scale-in asks the interchange which managers to hold first, and waits for
+    ever if it is gone — as it is when a service manager signals the agent's whole process
+    group at stop. ``scancel``/``qdel``/``bkill`` (or killing a local block) needs no
+    interchange, so a stopping agent never leaves batch jobs behind.
+    """
+    live = [job_id for block_id, job_id in executor.blocks_to_job_id.items()
+            if not (status := executor.status_facade.get(block_id)) or not status.terminal]
+    if not live:
+        return
+    try:
+        executor.provider.cancel(live)
+        logger.info("cancelled htex blocks (jobs %s)", ", ".join(live))
+    except Exception:
+        logger.warning("cancelling the htex blocks (jobs %s) failed", ", ".join(live),
+                       exc_info=True)
+
+
 def _make_poller(config: HtexEngineConfig, on_poll: Callable[[Any], None]) -> Any:
     """Parsl's job-status poller (the DFK's scaling loop), calling ``on_poll`` after each pass."""
     from parsl.jobs.job_status_poller import JobStatusPoller
+    from parsl.utils import Timer
 
     class Poller(JobStatusPoller):
+        def stop(self, timeout: float) -> None:
+            """End the scaling loop, waiting at most ``timeout`` for a pass under way."""
+            Timer.close(self, timeout)
+
         def poll(self) -> None:
             super().poll()
             for executor in self._executors:

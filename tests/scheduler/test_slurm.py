@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -272,3 +273,45 @@ def _environment(pid: int) -> str:
     """The environment of ``pid``, as text."""
     return Path(f"/proc/{pid}/environ").read_bytes().replace(b"\0", b"\n").decode()
 
+
+
+def test_an_agent_stopped_with_its_interchange_already_gone_still_cancels_its_blocks(
+        fabric: Fabric, slurm: Slurm) -> None:
+    # Given an agent holding one running block (as systemd stops a unit: SIGTERM to every
+    # process of it, so the interchange may die before the agent drains)
+    label = f"gc{uuid.uuid4().hex[:8]}"
+    ep = fabric.configure_endpoint(f"slurm-{label}", heartbeat_period=1.0)
+    engine = HtexEngineConfig(type="htex", label=label, strategy_period=1, provider=(
+        SlurmProviderConfig(type="slurm", partition=slurm.partition, walltime="00:05:00",
+                            init_blocks=1, min_blocks=1, max_blocks=1, exclusive=False,
+                            status_poll_period=1)))
+    path = ep.directory / "config.yaml"
+    save_config(load_config(path).model_copy(update={"engine": engine}), path)
+    agent = ep.start()
+    try:
+        eventually(lambda: "RUNNING" in slurm.jobs(f"parsl.{label}.").values(), RESULT_TIMEOUT,
+                   "the block to run")
+        interchange = next(pid for pid in _children(agent.pid) if "interchange" in _command(pid))
+
+        # When the interchange is killed, then the agent is asked to stop
+        os.kill(interchange, signal.SIGKILL)
+        agent.terminate()
+
+        # Then the agent exits by itself and its Slurm job is cancelled
+        assert agent.wait(60) == 0
+        eventually(lambda: not slurm.jobs(f"parsl.{label}."), 30, "our Slurm job to be cancelled")
+    finally:
+        ep.stop_all()
+        for job_id in slurm.jobs(f"parsl.{label}."):
+            slurm.cancel(job_id)
+
+
+def _children(pid: int) -> list[int]:
+    """Processes whose parent is ``pid``."""
+    done = subprocess.run(["ps", "-o", "pid=", "--ppid", str(pid)], capture_output=True,
+                          text=True)
+    return [int(word) for word in done.stdout.split()]
+
+
+def _command(pid: int) -> str:
+    return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().lower()
