@@ -9,6 +9,7 @@ part of what gc-fabric promises (results survive the client), so its cost is mea
 from __future__ import annotations
 
 import logging
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -31,13 +32,19 @@ def noop() -> None:
 
 
 class GcFabricSystem(System):
-    """The Executor with a thread or process engine of ``workers`` workers."""
+    """The Executor with a thread, process or htex engine of ``workers`` workers.
+
+    The htex engine gets one local block of ``workers`` workers and keeps its defaults
+    (CurveZMQ on); its rows are named ``gc-fabric-htex-<workers>w``, to sit beside
+    ``parsl-htex-<workers>w``.
+    """
 
     def __init__(self, engine: str, workers: int = 2, ledger: bool = True) -> None:
         self.engine = engine
         self.workers = workers
         self.ledger = ledger
-        self.name = f"gc-fabric-{engine}" + ("" if ledger else "-no-ledger")
+        self.name = f"gc-fabric-{engine}" + (f"-{workers}w" if engine == "htex" else "") \
+            + ("" if ledger else "-no-ledger")
         self._processes: list[subprocess.Popen[bytes]] = []
         self._vhost = f"gc-bench-{uuid.uuid4().hex[:8]}"
         self._home = Path(tempfile.mkdtemp(prefix="gc-bench-"))
@@ -56,9 +63,12 @@ class GcFabricSystem(System):
                     "--port", str(port), "--log-level", "WARNING"] + ([] if self.ledger else ["--no-ledger"])
         self._processes.append(_process.start_worker(registry, self._home / "registry.log", env))
         _wait_for_registry(env["GC_REGISTRY_URL"])
+        local_engine = "processes" if self.engine == "htex" else self.engine
         subprocess.run([sys.executable, "-m", "gc_agent.cli", "configure", "bench", "--engine",
-                        self.engine, "--workers", str(self.workers)],
+                        local_engine, "--workers", str(self.workers)],
                        env=_process.worker_env(env), check=True, capture_output=True)
+        if self.engine == "htex":
+            _use_htex(self._home / "endpoints" / "bench" / "config.yaml", self.workers)
         agent = [sys.executable, "-m", "gc_agent.cli", "start", "bench", "--log-level", "WARNING"]
         self._processes.append(_process.start_worker(agent, self._home / "agent.log", env))
         pid_file = self._home / "endpoints" / "bench" / "agent.pid"
@@ -101,6 +111,17 @@ class GcFabricSystem(System):
             self._executor.submit(noop).result(timeout=TASK_TIMEOUT_S)
             samples.append(time.perf_counter() - start)
         return samples
+
+
+def _use_htex(path: Path, workers: int) -> None:
+    """Give the configured endpoint the htex engine: one local block of ``workers`` workers."""
+    from gc_agent.config import HtexEngineConfig, load_config, save_config
+    from gc_agent.providers import LocalProviderConfig
+
+    pythonpath = shlex.quote(_process.worker_env()["PYTHONPATH"])  # the pool unpickles noop
+    engine = HtexEngineConfig(type="htex", max_workers_per_node=workers, provider=LocalProviderConfig(
+        init_blocks=1, min_blocks=1, max_blocks=1, worker_init=f"export PYTHONPATH={pythonpath}"))
+    save_config(load_config(path).model_copy(update={"engine": engine}), path)
 
 
 def _rabbitmqctl(*args: str) -> None:

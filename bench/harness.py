@@ -174,6 +174,21 @@ def render_table(
     return "\n".join(lines) + "\n"
 
 
+def render_pairs(measurements: Sequence[Measurement], pairs: Sequence[tuple[str, str]]) -> str:
+    """Render a Markdown table comparing each (ours, theirs) pair of rows: the cost of our layer."""
+    lines = ["| ours | theirs | tasks/s ours | tasks/s theirs | tasks/s ratio | p50 ms ours "
+             "| p50 ms theirs | p50 ratio |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    for ours_name, theirs_name in pairs:
+        ours = _find(measurements, ours_name) or Measurement(system=ours_name)
+        theirs = _find(measurements, theirs_name) or Measurement(system=theirs_name)
+        lines.append(
+            f"| {ours_name} | {theirs_name} | {_number(ours.tasks_per_s, ',.0f')} "
+            f"| {_number(theirs.tasks_per_s, ',.0f')} | {_ratio(ours.tasks_per_s, theirs.tasks_per_s)} "
+            f"| {_number(ours.p50_ms, '.2f')} | {_number(theirs.p50_ms, '.2f')} "
+            f"| {_ratio(ours.p50_ms, theirs.p50_ms)} |")
+    return "\n".join(lines) + "\n"
+
+
 def rabbitmq_version() -> str:
     """Return the broker version from ``rabbitmqctl version``, or ``"unknown"``."""
     try:
@@ -249,8 +264,9 @@ def render_results(
     command: str,
     when: datetime.datetime,
     settings: dict[str, int],
+    pairs: Sequence[tuple[str, str]] = (),
 ) -> str:
-    """Render the whole RESULTS.md: method, settings, machine facts and the table."""
+    """Render the whole RESULTS.md: method, settings, machine facts, the table and the pairs."""
     settings_text = ", ".join(f"{key}={value}" for key, value in settings.items())
     facts_text = "\n".join(f"- {key}: {value}" for key, value in facts.items())
     return (
@@ -263,7 +279,20 @@ def render_results(
         "nearest-rank percentiles. Ratios: tasks/s above 1× is faster, p50 below 1× is faster.\n\n"
         f"## Machine\n\n{facts_text}\n\n"
         f"## Results\n\n{render_table(measurements)}"
+        + (PAIRS_INTRO + render_pairs(measurements, pairs) if pairs else "")
     )
+
+
+#: What the pairs table measures, and how to read it.
+PAIRS_INTRO = (
+    "\n## gc-fabric's htex engine beside Parsl's own HTEX\n\n"
+    "Same worker count, one local block, CurveZMQ on in both. Ours is the whole path — "
+    "Executor → RabbitMQ (publisher confirms, quorum queue) → agent → Parsl's HTEX → worker "
+    "→ result over RabbitMQ, ledger on; theirs is Parsl's DataFlowKernel calling HTEX in the "
+    "same process. The ratio is the cost of our layer. Everything shares the machine's cores "
+    "(more workers add contention rather than capacity on 2 cores, and other processes may "
+    "run: see 'CPU busy before the run'), so read ratios, not absolute figures.\n\n"
+)
 
 
 def write_results(path: Path, text: str) -> None:

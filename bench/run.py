@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from bench import harness
-from bench.systems import SystemSpec, select_systems
+from bench.systems import PAIRS, SystemSpec, select_systems
 
 logger = logging.getLogger(__name__)
 
@@ -60,13 +60,17 @@ def main(tasks: int, latency_samples: int, warmup: int, systems: str, output: Pa
     idle_check = harness.background_cpu_busy()
     logger.info("CPU busy before the run (other processes): %s", idle_check)
     measurements = [_measure(spec, tasks, latency_samples, warmup) for spec in specs]
+    pairs = [pair for pair in PAIRS if {m.system for m in measurements} >= set(pair)]
     click.echo(harness.render_table(measurements))
+    if pairs:
+        click.echo(harness.render_pairs(measurements, pairs))
     text = harness.render_results(
         measurements,
         facts={**harness.machine_facts(), "CPU busy before the run": idle_check},
         command=command,
         when=datetime.datetime.now().astimezone(),
         settings={"tasks": tasks, "latency_samples": latency_samples, "warmup": warmup},
+        pairs=pairs,
     )
     harness.write_results(output, text)
     click.echo(f"wrote {output}")

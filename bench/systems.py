@@ -45,6 +45,11 @@ class SystemSpec:
         return system
 
 
+#: Worker counts at which the htex engine is measured beside Parsl's own HTEX.
+HTEX_WORKERS = (1, 2, 4)
+#: Rows compared pairwise in RESULTS.md: ours, then the system it wraps.
+PAIRS = [(f"gc-fabric-htex-{w}w", f"parsl-htex-{w}w") for w in HTEX_WORKERS]
+
 #: Every system the CLI can run, in the order it runs them.
 SYSTEMS: list[SystemSpec] = [
     SystemSpec("raw-amqp-reliable", "bench.peers.raw_amqp:RawAmqpSystem", {"reliable": True}),
@@ -56,6 +61,11 @@ SYSTEMS: list[SystemSpec] = [
     SystemSpec("gc-fabric-processes", "bench.gc_fabric:GcFabricSystem", {"engine": "processes"}),
     SystemSpec("gc-fabric-processes-no-ledger", "bench.gc_fabric:GcFabricSystem",
                {"engine": "processes", "ledger": False}),
+    *(spec for workers in HTEX_WORKERS for spec in (
+        SystemSpec(f"parsl-htex-{workers}w", "bench.peers.parsl_htex:ParslHtexSystem",
+                   {"workers": workers, "encrypted": True}),
+        SystemSpec(f"gc-fabric-htex-{workers}w", "bench.gc_fabric:GcFabricSystem",
+                   {"engine": "htex", "workers": workers}))),
 ]
 
 

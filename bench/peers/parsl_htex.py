@@ -1,4 +1,4 @@
-"""Parsl peer: HighThroughputExecutor on a LocalProvider, one block of two workers, over ZeroMQ.
+"""Parsl peer: HighThroughputExecutor on a LocalProvider, one block of workers, over ZeroMQ.
 
 Parsl starts its own interchange and worker pool as subprocesses; ``stop()`` has the
 DataFlowKernel shut them down. The run directory lives under a temporary directory.
@@ -25,7 +25,7 @@ from bench.peers._process import worker_env
 
 logger = logging.getLogger(__name__)
 
-#: Workers in the single worker pool.
+#: Workers in the single worker pool, unless the system is built with another count.
 PARSL_WORKERS = 2
 
 
@@ -34,8 +34,8 @@ def noop() -> None:
     """Do nothing: the benchmark measures the system, not the task."""
 
 
-def make_config(run_dir: Path) -> Config:
-    """Build a Parsl config: HTEX on loopback, one local block of PARSL_WORKERS workers."""
+def make_config(run_dir: Path, workers: int = PARSL_WORKERS, encrypted: bool = False) -> Config:
+    """Build a Parsl config: HTEX on loopback, one local block of ``workers`` workers."""
     # Parsl finds interchange.py and process_worker_pool.py on PATH, which lacks an
     # unactivated venv's scripts: name the first in full, put them on the pool's PATH.
     # The pool unpickles ``noop`` by reference, so it needs the repo on PYTHONPATH too.
@@ -54,10 +54,10 @@ def make_config(run_dir: Path) -> Config:
         label="htex",
         address="127.0.0.1",
         interchange_launch_cmd=[sys.executable, str(bin_dir / "interchange.py")],
-        max_workers_per_node=PARSL_WORKERS,
-        # plain ZeroMQ, like the plain AMQP every other peer uses on loopback; CurveZMQ
-        # (Parsl's default) costs ~10-15% of throughput here
-        encrypted=False,
+        max_workers_per_node=workers,
+        # plain ZeroMQ by default, like the plain AMQP every other peer uses on loopback;
+        # CurveZMQ (Parsl's default, and the htex engine's) costs ~10-15% of throughput here
+        encrypted=encrypted,
         provider=provider,
     )
     return Config(
@@ -72,18 +72,24 @@ def make_config(run_dir: Path) -> Config:
 
 
 class ParslHtexSystem(System):
-    """Parsl's DataFlowKernel in this process; interchange and workers as its subprocesses."""
+    """Parsl's DataFlowKernel in this process; interchange and workers as its subprocesses.
 
-    name = "parsl-htex"
+    Built with ``workers`` and ``encrypted`` it is named ``parsl-htex-<workers>w``: the row
+    gc-fabric's htex engine with as many workers (CurveZMQ on, its default) is compared to.
+    """
 
-    def __init__(self) -> None:
+    def __init__(self, workers: int | None = None, encrypted: bool = False) -> None:
+        self.workers = workers or PARSL_WORKERS
+        self.encrypted = encrypted
+        self.name = "parsl-htex" if workers is None else f"parsl-htex-{workers}w"
         self._dfk: DataFlowKernel | None = None
         self._workdir: tempfile.TemporaryDirectory[str] | None = None
 
     def start(self) -> None:
         """Load the Parsl config, which starts the interchange and the worker pool."""
         self._workdir = tempfile.TemporaryDirectory(prefix="bench-parsl-")
-        self._dfk = parsl.load(make_config(Path(self._workdir.name) / "runinfo"))
+        self._dfk = parsl.load(make_config(Path(self._workdir.name) / "runinfo", self.workers,
+                                           self.encrypted))
 
     def stop(self) -> None:
         """Shut down the DataFlowKernel and its subprocesses, then remove the run directory."""
