@@ -7,6 +7,7 @@ client ─▶ RabbitMQ ─▶ agent ─▶ interchange ─▶ worker pool ─▶
 from __future__ import annotations
 
 import os
+import pwd
 import signal
 import socket
 import time
@@ -23,6 +24,7 @@ from gc_agent.config import HtexEngineConfig, load_config, save_config
 from gc_agent.providers import LocalProviderConfig
 from gc_client import Client, Executor, TaskExecutionFailed
 from tests.fabric import Endpoint, Fabric, eventually
+from tests.integration.test_multiuser import USER_PYTHON, accounts  # noqa: F401 - a fixture
 
 #: Repository root: the worker pools import this module's functions (pickled by reference).
 REPO_ROOT = Path(__file__).resolve().parents[2]
@@ -240,3 +242,40 @@ def _parent_command(pid: int) -> str:
     status = Path(f"/proc/{pid}/status").read_text()
     ppid = next(line.split()[1] for line in status.splitlines() if line.startswith("PPid:"))
     return Path(f"/proc/{ppid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+
+
+def whoami_in_pool() -> dict[str, Any]:
+    import os
+    from pathlib import Path
+
+    status = Path(f"/proc/{os.getppid()}/status").read_text()
+    return {"uid": os.getuid(), "pool_uid": int(status.split("\nUid:")[1].split()[0]),
+            "pool": Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode(errors="replace")}
+
+
+def test_a_multi_user_endpoint_gives_each_user_a_local_htex_engine_of_their_own(
+        fabric: Fabric, accounts: dict[str, pwd.struct_passwd], tmp_path: Path) -> None:  # noqa: F811
+    from gc_agent.config import IdentityRule, MultiUserConfig
+
+    # Given a multi-user endpoint whose template gives each user htex on a local block
+    (tmp_path / "user.yaml.j2").write_text(
+        "type: htex\nmax_workers_per_node: 1\n"
+        "provider: {type: local, init_blocks: 1, min_blocks: 0, max_blocks: 1}\n")
+    bob = accounts["bob"]
+    ep = fabric.configure_endpoint(f"mu-htex-{uuid.uuid4().hex[:6]}", multi_user=MultiUserConfig(
+        identity_mapping=[IdentityRule(match=r"bob@uni\.edu", output=bob.pw_name)],
+        user_config_template=tmp_path / "user.yaml.j2", worker_python=USER_PYTHON))
+    ep.start()
+    try:
+        # When bob runs a task
+        with Client(broker_url=fabric.broker_url, registry_url=fabric.registry_url,
+                    home=str(fabric.home), identity="bob@uni.edu") as client, \
+                Executor(endpoint_id=ep.endpoint_id, client=client) as ex:
+            seen = ex.submit(whoami_in_pool).result(timeout=RESULT_TIMEOUT)
+    finally:
+        ep.stop_all()
+
+    # Then it ran as bob, in a worker pool of bob's, which bob's own engine started
+    assert seen["uid"] == seen["pool_uid"] == bob.pw_uid
+    assert "process_worker_pool" in seen["pool"]
+    assert (Path(bob.pw_dir) / ".gc-fabric" / "htex").is_dir()
