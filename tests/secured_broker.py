@@ -82,16 +82,23 @@ def secured_fabric(tmp: Path) -> Iterator[tuple[SecuredNode, RegistryServer, ses
                 "GC_NODE_PORT": str(node.port), "GC_DIST_PORT": str(free_port()),
                 "GC_REGISTRY_URL": registry.url, "GC_AUTH_CACHE_TTL": str(CACHE_TTL_MS),
                 "GC_REGISTRY_BROKER_PASSWORD": password}
-    node.script("start")
+    registry_started = False
     try:
+        node.script("start")
+        registry_started = True  # from here on it has a thread to join
         registry.start()
-        try:
-            yield node, registry, open_database(db_url)
-        finally:
-            registry.stop()
+        yield node, registry, open_database(db_url)
     finally:
+        if registry_started:
+            registry.stop()
         node.script("stop", timeout=60)
         shutil.rmtree(node.directory, ignore_errors=True)
+
+
+def rabbitmq_installed() -> bool:
+    """Whether this machine can start a RabbitMQ node of its own."""
+    return Path("/usr/lib/rabbitmq/bin/rabbitmq-server").exists() or \
+        shutil.which("rabbitmq-server") is not None
 
 
 def node_log(node: SecuredNode) -> str:

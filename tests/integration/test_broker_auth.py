@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -30,7 +31,14 @@ from gc_core.registry import identity, store
 from gc_core.registry.schemas import EndpointIn, EndpointPolicy
 from gc_core.topology import load_topology
 from tests.fabric import Endpoint, eventually
-from tests.secured_broker import SecuredFabric, SecuredNode, amqp_error, node_log, secured_fabric
+from tests.secured_broker import (
+    SecuredFabric,
+    SecuredNode,
+    amqp_error,
+    node_log,
+    rabbitmq_installed,
+    secured_fabric,
+)
 
 TOPOLOGY = load_topology()
 
@@ -66,6 +74,11 @@ class Secured:
 
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
+    if not rabbitmq_installed():
+        message = "RabbitMQ is not installed: `make test` installs it (deploy/rabbitmq/ensure-broker.sh)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
     tmp = tmp_path_factory.mktemp("secured")
     with secured_fabric(tmp) as (node, registry, sessions):
         with sessions() as db:
