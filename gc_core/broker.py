@@ -182,6 +182,7 @@ class BrokerSession:
         self._last_error = "no attempt made yet"
         self._fatal: str | None = None
         self._thread: threading.Thread | None = None
+        self._start_waits = False
         self._io_thread_id: int | None = None
 
     # -- public API, callable from any thread -------------------------------------------
@@ -203,6 +204,8 @@ class BrokerSession:
             BrokerUnreachable: no connection within ``timeout``.
             BrokerError: the broker refused a declaration (for example mismatched arguments).
         """
+        # A caller waiting in start() raises the fatal error itself; only log it for others.
+        self._start_waits = timeout is not None
         self._thread = threading.Thread(target=self._run, name=f"broker-{self._name}", daemon=True)
         self._thread.start()
         if timeout is None:
@@ -373,7 +376,8 @@ class BrokerSession:
                 return
             except _Fatal as exc:
                 self._fatal = str(exc)
-                logger.error("broker session %s stopped: %s", self._name, exc)
+                logger.log(logging.DEBUG if self._start_waits and not self._ever_ready
+                           else logging.ERROR, "broker session %s stopped: %s", self._name, exc)
                 return
 
     def _sleep_unless_closing(self, seconds: float) -> None:
