@@ -4,12 +4,16 @@ This file is documentation for integrators writing a client in another language:
 no gc-fabric code, only the wire contract in ``docs/asyncapi.yaml``. The steps are:
 
 1. declare our own result queue ``gc.results.{user}.{group}`` and bind it to ``gc.results``
-   (our results) and to ``gc.dead`` (our tasks the broker gives up on) - before publishing,
-   because agents publish results without ``mandatory`` and an unbound result is dropped;
+   - before publishing, because results are published without ``mandatory`` and an unbound
+   result is dropped;
 2. publish one task to ``gc.tasks`` (routing key = endpoint id) with ``mandatory`` on a
    confirm-mode channel, so an unknown endpoint is reported instead of silently dropped;
 3. wait for the first message on our queue whose ``message_id`` is our task id;
 4. delete the queue.
+
+A task the broker gives up on (dead-lettered after too many failed deliveries) arrives like
+any other failure: the registry's ledger, the only consumer of ``gc.dead``, republishes it to
+our queue as a ``failed`` result with error type ``TaskDeadLettered`` - while the ledger runs.
 
 Usage::
 
@@ -40,7 +44,6 @@ PROTOCOL_VERSION = 1
 # Names and arguments as in broker_config/topology.yaml (see docs/asyncapi.yaml).
 TASKS_EXCHANGE = "gc.tasks"      # topic, routing key: endpoint id
 RESULTS_EXCHANGE = "gc.results"  # topic, routing key: {user}.{task_group_id}
-DEAD_EXCHANGE = "gc.dead"        # headers: matched on gc-user and gc-task-group
 #: A result queue must be declared with exactly these arguments, or the broker refuses it
 #: (PRECONDITION_FAILED) when another client declares the same queue differently.
 RESULT_QUEUE_ARGUMENTS = {"x-queue-type": "classic", "x-expires": 604_800_000}
@@ -58,10 +61,12 @@ def call(broker_url: str, endpoint_id: str, function_id: str, args: list[Any],
     """Run ``function_id(*args, **kwargs)`` on an endpoint and return its outcome.
 
     Returns ``{"task_id", "state": "success", "value"}``, or ``{"task_id", "state": "failed" |
-    "cancelled" | "dead-lettered", "error": {"type", "message", "traceback"}}``.
+    "cancelled", "error": {"type", "message", "traceback"}}`` (a dead-lettered task is
+    ``failed`` with error type ``TaskDeadLettered``).
 
     Raises:
-        ValueError: ``user`` is not one word of letters, digits, ``_`` and ``-``.
+        ValueError: ``user`` is not one word of letters, digits, ``_`` and ``-``, or the
+            message for our task is not a JSON gc-fabric result.
         TaskNotAccepted: the broker could not route the task to the endpoint's queue.
         TimeoutError: no outcome within ``timeout`` seconds.
     """
@@ -91,13 +96,10 @@ def _declare_result_queue(channel: BlockingChannel, user: str, group: str) -> st
     """Declare and bind ``gc.results.{user}.{group}``; exchanges are declared idempotently."""
     channel.exchange_declare(TASKS_EXCHANGE, "topic", durable=True)
     channel.exchange_declare(RESULTS_EXCHANGE, "topic", durable=True)
-    channel.exchange_declare(DEAD_EXCHANGE, "headers", durable=True)
     queue = f"gc.results.{user}.{group}"
     channel.queue_declare(queue, durable=True, arguments=RESULT_QUEUE_ARGUMENTS)
+    # The only binding: dead-lettered tasks come here through the ledger, on this key too.
     channel.queue_bind(queue, RESULTS_EXCHANGE, routing_key=f"{user}.{group}")
-    # A dead-lettered task keeps its headers; this binding picks out our group's ones.
-    channel.queue_bind(queue, DEAD_EXCHANGE, routing_key="",
-                       arguments={"x-match": "all", "gc-user": user, "gc-task-group": group})
     return queue
 
 
@@ -134,7 +136,7 @@ def _publish_task(channel: BlockingChannel, task_id: str, group: str, endpoint_i
 
 def _wait_for_outcome(channel: BlockingChannel, queue: str, task_id: str,
                       timeout: float) -> dict[str, Any]:
-    """Consume ``queue`` until our task's first result or dead letter arrives."""
+    """Consume ``queue`` until our task's first result arrives."""
     deadline = time.monotonic() + timeout
     try:
         for method, properties, body in channel.consume(queue, inactivity_timeout=0.5):
@@ -152,21 +154,15 @@ def _wait_for_outcome(channel: BlockingChannel, queue: str, task_id: str,
 
 
 def _outcome(properties: pika.BasicProperties, body: bytes) -> dict[str, Any]:
-    """Turn a result message, or a dead-lettered task, into a plain dict."""
-    headers = properties.headers or {}
-    state = headers.get("gc-state")
-    if state is None and "x-death" in headers:  # our task itself, given up by the broker
-        death = headers["x-death"][0]
-        return {"state": "dead-lettered", "error": {
-            "type": "TaskDeadLettered",
-            "message": f"dead-lettered from queue {death.get('queue')} "
-                       f"(reason: {death.get('reason')})",
-            "traceback": ""}}
+    """Turn a result message into a plain dict."""
+    state = (properties.headers or {}).get("gc-state")
     if state == "success":
         if properties.content_type != "application/json":
             raise ValueError(f"expected a JSON result, got {properties.content_type!r}")
         return {"state": "success", "value": json.loads(body)}
-    # failed or cancelled: the body is always JSON {"type", "message", "traceback"}
+    if state not in ("failed", "cancelled"):
+        raise ValueError(f"not a gc-fabric result (gc-state {state!r})")
+    # failed (TaskDeadLettered too) or cancelled: the body is JSON {"type", "message", "traceback"}
     return {"state": state, "error": json.loads(body)}
 
 

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import ast
 import importlib.util
+import re
 import subprocess
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 from gc_client import Client
-from tests.fabric import Endpoint, Fabric
+from tests.fabric import Endpoint, Fabric, rabbitmqctl
 
 EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "raw_amqp_client.py"
 
@@ -65,3 +67,24 @@ def test_the_raw_client_command_line_prints_the_value(
         capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert '"sum": 9' in done.stdout
+
+
+def test_a_dead_lettered_task_reaches_the_raw_client_as_a_failed_result_through_the_ledger(
+        fabric: Fabric, client: Client, make_endpoint: Any) -> None:
+    # Given an endpoint whose task queue exists but has no agent, and whose tasks expire at
+    # once (a policy TTL), so the broker dead-letters them to gc.dead
+    ep: Endpoint = make_endpoint()
+    function_id = client.register_function(weighted_sum)
+    policy = f"expire-{ep.endpoint_id}"
+    rabbitmqctl("set_policy", "-p", fabric.vhost, "--apply-to", "queues", "--priority", "100",
+                policy, f"^gc\\.ep\\.{re.escape(ep.endpoint_id)}\\.tasks$", '{"message-ttl": 1}')
+    try:
+        # When the raw client, bound to gc.results only, calls a function there
+        outcome = _load_example().call(fabric.broker_url, ep.endpoint_id, function_id,
+                                       [[1, 2]], {}, user="gateway", timeout=60)
+    finally:
+        rabbitmqctl("clear_policy", "-p", fabric.vhost, policy)
+    # Then the session registry's ledger republishes the dead letter as a failed result
+    assert outcome["state"] == "failed"
+    assert outcome["error"]["type"] == "TaskDeadLettered"
+    assert "expired" in outcome["error"]["message"]
