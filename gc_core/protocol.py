@@ -220,10 +220,10 @@ def encode_result(result: ResultMessage) -> Envelope:
 
 
 def decode_result(envelope: Envelope) -> ResultMessage:
-    """Turn an AMQP message from a result queue into a result.
+    """Turn an AMQP message from a result queue (or ``gc.ledger``) into a result.
 
-    A task message that the broker dead-lettered arrives on the same queue; it becomes
-    a failed result that says why, so every consumer treats it the same way.
+    A task message the broker dead-lettered reaches ``gc.ledger`` too; it becomes a failed
+    result that says why, which the ledger records and republishes to the submitter.
 
     Raises:
         ProtocolError: the message is neither a well-formed result nor a dead-lettered task.
