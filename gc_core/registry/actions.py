@@ -10,6 +10,7 @@ introspection, run, status, cancel and release. The action id is the task id.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import logging
@@ -67,8 +68,8 @@ DEFAULT_RELEASE_AFTER = "P30D"
 
 _NUMBER = r"(\d+(?:\.\d+)?)"
 #: ISO 8601 durations (P1Y2M3W4DT5H6M7S); years and months count as 365 and 30 days.
-_DURATION = re.compile(rf"^P(?!$)(?:{_NUMBER}Y)?(?:{_NUMBER}M)?(?:{_NUMBER}W)?(?:{_NUMBER}D)?"
-                       rf"(?:T(?=\d)(?:{_NUMBER}H)?(?:{_NUMBER}M)?(?:{_NUMBER}S)?)?$")
+_DURATION = re.compile(rf"\AP(?!\Z)(?:{_NUMBER}Y)?(?:{_NUMBER}M)?(?:{_NUMBER}W)?(?:{_NUMBER}D)?"
+                       rf"(?:T(?=\d)(?:{_NUMBER}H)?(?:{_NUMBER}M)?(?:{_NUMBER}S)?)?\Z", re.ASCII)
 _DURATION_UNITS = (365 * 86400, 30 * 86400, 7 * 86400, 86400, 3600, 60, 1)
 
 
@@ -258,7 +259,7 @@ class ActionPublisher:
 async def _publisher_lifespan(app: FastAPI) -> AsyncIterator[None]:
     app.state.action_publisher = ActionPublisher(app.state.settings.broker_url, load_topology())
     yield
-    app.state.action_publisher.close()
+    await asyncio.to_thread(app.state.action_publisher.close)
 
 
 def _publisher(request: Request) -> ActionPublisher:

@@ -17,7 +17,7 @@ def test_iso_durations_become_seconds(text: str, seconds: float) -> None:
     assert duration_seconds(text) == seconds
 
 
-@pytest.mark.parametrize("text", ["", "P", "PT", "30D", "P1H", "P1DT", "p1d", "P-1D"])
+@pytest.mark.parametrize("text", ["", "P", "PT", "30D", "P1H", "P1DT", "p1d", "P-1D", "P30D\n"])
 def test_what_is_not_an_iso_duration_is_refused_saying_so(text: str) -> None:
     with pytest.raises(ValueError, match="ISO 8601 duration"):
         duration_seconds(text)
