@@ -52,7 +52,7 @@ from gc_core.protocol import (
 from gc_core.registry import policy, store
 from gc_core.registry.db import ActionRow, FunctionRow, TaskRow
 from gc_core.registry.deps import Caller, Db
-from gc_core.registry.identity import Principal
+from gc_core.registry.identity import ANONYMOUS, Principal
 from gc_core.serialize import JSON, PYTHON_VERSION
 from gc_core.topology import Topology, load_topology
 
@@ -377,22 +377,18 @@ def _record(db: Session, request: ActionRequest, digest: str, task: TaskMessage)
 
 
 def _check_may_run(db: Session, caller: Principal, body: ActionBody) -> None:
-    """Refuse what the endpoint's and the function's policies do not allow, saying why."""
+    """Refuse what the endpoint's and the function's policies do not allow, saying why: the
+    same decision the agents' re-check makes (``policy.task_refusal``)."""
     if caller.is_agent:
         raise Forbidden("an endpoint's agent token cannot run actions; use a user's or a "
                         "service account's token")
     endpoint = policy.endpoint_or_404(db, caller, body.endpoint_id)
-    if not policy.may_submit(caller, endpoint):
-        raise Forbidden(f"{caller.name} is not allowed to use endpoint {body.endpoint_id}; "
-                        f"its owner, {endpoint.owner}, can allow you")
-    function = db.get(FunctionRow, body.function_id)
-    if function is None:
+    if db.get(FunctionRow, body.function_id) is None:
         raise NotFound(f"no function {body.function_id} is registered")
-    refusal = policy.function_refusal(caller, function, endpoint)
-    if refusal is None and endpoint.allowed_serializers is not None \
-            and JSON.content_type not in endpoint.allowed_serializers:
-        refusal = (f"endpoint {body.endpoint_id} does not take JSON tasks (it takes "
-                   f"{', '.join(endpoint.allowed_serializers) or 'none'}), and actions are JSON")
+    if caller is ANONYMOUS:  # an open registry: identities are claimed, so no policy holds
+        return
+    refusal = policy.task_refusal(db, endpoint, caller.name, body.function_id,
+                                  JSON.content_type)
     if refusal is not None:
         raise Forbidden(refusal)
 

@@ -13,10 +13,11 @@ from alembic.migration import MigrationContext
 from sqlalchemy import Engine, create_engine, inspect, select, text
 
 from gc_core.broker import BrokerSession
+from gc_core.errors import NotAuthenticated
 from gc_core.protocol import GroupManifest, ResultMessage, encode_result
 from gc_core.registry import identity, store
 from gc_core.registry.db import Base, TaskRow, open_database
-from gc_core.registry.schemas import EndpointIn, FunctionIn
+from gc_core.registry.schemas import EndpointIn, EndpointPolicy, FunctionIn, FunctionSharing
 from gc_core.topology import load_topology
 from tests.fabric import eventually
 from tests.integration.conftest import OwnRegistry
@@ -97,6 +98,43 @@ def test_the_store_and_the_ledger_upserts_work_on_both_databases(db_url: str) ->
         t1, t2 = store.get_tasks(db, ["t1", "t2"])
         assert (t1.status, base64.b64decode(t1.payload_b64), t2.status) == ("success", b"1", "waiting")
         assert t1.submitted == pytest.approx(manifest.submitted)
+    sessions.kw["bind"].dispose()
+
+
+def test_groups_policies_tokens_and_retention_work_on_both_databases(db_url: str) -> None:
+    sessions = open_database(db_url)
+    with sessions() as db:
+        # A group-based endpoint policy, as the agents' re-check applies it
+        for name in ("alice", "bob"):
+            identity.create_user(db, name)
+        identity.create_group(db, "physics")
+        identity.add_member(db, "physics", "bob")
+        endpoint = store.create_endpoint(db, EndpointIn(name="lab", policy=EndpointPolicy(
+            allowed_groups=["physics"])), owner="alice")
+        function = store.register_function(db, FunctionIn(
+            name="f", content_type="application/json", payload_b64="AA==",
+            python_version="3.11", serializer="json", sharing=FunctionSharing(sharing="public")),
+            owner="alice")
+        assert store.authorize_task(db, endpoint.endpoint_id, "bob", function.function_id,
+                                    "application/json") is None
+        identity.remove_member(db, "physics", "bob")
+        assert "not allowed" in str(store.authorize_task(
+            db, endpoint.endpoint_id, "bob", function.function_id, "application/json"))
+        # A revoked token is refused
+        token = identity.issue_token(db, "bob")
+        identity.revoke_token(db, token.token_id)
+        with pytest.raises(NotAuthenticated, match="revoked"):
+            identity.authenticate(db, token.token)
+        # Results over the cap keep their state, not their value; old values expire
+        store.record_results(db, [_result("big", b"x" * 100), _result("small", b"1")],
+                             size_limit=10, now=1000.0)
+        db.commit()
+        assert store.expire_results(db, older_than=2000.0, ttl_text="1s") == 1
+        db.commit()
+        big, small = store.get_tasks(db, ["big", "small"])
+        assert (big.status, big.payload_b64, "larger than" in big.result_note) == ("success", "", True)
+        assert (small.payload_b64, "expired" in small.result_note) == ("", True)
+        assert sorted(t.task_id for t in store.list_group_tasks(db, "g")) == ["big", "small"]
     sessions.kw["bind"].dispose()
 
 
