@@ -40,6 +40,11 @@ class HtexEngineConfig(BaseModel):
     address: str = Field(default="127.0.0.1", description="Address the workers reach the "
                                                           "interchange on.")
     encrypted: bool = Field(default=True, description="CurveZMQ between interchange and workers.")
+    parsl_tasks_per_worker: int = Field(
+        default=2, ge=1, le=100,
+        description="Tasks handed to Parsl per worker: more keeps workers busy between round "
+                    "trips; tasks the agent still holds stay cancellable and go back to the "
+                    "queue when it stops.")
     heartbeat_period: int = Field(default=30, ge=1, le=3600,
                                   description="Seconds between worker-pool heartbeats; also how "
                                               "often a pool checks for dead workers.")

@@ -6,10 +6,10 @@ groups, or the nodes of Slurm, PBS Pro or LSF jobs — which connect back over Z
 task travels as a ``Job`` and runs on a worker through ``run_job``, so a task behaves the
 same here as on the local engines (output capture, serializers, resource specification).
 
-The engine keeps jobs beyond its capacity in a local queue and hands Parsl only as many as
-its workers can run: a job still waiting here can be cancelled or taken back when the agent
-drains. Parsl cannot withdraw a task once it has it, so cancelling such a task only drops
-its result (see ``HtexEngine.cancel``).
+The engine keeps jobs in a local queue and hands Parsl only ``parsl_tasks_per_worker`` per
+worker (enough to keep them fed between round trips): a job still waiting here can be
+cancelled or taken back when the agent drains. Parsl cannot withdraw a task once it has it,
+so cancelling such a task only drops its result (see ``HtexEngine.cancel``).
 
 When a worker, its pool or its node is lost, Parsl fails the task's future with
 ``WorkerLost``, ``ManagerLost`` or ``BadStateException``; the engine runs the task again up
@@ -41,8 +41,11 @@ __all__ = ["HtexEngine"]
 
 logger = logging.getLogger(__name__)
 
-#: Parsl's scaling strategy: scale out while tasks wait, scale in blocks idle for idle_timeout.
-STRATEGY = "htex_auto_scale"
+#: Parsl's scaling strategy: scale out while tasks wait (up to max_blocks), scale in to
+#: min_blocks once no task has been at Parsl for idle_timeout. Not "htex_auto_scale": in
+#: Parsl 2026.10 it calls scale_in(0, max_idletime) when a block has spare slots, which then
+#: cancels every idle block — a pending one included — so one task alone never gets a block.
+STRATEGY = "simple"
 #: Resource-specification keys Parsl's interchange itself understands (lower runs first).
 PARSL_RESOURCE_KEYS = ("priority",)
 #: Every key a task's resource specification may hold here, with the types allowed: Parsl's
@@ -132,8 +135,13 @@ class HtexEngine(Engine):
         return self._config.max_workers_per_node * provider.nodes_per_block * max(1, provider.max_blocks)
 
     @property
+    def _parsl_limit(self) -> int:
+        """How many jobs Parsl may hold: enough to keep every worker fed between round trips."""
+        return self.capacity * self._config.parsl_tasks_per_worker
+
+    @property
     def busy(self) -> int:
-        return self._in_parsl
+        return min(self._in_parsl, self.capacity)
 
     @property
     def run_dir(self) -> Path | None:
@@ -236,10 +244,10 @@ class HtexEngine(Engine):
                 self._tempdir = None
 
     def _dispatch(self) -> None:
-        """Hand waiting jobs to Parsl while it has fewer than ``capacity`` of ours."""
+        """Hand waiting jobs to Parsl while it holds fewer than its limit of ours."""
         while True:
             with self._lock:
-                if self._closing or not self._waiting or self._in_parsl >= self.capacity:
+                if self._closing or not self._waiting or self._in_parsl >= self._parsl_limit:
                     return
                 task = self._tasks[self._waiting.popleft()]
                 self._in_parsl += 1

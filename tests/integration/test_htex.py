@@ -153,8 +153,9 @@ def test_the_htex_engine_cancels_or_hands_back_jobs_still_waiting_and_abandons_t
     from gc_agent.execution import Job, Outcome
 
     # Given an engine with room for two jobs (and no block yet, so nothing runs)
-    engine = HtexEngine(HtexEngineConfig(type="htex", max_workers_per_node=2, provider=(
-        LocalProviderConfig(init_blocks=0, min_blocks=0, max_blocks=1))), tmp_path / "run")
+    engine = HtexEngine(HtexEngineConfig(type="htex", max_workers_per_node=2, parsl_tasks_per_worker=1,
+                                         provider=LocalProviderConfig(init_blocks=0, min_blocks=0,
+                                                                      max_blocks=1)), tmp_path / "run")
     outcomes: dict[str, Outcome] = {}
     jobs = [Job(task_id=f"t{n}", function_id="f", function_payload=b"", function_python="",
                 content_type="", payload=b"", sender_python="", sender_serializer="")

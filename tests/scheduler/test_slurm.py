@@ -17,6 +17,7 @@ import threading
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -80,19 +81,31 @@ def label() -> str:
 
 @pytest.fixture(scope="module")
 def slurm_endpoint(fabric: Fabric, slurm: Slurm, label: str) -> Iterator[Endpoint]:
-    """An endpoint whose htex engine gets its blocks from Slurm."""
-    ep = fabric.configure_endpoint(f"slurm-{label}", heartbeat_period=1.0)
-    engine = HtexEngineConfig(
-        type="htex", label=label, max_workers_per_node=2, max_retries_on_system_failure=2,
-        heartbeat_period=1, heartbeat_threshold=5, idle_timeout=IDLE_TIMEOUT, strategy_period=1,
-        provider=SlurmProviderConfig(
-            type="slurm", partition=slurm.partition, walltime="00:10:00", init_blocks=0,
-            min_blocks=0, max_blocks=MAX_BLOCKS, exclusive=False, status_poll_period=1,
-            worker_init=f"export PYTHONPATH={REPO_ROOT}"))
-    path = ep.directory / "config.yaml"
-    save_config(load_config(path).model_copy(update={"engine": engine}), path)
+    """An endpoint whose htex engine gets up to MAX_BLOCKS blocks from Slurm."""
+    ep = _configure(fabric, slurm, label, max_workers_per_node=2, idle_timeout=IDLE_TIMEOUT,
+                    max_blocks=MAX_BLOCKS)
     ep.start()
     yield ep
+    _clean_up(ep, slurm, label)
+
+
+def _configure(fabric: Fabric, slurm: Slurm, label: str, *, walltime: str = "00:10:00",
+               init_blocks: int = 0, max_blocks: int = 1, **engine: Any) -> Endpoint:
+    """An endpoint whose htex engine's blocks are Slurm jobs named ``parsl.<label>.…``, with
+    short heartbeats, thresholds and polls so that changes are seen in seconds."""
+    ep = fabric.configure_endpoint(f"slurm-{label}", heartbeat_period=1.0)
+    config = HtexEngineConfig(
+        type="htex", label=label, max_retries_on_system_failure=2, heartbeat_period=1,
+        heartbeat_threshold=5, strategy_period=1, **engine, provider=SlurmProviderConfig(
+            type="slurm", partition=slurm.partition, walltime=walltime, init_blocks=init_blocks,
+            min_blocks=init_blocks, max_blocks=max_blocks, exclusive=False, status_poll_period=1,
+            worker_init=f"export PYTHONPATH={REPO_ROOT}"))
+    path = ep.directory / "config.yaml"
+    save_config(load_config(path).model_copy(update={"engine": config}), path)
+    return ep
+
+
+def _clean_up(ep: Endpoint, slurm: Slurm, label: str) -> None:
     ep.stop_all()
     for job_id in slurm.jobs(f"parsl.{label}."):  # whatever a failed test left behind
         slurm.cancel(job_id)
@@ -280,13 +293,7 @@ def test_an_agent_stopped_with_its_interchange_already_gone_still_cancels_its_bl
     # Given an agent holding one running block (as systemd stops a unit: SIGTERM to every
     # process of it, so the interchange may die before the agent drains)
     label = f"gc{uuid.uuid4().hex[:8]}"
-    ep = fabric.configure_endpoint(f"slurm-{label}", heartbeat_period=1.0)
-    engine = HtexEngineConfig(type="htex", label=label, strategy_period=1, provider=(
-        SlurmProviderConfig(type="slurm", partition=slurm.partition, walltime="00:05:00",
-                            init_blocks=1, min_blocks=1, max_blocks=1, exclusive=False,
-                            status_poll_period=1)))
-    path = ep.directory / "config.yaml"
-    save_config(load_config(path).model_copy(update={"engine": engine}), path)
+    ep = _configure(fabric, slurm, label, init_blocks=1)
     agent = ep.start()
     try:
         eventually(lambda: "RUNNING" in slurm.jobs(f"parsl.{label}.").values(), RESULT_TIMEOUT,
@@ -301,9 +308,32 @@ def test_an_agent_stopped_with_its_interchange_already_gone_still_cancels_its_bl
         assert agent.wait(60) == 0
         eventually(lambda: not slurm.jobs(f"parsl.{label}."), 30, "our Slurm job to be cancelled")
     finally:
-        ep.stop_all()
-        for job_id in slurm.jobs(f"parsl.{label}."):
-            slurm.cancel(job_id)
+        _clean_up(ep, slurm, label)
+
+
+def test_a_block_near_its_walltime_takes_no_new_task_and_a_new_block_runs_it(
+        client: Client, fabric: Fabric, slurm: Slurm) -> None:
+    # Given blocks of one minute whose workers drain 50 s before it ends
+    label = f"gc{uuid.uuid4().hex[:8]}"
+    ep = _configure(fabric, slurm, label, walltime="00:01:00", drain_margin=50)
+    ep.start()
+    try:
+        with Executor(endpoint_id=ep.endpoint_id, client=client) as ex:
+            first = ex.submit(slurm_job).result(timeout=RESULT_TIMEOUT)
+            # When its block drains: its pool exits once idle, so its job ends before walltime
+            eventually(lambda: first not in slurm.jobs(f"parsl.{label}."), 50,
+                       f"block job {first} to drain and end")
+            # Then the next task runs in a new block
+            second = ex.submit(slurm_job).result(timeout=RESULT_TIMEOUT)
+        assert first and second and second != first
+        assert "TIMEOUT" not in _job_state(first)
+    finally:
+        _clean_up(ep, slurm, label)
+
+
+def _job_state(job_id: str) -> str:
+    done = subprocess.run(["scontrol", "show", "job", job_id], capture_output=True, text=True)
+    return done.stdout
 
 
 def _children(pid: int) -> list[int]:
