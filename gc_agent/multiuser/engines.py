@@ -62,6 +62,14 @@ class UserEngines(Engine):
     def busy(self) -> int:
         return sum(pool.busy for pool in list(self._pools.values()))
 
+    def status(self) -> dict[str, Any]:
+        """The status each user's engine reports (their htex engines' blocks and workers)."""
+        with self._lock:
+            pools = list(self._pools.items())
+        engines = [{"account": account, "engine": pool.name, **status}
+                   for (account, _config), pool in pools if (status := pool.status())]
+        return {"user_engines": engines} if engines else {}
+
     def start(self) -> None:
         """Read the administrator's template and schema; start the idle reaper.
 

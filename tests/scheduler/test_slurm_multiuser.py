@@ -39,7 +39,8 @@ def test_a_slurm_template_endpoint_runs_a_users_task_in_a_slurm_job_of_that_user
     ep = fabric.configure_endpoint(f"mu-slurm-{uuid.uuid4().hex[:6]}", multi_user=MultiUserConfig(
         identity_mapping=[IdentityRule(match=r"alice@uni\.edu", output=alice.pw_name)],
         user_config_template=TEMPLATES / "slurm.yaml.j2",
-        user_config_schema=TEMPLATES / "slurm.schema.json", worker_python=USER_PYTHON))
+        user_config_schema=TEMPLATES / "slurm.schema.json", worker_python=USER_PYTHON),
+        heartbeat_period=1.0)
     ep.start()
     try:
         # When alice runs a task there, asking for one block of one worker
@@ -48,6 +49,9 @@ def test_a_slurm_template_endpoint_runs_a_users_task_in_a_slurm_job_of_that_user
                 Executor(endpoint_id=ep.endpoint_id, client=client, user_endpoint_config={
                     "partition": slurm.partition, "max_blocks": 1, "workers_per_node": 1}) as ex:
             seen = ex.submit(who_and_where).result(timeout=RESULT_TIMEOUT)
+            # and the endpoint's status shows her engine's running block
+            engines = eventually(lambda: _user_engines(client, ep.endpoint_id), 30,
+                                 "a heartbeat with alice's engine")
 
         # Then it ran as alice, with her home, inside a Slurm job that is hers
         assert (seen["uid"], seen["gid"], seen["home"]) == (alice.pw_uid, alice.pw_gid, alice.pw_dir)
@@ -59,6 +63,7 @@ def test_a_slurm_template_endpoint_runs_a_users_task_in_a_slurm_job_of_that_user
         interchanges = [uid for uid, args in _descendants(ep.processes[-1].pid)
                         if "interchange" in args.lower()]
         assert interchanges == [alice.pw_uid]
+        assert [(e["account"], e["provider"]) for e in engines] == [(alice.pw_name, "slurm")]
     finally:
         # When the endpoint stops, alice's engine releases her block
         ep.stop_all()
@@ -84,3 +89,9 @@ def _descendants(pid: int) -> list[tuple[int, str]]:
                 below.add(child)
                 found.append((uid, args))
     return found
+
+
+def _user_engines(client: Client, endpoint_id: str) -> list[dict[str, Any]] | None:
+    details = client.get_endpoint_status(endpoint_id).details or {}
+    engines = (details.get("engine_status") or {}).get("user_engines") or []
+    return engines if any(e.get("blocks_running") for e in engines) else None
