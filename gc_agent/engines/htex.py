@@ -22,6 +22,7 @@ import collections
 import logging
 import os
 import shlex
+import shutil
 import sys
 import tempfile
 import threading
@@ -369,7 +370,7 @@ def _build_executor(config: HtexEngineConfig, run_dir: Path) -> Any:
         provider=provider,
         max_workers_per_node=config.max_workers_per_node,
         launch_cmd=launch_cmd,
-        interchange_launch_cmd=[sys.executable, "-m", "parsl.executors.high_throughput.interchange"],
+        interchange_launch_cmd=_interchange_command(),
         heartbeat_period=config.heartbeat_period,
         heartbeat_threshold=config.heartbeat_threshold,
         drain_period=config.drain_period,
@@ -381,6 +382,19 @@ def _build_executor(config: HtexEngineConfig, run_dir: Path) -> Any:
     script_dir.mkdir(parents=True, exist_ok=True)
     provider.script_dir = str(script_dir)
     return executor
+
+
+def _interchange_command() -> list[str]:
+    """The interchange, run by our Python, stopped by the kernel if the agent dies.
+
+    An interchange that outlives a killed agent keeps heartbeating its blocks' pools, and so
+    their batch jobs run on to their walltime. ``setpriv --pdeathsig`` (util-linux) makes
+    the kernel send it SIGTERM when the thread that started it ends: the engine is started
+    from the agent's main thread (or the user engine's), which lives as long as the agent.
+    """
+    command = [sys.executable, "-m", "parsl.executors.high_throughput.interchange"]
+    setpriv = shutil.which("setpriv")
+    return [setpriv, "--pdeathsig", "TERM", *command] if setpriv else command
 
 
 def _cancel_blocks(executor: Any) -> None:

@@ -345,3 +345,24 @@ def _children(pid: int) -> list[int]:
 
 def _command(pid: int) -> str:
     return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode().lower()
+
+
+def test_kill_9_of_the_agent_takes_its_interchange_and_then_its_blocks_with_it(
+        client: Client, fabric: Fabric, slurm: Slurm) -> None:
+    # Given an agent whose block has run a task (so its workers are connected)
+    label = f"gc{uuid.uuid4().hex[:8]}"
+    ep = _configure(fabric, slurm, label)
+    agent = ep.start()
+    try:
+        with Executor(endpoint_id=ep.endpoint_id, client=client) as ex:
+            assert ex.submit(slurm_job).result(timeout=RESULT_TIMEOUT)
+        interchange = next(pid for pid in _children(agent.pid) if "interchange" in _command(pid))
+
+        # When the agent is killed outright
+        ep.kill(signal.SIGKILL)
+
+        # Then its interchange goes too, and the block's workers, losing it, end their job
+        eventually(lambda: not Path(f"/proc/{interchange}").exists(), 30, "the interchange to exit")
+        eventually(lambda: not slurm.jobs(f"parsl.{label}."), 60, "our Slurm job to end")
+    finally:
+        _clean_up(ep, slurm, label)
