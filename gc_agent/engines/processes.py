@@ -8,6 +8,7 @@ multi-user endpoint can start them as another account (see ``WorkerLaunch``).
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import socket
@@ -21,6 +22,7 @@ from typing import Any
 import gc_agent
 from gc_agent.engines.base import SlotPool
 from gc_agent.execution import Job, Outcome
+from gc_agent.wire import outcome_from_wire
 from gc_core.errors import PolicyError
 from gc_core.protocol import ErrorInfo
 
@@ -122,8 +124,7 @@ class ProcessEngine(SlotPool):
         process, conn = self._workers[slot]
         try:
             conn.send(job)
-            outcome: Outcome = conn.recv()
-            return outcome
+            answer = conn.recv_bytes()
         except (EOFError, OSError):
             try:
                 process.wait(1.0)
@@ -137,3 +138,21 @@ class ProcessEngine(SlotPool):
                 self._start_slot(slot)
             return Outcome(job.task_id, "failed", error=ErrorInfo(type="WorkerLost", message=message),
                            lost=True)
+        try:
+            outcome = outcome_from_wire(json.loads(answer))
+            if outcome.task_id != job.task_id:
+                raise ValueError(f"it answered for task {outcome.task_id}")
+        except ValueError as exc:
+            # The worker runs the user's code, which can write to this socket: a bad answer
+            # fails the task and costs the worker, never the agent.
+            logger.warning("worker process %d sent a malformed outcome for task %s: %s",
+                           process.pid, job.task_id, exc)
+            self._interrupt(slot)
+            process.wait()
+            conn.close()
+            if not self._closing:
+                self._start_slot(slot)
+            return Outcome(job.task_id, "failed", error=ErrorInfo(
+                type="WorkerError", message=f"the worker sent a malformed outcome for task "
+                                            f"{job.task_id}: {exc}"))
+        return outcome

@@ -7,11 +7,13 @@ mapped account.
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 from multiprocessing.connection import Connection
 
 from gc_agent.execution import FunctionCache, run_job
+from gc_agent.wire import outcome_to_wire
 
 
 def serve(conn: Connection) -> None:
@@ -25,7 +27,8 @@ def serve(conn: Connection) -> None:
             return  # the agent died: nothing left to serve
         if job is None:
             return
-        conn.send(run_job(job, functions))
+        # JSON, not pickle: on a multi-user endpoint root reads this from the user's process.
+        conn.send_bytes(json.dumps(outcome_to_wire(run_job(job, functions))).encode())
 
 
 if __name__ == "__main__":

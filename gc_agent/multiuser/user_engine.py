@@ -23,7 +23,7 @@ from typing import Any
 
 from gc_agent.config import HtexEngineConfig
 from gc_agent.engines.htex import HtexEngine
-from gc_agent.multiuser.remote import job_from_wire, outcome_to_wire
+from gc_agent.wire import job_from_wire, outcome_to_wire
 
 __all__ = ["serve"]
 

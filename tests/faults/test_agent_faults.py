@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from gc_client import Client, Executor, TaskDeadLettered
+from gc_client import Client, Executor, TaskDeadLettered, TaskExecutionFailed
 from tests.fabric import Endpoint, eventually, rabbitmqctl
 
 
@@ -122,3 +122,31 @@ def test_sigterm_drains_the_agent_and_loses_nothing(client: Client, make_endpoin
         assert "draining" in ep.read_logs()
         ep.start()
         assert [f.result(timeout=300) for f in futures] == [3 * x for x in range(600)]
+
+
+def forge_an_outcome(marker: str) -> str:
+    """Task code that writes a pickle to its worker's socket which, if the agent
+    unpickled it, would create ``marker`` as the agent's user."""
+    import os
+    import sys
+    from multiprocessing.connection import Connection
+
+    class Payload:
+        def __reduce__(self) -> tuple[Any, ...]:
+            return os.system, (f"touch {marker}",)
+
+    Connection(int(sys.argv[1])).send(Payload())
+    return "the agent read our answer instead"
+
+
+def test_a_task_writing_to_its_workers_socket_cannot_run_code_in_the_agent(
+        client: Client, make_endpoint: Any, tmp_path: Any) -> None:
+    ep = make_endpoint(workers=1)
+    ep.start()
+    marker = tmp_path / "agent-ran-our-code"
+    with Executor(endpoint_id=ep.endpoint_id, client=client) as ex:
+        with pytest.raises(TaskExecutionFailed, match="malformed outcome") as failed:
+            ex.submit(forge_an_outcome, str(marker)).result(timeout=60)
+        assert failed.value.remote_type == "WorkerError"
+        assert ex.submit(triple, 3).result(timeout=60) == 9  # a fresh worker took the slot
+    assert not marker.exists()

@@ -123,7 +123,7 @@ def test_a_threads_engine_from_a_template_is_refused_naming_the_allowed_types() 
 
 def test_jobs_and_outcomes_cross_to_a_user_engine_as_json_and_bad_outcomes_are_refused() -> None:
     from gc_agent.execution import Job, Outcome
-    from gc_agent.multiuser.remote import job_from_wire, job_to_wire, outcome_from_wire, outcome_to_wire
+    from gc_agent.wire import job_from_wire, job_to_wire, outcome_from_wire, outcome_to_wire
     from gc_core.protocol import ErrorInfo
 
     job = Job("t1", "f", b"\x80code", "3.11.2", "application/json", b"{}", "3.11.2", "cp 3",
