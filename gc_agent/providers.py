@@ -1,7 +1,7 @@
 """Where the high-throughput engine gets its nodes: config models mapped onto Parsl's providers.
 
 An endpoint's ``engine.provider`` section says which batch system hands out the blocks
-(``local``, ``slurm``, ``pbspro``, ``lsf``) and how the worker pools are started on a
+(``local``, ``slurm``, ``pbspro``, ``lsf``, ``kubernetes``) and how the worker pools are started on a
 block's nodes (``launcher``: ``single``, ``srun``, ``mpiexec``). This module validates that
 section and builds the matching Parsl objects; Parsl does the scheduler plumbing.
 
@@ -13,9 +13,19 @@ section and builds the matching Parsl objects; Parsl does the scheduler plumbing
 from __future__ import annotations
 
 import re
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    field_validator,
+    model_validator,
+)
+
+from gc_core.errors import ConfigError
 
 if TYPE_CHECKING:
     from parsl.launchers.base import Launcher
@@ -23,6 +33,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PROVIDER_TYPES",
+    "KubernetesProviderConfig",
     "LSFProviderConfig",
     "LauncherConfig",
     "LocalProviderConfig",
@@ -98,18 +109,40 @@ class _BatchConfig(_BlockConfig):
         return value
 
 
-class LocalProviderConfig(_BlockConfig):
-    """Blocks are process groups on the agent's own machine."""
+class _SingleLauncherConfig(_BlockConfig):
+    """A provider whose blocks start their workers directly: no srun or mpiexec."""
 
-    type: Literal["local"] = "local"
+    _provider: ClassVar[str]
 
     @field_validator("launcher")
     @classmethod
     def _single_node_only(cls, value: LauncherConfig) -> LauncherConfig:
         if value.type != "single":
-            raise ValueError(f"launcher.type {value.type!r} is not allowed with provider local; "
-                             "allowed: 'single'")
+            raise ValueError(f"launcher.type {value.type!r} is not allowed with provider "
+                             f"{cls._provider}; allowed: 'single'")
         return value
+
+
+class LocalProviderConfig(_SingleLauncherConfig):
+    """Blocks are process groups on the agent's own machine."""
+
+    type: Literal["local"] = "local"
+    _provider = "local"
+
+
+class KubernetesProviderConfig(_SingleLauncherConfig):
+    """Blocks are pods; the agent reaches the cluster with its kubeconfig (or in-cluster)."""
+
+    type: Literal["kubernetes"]
+    _provider = "kubernetes"
+    image: str = Field(min_length=1, description="Container image with gc-fabric installed.")
+    namespace: str = "default"
+    init_cpu: float = Field(default=1, gt=0)
+    max_cpu: float = Field(default=2, gt=0)
+    init_mem: str = Field(default="250Mi", pattern=r"^\d+(Ki|Mi|Gi|Ti)?$")
+    max_mem: str = Field(default="500Mi", pattern=r"^\d+(Ki|Mi|Gi|Ti)?$")
+    service_account_name: str | None = None
+    secret: str | None = Field(default=None, description="Image pull secret.")
 
 
 class SlurmProviderConfig(_BatchConfig):
@@ -144,7 +177,7 @@ class LSFProviderConfig(_BatchConfig):
 
 
 #: Provider types: the tags pydantic also puts in an error's location after ``provider``.
-PROVIDER_TYPES = ("local", "slurm", "pbspro", "lsf")
+PROVIDER_TYPES = ("local", "slurm", "pbspro", "lsf", "kubernetes")
 
 
 def _provider_tag(data: Any) -> str | None:
@@ -158,9 +191,11 @@ ProviderConfig = Annotated[
     Annotated[LocalProviderConfig, Tag("local")]
     | Annotated[SlurmProviderConfig, Tag("slurm")]
     | Annotated[PBSProProviderConfig, Tag("pbspro")]
-    | Annotated[LSFProviderConfig, Tag("lsf")],
+    | Annotated[LSFProviderConfig, Tag("lsf")]
+    | Annotated[KubernetesProviderConfig, Tag("kubernetes")],
     Discriminator(_provider_tag, custom_error_type="provider_type",
-                  custom_error_message="type should be 'local', 'slurm', 'pbspro' or 'lsf'"),
+                  custom_error_message="type should be 'local', 'slurm', 'pbspro', 'lsf' or "
+                                       "'kubernetes'"),
 ]
 
 
@@ -183,7 +218,8 @@ def build_launcher(config: LauncherConfig) -> Launcher:
 
 
 def build_provider(config: LocalProviderConfig | SlurmProviderConfig | PBSProProviderConfig
-                   | LSFProviderConfig, *, worker_init_prefix: str = "") -> ExecutionProvider:
+                   | LSFProviderConfig | KubernetesProviderConfig, *,
+                   worker_init_prefix: str = "") -> ExecutionProvider:
     """The Parsl provider ``config`` asks for, its blocks set up by ``worker_init_prefix``
     (e.g. putting the agent's Python on PATH) and then by the config's own ``worker_init``."""
     from parsl.providers import LocalProvider, LSFProvider, PBSProProvider, SlurmProvider
@@ -197,6 +233,8 @@ def build_provider(config: LocalProviderConfig | SlurmProviderConfig | PBSProPro
         "launcher": build_launcher(config.launcher),
     }
     kind: type[ExecutionProvider]
+    if isinstance(config, KubernetesProviderConfig):
+        return _kubernetes_provider(config, blocks)
     if isinstance(config, LocalProviderConfig):
         kind, options = LocalProvider, blocks
     else:
@@ -220,6 +258,25 @@ def build_provider(config: LocalProviderConfig | SlurmProviderConfig | PBSProPro
     if config.status_poll_period is not None:
         kind = _polled_every(kind, config.status_poll_period)
     return kind(**options)
+
+
+def _kubernetes_provider(config: KubernetesProviderConfig,
+                         blocks: dict[str, Any]) -> ExecutionProvider:
+    """Parsl's KubernetesProvider; it needs the ``kubernetes`` package and a cluster to
+    load its configuration from, and says neither clearly: this does."""
+    try:
+        from parsl.providers import KubernetesProvider
+
+        return KubernetesProvider(
+            image=config.image, namespace=config.namespace, init_cpu=config.init_cpu,
+            max_cpu=config.max_cpu, init_mem=config.init_mem, max_mem=config.max_mem,
+            service_account_name=config.service_account_name, secret=config.secret,
+            **{k: v for k, v in blocks.items() if k != "launcher"})
+    except Exception as exc:  # OptionalModuleMissing, or kubernetes' ConfigException
+        raise ConfigError(
+            f"engine.provider kubernetes cannot start: {type(exc).__name__}: {exc}; install "
+            "the client (`pip install kubernetes`) and give the agent a kubeconfig "
+            "(~/.kube/config or KUBECONFIG) or run it inside the cluster") from exc
 
 
 def _polled_every(kind: type[ExecutionProvider], seconds: float) -> type[ExecutionProvider]:

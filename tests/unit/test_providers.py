@@ -5,14 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from gc_agent.config import EndpointConfig, HtexEngineConfig, load_config, save_config
 from gc_agent.providers import (
+    KubernetesProviderConfig,
     LauncherConfig,
     LocalProviderConfig,
     LSFProviderConfig,
     PBSProProviderConfig,
+    ProviderConfig,
     SlurmProviderConfig,
     build_launcher,
     build_provider,
@@ -231,3 +233,20 @@ def test_a_worker_names_its_block_and_batch_job() -> None:
     assert describe_worker("n1:7", {"PARSL_WORKER_BLOCK_ID": "0", "PBS_JOBID": "4213.pbs01"}) \
         == "n1:7 block 0 pbs job 4213.pbs01"
     assert describe_worker("laptop:9", {}) == "laptop:9"
+
+
+def test_a_kubernetes_provider_needs_an_image_and_takes_pod_sizes() -> None:
+    with pytest.raises(ValidationError, match="image"):
+        TypeAdapter(ProviderConfig).validate_python({"type": "kubernetes"})
+    config = TypeAdapter(ProviderConfig).validate_python(
+        {"type": "kubernetes", "image": "ghcr.io/lab/gc-worker:1", "max_mem": "2Gi"})
+    assert isinstance(config, KubernetesProviderConfig) and config.max_mem == "2Gi"
+    with pytest.raises(ValidationError, match="launcher.type 'srun' is not allowed with provider kubernetes"):
+        TypeAdapter(ProviderConfig).validate_python(
+            {"type": "kubernetes", "image": "x", "launcher": {"type": "srun"}})
+
+
+def test_a_kubernetes_provider_without_its_client_or_cluster_says_what_to_install() -> None:
+    config = KubernetesProviderConfig(type="kubernetes", image="ghcr.io/lab/gc-worker:1")
+    with pytest.raises(ConfigError, match=r"pip install kubernetes.*kubeconfig"):
+        build_provider(config)
