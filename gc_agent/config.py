@@ -158,6 +158,11 @@ class EndpointConfig(BaseModel):
     multi_user: MultiUserConfig | None = None
     allowed_serializers: frozenset[Literal["cloudpickle", "json"]] = frozenset(
         {"cloudpickle", "json"})
+    trusted_publishers: frozenset[str] = Field(
+        default=frozenset({"gc-registry"}),
+        description="On a secured broker: accounts whose tasks may name another user as their "
+                    "submitter — the registry's own broker account, whose action provider "
+                    "submits for its callers. Everyone else's tasks must be their own.")
     heartbeat_period: float = Field(default=10.0, gt=0)
     connect_timeout: float = Field(
         default=30.0, gt=0,

@@ -153,9 +153,13 @@ class BrokerSession:
         linger: float = 0.0,
         batch_size: int = FLUSH_BATCH,
         login: TokenLogin | None = None,
+        stamp_user_id: bool = False,
     ) -> None:
         self._login = login
         self._url = login.apply(url) if login is not None else url
+        # The broker checks user_id against the login, so a stamped id proves the sender.
+        self._user_id = login.username if login is not None else (
+            urlsplit(url).username if stamp_user_id else None)
         self._name = name
         self._topology = topology
         self._queues = list(queues)
@@ -340,7 +344,7 @@ class BrokerSession:
                 message_id=op.envelope.message_id, correlation_id=op.envelope.correlation_id,
                 content_type=op.envelope.content_type, headers=op.envelope.headers,
                 delivery_mode=2 if op.persistent else 1,
-                user_id=self._login.username if self._login is not None else None)
+                user_id=self._user_id)
             channel.basic_publish(op.exchange, op.routing_key, op.envelope.body, properties,
                                   mandatory=op.mandatory)
             self._seq += 1

@@ -248,8 +248,10 @@ class ActionPublisher:
     def _connected(self) -> BrokerSession:
         with self._lock:
             if self._session is None:
+                # user_id: agents on a secured broker trust the registry's own account to
+                # submit for its callers, and the broker proves the message is ours.
                 session = BrokerSession(self._broker_url, name="gc-registry:actions",
-                                        topology=self.topology)
+                                        topology=self.topology, stamp_user_id=True)
                 session.start(timeout=BROKER_TIMEOUT)
                 self._session = session
             return self._session

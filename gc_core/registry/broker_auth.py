@@ -166,7 +166,7 @@ def _in_fabric_vhost(request: Request, form: dict[str, str]) -> bool:
 
 
 @router.post("/user", response_class=PlainTextResponse)
-def auth_user(form: Form, db: Db) -> PlainTextResponse:
+def auth_user(form: Form, db: Db, request: Request) -> PlainTextResponse:
     """Log in: the password is a registry token, and it must stand for the user name."""
     username, token = form.get("username", ""), form.get("password", "")
     try:
@@ -174,7 +174,11 @@ def auth_user(form: Form, db: Db) -> PlainTextResponse:
     except NotAuthenticated as exc:
         logger.info("broker auth: refused login of %r: %s", username, exc)
         return PlainTextResponse(DENY)
-    return _answer(principal is not None and principal.name == username, "login", form)
+    # The registry's own account logs in through the broker's internal backend only; a
+    # registry user of that name must never pass as it (agents trust its user_id).
+    own_account = urlsplit(request.app.state.settings.broker_url).username
+    allowed = principal is not None and principal.name == username != own_account
+    return _answer(allowed, "login", form)
 
 
 @router.post("/vhost", response_class=PlainTextResponse)

@@ -137,6 +137,15 @@ def test_auth_user_allows_a_token_only_for_the_name_it_stands_for(secured: Secur
     assert _ask(secured, "vhost", username="mallory") == "deny"
 
 
+def test_no_registry_user_may_log_in_as_the_registrys_own_broker_account(secured: Secured) -> None:
+    # Agents trust that account's user_id (the action provider submits for its callers), so
+    # a registry user who happens to bear its name must not pass as it.
+    with secured.sessions() as db:
+        identity.create_user(db, "gc-registry")
+        token = identity.issue_token(db, "gc-registry").token
+    assert _ask(secured, "user", username="gc-registry", password=token) == "deny"
+
+
 def test_auth_resource_and_topic_answer_each_rule(secured: Secured) -> None:
     a, b = secured.endpoint_a, secured.endpoint_b
     agent_a = f"endpoint-{a}"
@@ -395,3 +404,38 @@ def test_a_dead_lettered_task_reaches_alice_through_the_ledger(secured: Secured)
     assert result.task_id == task_id and result.state == "failed"
     assert result.error is not None and result.error.type == "TaskDeadLettered"
     assert "expired" in result.error.message
+
+
+def test_an_action_runs_through_the_secured_node_for_its_caller(secured: Secured) -> None:
+    # Given an endpoint alice owns, served through the secured node
+    fabric = SecuredFabric(broker_url=secured.node.url, registry_url=secured.registry_url,
+                           home=secured.home / "actions-home", vhost="/", user="alice",
+                           token=secured.tokens["alice"])
+    endpoint = fabric.configure_endpoint("actions", engine="threads", workers=1)
+    endpoint.start()
+    try:
+        with secured.client("alice") as client:
+            function_id = client.register_function(_double)
+        # When alice runs it as a Flows action: the registry publishes the task as its own
+        # broker account (user_id checked by the broker) on alice's behalf
+        auth = {"Authorization": f"Bearer {secured.tokens['alice']}"}
+        response = httpx.post(f"{secured.registry_url}/actions/run", headers=auth, timeout=60,
+                              json={"request_id": str(uuid.uuid4()), "body": {
+                                  "endpoint_id": endpoint.endpoint_id,
+                                  "function_id": function_id, "args": [21]}})
+        assert response.status_code == 202, response.text
+        action_id = response.json()["action_id"]
+
+        # Then the agent trusts the registry's account, runs it, and the action succeeds
+        def finished() -> dict[str, Any] | None:
+            status: dict[str, Any] = httpx.get(f"{secured.registry_url}/actions/{action_id}/status",
+                                               headers=auth, timeout=60).json()
+            return status if status["status"] != "ACTIVE" else None
+
+        final = eventually(finished, 60, "the action to finish")
+        assert (final["status"], final["details"]["result"]) == ("SUCCEEDED", 42)
+    except BaseException:
+        print(endpoint.read_logs(), node_log(secured.node))
+        raise
+    finally:
+        endpoint.stop_all()
