@@ -385,12 +385,17 @@ def test_a_dead_lettered_task_reaches_alice_through_the_ledger(secured: Secured)
     group, task_id = f"g-{uuid.uuid4().hex[:8]}", str(uuid.uuid4())
     alice = secured.channel("alice")
     queue = _declare_result_queue(alice, "alice", group)
-    # When a task of hers expires in that queue, which dead-letters it to gc.dead
+    # When a task of hers is rejected by endpoint A's agent, which dead-letters it to gc.dead
+    # (a reject is immediate; a quorum queue expires a message's TTL only when it gets to it)
     props = pika.BasicProperties(message_id=task_id, correlation_id=group, user_id="alice",
-                                 content_type="application/json", expiration="1",
+                                 content_type="application/json",
                                  headers=_task_headers("alice", group), delivery_mode=2)
     alice.basic_publish("gc.tasks", secured.endpoint_a, json.dumps({"args": [1]}).encode(),
                         props, mandatory=True)
+    agent = secured.channel(f"endpoint-{secured.endpoint_a}")
+    tasks_queue = TOPOLOGY.queue("endpoint_tasks", endpoint_id=secured.endpoint_a).name
+    delivered = eventually(lambda: agent.basic_get(tasks_queue)[0], 30, "the task to arrive")
+    agent.basic_reject(delivered.delivery_tag, requeue=False)
     # Then the ledger, the only consumer of gc.dead, hands it to her as a failed result
     deadline = time.monotonic() + 60
     while True:
@@ -403,7 +408,7 @@ def test_a_dead_lettered_task_reaches_alice_through_the_ledger(secured: Secured)
                                     properties.content_type or "", properties.headers or {}, body))
     assert result.task_id == task_id and result.state == "failed"
     assert result.error is not None and result.error.type == "TaskDeadLettered"
-    assert "expired" in result.error.message
+    assert "reason: rejected" in result.error.message
 
 
 def test_an_action_runs_through_the_secured_node_for_its_caller(secured: Secured) -> None:

@@ -15,8 +15,13 @@ from pathlib import Path
 
 import pytest
 
-#: The shared start script, beside the repository.
-START_SLURM = Path(__file__).resolve().parents[3] / "shared" / "slurm" / "start-slurm.sh"
+#: Where start-slurm.sh may be: named by the environment, shared beside the repository, or
+#: the copy in this folder (so a checkout anywhere, such as CI's, has one).
+_CANDIDATES = [Path(p) for p in [os.environ.get("GC_SLURM_START", "")] if p] + [
+    Path(__file__).resolve().parents[3] / "shared" / "slurm" / "start-slurm.sh",
+    Path(__file__).resolve().parent / "slurm" / "start-slurm.sh",
+]
+START_SLURM = next((path for path in _CANDIDATES if path.exists()), _CANDIDATES[-1])
 #: Seconds start-slurm.sh may take on a fresh machine (apt-get install included).
 START_TIMEOUT = 600
 
