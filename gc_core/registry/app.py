@@ -8,6 +8,7 @@ from contextlib import asynccontextmanager
 from typing import Any, Literal
 
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -63,6 +64,13 @@ class Refusal(BaseModel):
     detail: str
 
 
+def _validation_sentence(exc: RequestValidationError) -> str:
+    """``invalid request: body.args: Input should be a valid list; …``"""
+    problems = [f"{'.'.join(str(part) for part in error.get('loc', ()))}: {error.get('msg', '')}"
+                for error in exc.errors()]
+    return "invalid request: " + "; ".join(problems)
+
+
 def _owner(caller: Principal, claimed: str) -> str:
     """Who owns what a caller creates: themselves, or whoever they claim on an open registry."""
     return claimed if caller is identity.ANONYMOUS else caller.name
@@ -100,6 +108,11 @@ def create_app(settings: RegistrySettings) -> FastAPI:
     @app.exception_handler(ValueError)
     async def bad_value(_request: Request, exc: ValueError) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(_request: Request, exc: RequestValidationError) -> JSONResponse:
+        # One sentence naming each bad field, as every other refusal gives, not a JSON tree.
+        return JSONResponse(status_code=422, content={"detail": _validation_sentence(exc)})
 
     @app.exception_handler(binascii.Error)
     async def bad_base64(_request: Request, exc: binascii.Error) -> JSONResponse:
