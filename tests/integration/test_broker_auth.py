@@ -258,6 +258,8 @@ def test_the_broker_refuses_an_agent_the_queues_of_another_endpoint(secured: Sec
     agent_a = secured.channel(f"endpoint-{a}")
     _declare_endpoint_queues(agent_a, a)  # its own: fine
     agent_a.basic_consume(f"gc.ep.{a}.tasks", lambda *args: None)
+    # A consumer left open would take the tasks later tests publish to endpoint A.
+    agent_a.connection.close()
     for operation in (
         lambda ch: ch.basic_consume(f"gc.ep.{b}.tasks", lambda *args: None),
         lambda ch: ch.basic_consume(f"gc.ep.{b}.commands", lambda *args: None),
