@@ -124,8 +124,7 @@ def tokens_list() -> None:
     with _registry() as registry:
         rows = registry.list_tokens()
     for row in rows:
-        state = ("revoked" if row.revoked else
-                 "expired" if row.expires and row.expires <= time.time() else "valid")
+        state = row.state(time.time())
         scope = f"agent of {row.endpoint_id}" if row.endpoint_id else row.user
         click.echo(f"{row.token_id}  {state:<8} {scope:<46} {row.label}")
 

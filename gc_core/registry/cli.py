@@ -195,8 +195,7 @@ def token_list(db_url: str | None, user_name: str | None) -> None:
     """List tokens (never their secrets)."""
     with _session(db_url) as db:
         for row in identity.list_tokens(db, user_name):
-            state = ("revoked" if row.revoked else
-                     "expired" if row.expires and row.expires <= time.time() else "valid")
+            state = row.state(time.time())
             who = f"endpoint-{row.endpoint_id}" if row.endpoint_id else row.user
             click.echo(f"{row.token_id}  {who:<45} {state:<8} "
                        f"expires {_when(row.expires) if row.expires else 'never':<24} {row.label}")

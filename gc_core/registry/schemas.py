@@ -198,6 +198,12 @@ class TokenOut(_Body):
     expires: float | None = None
     revoked: float | None = None
 
+    def state(self, now: float) -> Literal["revoked", "expired", "valid"]:
+        """Whether the token still works at ``now``."""
+        if self.revoked:
+            return "revoked"
+        return "expired" if self.expires and self.expires <= now else "valid"
+
 
 class IssuedToken(TokenOut):
     """A token just issued: the only time its secret is shown."""
