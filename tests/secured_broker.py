@@ -19,9 +19,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pika
+import pytest
+from pika.adapters.blocking_connection import BlockingChannel
 from sqlalchemy.orm import Session, sessionmaker
 
+from gc_client import Client
+from gc_core.registry import identity, store
 from gc_core.registry.db import open_database
+from gc_core.registry.schemas import EndpointIn
 from tests.fabric import Fabric, RegistryServer, free_port
 
 #: The start script under test.
@@ -113,3 +119,58 @@ def amqp_error(exc: BaseException) -> tuple[int, str]:
     if len(args) >= 2 and isinstance(args[0], int):
         return args[0], str(args[1])
     return 0, str(exc)
+
+
+@dataclass
+class Secured:
+    """A secured fabric and who is in it: alice owns endpoint A, bob owns endpoint B, and
+    each user and endpoint has a token (``tokens`` by broker user name)."""
+
+    node: SecuredNode
+    registry_url: str
+    sessions: sessionmaker[Session]
+    home: Path
+    tokens: dict[str, str]
+    endpoint_a: str
+    endpoint_b: str
+
+    def connect(self, who: str, token: str | None = None) -> pika.BlockingConnection:
+        return pika.BlockingConnection(pika.URLParameters(
+            self.node.url_for(who, token or self.tokens[who])))
+
+    def channel(self, who: str) -> BlockingChannel:
+        channel = self.connect(who).channel()
+        channel.confirm_delivery()
+        return channel
+
+    def client(self, user: str) -> Client:
+        return Client(broker_url=self.node.url, registry_url=self.registry_url,
+                      token=self.tokens[user], user=user, home=str(self.home / user))
+
+    def fabric(self, user: str, home: str) -> SecuredFabric:
+        """A fabric in which CLI subprocesses run as ``user``, under ``home`` of their own."""
+        return SecuredFabric(broker_url=self.node.url, registry_url=self.registry_url,
+                             home=self.home / home, vhost="/", user=user, token=self.tokens[user])
+
+
+@contextmanager
+def secured_world(tmp: Path) -> Iterator[Secured]:
+    """A secured node and registry with alice, bob and their endpoints; skip (fail in CI)
+    where RabbitMQ is not installed."""
+    if not rabbitmq_installed():
+        message = "RabbitMQ is not installed: `make test` installs it (deploy/rabbitmq/ensure-broker.sh)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    with secured_fabric(tmp) as (node, registry, sessions):
+        with sessions() as db:
+            for name in ("alice", "bob"):
+                identity.create_user(db, name)
+            endpoint_a = store.create_endpoint(db, EndpointIn(name="a"), owner="alice").endpoint_id
+            endpoint_b = store.create_endpoint(db, EndpointIn(name="b"), owner="bob").endpoint_id
+            tokens = {name: identity.issue_token(db, name).token for name in ("alice", "bob")}
+            tokens[f"endpoint-{endpoint_a}"] = identity.issue_token(
+                db, "alice", endpoint_id=endpoint_a).token
+            tokens[f"endpoint-{endpoint_b}"] = identity.issue_token(
+                db, "bob", endpoint_id=endpoint_b).token
+        yield Secured(node, registry.url, sessions, tmp, tokens, endpoint_a, endpoint_b)

@@ -9,12 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import httpx
@@ -22,22 +19,20 @@ import pika
 import pika.exceptions
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel
-from sqlalchemy.orm import Session, sessionmaker
 
 from gc_client import AsyncExecutor, Client, Executor
 from gc_core.errors import BrokerError, GCError
 from gc_core.protocol import Envelope, decode_result
 from gc_core.registry import identity, store
-from gc_core.registry.schemas import EndpointIn, EndpointPolicy
+from gc_core.registry.schemas import EndpointPolicy
 from gc_core.topology import load_topology
 from tests.fabric import Endpoint, eventually
 from tests.secured_broker import (
+    Secured,
     SecuredFabric,
-    SecuredNode,
     amqp_error,
     node_log,
-    rabbitmq_installed,
-    secured_fabric,
+    secured_world,
 )
 
 TOPOLOGY = load_topology()
@@ -46,52 +41,10 @@ TOPOLOGY = load_topology()
 ACCESS_REFUSED = 403
 
 
-@dataclass
-class Secured:
-    """The secured fabric and who is in it."""
-
-    node: SecuredNode
-    registry_url: str
-    sessions: sessionmaker[Session]
-    home: Path
-    tokens: dict[str, str]
-    endpoint_a: str
-    endpoint_b: str
-
-    def connect(self, who: str, token: str | None = None) -> pika.BlockingConnection:
-        return pika.BlockingConnection(pika.URLParameters(
-            self.node.url_for(who, token or self.tokens[who])))
-
-    def channel(self, who: str) -> BlockingChannel:
-        channel = self.connect(who).channel()
-        channel.confirm_delivery()
-        return channel
-
-    def client(self, user: str) -> Client:
-        return Client(broker_url=self.node.url, registry_url=self.registry_url,
-                      token=self.tokens[user], user=user, home=str(self.home / user))
-
-
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Secured]:
-    if not rabbitmq_installed():
-        message = "RabbitMQ is not installed: `make test` installs it (deploy/rabbitmq/ensure-broker.sh)"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    tmp = tmp_path_factory.mktemp("secured")
-    with secured_fabric(tmp) as (node, registry, sessions):
-        with sessions() as db:
-            for name in ("alice", "bob"):
-                identity.create_user(db, name)
-            endpoint_a = store.create_endpoint(db, EndpointIn(name="a"), owner="alice").endpoint_id
-            endpoint_b = store.create_endpoint(db, EndpointIn(name="b"), owner="bob").endpoint_id
-            tokens = {name: identity.issue_token(db, name).token for name in ("alice", "bob")}
-            tokens[f"endpoint-{endpoint_a}"] = identity.issue_token(
-                db, "alice", endpoint_id=endpoint_a).token
-            tokens[f"endpoint-{endpoint_b}"] = identity.issue_token(
-                db, "bob", endpoint_id=endpoint_b).token
-        yield Secured(node, registry.url, sessions, tmp, tokens, endpoint_a, endpoint_b)
+    with secured_world(tmp_path_factory.mktemp("secured")) as world:
+        yield world
 
 
 def _refused(operation: Callable[[], Any]) -> str:
