@@ -9,15 +9,26 @@ header names below are the ones ``docs/asyncapi.yaml`` documents.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
 from gc_core.errors import ProtocolError
 from gc_core.serialize import JSON
 
 __all__ = [
+    "MAX_ERROR_MESSAGE",
+    "MAX_ERROR_TRACEBACK",
+    "MAX_EVENT_BYTES",
+    "MAX_ID_LENGTH",
+    "MAX_JSON_DEPTH",
+    "MAX_JSON_HEADER",
+    "MAX_LABEL_LENGTH",
+    "MAX_MANIFEST_TASKS",
+    "MAX_NAME_LENGTH",
+    "MAX_OUTPUT_HEADER",
     "PROTOCOL_VERSION",
     "CancelCommand",
     "Envelope",
@@ -41,6 +52,48 @@ __all__ = [
 PROTOCOL_VERSION = 1
 
 TaskState = Literal["success", "failed", "cancelled"]
+
+# -- bounds: every field from the wire is checked against these where it is decoded --------
+# (docs/asyncapi.yaml states the same numbers; a message outside them is refused, not retried)
+
+#: Longest id (task, task group, endpoint, function, user): ids stand in queue names and
+#: routing keys, so they are letters, digits, '_' and '-' only. A UUID is 36 characters.
+MAX_ID_LENGTH = 64
+#: Longest identity claim or end-user name (``gc-identity``, ``gc-on-behalf-of``).
+MAX_NAME_LENGTH = 256
+#: Longest short label: content types, Python and serializer versions, worker and host names.
+MAX_LABEL_LENGTH = 255
+#: Longest JSON header text (``gc-resource-spec``, ``gc-user-endpoint-config``), in characters.
+MAX_JSON_HEADER = 8192
+#: Deepest nesting of lists and objects in a JSON header.
+MAX_JSON_DEPTH = 8
+#: Longest ``gc-stdout`` / ``gc-stderr`` header, in UTF-8 bytes: an endpoint's output_limit
+#: (at most 48 KiB) plus its truncation note. Both headers fit one 128 KiB AMQP frame.
+MAX_OUTPUT_HEADER = 50 * 1024
+#: Longest error message and remote traceback in a failed result's body, in characters.
+MAX_ERROR_MESSAGE = 16 * 1024
+MAX_ERROR_TRACEBACK = 64 * 1024
+#: Largest event or command body (heartbeat, manifest, cancel), in bytes.
+MAX_EVENT_BYTES = 8 * 2**20
+#: Most task ids one group manifest or cancel command may name.
+MAX_MANIFEST_TASKS = 100_000
+
+_ID_PATTERN = rf"^[A-Za-z0-9_\-]{{1,{MAX_ID_LENGTH}}}$"
+#: No control characters (NUL, newlines, escapes) in names and labels: they reach logs and
+#: shell-visible places, where they could forge lines.
+_PRINTABLE_PATTERN = r"^[^\x00-\x1f\x7f]*$"
+#: What a pattern means, for error messages a sender can act on.
+_PATTERN_MEANING = {
+    _ID_PATTERN: f"1 to {MAX_ID_LENGTH} letters, digits, '_' or '-'",
+    _PRINTABLE_PATTERN: "text without control characters (no NUL, newline or escape)",
+}
+
+Id = Annotated[str, StringConstraints(pattern=_ID_PATTERN)]
+#: An id that may be left empty (a result of a task whose function was never known).
+OptionalId = Annotated[str, StringConstraints(pattern=rf"^(|{_ID_PATTERN[1:-1]})$")]
+Name = Annotated[str, StringConstraints(max_length=MAX_NAME_LENGTH, pattern=_PRINTABLE_PATTERN)]
+Label = Annotated[str, StringConstraints(max_length=MAX_LABEL_LENGTH, pattern=_PRINTABLE_PATTERN)]
+_PATTERN_MEANING[rf"^(|{_ID_PATTERN[1:-1]})$"] = f"empty, or {_PATTERN_MEANING[_ID_PATTERN]}"
 
 H_PROTOCOL = "gc-protocol"
 H_FUNCTION = "gc-function-id"
@@ -75,7 +128,8 @@ class Envelope:
 
 
 class _Frozen(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # NaN and infinities are no time and no count: a far-future or NaN field is refused.
+    model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False)
 
 
 class Timings(_Frozen):
@@ -89,50 +143,50 @@ class Timings(_Frozen):
 class ErrorInfo(_Frozen):
     """A remote failure as text: we never pickle exception objects across the wire."""
 
-    type: str
-    message: str
-    traceback: str = ""
+    type: Label
+    message: str = Field(max_length=MAX_ERROR_MESSAGE)
+    traceback: str = Field(default="", max_length=MAX_ERROR_TRACEBACK)
 
 
 class TaskMessage(_Frozen):
     """One function call addressed to one endpoint."""
 
-    task_id: str = Field(min_length=1)
-    task_group_id: str = Field(min_length=1)
-    endpoint_id: str = Field(min_length=1)
-    function_id: str = Field(min_length=1)
-    user: str = Field(min_length=1)
-    content_type: str
+    task_id: Id
+    task_group_id: Id
+    endpoint_id: Id
+    function_id: Id
+    user: Id
+    content_type: Label
     payload: bytes = Field(repr=False)
     resource_spec: dict[str, Any] = Field(default_factory=dict)
-    identity: str = ""
+    identity: Name = ""
     #: The end user a service account (a science gateway) submits this task for.
-    on_behalf_of: str = ""
+    on_behalf_of: Name = ""
     user_endpoint_config: dict[str, Any] = Field(default_factory=dict)
-    sender_python: str = ""
-    sender_serializer: str = ""
+    sender_python: Label = ""
+    sender_serializer: Label = ""
     protocol: int = PROTOCOL_VERSION
 
 
 class ResultMessage(_Frozen):
     """The outcome of one task: a serialized value, or an error."""
 
-    task_id: str
-    task_group_id: str
-    endpoint_id: str = ""
-    function_id: str = ""
-    user: str
-    on_behalf_of: str = ""
+    task_id: Id
+    task_group_id: Id
+    endpoint_id: OptionalId = ""
+    function_id: OptionalId = ""
+    user: Id
+    on_behalf_of: Name = ""
     state: TaskState
-    content_type: str
+    content_type: Label
     payload: bytes = Field(default=b"", repr=False)
     error: ErrorInfo | None = None
     timings: Timings = Timings()
-    worker: str = ""
+    worker: Label = ""
     stdout: str = ""
     stderr: str = ""
-    sender_python: str = ""
-    sender_serializer: str = ""
+    sender_python: Label = ""
+    sender_serializer: Label = ""
     protocol: int = PROTOCOL_VERSION
 
 
@@ -162,15 +216,12 @@ def decode_task(envelope: Envelope) -> TaskMessage:
     """Turn an AMQP message into a task.
 
     Raises:
-        ProtocolError: a header is missing or malformed, or the protocol is newer than ours.
+        ProtocolError: a header is missing, malformed or out of bounds, or the protocol is
+            newer than ours. Nothing else: the message is hostile until checked.
     """
-    headers = envelope.headers or {}
+    headers = _headers(envelope)
     _check_protocol(headers, envelope.body)
     try:
-        spec_text = headers.get(H_RESOURCE_SPEC)
-        resource_spec = json.loads(_text(spec_text)) if spec_text else {}
-        options_text = headers.get(H_USER_ENDPOINT_CONFIG)
-        user_options = json.loads(_text(options_text)) if options_text else {}
         return TaskMessage(
             task_id=envelope.message_id or "",
             task_group_id=envelope.correlation_id or _text(headers.get(H_GROUP, "")),
@@ -179,14 +230,14 @@ def decode_task(envelope: Envelope) -> TaskMessage:
             user=_text(headers.get(H_USER, "")),
             content_type=envelope.content_type or "",
             payload=envelope.body,
-            resource_spec=resource_spec,
+            resource_spec=_json_header(headers, H_RESOURCE_SPEC),
             identity=_text(headers.get(H_IDENTITY, "")),
             on_behalf_of=_text(headers.get(H_ON_BEHALF_OF, "")),
-            user_endpoint_config=user_options,
+            user_endpoint_config=_json_header(headers, H_USER_ENDPOINT_CONFIG),
             sender_python=_text(headers.get(H_PYTHON, "")),
             sender_serializer=_text(headers.get(H_SERIALIZER, "")),
         )
-    except (ValidationError, ValueError, TypeError) as exc:
+    except Exception as exc:  # whatever a forged message makes fail is the message's fault
         raise ProtocolError(f"malformed task message: {_first_error(exc)}", raw=envelope.body) from exc
 
 
@@ -208,7 +259,8 @@ def encode_result(result: ResultMessage) -> Envelope:
                         (H_FINISHED, timings.finished)):
         if value is not None:
             headers[name] = round(value * 1_000_000)  # AMQP tables have no portable float
-    for name, text in ((H_STDOUT, result.stdout), (H_STDERR, result.stderr),
+    for name, text in ((H_STDOUT, _clip(result.stdout, MAX_OUTPUT_HEADER)),
+                       (H_STDERR, _clip(result.stderr, MAX_OUTPUT_HEADER)),
                        (H_ON_BEHALF_OF, result.on_behalf_of)):
         if text:
             headers[name] = text
@@ -228,11 +280,11 @@ def decode_result(envelope: Envelope) -> ResultMessage:
     Raises:
         ProtocolError: the message is neither a well-formed result nor a dead-lettered task.
     """
-    headers = envelope.headers or {}
-    if H_STATE not in headers and "x-death" in headers:
-        return _dead_letter_result(envelope)
-    _check_protocol(headers, envelope.body)
+    headers = _headers(envelope)
     try:
+        if H_STATE not in headers and "x-death" in headers:
+            return _dead_letter_result(envelope)
+        _check_protocol(headers, envelope.body)
         state = _text(headers.get(H_STATE, ""))
         error = None
         if state != "success":
@@ -252,12 +304,14 @@ def decode_result(envelope: Envelope) -> ResultMessage:
                             started=_seconds(headers.get(H_STARTED)),
                             finished=_seconds(headers.get(H_FINISHED))),
             worker=_text(headers.get(H_WORKER, "")),
-            stdout=_text(headers.get(H_STDOUT, "")),
-            stderr=_text(headers.get(H_STDERR, "")),
+            stdout=_output(headers, H_STDOUT),
+            stderr=_output(headers, H_STDERR),
             sender_python=_text(headers.get(H_PYTHON, "")),
             sender_serializer=_text(headers.get(H_SERIALIZER, "")),
         )
-    except (ValidationError, ValueError, TypeError) as exc:
+    except ProtocolError:
+        raise
+    except Exception as exc:  # whatever a forged message makes fail is the message's fault
         raise ProtocolError(f"malformed result message: {_first_error(exc)}", raw=envelope.body) from exc
 
 
@@ -273,12 +327,13 @@ def error_result(task: TaskMessage, error: ErrorInfo, *, state: TaskState = "fai
 
 def _dead_letter_result(envelope: Envelope) -> ResultMessage:
     headers = envelope.headers
-    deaths = headers.get("x-death") or [{}]
-    death = deaths[0] if isinstance(deaths[0], dict) else {}
-    reason = _text(death.get("reason", "unknown"))
-    queue = _text(death.get("queue", "?"))
+    deaths = headers.get("x-death")
+    death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
+    reason = _clip(_text(death.get("reason", "unknown")), MAX_LABEL_LENGTH)
+    queue = _clip(_text(death.get("queue", "?")), MAX_LABEL_LENGTH)
     if reason == "delivery_limit":
-        why = (f"it was delivered to an agent {headers.get('x-delivery-count', 'too many')} "
+        count = headers.get("x-delivery-count")
+        why = (f"it was delivered to an agent {count if isinstance(count, int) else 'too many'} "
                "times and no attempt produced a result (the delivery limit of queue "
                f"{queue}); the function probably kills its worker or agent, for example "
                "by crashing the interpreter or running out of memory")
@@ -298,10 +353,18 @@ def _dead_letter_result(envelope: Envelope) -> ResultMessage:
     )
 
 
+def _headers(envelope: Envelope) -> dict[str, Any]:
+    headers = envelope.headers or {}
+    if not isinstance(headers, dict):
+        raise ProtocolError("the message's headers are not a table", raw=envelope.body)
+    return headers
+
+
 def _check_protocol(headers: dict[str, Any], body: bytes) -> None:
     version = headers.get(H_PROTOCOL)
-    if not isinstance(version, int):
-        raise ProtocolError(f"missing or malformed {H_PROTOCOL} header: {version!r}", raw=body)
+    if not isinstance(version, int) or isinstance(version, bool):
+        raise ProtocolError(f"missing or malformed {H_PROTOCOL} header: {_clip(repr(version), 80)}",
+                            raw=body)
     if version > PROTOCOL_VERSION:
         raise ProtocolError(
             f"message speaks gc protocol {version}, this side speaks {PROTOCOL_VERSION}; "
@@ -317,36 +380,96 @@ def _text(value: Any) -> str:
     return value
 
 
+def _output(headers: dict[str, Any], name: str) -> str:
+    """A captured-output header, refused past its bound (in UTF-8 bytes, as it travels)."""
+    text = _text(headers.get(name, ""))
+    if len(text.encode("utf-8", "replace")) > MAX_OUTPUT_HEADER:
+        raise ValueError(f"{name} is longer than {MAX_OUTPUT_HEADER:,} bytes")
+    return text
+
+
+def _json_header(headers: dict[str, Any], name: str) -> dict[str, Any]:
+    """A header holding a JSON object, refused past its length or nesting bound."""
+    raw = headers.get(name)
+    if not raw:
+        return {}
+    text = _text(raw)
+    if len(text) > MAX_JSON_HEADER:
+        raise ValueError(f"{name} is longer than {MAX_JSON_HEADER:,} characters")
+    if _nesting(text) > MAX_JSON_DEPTH:
+        raise ValueError(f"{name} nests deeper than {MAX_JSON_DEPTH} levels")
+    value = json.loads(text, parse_constant=_no_constant)
+    if not isinstance(value, dict):
+        raise TypeError(f"{name} must be a JSON object, not {type(value).__name__}")
+    return value
+
+
+def _nesting(text: str) -> int:
+    """How deep brackets nest in a JSON text, counted before parsing it (a deep text would
+    exhaust the parser's recursion); brackets inside strings count too, which only errs
+    on the safe side."""
+    depth = deepest = 0
+    for char in text:
+        if char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth -= 1
+    return deepest
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not JSON")
+
+
 def _seconds(microseconds: Any) -> float | None:
     """Timing headers travel as integer microseconds since the epoch."""
-    return None if microseconds is None else int(microseconds) / 1_000_000
+    if microseconds is None:
+        return None
+    if not isinstance(microseconds, int) or isinstance(microseconds, bool):
+        raise TypeError(f"expected integer microseconds, got {type(microseconds).__name__}")
+    seconds = microseconds / 1_000_000
+    if not math.isfinite(seconds):
+        raise ValueError("timing out of range")
+    return seconds
+
+
+def _clip(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` UTF-8 bytes, on a character boundary."""
+    data = text.encode("utf-8", "replace")
+    return text if len(data) <= limit else data[:limit].decode("utf-8", "ignore")
 
 
 def _first_error(exc: Exception) -> str:
     if isinstance(exc, ValidationError):
         err = exc.errors()[0]
         where = ".".join(str(part) for part in err["loc"]) or "message"
+        pattern = (err.get("ctx") or {}).get("pattern")
+        if pattern in _PATTERN_MEANING:
+            return f"{where} must be {_PATTERN_MEANING[pattern]}"
         return f"{where}: {err['msg']}"
-    return str(exc)
+    if isinstance(exc, RecursionError):
+        return "nested too deeply"
+    return _clip(f"{exc}" or type(exc).__name__, 300)
 
 
 class Heartbeat(_Frozen):
     """An agent's periodic status, published to the events exchange."""
 
-    endpoint_id: str
-    hostname: str
+    endpoint_id: Id
+    hostname: Label
     pid: int
     sent: float
-    period: float
+    period: float = Field(gt=0)
     started: float
-    engine: str
-    workers: int
-    workers_busy: int
-    tasks_received: int
-    tasks_succeeded: int
-    tasks_failed: int
-    tasks_cancelled: int = 0
-    queue_depth: int | None = None
+    engine: Label
+    workers: int = Field(ge=0)
+    workers_busy: int = Field(ge=0)
+    tasks_received: int = Field(ge=0)
+    tasks_succeeded: int = Field(ge=0)
+    tasks_failed: int = Field(ge=0)
+    tasks_cancelled: int = Field(default=0, ge=0)
+    queue_depth: int | None = Field(default=None, ge=0)
     #: The engine's own view, e.g. the htex engine's blocks (pending, running), managers and
     #: idle/busy workers; empty for engines whose worker counts say it all.
     engine_status: dict[str, Any] = Field(default_factory=dict)
@@ -355,18 +478,18 @@ class Heartbeat(_Frozen):
 class GroupManifest(_Frozen):
     """The task ids a client submitted to a task group, so the ledger knows them before results."""
 
-    task_group_id: str
-    endpoint_id: str
-    user: str
-    task_ids: list[str]
+    task_group_id: Id
+    endpoint_id: Id
+    user: Id
+    task_ids: list[Id] = Field(max_length=MAX_MANIFEST_TASKS)
     submitted: float
 
 
 class CancelCommand(_Frozen):
     """Ask an endpoint's agent to cancel tasks of ``user``, queued or running."""
 
-    task_ids: list[str]
-    user: str
+    task_ids: list[Id] = Field(max_length=MAX_MANIFEST_TASKS)
+    user: Id
     sent: float
 
 
@@ -389,13 +512,17 @@ def decode_event(envelope: Envelope) -> ControlMessage:
     Raises:
         ProtocolError: unknown kind or malformed body.
     """
-    kind = envelope.headers.get(H_EVENT)
-    kind = kind.decode() if isinstance(kind, bytes) else kind
-    model = _CONTROL_KINDS.get(str(kind))
+    kind = _headers(envelope).get(H_EVENT)
+    if isinstance(kind, bytes):
+        kind = kind.decode("utf-8", "replace")
+    model = _CONTROL_KINDS.get(kind) if isinstance(kind, str) else None
     if model is None:
-        raise ProtocolError(f"unknown event kind {kind!r}", raw=envelope.body)
+        raise ProtocolError(f"unknown event kind {_clip(repr(kind), 80)}", raw=envelope.body)
+    if len(envelope.body) > MAX_EVENT_BYTES:
+        raise ProtocolError(f"{kind} event of {len(envelope.body):,} bytes is over the "
+                            f"{MAX_EVENT_BYTES:,}-byte bound", raw=envelope.body)
     try:
         return model.model_validate_json(envelope.body)
-    except ValidationError as exc:
+    except Exception as exc:  # whatever a forged message makes fail is the message's fault
         raise ProtocolError(f"malformed {kind} event: {_first_error(exc)}",
                             raw=envelope.body) from exc

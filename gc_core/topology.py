@@ -27,7 +27,8 @@ __all__ = [
     "safe_name_part",
 ]
 
-_NAME_PART = re.compile(r"^[A-Za-z0-9_\-]+$")
+#: A word of a queue name or routing key: what an id may be (gc_core.protocol.MAX_ID_LENGTH).
+_NAME_PART = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
 
 class _ExchangeSpec(BaseModel):
@@ -77,9 +78,9 @@ class QueueDeclaration:
 
 def safe_name_part(value: str, what: str) -> str:
     """Check that ``value`` can stand inside a queue name or a topic routing key word."""
-    if not _NAME_PART.match(value):
+    if not _NAME_PART.fullmatch(value):
         raise ConfigError(
-            f"{what} {value!r} may contain only letters, digits, '_' and '-' "
+            f"{what} {value!r} must be 1 to 64 letters, digits, '_' and '-' "
             "(it becomes part of broker queue names and routing keys)"
         )
     return value
@@ -129,7 +130,7 @@ class Topology:
 
 def _pattern(template: str, fixed: dict[str, str]) -> re.Pattern[str]:
     """``template`` as an anchored regex (``\\Z``: a trailing newline does not match)."""
-    any_part = _NAME_PART.pattern[1:-1]
+    any_part = _NAME_PART.pattern
     pieces = re.split(r"\{(\w+)\}", template)  # literal, placeholder, literal, ..., literal
     regex = "".join(
         re.escape(piece) if i % 2 == 0 else re.escape(fixed[piece]) if piece in fixed else any_part

@@ -104,7 +104,7 @@ def test_safe_name_part_accepts_letters_digits_underscore_and_dash(value: str) -
     assert safe_name_part(value, "user") == value
 
 
-@pytest.mark.parametrize("value", ["alice.smith", "a#", "a*", "alice smith", "", "a/b"])
+@pytest.mark.parametrize("value", ["alice.smith", "a#", "a*", "alice smith", "", "a/b", "alice\n", "g" * 65])
 def test_safe_name_part_refuses_what_would_break_a_queue_name_or_routing_key(value: str) -> None:
     with pytest.raises(ConfigError, match="user"):
         safe_name_part(value, "user")
