@@ -35,8 +35,8 @@ from gc_core.errors import BrokerError, BrokerUnreachable
 from gc_core.protocol import Envelope
 from gc_core.topology import QueueDeclaration, Topology
 
-__all__ = ["BrokerSession", "ConfirmCallback", "Delivery", "TokenLogin", "redact_url",
-           "token_login"]
+__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "BrokerSession", "ConfirmCallback", "Delivery", "Refusal",
+           "TokenLogin", "redact_url", "token_login"]
 
 logger = logging.getLogger(__name__)
 
@@ -46,12 +46,29 @@ FLUSH_BATCH = 500
 HEARTBEAT_SECONDS = 20
 #: Reply codes that no reconnect can fix (access refused, precondition failed, not allowed).
 FATAL_REPLY_CODES = frozenset({403, 406, 530})
+#: RabbitMQ's default ``max_message_size``: a larger message is refused by the broker.
+DEFAULT_MAX_MESSAGE_SIZE = 128 * 2**20
+#: Bytes of header-frame framing: a message's properties must fit ``frame_max`` less this.
+_FRAME_OVERHEAD = 8 + 14
+#: Header bytes below which a message's properties certainly fit the smallest frame_max
+#: RabbitMQ negotiates (4096); above it they are measured exactly before sending.
+_SURELY_FITS = 3000
 
 #: Words in a channel-close reply that mean the broker refused a publish (its exchange or
 #: routing key, or a forged user_id), not the session: such publishes fail, the rest go on.
 _PUBLISH_REFUSALS = ("access to topic", "access to exchange", "user_id property")
+#: Words of the broker's reply to a message over its max_message_size: only that one fails.
+_SIZE_REFUSAL = "larger than configured max size"
 
-#: Called once per publish on the IO thread: None when confirmed, else the reason it was not.
+
+class Refusal(str):
+    """Why the broker will never take a publish (too large, not encodable as AMQP, not
+    permitted): sending it again cannot help, so the caller fails it instead of retrying.
+    A plain ``str`` reason (a ``basic.nack``, an unroutable message) may be worth a retry."""
+
+
+#: Called once per publish on the IO thread: None when confirmed, else the reason it was not
+#: (a :class:`Refusal` when it is refused for good).
 ConfirmCallback = Callable[[str | None], None]
 
 
@@ -154,8 +171,10 @@ class BrokerSession:
         batch_size: int = FLUSH_BATCH,
         login: TokenLogin | None = None,
         stamp_user_id: bool = False,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
         self._login = login
+        self._max_message_size = max_message_size
         self._url = login.apply(url) if login is not None else url
         # The broker checks user_id against the login, so a stamped id proves the sender.
         self._user_id = login.username if login is not None else (
@@ -188,6 +207,8 @@ class BrokerSession:
         self._thread: threading.Thread | None = None
         self._start_waits = False
         self._io_thread_id: int | None = None
+        #: How often the IO loop died of an unexpected error and was started again.
+        self.io_loop_restarts = 0
 
     # -- public API, callable from any thread -------------------------------------------
 
@@ -340,15 +361,7 @@ class BrokerSession:
         channel = self._channel
         assert channel is not None
         if isinstance(op, _Publish):
-            properties = BasicProperties(
-                message_id=op.envelope.message_id, correlation_id=op.envelope.correlation_id,
-                content_type=op.envelope.content_type, headers=op.envelope.headers,
-                delivery_mode=2 if op.persistent else 1,
-                user_id=self._user_id)
-            channel.basic_publish(op.exchange, op.routing_key, op.envelope.body, properties,
-                                  mandatory=op.mandatory)
-            self._seq += 1
-            self._unconfirmed[self._seq] = op
+            self._send(channel, op)
         elif isinstance(op, _Settle):
             if op.generation != self._generation:
                 return  # the channel it came on is gone; the broker has requeued it
@@ -358,6 +371,50 @@ class BrokerSession:
                 channel.basic_nack(op.tag, requeue=op.requeue)
         else:
             _guarded(op)
+
+    def _send(self, channel: Channel, op: _Publish) -> None:
+        """Publish ``op``, or fail it at once if the broker could never take it: a message
+        that cannot be encoded, does not fit a frame or is over the size limit would
+        otherwise kill this thread or be refused and re-sent for ever."""
+        properties = BasicProperties(
+            message_id=op.envelope.message_id, correlation_id=op.envelope.correlation_id,
+            content_type=op.envelope.content_type, headers=op.envelope.headers,
+            delivery_mode=2 if op.persistent else 1,
+            user_id=self._user_id)
+        try:
+            problem = self._unsendable(op, properties)
+            if problem is None:
+                channel.basic_publish(op.exchange, op.routing_key, op.envelope.body, properties,
+                                      mandatory=op.mandatory)
+        except (pika.exceptions.ChannelWrongStateError, pika.exceptions.ConnectionWrongStateError):
+            self._outbox.appendleft(op)  # the channel is closing: send it after reconnecting
+            return
+        except Exception as exc:  # pika could not encode what the caller gave it
+            problem = f"it cannot be encoded as an AMQP message: {_describe(exc)}"
+        if problem is not None:
+            logger.warning("%s: not publishing message %r to %s (%r): %s", self._name,
+                           op.envelope.message_id[:80], op.exchange, op.routing_key[:80], problem)
+            if op.on_confirm is not None:
+                on_confirm = op.on_confirm
+                _guarded(lambda: on_confirm(Refusal(problem)))
+            return
+        self._seq += 1
+        self._unconfirmed[self._seq] = op
+
+    def _unsendable(self, op: _Publish, properties: BasicProperties) -> str | None:
+        """Why the broker would refuse ``op`` for good (its size), or None."""
+        size = len(op.envelope.body)
+        if size > self._max_message_size:
+            return (f"it is {size:,} bytes, over the broker's limit of "
+                    f"{self._max_message_size:,} bytes (max_message_size)")
+        if _rough_header_size(op.envelope) < _SURELY_FITS:
+            return None
+        frame_max = self._connection.params.frame_max if self._connection is not None else 0
+        header = len(b"".join(properties.encode())) + _FRAME_OVERHEAD
+        if frame_max and header > frame_max:
+            return (f"its properties and headers take {header:,} bytes, over the "
+                    f"{frame_max:,}-byte AMQP frame they must fit in")
+        return None
 
     # -- the IO thread -------------------------------------------------------------------
 
@@ -383,6 +440,25 @@ class BrokerSession:
                 logger.log(logging.DEBUG if self._start_waits and not self._ever_ready
                            else logging.ERROR, "broker session %s stopped: %s", self._name, exc)
                 return
+            except Exception:  # a bug in a callback escaped the IO loop: start a new one
+                self.io_loop_restarts += 1
+                logger.exception("the IO loop of broker session %s failed; reconnecting",
+                                 self._name)
+                self._abandon_connection()
+                self._sleep_unless_closing(0.5)
+
+    def _abandon_connection(self) -> None:
+        """After the IO loop died: drop its connection, so the broker requeues what we
+        held, and queue what it never confirmed to be sent again."""
+        connection, self._connection = self._connection, None
+        self._ready.clear()
+        self._channel = None
+        self._requeue_unconfirmed()
+        if connection is not None:
+            try:
+                connection._adapter_disconnect_stream()  # pika has no public abort
+            except Exception:  # already closed or never opened: nothing to drop
+                logger.debug("dropping the connection of %s failed", self._name, exc_info=True)
 
     def _sleep_unless_closing(self, seconds: float) -> None:
         self._stopping.wait(seconds)
@@ -468,8 +544,10 @@ class BrokerSession:
         text = str(getattr(reason, "reply_text", ""))
         if code in FATAL_REPLY_CODES and not self._ready.is_set() and not self._stopping.is_set():
             self._fatal = f"the broker at {self.url} refused session {self._name}: {reason}"
+        elif code in FATAL_REPLY_CODES and _SIZE_REFUSAL in text:
+            self._fail_refused_publish(text, same_target=False)
         elif code in FATAL_REPLY_CODES and any(w in text for w in _PUBLISH_REFUSALS):
-            self._fail_refused_publish(text)
+            self._fail_refused_publish(text, same_target=True)
         elif not self._stopping.is_set():
             logger.warning("channel of %s closed (%s); reconnecting", self._name, reason)
         connection = self._connection
@@ -526,22 +604,24 @@ class BrokerSession:
                 on_confirm, why = publish.on_confirm, refused or reason
                 _guarded(lambda: on_confirm(why))
 
-    def _fail_refused_publish(self, text: str) -> None:
+    def _fail_refused_publish(self, text: str, *, same_target: bool) -> None:
         """The broker closed the channel over a publish: confirms come in order, so it is
-        the oldest unconfirmed one. It fails with every other unconfirmed one to the same
-        exchange and routing key; the rest are sent again after reconnecting."""
+        the oldest unconfirmed one. It fails (with ``same_target``, so does every other
+        unconfirmed one to the same exchange and routing key, which would be refused too);
+        the rest are sent again after reconnecting."""
         if not self._unconfirmed:
             return
         first = next(iter(self._unconfirmed.values()))
         target = (first.exchange, first.routing_key)
         refused = [seq for seq, p in self._unconfirmed.items()
-                   if (p.exchange, p.routing_key) == target]
-        logger.warning("the broker refused %d publishes to %s (%s): %s", len(refused),
-                       first.exchange, first.routing_key, text)
+                   if (p.exchange, p.routing_key) == target] if same_target else \
+            [next(iter(self._unconfirmed))]
+        logger.warning("the broker refused %d publishes to %s (%r): %s", len(refused),
+                       first.exchange, first.routing_key[:80], text)
         for seq in refused:
             on_confirm = self._unconfirmed.pop(seq).on_confirm
             if on_confirm is not None:
-                _guarded(lambda: on_confirm(f"the broker refused it: {text}"))
+                _guarded(lambda: on_confirm(Refusal(f"the broker refused it: {text}")))
 
     def _requeue_unconfirmed(self) -> None:
         """Put publishes the broker never confirmed back at the front, in order."""
@@ -559,6 +639,20 @@ class BrokerSession:
             connection.close()
         except pika.exceptions.ConnectionWrongStateError:
             connection.ioloop.stop()
+
+
+def _rough_header_size(envelope: Envelope) -> int:
+    """An upper-bound guess at a message's encoded properties, cheap enough for every
+    publish; a nested header counts as large, so it is measured exactly."""
+    size = len(envelope.message_id) + len(envelope.correlation_id) + len(envelope.content_type)
+    for name, value in envelope.headers.items():
+        if isinstance(value, (str, bytes)):
+            size += len(name) + 4 * len(value) + 6  # 4: the most bytes a character encodes to
+        elif isinstance(value, (dict, list, tuple)):
+            return _SURELY_FITS
+        else:
+            size += len(name) + 24
+    return size
 
 
 def _guarded(fn: Callable[[], Any]) -> None:
