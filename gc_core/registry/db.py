@@ -20,6 +20,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from gc_core.protocol import MAX_LABEL_LENGTH, MAX_NAME_LENGTH
 from gc_core.registry import migrations
 
 __all__ = ["ActionRow", "Base", "EndpointRow", "FunctionRow", "GroupMemberRow", "GroupRow",
@@ -83,15 +84,17 @@ class TaskRow(Base):
     endpoint_id: Mapped[str] = mapped_column(String(64), default="")
     function_id: Mapped[str] = mapped_column(String(64), default="")
     user: Mapped[str] = mapped_column(String(200), default="")
+    # Columns hold whatever the protocol lets a message carry (MAX_NAME_LENGTH,
+    # MAX_LABEL_LENGTH): PostgreSQL refuses a longer value, and the batch with it.
     #: The end user a service account submitted for ("" when users submit for themselves).
-    on_behalf_of: Mapped[str] = mapped_column(String(200), default="")
+    on_behalf_of: Mapped[str] = mapped_column(String(MAX_NAME_LENGTH), default="")
     status: Mapped[str] = mapped_column(String(20))
     submitted: Mapped[float | None] = mapped_column(Float)
     received: Mapped[float | None] = mapped_column(Float)
     started: Mapped[float | None] = mapped_column(Float)
     finished: Mapped[float | None] = mapped_column(Float)
-    worker: Mapped[str] = mapped_column(String(200), default="")
-    content_type: Mapped[str] = mapped_column(String(100), default="")
+    worker: Mapped[str] = mapped_column(String(MAX_LABEL_LENGTH), default="")
+    content_type: Mapped[str] = mapped_column(String(MAX_LABEL_LENGTH), default="")
     result: Mapped[bytes | None] = mapped_column(LargeBinary)
     error_json: Mapped[str | None] = mapped_column(Text)
     stdout: Mapped[str] = mapped_column(Text, default="")
@@ -152,6 +155,9 @@ class TokenRow(Base):
     created: Mapped[float] = mapped_column(Float)
     expires: Mapped[float | None] = mapped_column(Float, nullable=True)
     revoked: Mapped[float | None] = mapped_column(Float, nullable=True)
+    #: The token that issued this one (None: issued at login or by an admin); revoking it
+    #: revokes this one too.
+    parent: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
 
 
 class GroupRow(Base):

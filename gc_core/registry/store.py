@@ -11,7 +11,9 @@ import hashlib
 import json
 import time
 import uuid
-from typing import Any, Iterable, cast
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, cast
 
 from sqlalchemy import Table, func, select, update
 from sqlalchemy.dialects import postgresql, sqlite
@@ -36,11 +38,12 @@ from gc_core.registry.schemas import (
 
 __all__ = [
     "OFFLINE_AFTER_PERIODS",
+    "TaskOwner",
     "allowed_functions",
     "authorize_task",
     "create_endpoint",
-    "expire_results",
     "endpoint_status",
+    "expire_results",
     "get_endpoint",
     "get_function",
     "get_tasks",
@@ -53,10 +56,22 @@ __all__ = [
     "set_endpoint_policy",
     "set_function_sharing",
     "task_counts",
+    "task_owners",
 ]
 
 #: An endpoint whose last heartbeat is older than this many periods is offline.
 OFFLINE_AFTER_PERIODS = 3
+#: Task ids looked up per query: far below any database's limit on bound variables.
+LOOKUP_CHUNK = 500
+
+
+@dataclass(frozen=True)
+class TaskOwner:
+    """Whose a recorded task is: its submitter, task group and endpoint."""
+
+    user: str
+    task_group_id: str
+    endpoint_id: str
 
 
 def register_function(db: Session, body: FunctionIn, *, owner: str | None = None) -> FunctionOut:
@@ -167,23 +182,45 @@ def endpoint_status(db: Session, endpoint_id: str, now: float | None = None) -> 
                           last_seen=row.last_seen, details=details)
 
 
-def record_heartbeat(db: Session, heartbeat: Heartbeat) -> None:
-    """Remember an endpoint's latest heartbeat (heartbeats of unknown endpoints are dropped)."""
+def record_heartbeat(db: Session, heartbeat: Heartbeat, now: float | None = None) -> None:
+    """Remember an endpoint's latest heartbeat (heartbeats of unknown endpoints are dropped).
+    It counts as sent no later than ``now``: a clock ahead (or a forged time) cannot keep an
+    endpoint online, nor hide the heartbeats after it."""
+    sent = min(heartbeat.sent, time.time() if now is None else now)
     row = db.get(EndpointRow, heartbeat.endpoint_id)
-    if row is not None and (row.last_seen is None or heartbeat.sent >= row.last_seen):
-        row.last_seen = heartbeat.sent
-        row.heartbeat_json = heartbeat.model_dump_json()
+    if row is not None and (row.last_seen is None or sent >= row.last_seen):
+        row.last_seen = sent
+        row.heartbeat_json = heartbeat.model_copy(update={"sent": sent}).model_dump_json()
 
 
-def record_manifest(db: Session, manifest: GroupManifest) -> None:
-    """Record submitted tasks as waiting; a task already finished keeps its state."""
-    rows = [dict(task_id=t, task_group_id=manifest.task_group_id,
-                 endpoint_id=manifest.endpoint_id, user=manifest.user, status="waiting",
-                 submitted=manifest.submitted) for t in dict.fromkeys(manifest.task_ids)]
+def record_manifest(db: Session, manifest: GroupManifest) -> list[str]:
+    """Record submitted tasks as waiting; a task already finished keeps its state. A task id
+    already recorded for another user or endpoint stays theirs: those ids are returned."""
+    task_ids = list(dict.fromkeys(manifest.task_ids))
+    claimant = (manifest.user, manifest.endpoint_id)
+    taken = {t for t, owner in task_owners(db, task_ids).items()
+             if (owner.user, owner.endpoint_id) != claimant}
+    rows = [{"task_id": t, "task_group_id": manifest.task_group_id,
+             "endpoint_id": manifest.endpoint_id, "user": manifest.user, "status": "waiting",
+             "submitted": manifest.submitted} for t in task_ids if t not in taken]
     if rows:
         statement = _insert(db)
         db.connection().execute(statement.on_conflict_do_update(
             index_elements=["task_id"], set_={"submitted": statement.excluded.submitted}), rows)
+    return sorted(taken)
+
+
+def task_owners(db: Session, task_ids: Iterable[str]) -> dict[str, TaskOwner]:
+    """Whose each recorded task is, by task id (ids never recorded are left out)."""
+    unique = list(dict.fromkeys(task_ids))
+    owners: dict[str, TaskOwner] = {}
+    for start in range(0, len(unique), LOOKUP_CHUNK):
+        rows = db.execute(select(TaskRow.task_id, TaskRow.user, TaskRow.task_group_id,
+                                 TaskRow.endpoint_id)
+                          .where(TaskRow.task_id.in_(unique[start:start + LOOKUP_CHUNK])))
+        owners.update({task_id: TaskOwner(user, group, endpoint)
+                       for task_id, user, group, endpoint in rows})
+    return owners
 
 
 def record_results(db: Session, results: Iterable[ResultMessage], *,
@@ -262,15 +299,16 @@ def _result_row(result: ResultMessage, size_limit: int | None, recorded: float) 
                 "this registry's ledger keeps; it was delivered to the submitter's result "
                 "queue only")
         value = None
-    return dict(
-        task_id=result.task_id, task_group_id=result.task_group_id,
-        endpoint_id=result.endpoint_id, function_id=result.function_id, user=result.user,
-        on_behalf_of=result.on_behalf_of, status=result.state, submitted=None,
-        received=result.timings.received,
-        started=result.timings.started, finished=result.timings.finished, worker=result.worker,
-        content_type=result.content_type, result=value,
-        error_json=result.error.model_dump_json() if result.error else None,
-        stdout=result.stdout, stderr=result.stderr, recorded=recorded, result_note=note)
+    return {
+        "task_id": result.task_id, "task_group_id": result.task_group_id,
+        "endpoint_id": result.endpoint_id, "function_id": result.function_id,
+        "user": result.user, "on_behalf_of": result.on_behalf_of, "status": result.state,
+        "submitted": None, "received": result.timings.received,
+        "started": result.timings.started, "finished": result.timings.finished,
+        "worker": result.worker, "content_type": result.content_type, "result": value,
+        "error_json": result.error.model_dump_json() if result.error else None,
+        "stdout": result.stdout, "stderr": result.stderr, "recorded": recorded,
+        "result_note": note}
 
 
 def _endpoint_row(db: Session, endpoint_id: str) -> EndpointRow:

@@ -22,7 +22,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from gc_client import AsyncExecutor, Client, Executor
 from gc_core.errors import BrokerError, GCError
-from gc_core.protocol import Envelope, decode_result
+from gc_core.protocol import Envelope, GroupManifest, decode_result, encode_event
 from gc_core.registry import identity, store
 from gc_core.registry.schemas import EndpointPolicy
 from gc_core.topology import load_topology
@@ -340,6 +340,15 @@ def test_a_dead_lettered_task_reaches_alice_through_the_ledger(secured: Secured)
     group, task_id = f"g-{uuid.uuid4().hex[:8]}", str(uuid.uuid4())
     alice = secured.channel("alice")
     queue = _declare_result_queue(alice, "alice", group)
+    # and the manifest her client sends ahead of the task: the ledger hands a dead letter
+    # only to the submitter it recorded, never to the one the message's headers name
+    manifest = encode_event(GroupManifest(task_group_id=group, endpoint_id=secured.endpoint_a,
+                                          user="alice", task_ids=[task_id],
+                                          submitted=time.time()))
+    alice.basic_publish("gc.events", TOPOLOGY.routing_key("group_submitted", task_group_id=group),
+                        manifest.body, pika.BasicProperties(
+                            user_id="alice", content_type=manifest.content_type,
+                            headers=manifest.headers, delivery_mode=2))
     # When a task of hers is rejected by endpoint A's agent, which dead-letters it to gc.dead
     # (a reject is immediate; a quorum queue expires a message's TTL only when it gets to it)
     props = pika.BasicProperties(message_id=task_id, correlation_id=group, user_id="alice",
