@@ -25,7 +25,7 @@ from typing import Any
 
 from gc_client.client import Client
 from gc_client.executor import RESULT_PREFETCH
-from gc_client.tasks import make_manifest, make_task, new_id, not_accepted, result_value
+from gc_client.tasks import make_manifest, make_task, new_id, not_accepted, oversize, result_value
 from gc_core.broker import FLUSH_BATCH
 from gc_core.broker_async import AsyncBrokerSession
 from gc_core.errors import BrokerError, ProtocolError
@@ -41,9 +41,12 @@ logger = logging.getLogger(__name__)
 class AsyncComputeFuture(asyncio.Future[Any]):
     """An asyncio future for one task; ``task_id`` names it in the ledger and on the wire."""
 
-    def __init__(self, task_id: str) -> None:
+    def __init__(self, task_id: str, *, endpoint_id: str = "") -> None:
         super().__init__()
         self.task_id = task_id
+        #: The endpoint the task was sent to: on a secured broker only its agent (or the
+        #: registry) may send the result.
+        self.endpoint_id = endpoint_id
 
 
 class AsyncExecutor:
@@ -111,7 +114,10 @@ class AsyncExecutor:
     async def submit_to_registered_function(self, function_id: str, args: Iterable[Any] = (),
                                             kwargs: dict[str, Any] | None = None
                                             ) -> AsyncComputeFuture:
-        """Run an already registered function by id."""
+        """Run an already registered function by id.
+
+        A task over the client's ``max_message_size`` is not sent: its future fails at once.
+        """
         if self._shutdown:
             raise RuntimeError("cannot submit to an AsyncExecutor after shutdown")
         if self.endpoint_id is None:
@@ -122,7 +128,11 @@ class AsyncExecutor:
                          task_group_id=self.task_group_id, serializer=self.serializer,
                          args=tuple(args), kwargs=dict(kwargs or {}),
                          resource_spec=self.resource_specification)
-        future = AsyncComputeFuture(task.task_id)
+        future = AsyncComputeFuture(task.task_id, endpoint_id=task.endpoint_id)
+        too_large = oversize(task, self.client.max_message_size)
+        if too_large is not None:
+            future.set_exception(too_large)
+            return future
         self._futures[task.task_id] = future
         self._outbox.append((task, future))
         if not self._flush_scheduled:
@@ -233,7 +243,8 @@ class AsyncExecutor:
                 session = AsyncBrokerSession(
                     self.client.settings.broker_url, topology=self.client.topology,
                     name=f"gc-client:{self._user}:{self.task_group_id}", queues=[queue],
-                    prefetch=RESULT_PREFETCH, login=self.client.broker_login)
+                    prefetch=RESULT_PREFETCH, login=self.client.broker_login,
+                    max_message_size=self.client.max_message_size)
                 await session.connect()
                 try:
                     await session.consume(queue.name, self._on_result)
@@ -313,8 +324,9 @@ class AsyncExecutor:
                 future.set_exception(not_accepted(f"task {task.task_id} was", task.endpoint_id,
                                                   exc))
 
-    def _on_result(self, envelope: Envelope) -> None:
-        """Resolve the future this result belongs to; the session acks it afterwards."""
+    def _on_result(self, envelope: Envelope, sender: str) -> None:
+        """Resolve the future this result belongs to, if broker user ``sender`` may send it;
+        the session acks it afterwards."""
         try:
             result = decode_result(envelope)
         except ProtocolError as exc:
@@ -325,10 +337,12 @@ class AsyncExecutor:
             logger.warning("dropped a result for task %s, which task group %s did not submit",
                            result.task_id, self.task_group_id)
             return
+        if self.client.refuses_result(result, sender, future.endpoint_id):
+            return
         if future.done():
             self.duplicates_dropped += 1
             return
         try:
-            future.set_result(result_value(result))
+            future.set_result(result_value(result, self.serializer))
         except Exception as exc:  # a remote failure, or a value that cannot be decoded here
             future.set_exception(exc)

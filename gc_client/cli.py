@@ -140,7 +140,7 @@ def run(lazy: _Lazy, endpoint_id: str, function_id: str, kwargs_json: str, wait:
         task_id = lazy.client.run(*[_parse_argument(a) for a in args], endpoint_id=endpoint_id,
                                   function_id=function_id, serializer="json", **kwargs)
         if wait:
-            _print_value(_wait_for_result(lazy.client, task_id, timeout))
+            _print_value(_wait_for_result(lazy.client, task_id, timeout, "json"))
         else:
             click.echo(task_id)
 
@@ -173,7 +173,7 @@ def shell(lazy: _Lazy, endpoint_id: str, command: str, kwargs_json: str, walltim
         if not wait:
             click.echo(task_id)
             return
-        outcome = _wait_for_result(lazy.client, task_id, timeout)
+        outcome = _wait_for_result(lazy.client, task_id, timeout, "cloudpickle")
         click.echo(outcome.stdout, nl=False)
         click.echo(outcome.stderr, nl=False, err=True)
         sys.exit(outcome.returncode)
@@ -187,14 +187,18 @@ def shell(lazy: _Lazy, endpoint_id: str, command: str, kwargs_json: str, walltim
 @click.option("--timeout", default=300.0, show_default=True, help="Seconds --wait waits.")
 @click.option("--output", "show_output", is_flag=True,
               help="Also print what the task wrote to stdout and stderr.")
+@click.option("--serializer", type=click.Choice(["json", "cloudpickle"]), default=None,
+              help="The serializer the task was sent with: its value is decoded with this one "
+                   "only (a pickled value can run code). [default: whatever the ledger recorded]")
 @click.pass_obj
-def result(lazy: _Lazy, task_id: str, wait: bool, timeout: float, show_output: bool) -> None:
+def result(lazy: _Lazy, task_id: str, wait: bool, timeout: float, show_output: bool,
+           serializer: str | None) -> None:
     """Print the result of TASK_ID (exit status 3 while it is pending)."""
 
     def action() -> None:
         try:
-            value = (_wait_for_result(lazy.client, task_id, timeout) if wait
-                     else lazy.client.get_result(task_id))
+            value = (_wait_for_result(lazy.client, task_id, timeout, serializer) if wait
+                     else lazy.client.get_result(task_id, serializer=serializer))
         except TaskPending as exc:
             click.echo(f"Task {task_id} is pending (status: {exc.status}).", err=True)
             sys.exit(3)
@@ -238,7 +242,8 @@ def _run_many(client: Client, endpoint_id: str, function_id: str,
     with tqdm(total=len(task_ids), desc="tasks", unit="task", file=sys.stderr) as bar:
         while len(results) < len(task_ids):
             waiting = [t for t in task_ids if t not in results]
-            finished = {t: r for t, r in client.get_batch_result(waiting).items() if not r["pending"]}
+            answers = client.get_batch_result(waiting, serializer="json")
+            finished = {t: r for t, r in answers.items() if not r["pending"]}
             results.update(finished)
             bar.update(len(finished))
             if len(results) < len(task_ids):
@@ -258,12 +263,13 @@ def _run_many(client: Client, endpoint_id: str, function_id: str,
         sys.exit(2)
 
 
-def _wait_for_result(client: Client, task_id: str, timeout: float) -> Any:
+def _wait_for_result(client: Client, task_id: str, timeout: float,
+                     serializer: str | None) -> Any:
     deadline = time.monotonic() + timeout
     interval = 0.05
     while True:
         try:
-            return client.get_result(task_id)
+            return client.get_result(task_id, serializer=serializer)
         except TaskPending:
             if time.monotonic() > deadline:
                 raise

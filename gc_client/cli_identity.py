@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Any
 
 import click
+from pydantic import ValidationError
 
 from gc_core.errors import GCError, NotAuthenticated
 from gc_core.registry.client import RegistryClient
@@ -23,13 +24,18 @@ __all__ = ["COMMANDS"]
 
 @contextmanager
 def _registry() -> Iterator[RegistryClient]:
-    """The registry with the stored token; its refusals become one-line CLI errors."""
+    """The registry with the stored token; its refusals, and values the registry's schema
+    refuses before they are sent, become one-line CLI errors."""
     settings = resolve_settings()
     registry = RegistryClient(settings.registry_url, token=settings.token)
     try:
         yield registry
     except GCError as exc:
         raise click.ClickException(str(exc)) from None
+    except ValidationError as exc:
+        raise click.ClickException("; ".join(
+            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
+            for error in exc.errors())) from None
     finally:
         registry.close()
 
@@ -90,7 +96,8 @@ def whoami() -> None:
 @click.option("--keep-token", is_flag=True,
               help="Only forget the token here; do not revoke it at the registry.")
 def logout(keep_token: bool) -> None:
-    """Revoke the stored token at the registry and forget it here."""
+    """Revoke the stored token at the registry, with every token it issued (such as agent
+    tokens `gc-agent configure` made with it), and forget it here."""
     settings = resolve_settings()
     path = settings.home / CREDENTIALS_FILE
     if not path.exists():
@@ -110,7 +117,8 @@ def logout(keep_token: bool) -> None:
         finally:
             registry.close()
     path.unlink()
-    click.echo("Logged out." if keep_token else "Logged out; the token is revoked.")
+    click.echo("Logged out." if keep_token
+               else "Logged out; the token, and every token it issued, are revoked.")
 
 
 @click.group()
@@ -126,13 +134,18 @@ def tokens_list() -> None:
     for row in rows:
         state = row.state(time.time())
         scope = f"agent of {row.endpoint_id}" if row.endpoint_id else row.user
-        click.echo(f"{row.token_id}  {state:<8} {scope:<46} {row.label}")
+        expires = _when(row.expires) if row.expires else "never"
+        issuer = f"from {row.parent}" if row.parent else "from an admin"
+        click.echo(f"{row.token_id}  {state:<8} {scope:<46} expires {expires:<20} "
+                   f"{issuer:<17} {row.label}")
 
 
 @tokens.command("create")
 @click.option("--label", default="", help="What it is for.")
 @click.option("--lifetime", type=click.FloatRange(min=1), default=None,
-              help="Seconds until it expires [default: until revoked].")
+              help="Seconds until it expires [default: the longest the registry allows: its "
+                   "cap, and never past your own token's expiry]. It is revoked with the "
+                   "token that issued it.")
 @click.option("--endpoint", "endpoint_id", default=None,
               help="Issue the agent token of this endpoint (you must own it).")
 def tokens_create(label: str, lifetime: float | None, endpoint_id: str | None) -> None:
@@ -140,7 +153,8 @@ def tokens_create(label: str, lifetime: float | None, endpoint_id: str | None) -
     with _registry() as registry:
         issued = registry.issue_token(TokenIn(label=label, lifetime=lifetime,
                                               endpoint_id=endpoint_id))
-    click.echo(f"token {issued.token_id} for {issued.principal}:", err=True)
+    expires = f", expires {_when(issued.expires)}" if issued.expires else ""
+    click.echo(f"token {issued.token_id} for {issued.principal}{expires}:", err=True)
     click.echo(issued.token)
 
 
@@ -223,6 +237,10 @@ def share(function_id: str, scope: str | None, groups: tuple[str, ...]) -> None:
         registry.share_function(function_id, sharing)
     click.echo(f"{function_id}: {sharing.sharing}"
                + (f" ({', '.join(groups)})" if groups else ""))
+
+
+def _when(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(timestamp))
 
 
 #: The commands this module adds to ``gc-client``.

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import logging
 import threading
 import time
 import weakref
@@ -15,10 +16,25 @@ from typing import Any, Callable
 
 import cloudpickle
 
-from gc_client.tasks import make_manifest, make_task, new_id, not_accepted, task_out_value
-from gc_core.broker import BrokerSession, TokenLogin, token_login
+from gc_client.tasks import (
+    make_manifest,
+    make_task,
+    new_id,
+    not_accepted,
+    oversize,
+    task_out_value,
+    untrusted_sender,
+)
+from gc_core.broker import DEFAULT_MAX_MESSAGE_SIZE, BrokerSession, TokenLogin, token_login
 from gc_core.errors import PublishNotConfirmed, TaskPending
-from gc_core.protocol import CancelCommand, Envelope, TaskMessage, encode_event, encode_task
+from gc_core.protocol import (
+    CancelCommand,
+    Envelope,
+    ResultMessage,
+    TaskMessage,
+    encode_event,
+    encode_task,
+)
 from gc_core.registry.client import RegistryClient
 from gc_core.registry.schemas import (
     EndpointOut,
@@ -29,11 +45,13 @@ from gc_core.registry.schemas import (
     TaskOut,
     WhoAmI,
 )
-from gc_core.serialize import CLOUDPICKLE, Serializer, get_serializer
-from gc_core.settings import FabricSettings, resolve_settings
+from gc_core.serialize import CLOUDPICKLE, JSON, Serializer, get_serializer
+from gc_core.settings import REGISTRY_BROKER_USER, FabricSettings, resolve_settings
 from gc_core.topology import Topology, load_topology, safe_name_part
 
 __all__ = ["Batch", "Client"]
+
+logger = logging.getLogger(__name__)
 
 #: Seconds ``run`` and ``batch_run`` wait for the broker to confirm their tasks.
 CONFIRM_TIMEOUT = 30.0
@@ -55,11 +73,22 @@ class Batch:
 
 
 class Client:
-    """The fabric as seen from a script: the registry over HTTP, tasks over AMQP."""
+    """The fabric as seen from a script: the registry over HTTP, tasks over AMQP.
+
+    ``max_message_size`` (bytes; RabbitMQ's default, 128 MiB) bounds one task's serialized
+    arguments: a larger task fails at once, unsent, since the broker would refuse it. Set
+    it to the broker's ``max_message_size`` if that differs. ``trusted_publishers`` are the
+    broker accounts besides a task's own endpoint whose results the client accepts on a
+    secured broker (the registry's, which hands on dead letters).
+    """
 
     def __init__(self, *, broker_url: str | None = None, registry_url: str | None = None,
                  token: str | None = None, home: str | None = None, user: str | None = None,
-                 identity: str | None = None, on_behalf_of: str = "") -> None:
+                 identity: str | None = None, on_behalf_of: str = "",
+                 max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
+                 trusted_publishers: frozenset[str] = frozenset({REGISTRY_BROKER_USER})) -> None:
+        if max_message_size < 1:
+            raise ValueError("max_message_size must be a positive number of bytes")
         self.settings: FabricSettings = resolve_settings(
             broker_url=broker_url, registry_url=registry_url, token=token, home=home, user=user,
             identity=identity)
@@ -67,6 +96,8 @@ class Client:
         #: For a service account (a science gateway): the end user its tasks are run for,
         #: recorded in the ledger beside the account itself.
         self.on_behalf_of = on_behalf_of
+        self.max_message_size = max_message_size
+        self.trusted_publishers = trusted_publishers
         self.topology: Topology = load_topology()
         self.registry = RegistryClient(self.settings.registry_url, token=self.settings.token)
         #: Task group of tasks sent with :meth:`run`.
@@ -149,7 +180,8 @@ class Client:
         """Submit every call in ``batch``; returns the task ids once the broker confirmed them.
 
         Raises:
-            PublishNotConfirmed: the broker refused a task or did not confirm in time.
+            PublishNotConfirmed: the broker refused a task or did not confirm in time, or a
+                task is over ``max_message_size`` (then none is sent).
         """
         tasks = [make_task(endpoint_id=endpoint_id, function_id=function_id,
                            user=self.settings.user, task_group_id=batch.task_group_id,
@@ -157,6 +189,9 @@ class Client:
                            resource_spec=batch.resource_specification,
                            identity=self.settings.identity, on_behalf_of=self.on_behalf_of)
                  for function_id, args, kwargs in batch.calls]
+        too_large = [e for e in (oversize(t, self.max_message_size) for t in tasks) if e]
+        if too_large:
+            raise too_large[0]
         self._publish_confirmed(endpoint_id, batch.task_group_id, tasks)
         return [t.task_id for t in tasks]
 
@@ -189,27 +224,34 @@ class Client:
         """A task's status and timings (and result, once finished) from the ledger."""
         return self.registry.get_tasks([task_id])[0]
 
-    def get_result(self, task_id: str) -> Any:
+    def get_result(self, task_id: str, *, serializer: str | None = None) -> Any:
         """The task's value.
+
+        ``serializer`` names the one the task was sent with: the value is decoded with it
+        only. None decodes whatever the ledger recorded, which a pickled value from a
+        task's endpoint can run code with: use it only with endpoints you trust that far.
 
         Raises:
             TaskPending: the task has not finished (or the ledger has not heard of it yet).
             TaskExecutionFailed: the function raised remotely.
+            SerializationError: the value came in another serializer than ``serializer``.
         """
         task = self.get_task(task_id)
         if task.status in ("waiting", "unknown"):
             raise TaskPending(task_id, task.status)
-        return task_out_value(task)
+        return task_out_value(task, _expected(task, serializer))
 
-    def get_batch_result(self, task_ids: list[str]) -> dict[str, dict[str, Any]]:
-        """Per task id: ``pending``, ``status``, and ``result`` or ``exception``."""
+    def get_batch_result(self, task_ids: list[str], *,
+                         serializer: str | None = None) -> dict[str, dict[str, Any]]:
+        """Per task id: ``pending``, ``status``, and ``result`` or ``exception``
+        (``serializer`` as for :meth:`get_result`)."""
         answer: dict[str, dict[str, Any]] = {}
         for task in self.registry.get_tasks(task_ids):
             entry: dict[str, Any] = {"pending": task.status in ("waiting", "unknown"),
                                      "status": task.status}
             if not entry["pending"]:
                 try:
-                    entry["result"] = task_out_value(task)
+                    entry["result"] = task_out_value(task, _expected(task, serializer))
                 except Exception as exc:
                     entry["exception"] = exc
             answer[task.task_id] = entry
@@ -227,6 +269,25 @@ class Client:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    # -- for the executors ------------------------------------------------------------------
+
+    def refuses_result(self, result: ResultMessage, sender: str, endpoint_id: str) -> bool:
+        """Whether to drop ``result``, published by broker user ``sender`` for a task sent to
+        ``endpoint_id``; logs one warning when it does.
+
+        Logged in with a token the broker checks each publisher's ``user_id``, so a result
+        is taken only from the task's own endpoint or a trusted publisher. Elsewhere (an
+        open broker) ``user_id`` proves nothing and everything is taken.
+        """
+        if self.broker_login is None:
+            return False
+        why = untrusted_sender(sender, endpoint_id, self.trusted_publishers)
+        if why is None:
+            return False
+        logger.warning("dropped a result for task %r of task group %r sent by %r: %s",
+                       result.task_id, result.task_group_id, sender, why)
+        return True
+
     # -- internals ------------------------------------------------------------------------
 
     @property
@@ -238,7 +299,8 @@ class Client:
     def broker_session(self, name: str, **options: Any) -> BrokerSession:
         """A new broker session with this client's settings (the Executor uses one each)."""
         return BrokerSession(self.settings.broker_url, name=name, topology=self.topology,
-                             login=self.broker_login, **options)
+                             login=self.broker_login, max_message_size=self.max_message_size,
+                             **options)
 
     def _connected_publisher(self) -> BrokerSession:
         with self._lock:
@@ -283,6 +345,14 @@ class Client:
                 raise PublishNotConfirmed(
                     f"the broker did not confirm within {CONFIRM_TIMEOUT:.0f}s")
         return failures
+
+
+def _expected(task: TaskOut, serializer: str | None) -> Serializer:
+    """The serializer to decode ``task``'s value with: the one named, else the recorded one
+    (only a successful task has a value; the others raise their error without decoding)."""
+    if serializer is not None:
+        return get_serializer(serializer)
+    return get_serializer(task.content_type) if task.status == "success" else JSON
 
 
 def _source_of(function: Callable[..., Any]) -> str | None:

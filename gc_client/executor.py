@@ -25,6 +25,7 @@ from gc_client.tasks import (
     make_task,
     new_id,
     not_accepted,
+    oversize,
     result_value,
     task_out_value,
 )
@@ -57,9 +58,13 @@ class ComputeFuture(Future[Any]):
     records what really happened.
     """
 
-    def __init__(self, task_id: str, on_cancel: Callable[[list[str]], None] | None = None) -> None:
+    def __init__(self, task_id: str, on_cancel: Callable[[list[str]], None] | None = None, *,
+                 endpoint_id: str = "") -> None:
         super().__init__()
         self.task_id = task_id
+        #: The endpoint the task was sent to: on a secured broker only its agent (or the
+        #: registry) may send the result.
+        self.endpoint_id = endpoint_id
         #: What the task printed (bounded by the endpoint's output_limit), once it finished.
         self.stdout = ""
         self.stderr = ""
@@ -111,7 +116,9 @@ class Executor(_BaseExecutor):
         #: The end user a service account submits for (default: the client's).
         self.on_behalf_of = self.client.on_behalf_of if on_behalf_of is None else on_behalf_of
         self._futures: dict[str, ComputeFuture] = {}
-        self._unclaimed: dict[str, ResultMessage] = {}
+        #: Results for tasks this Executor does not know yet (see reload_tasks), with the
+        #: broker user that sent each.
+        self._unclaimed: dict[str, list[tuple[ResultMessage, str]]] = {}
         self._manifest_ids: list[str] = []
         self._session: BrokerSession | None = None
         self._lock = threading.Lock()
@@ -129,7 +136,10 @@ class Executor(_BaseExecutor):
 
     def submit_to_registered_function(self, function_id: str, args: Iterable[Any] = (),
                                       kwargs: dict[str, Any] | None = None) -> ComputeFuture:
-        """Run an already registered function by id."""
+        """Run an already registered function by id.
+
+        A task over the client's ``max_message_size`` is not sent: its future fails at once.
+        """
         if self._shutdown:
             raise RuntimeError("cannot submit to an Executor after shutdown")
         if self.endpoint_id is None:
@@ -141,7 +151,11 @@ class Executor(_BaseExecutor):
                          resource_spec=self.resource_specification,
                          identity=self.client.settings.identity, on_behalf_of=self.on_behalf_of,
                          user_endpoint_config=self.user_endpoint_config)
-        future = ComputeFuture(task.task_id, self._cancel_remotely)
+        future = ComputeFuture(task.task_id, self._cancel_remotely, endpoint_id=self.endpoint_id)
+        too_large = oversize(task, self.client.max_message_size)
+        if too_large is not None:
+            future.set_exception(too_large)
+            return future
         with self._lock:
             self._futures[task.task_id] = future
             self._manifest_ids.append(task.task_id)
@@ -215,23 +229,24 @@ class Executor(_BaseExecutor):
         """Futures for every task of this task group, after the submitting process is gone.
 
         Finished tasks resolve at once from the ledger; the others resolve as their
-        results arrive on the group's queue.
+        results arrive on the group's queue. Values are decoded only with this Executor's
+        serializer: build it with the one the tasks were sent with.
         """
         known = self.client.registry.list_group_tasks(self.task_group_id)
         with self._lock:
-            futures = [self._futures.setdefault(
-                t.task_id, ComputeFuture(t.task_id, self._cancel_remotely)) for t in known]
+            futures = [self._futures.setdefault(t.task_id, ComputeFuture(
+                t.task_id, self._cancel_remotely, endpoint_id=t.endpoint_id)) for t in known]
         for task in known:
             if task.status not in ("waiting", "unknown"):
-                self._resolve_from(task.task_id, partial(task_out_value, task), task.stdout,
-                                   task.stderr)
+                self._resolve_from(task.task_id, partial(task_out_value, task, self.serializer),
+                                   task.stdout, task.stderr)
         self._connected()
         with self._lock:
-            unclaimed = [r for r in self._unclaimed.values() if r.task_id in self._futures]
-        for result in unclaimed:
-            self._unclaimed.pop(result.task_id, None)
-            self._resolve_from(result.task_id, partial(result_value, result), result.stdout,
-                               result.stderr)
+            claimed = [(self._futures[task_id], self._unclaimed.pop(task_id))
+                       for task_id in list(self._unclaimed) if task_id in self._futures]
+        for future, results in claimed:
+            for result, sender in results:
+                self._accept(future, result, sender)
         return futures
 
     # -- internals -----------------------------------------------------------------------
@@ -299,13 +314,18 @@ class Executor(_BaseExecutor):
             self._session.ack_in_order(delivery)
             return
         with self._lock:
-            known = result.task_id in self._futures
-            if not known:
-                self._unclaimed[result.task_id] = result
-        if known:
-            self._resolve_from(result.task_id, lambda: result_value(result), result.stdout,
-                               result.stderr)
+            future = self._futures.get(result.task_id)
+            if future is None:
+                self._unclaimed.setdefault(result.task_id, []).append((result, delivery.user_id))
+        if future is not None:
+            self._accept(future, result, delivery.user_id)
         self._session.ack_in_order(delivery)
+
+    def _accept(self, future: ComputeFuture, result: ResultMessage, sender: str) -> None:
+        """Resolve ``future`` from a result broker user ``sender`` published, if they may."""
+        if not self.client.refuses_result(result, sender, future.endpoint_id):
+            self._resolve_from(result.task_id, partial(result_value, result, self.serializer),
+                               result.stdout, result.stderr)
 
     def _resolve_from(self, task_id: str, value: Callable[[], Any], stdout: str,
                       stderr: str) -> None:

@@ -7,6 +7,7 @@ import time
 import uuid
 from typing import Any
 
+from gc_core.broker import Refusal
 from gc_core.errors import (
     PublishNotConfirmed,
     SerializationError,
@@ -17,11 +18,12 @@ from gc_core.errors import (
 )
 from gc_core.protocol import ErrorInfo, GroupManifest, ResultMessage, TaskMessage
 from gc_core.registry.schemas import TaskOut
-from gc_core.serialize import JSON, PYTHON_VERSION, Serializer, get_serializer
+from gc_core.serialize import JSON, PYTHON_VERSION, Serializer
+from gc_core.settings import AGENT_PREFIX
 
-__all__ = ["error_to_exception", "make_manifest", "make_task", "new_id", "not_accepted",
-           "result_value", "task_out_value"]
-
+__all__ = ["error_to_exception", "make_manifest",
+           "make_task", "new_id", "not_accepted", "oversize", "result_value", "task_out_value",
+           "untrusted_sender"]
 
 def new_id() -> str:
     """A fresh task or task group id."""
@@ -51,10 +53,36 @@ def make_manifest(task_ids: list[str], *, task_group_id: str, endpoint_id: str,
 
 
 def not_accepted(what: str, endpoint_id: str, reason: object) -> PublishNotConfirmed:
-    """The error for tasks the broker did not take: usually a wrong or unconfigured endpoint."""
+    """The error for tasks the broker did not take: usually a wrong or unconfigured endpoint,
+    unless it refused them for good (a :class:`Refusal`, such as a message too large)."""
+    hint = "" if isinstance(reason, Refusal) else (
+        " Check the endpoint id, and that the endpoint was configured (`gc-agent configure`) "
+        "so its task queue exists.")
+    return PublishNotConfirmed(f"{what} not accepted for endpoint {endpoint_id}: {reason}.{hint}")
+
+
+def oversize(task: TaskMessage, limit: int) -> PublishNotConfirmed | None:
+    """The error for a task whose message body is over ``limit`` bytes (the broker's
+    ``max_message_size``), which the broker would refuse; None when it fits."""
+    size = len(task.payload)
+    if size <= limit:
+        return None
     return PublishNotConfirmed(
-        f"{what} not accepted for endpoint {endpoint_id}: {reason}. Check the endpoint id, "
-        "and that the endpoint was configured (`gc-agent configure`) so its task queue exists.")
+        f"task {task.task_id} was not sent: its arguments take {_bytes(size)}, over the "
+        f"broker's message size limit of {_bytes(limit)}. Pass large data by reference (a "
+        "path or URL on storage the endpoint can read) instead of as an argument, or, if "
+        "the broker's max_message_size is larger, raise the limit: Client(max_message_size=...).")
+
+
+def untrusted_sender(sender: str, endpoint_id: str, trusted_publishers: frozenset[str]) -> str | None:
+    """Why a result that broker user ``sender`` published may not resolve a task sent to
+    ``endpoint_id`` (None: it may). Only that endpoint's agent runs the task, and only the
+    registry (``trusted_publishers``) speaks for the ledger."""
+    agent = AGENT_PREFIX + endpoint_id
+    if sender == agent or sender in trusted_publishers:
+        return None
+    allowed = " or ".join(repr(name) for name in (agent, *sorted(trusted_publishers)))
+    return f"only {allowed} may send its result ({agent!r} is the agent of the task's endpoint)"
 
 
 def error_to_exception(task_id: str, error: ErrorInfo) -> TaskError:
@@ -67,20 +95,21 @@ def error_to_exception(task_id: str, error: ErrorInfo) -> TaskError:
                                remote_message=error.message, remote_traceback=error.traceback)
 
 
-def result_value(result: ResultMessage) -> Any:
-    """The value a result carries.
+def result_value(result: ResultMessage, serializer: Serializer = JSON) -> Any:
+    """The value a result carries, decoded only with ``serializer``, the one its task was
+    sent with (the default, JSON, never runs code).
 
     Raises:
         TaskError: the task failed, was cancelled or dead-lettered.
-        SerializationError: the value cannot be decoded here.
+        SerializationError: the value came in another content type, or cannot be decoded.
     """
     if result.error is not None or result.state != "success":
         raise error_to_exception(result.task_id, result.error or ErrorInfo(
             type="TaskError", message=f"task ended {result.state}"))
-    return _decode(result.task_id, result.content_type, result.payload)
+    return _decode(result.task_id, result.content_type, result.payload, serializer)
 
 
-def task_out_value(task: TaskOut) -> Any:
+def task_out_value(task: TaskOut, serializer: Serializer = JSON) -> Any:
     """The value of a finished task as the ledger recorded it (see :func:`result_value`)."""
     if task.error is not None or task.status != "success":
         raise error_to_exception(task.task_id, task.error or ErrorInfo(
@@ -88,15 +117,25 @@ def task_out_value(task: TaskOut) -> Any:
     if task.result_note:
         raise TaskError(f"task {task.task_id} succeeded, but {task.result_note}",
                         task_id=task.task_id)
-    return _decode(task.task_id, task.content_type, base64.b64decode(task.payload_b64))
+    return _decode(task.task_id, task.content_type, base64.b64decode(task.payload_b64),
+                   serializer)
 
 
-def _decode(task_id: str, content_type: str, payload: bytes) -> Any:
+def _decode(task_id: str, content_type: str, payload: bytes, serializer: Serializer) -> Any:
+    if content_type != serializer.content_type:
+        # Another deserializer could run whatever code the sender put in: never try it.
+        raise SerializationError(
+            f"the result of task {task_id} came as {content_type!r}, but the task was sent "
+            f"as {serializer.content_type!r}; a result is decoded only with the serializer "
+            "its task was sent with, so this one was not decoded. The endpoint did not "
+            "follow the wire contract: tell its owner.")
     try:
-        return get_serializer(content_type).loads(payload)
-    except SerializationError:
-        raise
+        return serializer.loads(payload)
     except Exception as exc:
         raise SerializationError(
             f"cannot decode the result of task {task_id} ({content_type}): "
             f"{type(exc).__name__}: {exc}") from exc
+
+
+def _bytes(size: int) -> str:
+    return f"{size:,} bytes ({size / 2**20:.1f} MiB)"

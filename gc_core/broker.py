@@ -16,12 +16,13 @@ since only the registry's own account may create them.
 from __future__ import annotations
 
 import logging
+import ssl
 import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
-from urllib.parse import quote, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import pika
 import pika.exceptions
@@ -35,8 +36,9 @@ from gc_core.errors import BrokerError, BrokerUnreachable
 from gc_core.protocol import Envelope
 from gc_core.topology import QueueDeclaration, Topology
 
-__all__ = ["DEFAULT_MAX_MESSAGE_SIZE", "BrokerSession", "ConfirmCallback", "Delivery", "Refusal",
-           "TokenLogin", "redact_url", "token_login"]
+__all__ = ["CA_FILE_PARAMETER", "DEFAULT_MAX_MESSAGE_SIZE", "BrokerSession", "ConfirmCallback",
+           "Delivery", "Refusal", "TokenLogin", "broker_tls", "certificate_refusal",
+           "find_certificate_failure", "oversize_refusal", "redact_url", "token_login"]
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +158,93 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=netloc))
 
 
+#: The broker URL's query parameter naming the CA file that verifies an ``amqps://`` broker's
+#: certificate (aiormq's name for it); without it the system's trust store does.
+CA_FILE_PARAMETER = "cafile"
+#: aiormq's other TLS parameters and pika's own, refused: a URL means the same to both
+#: sessions, and nothing switches verification off.
+_OTHER_TLS_PARAMETERS = frozenset({"capath", "cadata", "certfile", "keyfile", "no_verify_ssl",
+                                   "ssl_options"})
+#: OpenSSL's verify codes for a certificate that does not name the host connected to
+#: (X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH).
+_NAME_MISMATCHES = frozenset({62, 64})
+
+
+def broker_tls(url: str) -> tuple[str, ssl.SSLContext | None]:
+    """``url`` without its ``cafile`` parameter, and the TLS context to reach it with: for
+    ``amqps://`` one that checks the broker's certificate and host name against that CA file,
+    or else the system's trust store; None for ``amqp://``.
+
+    Raises:
+        ValueError: the URL sets TLS options we do not take, or names a CA file that is
+            unreadable or that a plaintext ``amqp://`` URL would ignore.
+    """
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    refused = sorted({name for name, _ in query} & _OTHER_TLS_PARAMETERS)
+    if refused:
+        raise ValueError(f"the broker URL {redact_url(url)} sets {', '.join(refused)}: only "
+                         f"{CA_FILE_PARAMETER} is taken, and certificates are always verified")
+    cafile = dict(query).get(CA_FILE_PARAMETER) or None
+    bare = urlunsplit(parts._replace(
+        query=urlencode([(name, value) for name, value in query if name != CA_FILE_PARAMETER])))
+    if parts.scheme != "amqps":
+        if cafile is not None:
+            raise ValueError(f"the broker URL {redact_url(url)} names a CA file but does not "
+                             "encrypt: write amqps:// (and the broker's TLS port)")
+        return bare, None
+    try:
+        return bare, ssl.create_default_context(cafile=cafile)
+    except (OSError, ssl.SSLError) as exc:
+        raise ValueError(f"cannot load the CA file {cafile} that the broker URL names: "
+                         f"{exc}") from exc
+
+
+def certificate_refusal(url: str, error: BaseException) -> str | None:
+    """One sentence for a broker whose certificate failed verification, or None when
+    ``error`` is something else."""
+    failure = find_certificate_failure(error)
+    if failure is None:
+        return None
+    parts = urlsplit(url)
+    broker = redact_url(urlunsplit(parts._replace(query="")))
+    if failure.verify_code in _NAME_MISMATCHES:
+        return (f"the broker at {broker} presented a certificate that is not valid for "
+                f"{parts.hostname}; connect by a name the certificate holds")
+    cafile = dict(parse_qsl(parts.query)).get(CA_FILE_PARAMETER)
+    trusted = f"the CA in {cafile}" if cafile else "the system's trust store"
+    return (f"the broker at {broker} presented a certificate not signed by {trusted} "
+            f"({failure.verify_message or failure}); set {CA_FILE_PARAMETER}=<PEM file> in the "
+            "broker URL to the CA that signed it")
+
+
+def find_certificate_failure(error: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The failed certificate check behind ``error``, if any: aiormq and httpx chain it as
+    the cause; pika wraps it in a workflow error's ``exceptions`` and a connector error's
+    ``exception``."""
+    pending: list[object] = [error]
+    for _ in range(20):  # the chains are short; a cycle must not loop
+        if not pending:
+            return None
+        found = pending.pop()
+        if isinstance(found, ssl.SSLCertVerificationError):
+            return found
+        if isinstance(found, BaseException):
+            pending += [found.__cause__, found.__context__, getattr(found, "exception", None),
+                        *getattr(found, "exceptions", ())]
+    return None
+
+
+def _connection_parameters(url: str) -> pika.URLParameters:
+    """pika's parameters for ``url``, with the TLS of :func:`broker_tls` (pika takes no
+    ``cafile``; it checks the certificate against the URL's host name)."""
+    bare, context = broker_tls(url)
+    params = pika.URLParameters(bare)
+    if context is not None:
+        params.ssl_options = pika.SSLOptions(context)
+    return params
+
+
 class BrokerSession:
     """One AMQP connection with confirmed publishes, consumers and automatic reconnect."""
 
@@ -221,6 +310,12 @@ class BrokerSession:
     def connected(self) -> bool:
         """True while the channel is open and declared."""
         return self._ready.is_set()
+
+    @property
+    def gave_up(self) -> str | None:
+        """Why the session stopped for good (the broker refused it), or None while it is
+        connected or still trying to reconnect."""
+        return self._fatal
 
     def start(self, timeout: float | None = 15.0) -> None:
         """Connect in the background; return once ready (at once if ``timeout`` is None).
@@ -403,10 +498,9 @@ class BrokerSession:
 
     def _unsendable(self, op: _Publish, properties: BasicProperties) -> str | None:
         """Why the broker would refuse ``op`` for good (its size), or None."""
-        size = len(op.envelope.body)
-        if size > self._max_message_size:
-            return (f"it is {size:,} bytes, over the broker's limit of "
-                    f"{self._max_message_size:,} bytes (max_message_size)")
+        oversize = oversize_refusal(len(op.envelope.body), self._max_message_size)
+        if oversize is not None:
+            return oversize
         if _rough_header_size(op.envelope) < _SURELY_FITS:
             return None
         frame_max = self._connection.params.frame_max if self._connection is not None else 0
@@ -466,7 +560,10 @@ class BrokerSession:
     def _run_connection(self) -> None:
         """Run one connection until it closes; raise if it never opened."""
         self._opened = False
-        params = pika.URLParameters(self._url)
+        try:
+            params = _connection_parameters(self._url)
+        except ValueError as exc:  # a bad URL or CA file: no reconnect fixes it
+            raise _Fatal(str(exc)) from exc
         if "heartbeat" not in self._url:
             params.heartbeat = HEARTBEAT_SECONDS
         params.connection_attempts = 1
@@ -488,10 +585,15 @@ class BrokerSession:
         connection.channel(on_open_callback=self._on_channel_open)
 
     def _on_connection_open_error(self, connection: SelectConnection, error: BaseException) -> None:
-        self._last_error = _describe(error)
+        untrusted = certificate_refusal(self._url, error)
+        self._last_error = untrusted or _describe(error)
         refused = isinstance(error, (pika.exceptions.ProbableAuthenticationError,
                                      pika.exceptions.AuthenticationError))
-        if self._login is not None and (refused or isinstance(
+        if untrusted is not None and not self._ever_ready:
+            # Fatal at start; a broker that was trusted before is retried, in case its
+            # certificate is being replaced.
+            self._fatal = untrusted
+        elif self._login is not None and (refused or isinstance(
                 error, pika.exceptions.ProbableAccessDeniedError)):
             self._fatal = self._login.refusal(self._url, vhost_refused=not refused)
         elif refused:
@@ -639,6 +741,15 @@ class BrokerSession:
             connection.close()
         except pika.exceptions.ConnectionWrongStateError:
             connection.ioloop.stop()
+
+
+def oversize_refusal(size: int, limit: int) -> Refusal | None:
+    """Why a message body of ``size`` bytes will never be taken by a broker whose
+    ``max_message_size`` is ``limit``, or None when it fits."""
+    if size <= limit:
+        return None
+    return Refusal(f"it is {size:,} bytes, over the broker's limit of {limit:,} bytes "
+                   "(max_message_size)")
 
 
 def _rough_header_size(envelope: Envelope) -> int:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
+import ssl
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
@@ -30,7 +32,15 @@ from aio_pika.abc import (
 )
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
-from gc_core.broker import HEARTBEAT_SECONDS, TokenLogin, redact_url
+from gc_core.broker import (
+    DEFAULT_MAX_MESSAGE_SIZE,
+    HEARTBEAT_SECONDS,
+    TokenLogin,
+    broker_tls,
+    certificate_refusal,
+    oversize_refusal,
+    redact_url,
+)
 from gc_core.errors import BrokerError, BrokerUnreachable, ConnectionLost, PublishNotConfirmed
 from gc_core.protocol import Envelope
 from gc_core.topology import QueueDeclaration, Topology
@@ -52,8 +62,9 @@ RECONNECT_INTERVAL = 1.0
 #: Seconds a publish caught by a lost connection pauses before it is sent again.
 REPUBLISH_PAUSE = 0.2
 
-#: Called on the event loop with each consumed message; the message is acked once it returns.
-MessageCallback = Callable[[Envelope], None]
+#: Called on the event loop with each consumed message and the ``user_id`` its publisher
+#: set ("" if none; a secured broker checked it is theirs); the message is acked once it returns.
+MessageCallback = Callable[[Envelope, str], None]
 
 #: What aio-pika and aiormq raise for broker trouble (ChannelInvalidStateError is a RuntimeError).
 _AMQP_ERRORS: tuple[type[BaseException], ...] = (
@@ -66,6 +77,10 @@ _FINAL_ERRORS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.ChannelAccessRefused, aiormq.exceptions.ChannelPreconditionFailed,
     aiormq.exceptions.ChannelNotFoundEntity, aiormq.exceptions.ConnectionNotAllowed)
 
+
+#: The broker's reply to a message over its max_message_size, with the limit it applies. The
+#: channel closes over it, so every publish then in flight on it gets this reply.
+_SIZE_REFUSAL = re.compile(r"larger than configured max size (\d+)")
 
 #: How aiormq reports a refused login or vhost.
 _LOGIN_REFUSALS: tuple[type[BaseException], ...] = (
@@ -98,11 +113,13 @@ class AsyncBrokerSession:
         confirm_timeout: float = CONFIRM_TIMEOUT,
         max_unconfirmed: int = MAX_UNCONFIRMED,
         login: TokenLogin | None = None,
+        max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
-        if prefetch < 0 or confirm_timeout <= 0 or max_unconfirmed < 1:
-            raise ValueError("prefetch must be at least 0, confirm_timeout above 0 and "
-                             "max_unconfirmed at least 1")
+        if prefetch < 0 or confirm_timeout <= 0 or max_unconfirmed < 1 or max_message_size < 1:
+            raise ValueError("prefetch must be at least 0, confirm_timeout above 0, and "
+                             "max_unconfirmed and max_message_size at least 1")
         self._login = login
+        self._max_message_size = max_message_size
         self._url = login.apply(url) if login is not None else url
         self._name = name
         self._topology = topology
@@ -136,8 +153,13 @@ class AsyncBrokerSession:
 
         Raises:
             BrokerUnreachable: no connection within ``timeout``, or the credentials were refused.
-            BrokerError: the broker refused a declaration (for example mismatched arguments).
+            BrokerError: the broker refused a declaration (for example mismatched arguments),
+                its certificate failed verification, or the URL's TLS settings are unusable.
         """
+        try:
+            url, tls = broker_tls(self._url)
+        except ValueError as exc:
+            raise BrokerError(str(exc)) from exc
         retrying = AsyncRetrying(
             retry=retry_if_exception(_is_transient),
             wait=wait_exponential_jitter(multiplier=0.2, max=5.0, jitter=0.2),
@@ -151,7 +173,7 @@ class AsyncBrokerSession:
         try:
             async for attempt in retrying:
                 with attempt:
-                    await self._open(timeout)
+                    await self._open(timeout, url, tls)
         except _AMQP_ERRORS as exc:
             if self._login is not None and isinstance(exc, _LOGIN_REFUSALS):
                 raise BrokerUnreachable(self.url, self._login.refusal(
@@ -189,11 +211,17 @@ class AsyncBrokerSession:
         Publish many at once (``asyncio.gather``) and their confirms pipeline. A publish
         caught by a lost connection is sent again once aio-pika has reconnected, until
         the confirm timeout runs out; the broker may then hold it twice (at-least-once).
+        One the broker refuses for good (too large, not permitted) fails at once.
 
         Raises:
-            PublishNotConfirmed: the broker nacked it, could not route a ``mandatory`` one,
-                refused the channel, or did not confirm it in time.
+            PublishNotConfirmed: the body is over ``max_message_size`` (not sent), or the
+                broker nacked it, could not route a ``mandatory`` one, refused it or the
+                channel, or did not confirm it in time.
         """
+        size = len(envelope.body)
+        oversize = oversize_refusal(size, self._max_message_size)
+        if oversize is not None:
+            raise PublishNotConfirmed(oversize)
         message = aio_pika.Message(
             envelope.body, headers=envelope.headers, content_type=envelope.content_type or None,
             message_id=envelope.message_id or None, correlation_id=envelope.correlation_id or None,
@@ -208,7 +236,7 @@ class AsyncBrokerSession:
                                                    deadline - loop.time())
                 if failure is None:
                     return
-                if not _is_transient(failure) or loop.time() + REPUBLISH_PAUSE >= deadline:
+                if not _worth_resending(failure, size) or loop.time() + REPUBLISH_PAUSE >= deadline:
                     raise _translate(failure, self.url, publishing=True) from failure
                 logger.debug("publish to %s caught by a lost connection (%s); sending it again",
                              exchange, _describe(failure))
@@ -248,7 +276,7 @@ class AsyncBrokerSession:
         async def deliver(message: AbstractIncomingMessage) -> None:
             # No await before the ack is queued: callbacks then finish in delivery order.
             try:
-                on_message(_envelope(message))
+                on_message(_envelope(message), message.user_id or "")
             except Exception:
                 logger.exception("consumer of queue %s failed on message %s", queue,
                                  message.message_id)
@@ -281,14 +309,20 @@ class AsyncBrokerSession:
 
     # -- internals ------------------------------------------------------------------------
 
-    async def _open(self, timeout: float) -> None:
+    async def _open(self, timeout: float, url: str, tls: ssl.SSLContext | None) -> None:
         """One connection attempt: connect, open the channel, declare; close again on failure."""
         options: dict[str, Any] = {"reconnect_interval": RECONNECT_INTERVAL}
         if "heartbeat" not in self._url:
             options["heartbeat"] = HEARTBEAT_SECONDS
-        connection = await aio_pika.connect_robust(
-            self._url, timeout=timeout, client_properties={"connection_name": self._name},
-            **options)
+        try:
+            connection = await aio_pika.connect_robust(
+                url, timeout=timeout, ssl_context=tls,
+                client_properties={"connection_name": self._name}, **options)
+        except _AMQP_ERRORS as exc:
+            untrusted = certificate_refusal(self._url, exc)
+            if untrusted is None:
+                raise
+            raise BrokerError(untrusted) from exc  # not an AMQP error: no retry
         try:
             # on_return_raises: an unroutable mandatory publish fails instead of "succeeding"
             channel = await connection.channel(publisher_confirms=True, on_return_raises=True)
@@ -385,6 +419,16 @@ def _is_transient(exc: BaseException | None) -> bool:
     if isinstance(exc, asyncio.CancelledError):
         return True  # aiormq cancels pending confirms when their channel closes
     return isinstance(exc, _AMQP_ERRORS) and not isinstance(exc, _FINAL_ERRORS)
+
+
+def _worth_resending(failure: BaseException, size: int) -> bool:
+    """Whether a publish of ``size`` bytes that failed so may succeed if sent again: after a
+    lost connection, or when the broker closed the channel over another, larger message."""
+    refused_size = (_SIZE_REFUSAL.search(str(failure)) if isinstance(
+        failure, aiormq.exceptions.ChannelPreconditionFailed) else None)
+    if refused_size is not None:
+        return size <= int(refused_size.group(1))
+    return _is_transient(failure)
 
 
 def _vhost_refused(exc: BaseException) -> bool:

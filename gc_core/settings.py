@@ -12,9 +12,11 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 __all__ = [
+    "AGENT_PREFIX",
     "CREDENTIALS_FILE",
     "DEFAULT_BROKER_URL",
     "DEFAULT_REGISTRY_URL",
+    "REGISTRY_BROKER_USER",
     "FabricSettings",
     "read_credentials",
     "resolve_settings",
@@ -24,6 +26,12 @@ __all__ = [
 DEFAULT_BROKER_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 #: The demo's local registry (``gc-registry serve``).
 DEFAULT_REGISTRY_URL = "http://127.0.0.1:8765"
+#: An endpoint's agent logs in to a secured broker as this prefix plus the endpoint id, so
+#: the broker-checked ``user_id`` of a result names the endpoint that sent it.
+AGENT_PREFIX = "endpoint-"
+#: The registry's own broker account: its ledger republishes dead letters to their
+#: submitters and its action provider submits tasks for users, so agents and clients trust it.
+REGISTRY_BROKER_USER = "gc-registry"
 #: Where ``gc-client login`` keeps the token and the name it stands for, under ``$GC_HOME``.
 CREDENTIALS_FILE = "credentials.json"
 

@@ -3,7 +3,8 @@
 The node is started by ``deploy/rabbitmq/start-secured-node.sh`` on free ports, with a node
 name, Erlang cookie and data directory of its own under a temp dir, so the shared broker on
 127.0.0.1:5672 is never touched; the registry (tokens mode, SQLite) runs in a thread and its
-ledger consumes through the node's internal ``gc-registry`` account.
+ledger consumes through the node's internal ``gc-registry`` account. Given a :class:`NodeTLS`,
+the node listens for ``amqps://`` only, and every URL here names it by its certificate's host.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import pika
 import pytest
@@ -36,26 +38,51 @@ START_SCRIPT = Path(__file__).resolve().parent.parent / "deploy" / "rabbitmq" / 
 CACHE_TTL_MS = 500
 
 
+@dataclass(frozen=True)
+class NodeTLS:
+    """A TLS listener for the node: its certificate and key, and the CA that signed them
+    (PEM files); clients reach it as ``host``, a name in the certificate."""
+
+    cert: Path
+    key: Path
+    ca: Path
+    host: str = "localhost"
+
+    @property
+    def env(self) -> dict[str, str]:
+        """The start script's settings for this listener."""
+        return {"GC_NODE_TLS_CERT": str(self.cert), "GC_NODE_TLS_KEY": str(self.key),
+                "GC_NODE_TLS_CA": str(self.ca), "GC_NODE_TLS_HOST": self.host}
+
+
 @dataclass
 class SecuredNode:
-    """A running private node: its AMQP port and how to run its script."""
+    """A running private node: its AMQP port (AMQPS with ``tls``) and how to run its script."""
 
     directory: Path
     name: str
     port: int
     env: dict[str, str]
+    tls: NodeTLS | None = None
 
     @property
     def url(self) -> str:
         """The node's URL without credentials: clients and agents log in with their tokens."""
-        return f"amqp://127.0.0.1:{self.port}/%2F"
+        return self._url("")
 
     def url_for(self, username: str, password: str) -> str:
-        """The node's URL with explicit credentials (for raw pika connections)."""
-        return f"amqp://{username}:{password}@127.0.0.1:{self.port}/%2F"
+        """The node's URL with explicit credentials (for raw pika connections on a node
+        without TLS; pika takes no ``cafile``)."""
+        return self._url(f"{username}:{password}@")
+
+    def _url(self, credentials: str) -> str:
+        if self.tls is None:
+            return f"amqp://{credentials}127.0.0.1:{self.port}/%2F"
+        return (f"amqps://{credentials}{self.tls.host}:{self.port}/%2F"
+                f"?cafile={quote(str(self.tls.ca))}")
 
     def script(self, *args: str, timeout: float = 180) -> str:
-        done = subprocess.run(["bash", str(START_SCRIPT), *args], env=self.env,
+        done = subprocess.run(["bash", str(START_SCRIPT), *args], env=self.env, check=False,
                               capture_output=True, text=True, timeout=timeout)
         if done.returncode != 0:
             raise RuntimeError(f"start-secured-node.sh {' '.join(args)} failed:\n{done.stderr}")
@@ -75,11 +102,13 @@ class SecuredFabric(Fabric):
 
 
 @contextmanager
-def secured_fabric(tmp: Path) -> Iterator[tuple[SecuredNode, RegistryServer, sessionmaker[Session]]]:
-    """Start a secured node and a tokens-mode registry it asks; stop both and clean up after."""
+def secured_fabric(tmp: Path, tls: NodeTLS | None = None,
+                   ) -> Iterator[tuple[SecuredNode, RegistryServer, sessionmaker[Session]]]:
+    """Start a secured node (with ``tls``: an AMQPS listener only) and a tokens-mode registry
+    it asks; stop both and clean up after."""
     password = secrets.token_hex(16)
     node = SecuredNode(directory=tmp / "node", name=f"gc-test-{uuid.uuid4().hex[:8]}@localhost",
-                       port=free_port(), env={})
+                       port=free_port(), env={}, tls=tls)
     db_url = f"sqlite:///{tmp / 'registry.db'}"
     # The registry's port must be known before the node starts, its broker password before
     # the registry is built: choose both here.
@@ -88,6 +117,8 @@ def secured_fabric(tmp: Path) -> Iterator[tuple[SecuredNode, RegistryServer, ses
                 "GC_NODE_PORT": str(node.port), "GC_DIST_PORT": str(free_port()),
                 "GC_REGISTRY_URL": registry.url, "GC_AUTH_CACHE_TTL": str(CACHE_TTL_MS),
                 "GC_REGISTRY_BROKER_PASSWORD": password}
+    if tls is not None:
+        node.env.update(tls.env, GC_NODE_PORT="none", GC_NODE_TLS_PORT=str(node.port))
     registry_started = False
     try:
         node.script("start")
@@ -154,15 +185,15 @@ class Secured:
 
 
 @contextmanager
-def secured_world(tmp: Path) -> Iterator[Secured]:
-    """A secured node and registry with alice, bob and their endpoints; skip (fail in CI)
-    where RabbitMQ is not installed."""
+def secured_world(tmp: Path, tls: NodeTLS | None = None) -> Iterator[Secured]:
+    """A secured node (see :func:`secured_fabric`) and registry with alice, bob and their
+    endpoints; skip (fail in CI) where RabbitMQ is not installed."""
     if not rabbitmq_installed():
         message = "RabbitMQ is not installed: `make test` installs it (deploy/rabbitmq/ensure-broker.sh)"
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    with secured_fabric(tmp) as (node, registry, sessions):
+    with secured_fabric(tmp, tls) as (node, registry, sessions):
         with sessions() as db:
             for name in ("alice", "bob"):
                 identity.create_user(db, name)

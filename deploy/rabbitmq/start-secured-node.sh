@@ -9,16 +9,23 @@
 # Settings (environment):
 #   GC_NODE_DIR        where the node keeps config, data, logs, cookie   [./.secured-node]
 #   GC_NODE_NAME       Erlang node name                                  [gc-secured@localhost]
-#   GC_NODE_PORT       AMQP port (listens on 127.0.0.1 unless GC_NODE_IP) [5673]
+#   GC_NODE_PORT       AMQP port (listens on 127.0.0.1 unless GC_NODE_IP) [5673];
+#                      `none`: no plaintext listener (with GC_NODE_TLS_PORT)
 #   GC_DIST_PORT       Erlang distribution port                          [25673]
 #   GC_REGISTRY_URL    the registry the node asks                        [http://127.0.0.1:8765]
 #   GC_AUTH_CACHE_TTL  milliseconds a decision is cached                 [from rabbitmq.conf]
 #   GC_REGISTRY_BROKER_USER / _PASSWORD  the registry's own broker account [gc-registry / random]
+#   GC_NODE_TLS_PORT   AMQPS port, on the same address                   [none: no TLS listener]
+#   GC_NODE_TLS_CERT / GC_NODE_TLS_KEY  the node's certificate and key (PEM; needed for TLS)
+#   GC_NODE_TLS_CA     the CA that signed the certificate (PEM)          [none: a public CA]
+#   GC_NODE_TLS_HOST   the name clients reach the node by, as in the certificate [localhost]
 #
 # The node's own rabbitmq.conf, enabled_plugins and definitions.json go into GC_NODE_DIR,
 # so the system's /etc/rabbitmq and any broker already running are left alone. `start`
 # writes the registry's broker URL (with its password) to GC_NODE_DIR/registry-broker-url,
 # mode 0600: give it to `gc-registry serve` (GC_BROKER_URL) so its ledger can consume.
+# With a TLS listener the TLS settings go into the node's rabbitmq.conf from
+# broker_config/rabbitmq-tls.conf, and that URL is an amqps:// one (with ?cafile=GC_NODE_TLS_CA).
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -29,6 +36,15 @@ port="${GC_NODE_PORT:-5673}"
 ip="${GC_NODE_IP:-127.0.0.1}"
 dist_port="${GC_DIST_PORT:-25673}"
 registry="${GC_REGISTRY_URL:-http://127.0.0.1:8765}"
+tls_port="${GC_NODE_TLS_PORT:-}"
+if [ -n "$tls_port" ] && { [ -z "${GC_NODE_TLS_CERT:-}" ] || [ -z "${GC_NODE_TLS_KEY:-}" ]; }; then
+    echo "GC_NODE_TLS_PORT needs GC_NODE_TLS_CERT and GC_NODE_TLS_KEY (the node's PEM files)" >&2
+    exit 2
+fi
+if [ "$port" = none ] && [ -z "$tls_port" ]; then
+    echo "GC_NODE_PORT=none leaves the node no listener: set GC_NODE_TLS_PORT too" >&2
+    exit 2
+fi
 account="${GC_REGISTRY_BROKER_USER:-gc-registry}"
 # The packaged scripts, not /usr/sbin's wrappers (those switch to the rabbitmq user).
 bin="${RABBITMQ_BIN:-/usr/lib/rabbitmq/bin}"
@@ -38,7 +54,9 @@ mkdir -p "$dir"
 dir="$(cd "$dir" && pwd)"
 # The node and its CLI share an Erlang cookie of their own under GC_NODE_DIR.
 export HOME="$dir"
-export RABBITMQ_NODENAME="$node" RABBITMQ_NODE_IP_ADDRESS="$ip" RABBITMQ_NODE_PORT="$port"
+export RABBITMQ_NODENAME="$node"
+# Without a plaintext port the tcp listener is switched off in rabbitmq.conf instead.
+[ "$port" = none ] || export RABBITMQ_NODE_IP_ADDRESS="$ip" RABBITMQ_NODE_PORT="$port"
 export RABBITMQ_DIST_PORT="$dist_port" RABBITMQ_CONF_ENV_FILE="$dir/rabbitmq-env.conf"
 export RABBITMQ_CONFIG_FILE="$dir/rabbitmq.conf" RABBITMQ_ADVANCED_CONFIG_FILE="$dir/advanced.config"
 export RABBITMQ_ENABLED_PLUGINS_FILE="$dir/enabled_plugins" RABBITMQ_PID_FILE="$dir/node.pid"
@@ -57,7 +75,33 @@ render_config() {
             "$dir/rabbitmq.conf"
     fi
     printf 'load_definitions = %s\n' "$dir/definitions.json" >>"$dir/rabbitmq.conf"
+    [ "$port" != none ] || printf 'listeners.tcp = none\n' >>"$dir/rabbitmq.conf"
+    [ -z "$tls_port" ] || render_tls >>"$dir/rabbitmq.conf"
     add_account
+}
+
+render_tls() {
+    # Absolute paths: the node runs with HOME and its working directory elsewhere.
+    local cert key ca=""
+    cert="$(realpath "$GC_NODE_TLS_CERT")" key="$(realpath "$GC_NODE_TLS_KEY")"
+    [ -z "${GC_NODE_TLS_CA:-}" ] || ca="$(realpath "$GC_NODE_TLS_CA")"
+    sed -e "s#@LISTENER@#$ip:$tls_port#" -e "s#@CERTFILE@#$cert#" -e "s#@KEYFILE@#$key#" \
+        -e "s#@CACERTFILE@#$ca#" "$config_dir/rabbitmq-tls.conf" |
+        if [ -n "$ca" ]; then cat; else grep -v '^ssl_options.cacertfile'; fi
+}
+
+# The URL the registry's ledger reaches this node by: amqps:// by name when it has TLS.
+broker_url() {
+    local account="$1" password="$2"
+    if [ -z "$tls_port" ]; then
+        printf 'amqp://%s:%s@%s:%s/%%2F\n' "$account" "$password" "$ip" "$port"
+        return
+    fi
+    local query=""
+    [ -z "${GC_NODE_TLS_CA:-}" ] || query="?cafile=$(python3 -c \
+        'import sys, urllib.parse; print(urllib.parse.quote(sys.argv[1]))' "$(realpath "$GC_NODE_TLS_CA")")"
+    printf 'amqps://%s:%s@%s:%s/%%2F%s\n' "$account" "$password" "${GC_NODE_TLS_HOST:-localhost}" \
+        "$tls_port" "$query"
 }
 
 add_account() {
@@ -77,8 +121,7 @@ definitions["permissions"] = [{"user": os.environ["GC_ACCOUNT"], "vhost": vhost[
                               for vhost in definitions["vhosts"]]
 json.dump(definitions, open(path, "w"), indent=2)
 PY
-    (umask 077 && printf 'amqp://%s:%s@%s:%s/%%2F\n' "$account" "$password" "$ip" "$port" \
-        >"$dir/registry-broker-url")
+    (umask 077 && broker_url "$account" "$password" >"$dir/registry-broker-url")
 }
 
 case "${1:-start}" in
