@@ -32,13 +32,13 @@ from pika.frame import Method
 from pika.spec import Basic, BasicProperties
 from tenacity import Retrying, retry_if_exception_type, wait_exponential_jitter
 
-from gc_core.errors import BrokerError, BrokerUnreachable
+from gc_core.errors import BrokerError, BrokerUnreachable, find_certificate_failure
 from gc_core.protocol import Envelope
 from gc_core.topology import QueueDeclaration, Topology
 
 __all__ = ["CA_FILE_PARAMETER", "DEFAULT_MAX_MESSAGE_SIZE", "BrokerSession", "ConfirmCallback",
            "Delivery", "Refusal", "TokenLogin", "broker_tls", "certificate_refusal",
-           "find_certificate_failure", "oversize_refusal", "redact_url", "token_login"]
+           "oversize_refusal", "redact_url", "token_login"]
 
 logger = logging.getLogger(__name__)
 
@@ -216,23 +216,6 @@ def certificate_refusal(url: str, error: BaseException) -> str | None:
     return (f"the broker at {broker} presented a certificate not signed by {trusted} "
             f"({failure.verify_message or failure}); set {CA_FILE_PARAMETER}=<PEM file> in the "
             "broker URL to the CA that signed it")
-
-
-def find_certificate_failure(error: BaseException) -> ssl.SSLCertVerificationError | None:
-    """The failed certificate check behind ``error``, if any: aiormq and httpx chain it as
-    the cause; pika wraps it in a workflow error's ``exceptions`` and a connector error's
-    ``exception``."""
-    pending: list[object] = [error]
-    for _ in range(20):  # the chains are short; a cycle must not loop
-        if not pending:
-            return None
-        found = pending.pop()
-        if isinstance(found, ssl.SSLCertVerificationError):
-            return found
-        if isinstance(found, BaseException):
-            pending += [found.__cause__, found.__context__, getattr(found, "exception", None),
-                        *getattr(found, "exceptions", ())]
-    return None
 
 
 def _connection_parameters(url: str) -> pika.URLParameters:

@@ -26,6 +26,8 @@
 
 from __future__ import annotations
 
+import ssl
+
 __all__ = [
     "BrokerError",
     "BrokerUnreachable",
@@ -48,6 +50,7 @@ __all__ = [
     "TaskPending",
     "UnknownSerializer",
     "VersionMismatch",
+    "find_certificate_failure",
     "WorkerLost",
 ]
 
@@ -200,3 +203,20 @@ class Forbidden(RegistryError):
 
 class ConfigError(GCError):
     """A configuration file or setting is invalid."""
+
+
+def find_certificate_failure(error: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The failed certificate check behind ``error``, if any: aiormq and httpx chain it as
+    the cause; pika wraps it in a workflow error's ``exceptions`` and a connector error's
+    ``exception``."""
+    pending: list[object] = [error]
+    for _ in range(20):  # the chains are short; a cycle must not loop
+        if not pending:
+            return None
+        found = pending.pop()
+        if isinstance(found, ssl.SSLCertVerificationError):
+            return found
+        if isinstance(found, BaseException):
+            pending += [found.__cause__, found.__context__, getattr(found, "exception", None),
+                        *getattr(found, "exceptions", ())]
+    return None

@@ -220,6 +220,7 @@ def decode_task(envelope: Envelope) -> TaskMessage:
             newer than ours. Nothing else: the message is hostile until checked.
     """
     headers = _headers(envelope)
+    _check_not_dead_lettered(headers, envelope.body)
     _check_protocol(headers, envelope.body)
     try:
         return TaskMessage(
@@ -358,6 +359,16 @@ def _headers(envelope: Envelope) -> dict[str, Any]:
     if not isinstance(headers, dict):
         raise ProtocolError("the message's headers are not a table", raw=envelope.body)
     return headers
+
+
+def _check_not_dead_lettered(headers: dict[str, Any], body: bytes) -> None:
+    """Refuse a task, command or event that was dead-lettered into its exchange. None is
+    genuine: the fabric dead-letters only into ``gc.dead``. But a queue its declarer points
+    at ``gc.tasks``, ``gc.commands`` or ``gc.events`` (which the broker cannot forbid: users
+    may publish there) would re-route messages past the broker's topic authorization."""
+    if "x-death" in headers:
+        raise ProtocolError("a dead-lettered message is not a task, command or event: it was "
+                            "re-routed here by a queue's dead-letter arguments", raw=body)
 
 
 def _check_protocol(headers: dict[str, Any], body: bytes) -> None:
@@ -512,7 +523,9 @@ def decode_event(envelope: Envelope) -> ControlMessage:
     Raises:
         ProtocolError: unknown kind or malformed body.
     """
-    kind = _headers(envelope).get(H_EVENT)
+    headers = _headers(envelope)
+    _check_not_dead_lettered(headers, envelope.body)
+    kind = headers.get(H_EVENT)
     if isinstance(kind, bytes):
         kind = kind.decode("utf-8", "replace")
     model = _CONTROL_KINDS.get(kind) if isinstance(kind, str) else None

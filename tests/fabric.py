@@ -54,11 +54,17 @@ def rabbitmqctl(*args: str, timeout: float = 60) -> str:
 class RegistryServer:
     """The real registry app served by uvicorn in a background thread."""
 
-    def __init__(self, db_url: str, broker_url: str, *, auth: str = "open") -> None:
+    def __init__(self, db_url: str, broker_url: str, *, auth: str = "open",
+                 broker_auth_secret: str | None = None,
+                 broker_checks_user_id: bool = True) -> None:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        app = create_app(RegistrySettings(db_url=db_url, broker_url=broker_url,
-                                          auth=auth))  # type: ignore[arg-type]
+        #: What the broker presents on /auth/* (None: the registry answers its own host).
+        self.broker_auth_secret = broker_auth_secret
+        app = create_app(RegistrySettings(
+            db_url=db_url, broker_url=broker_url, auth=auth,  # type: ignore[arg-type]
+            broker_auth_secret=broker_auth_secret,  # type: ignore[arg-type]
+            broker_checks_user_id=broker_checks_user_id))
         self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                                      log_level="warning", lifespan="on"))
         self._thread = threading.Thread(target=self._server.run, daemon=True)

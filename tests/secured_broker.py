@@ -107,16 +107,18 @@ def secured_fabric(tmp: Path, tls: NodeTLS | None = None,
     """Start a secured node (with ``tls``: an AMQPS listener only) and a tokens-mode registry
     it asks; stop both and clean up after."""
     password = secrets.token_hex(16)
+    broker_secret = secrets.token_urlsafe(24)
     node = SecuredNode(directory=tmp / "node", name=f"gc-test-{uuid.uuid4().hex[:8]}@localhost",
                        port=free_port(), env={}, tls=tls)
     db_url = f"sqlite:///{tmp / 'registry.db'}"
     # The registry's port must be known before the node starts, its broker password before
     # the registry is built: choose both here.
-    registry = RegistryServer(db_url, node.url_for("gc-registry", password), auth="tokens")
+    registry = RegistryServer(db_url, node.url_for("gc-registry", password), auth="tokens",
+                              broker_auth_secret=broker_secret)
     node.env = {**os.environ, "GC_NODE_DIR": str(node.directory), "GC_NODE_NAME": node.name,
                 "GC_NODE_PORT": str(node.port), "GC_DIST_PORT": str(free_port()),
                 "GC_REGISTRY_URL": registry.url, "GC_AUTH_CACHE_TTL": str(CACHE_TTL_MS),
-                "GC_REGISTRY_BROKER_PASSWORD": password}
+                "GC_REGISTRY_BROKER_PASSWORD": password, "GC_REGISTRY_AUTH_SECRET": broker_secret}
     if tls is not None:
         node.env.update(tls.env, GC_NODE_PORT="none", GC_NODE_TLS_PORT=str(node.port))
     registry_started = False
@@ -164,6 +166,8 @@ class Secured:
     tokens: dict[str, str]
     endpoint_a: str
     endpoint_b: str
+    #: What the node presents to the registry's /auth/* (HTTP basic auth, any user name).
+    broker_secret: str = ""
 
     def connect(self, who: str, token: str | None = None) -> pika.BlockingConnection:
         return pika.BlockingConnection(pika.URLParameters(
@@ -204,4 +208,5 @@ def secured_world(tmp: Path, tls: NodeTLS | None = None) -> Iterator[Secured]:
                 db, "alice", endpoint_id=endpoint_a).token
             tokens[f"endpoint-{endpoint_b}"] = identity.issue_token(
                 db, "bob", endpoint_id=endpoint_b).token
-        yield Secured(node, registry.url, sessions, tmp, tokens, endpoint_a, endpoint_b)
+        yield Secured(node, registry.url, sessions, tmp, tokens, endpoint_a, endpoint_b,
+                      broker_secret=registry.broker_auth_secret or "")

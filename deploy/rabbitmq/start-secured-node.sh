@@ -15,6 +15,7 @@
 #   GC_REGISTRY_URL    the registry the node asks                        [http://127.0.0.1:8765]
 #   GC_AUTH_CACHE_TTL  milliseconds a decision is cached                 [from rabbitmq.conf]
 #   GC_REGISTRY_BROKER_USER / _PASSWORD  the registry's own broker account [gc-registry / random]
+#   GC_REGISTRY_AUTH_SECRET  what the node presents to the registry's /auth/* [random]
 #   GC_NODE_TLS_PORT   AMQPS port, on the same address                   [none: no TLS listener]
 #   GC_NODE_TLS_CERT / GC_NODE_TLS_KEY  the node's certificate and key (PEM; needed for TLS)
 #   GC_NODE_TLS_CA     the CA that signed the certificate (PEM)          [none: a public CA]
@@ -23,7 +24,9 @@
 # The node's own rabbitmq.conf, enabled_plugins and definitions.json go into GC_NODE_DIR,
 # so the system's /etc/rabbitmq and any broker already running are left alone. `start`
 # writes the registry's broker URL (with its password) to GC_NODE_DIR/registry-broker-url,
-# mode 0600: give it to `gc-registry serve` (GC_BROKER_URL) so its ledger can consume.
+# mode 0600: give it to `gc-registry serve --broker-url-file` so its ledger can consume, and
+# the secret the node presents on /auth/* to GC_NODE_DIR/registry-auth-secret, mode 0600:
+# give it to `gc-registry serve --broker-auth-secret-file`.
 # With a TLS listener the TLS settings go into the node's rabbitmq.conf from
 # broker_config/rabbitmq-tls.conf, and that URL is an amqps:// one (with ?cafile=GC_NODE_TLS_CA).
 set -euo pipefail
@@ -69,7 +72,14 @@ render_config() {
     : >"$dir/rabbitmq-env.conf"
     cp "$config_dir/enabled_plugins" "$dir/enabled_plugins"
     cp "$config_dir/definitions.json" "$dir/definitions.json"
-    sed -e "s#http://127.0.0.1:8765#${registry%/}#" "$config_dir/rabbitmq.conf" >"$dir/rabbitmq.conf"
+    # The node proves itself to the registry with a secret (HTTP basic auth from the user
+    # info of its auth_http URLs). Bash expansions, not sed: no argument shows it in `ps`.
+    local secret="${GC_REGISTRY_AUTH_SECRET:-$(head -c 24 /dev/urandom | base64 | tr -d '/+=')}"
+    local conf asking="${registry%/}"
+    asking="${asking%%://*}://rabbitmq:${secret}@${asking#*://}"
+    conf="$(cat "$config_dir/rabbitmq.conf")"
+    (umask 077 && printf '%s\n' "${conf//http:\/\/127.0.0.1:8765/"$asking"}" >"$dir/rabbitmq.conf" \
+        && printf '%s\n' "$secret" >"$dir/registry-auth-secret")
     if [ -n "${GC_AUTH_CACHE_TTL:-}" ]; then
         sed -i -e "s#^auth_cache.cache_ttl = .*#auth_cache.cache_ttl = $GC_AUTH_CACHE_TTL#" \
             "$dir/rabbitmq.conf"

@@ -3,14 +3,15 @@
 from __future__ import annotations
 
 import binascii
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from typing import Any, Literal
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from gc_core.errors import RegistryError
 from gc_core.registry import actions, broker_auth, identity, store
@@ -38,7 +39,13 @@ from gc_core.registry.schemas import (
 from gc_core.settings import DEFAULT_BROKER_URL
 from gc_core.topology import load_topology
 
-__all__ = ["RegistrySettings", "create_app"]
+__all__ = ["DEFAULT_MAX_TOKEN_LIFETIME", "RegistrySettings", "create_app"]
+
+#: Longest life, in seconds, of a token issued through the API (90 days): a leaked token
+#: dies by itself, and so do the tokens it minted.
+DEFAULT_MAX_TOKEN_LIFETIME = 90 * 86400
+#: What a broker secret may be made of: it stands in the broker's ``auth_http`` URLs.
+BROKER_SECRET_PATTERN = r"[A-Za-z0-9_\-]{16,256}"
 
 
 class RegistrySettings(BaseModel):
@@ -56,6 +63,29 @@ class RegistrySettings(BaseModel):
     result_size_limit: int | None = Field(default=Retention.size_limit, ge=0)
     #: Seconds the ledger keeps a result's value (None: for ever).
     result_ttl: float | None = Field(default=Retention.ttl, gt=0)
+    #: Longest life, in seconds, of a token issued through the API (None: no cap). Such a
+    #: token also never outlives, nor survives, the token that issued it.
+    max_token_lifetime: float | None = Field(default=DEFAULT_MAX_TOKEN_LIFETIME, gt=0)
+    #: What the broker presents on ``/auth/*``: the password of HTTP basic auth, which its
+    #: ``auth_http.*_path`` URLs carry (``http://rabbitmq:SECRET@registry/auth/user``).
+    #: None: ``/auth/*`` answers only callers on this host, which is the broker only when it
+    #: runs beside the registry with no proxy in front.
+    broker_auth_secret: SecretStr | None = None
+    #: Whether the broker checks each message's ``user_id`` against its login, as the secured
+    #: node (``broker_config/``) does. Then a tokens-mode ledger believes it, and only it, about
+    #: who sent a result, heartbeat or manifest. False only for tests of a tokens-mode registry
+    #: on an open broker, where the ledger then records messages as their headers say.
+    broker_checks_user_id: bool = True
+
+    @field_validator("broker_auth_secret")
+    @classmethod
+    def _fits_a_url(cls, secret: SecretStr | None) -> SecretStr | None:
+        if secret is not None and not re.fullmatch(BROKER_SECRET_PATTERN,
+                                                   secret.get_secret_value()):
+            raise ValueError("the broker auth secret must be 16 to 256 letters, digits, '_' or "
+                             "'-' (it stands in the broker's auth_http URLs); make one with "
+                             "`python3 -c 'import secrets; print(secrets.token_urlsafe(32))'`")
+        return secret
 
 
 class Refusal(BaseModel):
@@ -87,7 +117,10 @@ def create_app(settings: RegistrySettings) -> FastAPI:
         if settings.ledger:
             ledger = Ledger(broker_url=settings.broker_url, topology=load_topology(),
                             sessions=app.state.sessions,
-                            retention=Retention(settings.result_size_limit, settings.result_ttl))
+                            retention=Retention(settings.result_size_limit, settings.result_ttl),
+                            # a tokens-mode registry's broker checks every sender's user_id
+                            verify_senders=settings.auth == "tokens"
+                            and settings.broker_checks_user_id)
             ledger.start()
             app.state.ledger = ledger
         yield
@@ -119,11 +152,20 @@ def create_app(settings: RegistrySettings) -> FastAPI:
         return JSONResponse(status_code=422, content={"detail": f"payload_b64 is not base64: {exc}"})
 
     @app.get("/health")
-    def health(request: Request) -> dict[str, Any]:
+    def health(request: Request) -> JSONResponse:
+        # 503 when the ledger cannot recover by itself (its writer ended): nothing is recorded
+        # and dead letters reach nobody until the registry restarts. A broker that is away
+        # is waited for, and reconnected to, without help.
         ledger = request.app.state.ledger
-        return {"status": "ok",
-                "ledger": "off" if ledger is None else
-                          "consuming" if ledger.connected else "waiting for the broker"}
+        if ledger is not None and not ledger.writing:
+            return JSONResponse(status_code=503, content={
+                "status": "failing",
+                "ledger": "stopped: its writer thread has ended, so nothing is recorded; "
+                          "restart the registry"})
+        return JSONResponse({"status": "ok",
+                             "ledger": "off" if ledger is None else
+                                       "consuming" if ledger.connected else
+                                       "waiting for the broker"})
 
     @app.get("/whoami", response_model=WhoAmI)
     def whoami(caller: Caller) -> WhoAmI:
@@ -137,7 +179,9 @@ def create_app(settings: RegistrySettings) -> FastAPI:
             raise RegistryError("only a user's own token can issue tokens; log in first",
                                 status=403)
         return identity.issue_token(session, caller.name, label=body.label,
-                                    lifetime=body.lifetime, endpoint_id=body.endpoint_id)
+                                    lifetime=body.lifetime, endpoint_id=body.endpoint_id,
+                                    parent=caller.token_id,
+                                    max_lifetime=settings.max_token_lifetime)
 
     @app.get("/tokens", response_model=list[TokenOut])
     def list_tokens(session: Db, caller: Caller) -> list[TokenOut]:

@@ -18,10 +18,27 @@ What a principal may do (anything else is refused):
   ``gc.ep.E.commands``, bound to E's routing key only; publish results to anyone (it
   answers whoever submitted) and E's heartbeats; write to ``gc.dead``, which RabbitMQ
   requires of whoever declares a queue with that dead-letter exchange.
+
+Dead-letter arguments: declaring a queue with ``x-dead-letter-exchange: X`` makes RabbitMQ
+ask ``read`` on the queue and ``write`` on X, exactly as a publish to X would ask; the
+queue's arguments never reach this backend. So nobody may name as dead-letter exchange one
+it may not publish to (``gc.dead`` and ``gc.results`` for users, the default exchange and
+``amq.*`` for all), but a user's result queue may still dead-letter into ``gc.tasks``,
+``gc.commands`` or ``gc.events``, bypassing the routing-key check there: receivers must
+refuse a message that carries an ``x-death`` header where no dead letter belongs.
+
+Only the broker may ask (``broker_auth_secret``): it presents the registry's broker secret
+as HTTP basic auth, which ``rabbitmq_auth_backend_http`` sends from the user info of its
+``auth_http.*_path`` URLs. A registry without that secret answers callers on its own host
+only.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hmac
+import ipaddress
 import logging
 import re
 from collections.abc import Callable
@@ -32,14 +49,14 @@ from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 from sqlalchemy.orm import Session
 
-from gc_core.errors import NotAuthenticated
+from gc_core.errors import Forbidden, NotAuthenticated
 from gc_core.registry import identity, policy
 from gc_core.registry.db import EndpointRow
 from gc_core.registry.deps import Db
 from gc_core.registry.identity import AGENT_PREFIX, Principal
 from gc_core.topology import Topology, load_topology
 
-__all__ = ["router", "resource_allowed", "topic_allowed", "fabric_vhost"]
+__all__ = ["fabric_vhost", "resource_allowed", "router", "topic_allowed"]
 
 logger = logging.getLogger(__name__)
 
@@ -48,8 +65,8 @@ DENY = "deny"
 
 #: Form fields longer than this are refused outright (a token is ~50 characters).
 MAX_FIELD = 1024
-
-router = APIRouter(prefix="/auth", include_in_schema=False)
+#: Form fields named in the log line of a refusal.
+_LOGGED_FIELDS = ("vhost", "resource", "name", "permission", "routing_key")
 
 
 # -- the decisions: plain functions -------------------------------------------------------
@@ -65,7 +82,7 @@ def resource_allowed(who: Principal, resource: str, name: str, permission: str,
     if resource == "exchange":
         return (_exchange_role(name, topology), permission) in _exchange_rights(who)
     if resource == "queue":
-        return any(pattern.match(name) for pattern in _own_queues(who, topology))
+        return any(pattern.fullmatch(name) for pattern in _own_queues(who, topology))
     return False
 
 
@@ -82,7 +99,7 @@ def topic_allowed(who: Principal, exchange: str, permission: str, routing_key: s
             kind = "task" if role == "tasks" else "command"
             return routing_key == topology.routing_key(kind, endpoint_id=mine)
         if permission == "write" and role == "results":
-            return bool(topology.routing_key_pattern("result").match(routing_key))
+            return bool(topology.routing_key_pattern("result").fullmatch(routing_key))
         if permission == "write" and role == "events":
             return routing_key == topology.routing_key("heartbeat", endpoint_id=mine)
         return False
@@ -90,12 +107,12 @@ def topic_allowed(who: Principal, exchange: str, permission: str, routing_key: s
         return False
     if permission == "write" and role in ("tasks", "commands"):
         kind = "task" if role == "tasks" else "command"
-        return bool(topology.routing_key_pattern(kind).match(routing_key)) \
+        return bool(topology.routing_key_pattern(kind).fullmatch(routing_key)) \
             and may_submit_to(routing_key)
     if permission == "write" and role == "events":
-        return bool(topology.routing_key_pattern("group_submitted").match(routing_key))
+        return bool(topology.routing_key_pattern("group_submitted").fullmatch(routing_key))
     if permission == "read" and role == "results":
-        return bool(topology.routing_key_pattern("result", user=who.name).match(routing_key))
+        return bool(topology.routing_key_pattern("result", user=who.name).fullmatch(routing_key))
     return False
 
 
@@ -129,6 +146,56 @@ def fabric_vhost(broker_url: str) -> str:
     return unquote(path[1:]) if len(path) > 1 else "/"
 
 
+# -- who may ask: the broker -------------------------------------------------------------
+
+def _from_the_broker(request: Request) -> None:
+    """Refuse a caller that is not the broker: it must present the broker secret, or, on a
+    registry without one, call from this host."""
+    secret = request.app.state.settings.broker_auth_secret
+    peer = request.client.host if request.client is not None else ""
+    if secret is None:
+        if _on_this_host(peer):
+            return
+        logger.warning("broker auth: refused a question from %r, not on this host", peer)
+        raise Forbidden("only the broker may ask /auth/*: this registry has no broker secret "
+                        "(gc-registry serve --broker-auth-secret-file), so it answers callers "
+                        "on its own host only")
+    presented = _basic_password(request.headers.get("authorization", ""))
+    if presented is None or not hmac.compare_digest(presented.encode(),
+                                                    secret.get_secret_value().encode()):
+        logger.warning("broker auth: refused a question from %r without the broker secret",
+                       peer)
+        raise Forbidden("only the broker may ask /auth/*: it presents the registry's broker "
+                        "secret as HTTP basic auth (auth_http.user_path = "
+                        "http://rabbitmq:SECRET@registry/auth/user, and so on)")
+
+
+def _on_this_host(address: str) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    mapped = getattr(ip, "ipv4_mapped", None)
+    return (mapped or ip).is_loopback
+
+
+def _basic_password(header: str) -> str | None:
+    """The password of an ``Authorization: Basic`` header, or None."""
+    scheme, _, encoded = header.partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        decoded = base64.b64decode(encoded.strip(), validate=True).decode()
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    _user, colon, password = decoded.partition(":")
+    return password if colon else None
+
+
+router = APIRouter(prefix="/auth", include_in_schema=False,
+                   dependencies=[Depends(_from_the_broker)])
+
+
 # -- the routes: thin --------------------------------------------------------------------
 
 async def _form(request: Request) -> dict[str, str]:
@@ -143,9 +210,9 @@ Form = Annotated[dict[str, str], Depends(_form)]
 
 def _answer(allowed: bool, what: str, form: dict[str, str]) -> PlainTextResponse:
     if not allowed:
+        # repr: names come from clients, and a newline in one would forge a log line.
         logger.info("broker auth: refused %s for %r (%s)", what, form.get("username", ""),
-                    " ".join(f"{k}={form[k]}" for k in ("vhost", "resource", "name", "permission",
-                                                         "routing_key") if k in form))
+                    " ".join(f"{k}={form[k]!r}" for k in _LOGGED_FIELDS if k in form))
     return PlainTextResponse(ALLOW if allowed else DENY)
 
 

@@ -3,14 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import stat
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, TypeVar
+from urllib.parse import urlsplit
 
 import click
 import uvicorn
+from pydantic import SecretStr, ValidationError
 from sqlalchemy.orm import Session
 
 from gc_core.errors import RegistryError
@@ -25,6 +30,8 @@ __all__ = ["main"]
 logger = logging.getLogger("gc_core.registry")
 
 _F = TypeVar("_F", bound=Callable[..., Any])
+#: Where `serve` finds the secret the broker presents on /auth/*, without a file naming it.
+BROKER_AUTH_SECRET_ENV = "GC_REGISTRY_BROKER_AUTH_SECRET"
 _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
@@ -68,7 +75,16 @@ def main() -> None:
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8765, show_default=True, type=int, help="Port to listen on.")
 @click.option("--broker-url", default=None, metavar="URL",
-              help="Broker the ledger consumes from [default: $GC_BROKER_URL or the local one].")
+              help="Broker the ledger consumes from, without a password: anyone on this host "
+                   "reads a command line [default: $GC_BROKER_URL or the local one].")
+@click.option("--broker-url-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              metavar="PATH", help="Read the broker URL, with the registry account's password, "
+                                   "from this file (mode 600: no one else may read it).")
+@click.option("--broker-auth-secret-file", type=click.Path(exists=True, dir_okay=False),
+              default=None, metavar="PATH",
+              help="The secret the broker presents on /auth/* (the password in its auth_http "
+                   f"URLs) [default: ${BROKER_AUTH_SECRET_ENV}; none: /auth/* answers this "
+                   "host only].")
 @click.option("--no-ledger", is_flag=True, help="Do not consume the task ledger queue.")
 @click.option("--auth", type=click.Choice(["tokens", "open"]), default="tokens", show_default=True,
               help="tokens: every request needs a token and policies hold. open: identities "
@@ -78,22 +94,43 @@ def main() -> None:
               help="Results larger than this keep their state in the ledger but not their value.")
 @click.option("--result-ttl", default="30d", show_default=True, metavar="DURATION",
               help="How long the ledger keeps result values (e.g. 7d, 12h; 'forever').")
+@click.option("--max-token-lifetime", default="90d", show_default=True, metavar="DURATION",
+              help="Longest life of a token issued through the API (gc-client tokens create, "
+                   "gc-agent configure); longer requests are refused. Such a token never "
+                   "outlives, nor survives, the token that issued it. 'forever': no cap.")
+@click.option("--ssl-certfile", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="Serve HTTPS with this certificate (PEM, with any intermediates after it).")
+@click.option("--ssl-keyfile", type=click.Path(exists=True, dir_okay=False), default=None,
+              help="The certificate's private key (PEM); needed with --ssl-certfile.")
 @click.option("--log-level", default="INFO", show_default=True,
               type=click.Choice(["DEBUG", "INFO", "WARNING", "ERROR"], case_sensitive=False))
-def serve(db_url: str | None, host: str, port: int, broker_url: str | None, no_ledger: bool,
-          auth: str, result_size_limit: int, result_ttl: str, log_level: str) -> None:
-    """Serve the registry's HTTP API and record the task ledger."""
+def serve(db_url: str | None, host: str, port: int, broker_url: str | None,
+          broker_url_file: str | None, broker_auth_secret_file: str | None, no_ledger: bool,
+          auth: str, result_size_limit: int, result_ttl: str, max_token_lifetime: str,
+          ssl_certfile: str | None, ssl_keyfile: str | None, log_level: str) -> None:
+    """Serve the registry's HTTP API (HTTPS with --ssl-certfile) and record the task ledger."""
+    if (ssl_certfile is None) != (ssl_keyfile is None):
+        raise click.UsageError("HTTPS needs both --ssl-certfile and --ssl-keyfile")
     configure_logging(log_level)
-    fabric = resolve_settings(broker_url=broker_url)
-    ttl = None if result_ttl == "forever" else _duration(result_ttl, "--result-ttl")
-    settings = RegistrySettings(db_url=_database_url(db_url), broker_url=fabric.broker_url,
-                                ledger=not no_ledger, auth=auth,  # type: ignore[arg-type]
-                                result_size_limit=result_size_limit, result_ttl=ttl)
+    fabric = resolve_settings(broker_url=_broker_url(broker_url, broker_url_file))
+    try:
+        settings = RegistrySettings(
+            db_url=_database_url(db_url), broker_url=fabric.broker_url, ledger=not no_ledger,
+            auth=auth,  # type: ignore[arg-type]
+            result_size_limit=result_size_limit,
+            result_ttl=_duration_or_forever(result_ttl, "--result-ttl"),
+            max_token_lifetime=_duration_or_forever(max_token_lifetime, "--max-token-lifetime"),
+            broker_auth_secret=_broker_auth_secret(broker_auth_secret_file))
+    except ValidationError as exc:
+        raise click.ClickException("; ".join(str(e["msg"]) for e in exc.errors())) from None
+    if settings.broker_auth_secret is None and auth == "tokens":
+        logger.warning("no broker secret: /auth/* answers any caller on this host; give the "
+                       "broker one (--broker-auth-secret-file or %s)", BROKER_AUTH_SECRET_ENV)
     if auth == "open":
         logger.warning("registry is OPEN: anyone who reaches it may act as anyone; use "
                        "--auth tokens anywhere but a single-user demo")
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower(),
-                access_log=False)
+                access_log=False, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
 
 
 @main.group()
@@ -173,7 +210,8 @@ def token() -> None:
 @click.argument("user_name", metavar="USER")
 @click.option("--label", default="", help="What the token is for, shown in listings.")
 @click.option("--expires-in", default=None, metavar="DURATION",
-              help="Lifetime such as 90d, 12h, 30m [default: until revoked].")
+              help="Lifetime such as 90d, 12h, 30m [default: until revoked; serve's "
+                   "--max-token-lifetime caps only tokens issued through the API].")
 @click.option("--endpoint", "endpoint_id", default=None, metavar="ENDPOINT_ID",
               help="Issue the agent token of this endpoint (USER must own it).")
 def token_create(db_url: str | None, user_name: str, label: str, expires_in: str | None,
@@ -212,10 +250,52 @@ def token_revoke(db_url: str | None, token_ids: tuple[str, ...]) -> None:
     click.echo(f"revoked {', '.join(token_ids)}")
 
 
+def _broker_url(url: str | None, url_file: str | None) -> str | None:
+    """The broker URL from ``--broker-url-file``, else from ``--broker-url`` when it carries
+    no password (the process list shows every argument to every user on the host)."""
+    if url is not None and url_file is not None:
+        raise click.UsageError("give --broker-url or --broker-url-file, not both")
+    if url_file is not None:
+        return _read_secret(url_file, "--broker-url-file")
+    if url is not None and urlsplit(url).password is not None:
+        raise click.BadParameter(
+            "it carries a password, which anyone on this host can read in the process list; "
+            "put the URL in a file only the registry's account can read and pass "
+            "--broker-url-file PATH, or set GC_BROKER_URL in the service's environment (a URL "
+            "without credentials logs in as guest, an open broker's default)",
+            param_hint="--broker-url")
+    return url
+
+
+def _broker_auth_secret(secret_file: str | None) -> SecretStr | None:
+    if secret_file is not None:
+        return SecretStr(_read_secret(secret_file, "--broker-auth-secret-file"))
+    secret = os.environ.get(BROKER_AUTH_SECRET_ENV)
+    return SecretStr(secret) if secret else None
+
+
+def _read_secret(path: str, option: str) -> str:
+    """The text of a file that holds a secret, which only its owner may read (as an agent's
+    token file)."""
+    mode = os.stat(path).st_mode
+    if mode & 0o077:
+        raise click.BadParameter(f"{path} holds a secret but others may read it (mode "
+                                 f"{stat.filemode(mode)}): run `chmod 600 {path}`",
+                                 param_hint=option)
+    text = Path(path).read_text().strip()
+    if not text:
+        raise click.BadParameter(f"{path} is empty", param_hint=option)
+    return text
+
+
+def _duration_or_forever(text: str, option: str) -> float | None:
+    return None if text == "forever" else _duration(text, option)
+
+
 def _duration(text: str | None, option: str) -> float | None:
     if text is None:
         return None
-    match = _DURATION.match(text.strip())
+    match = _DURATION.fullmatch(text.strip())
     if match is None:
         raise click.BadParameter(f"{text!r} is not a duration; write e.g. 90d, 12h or 30m",
                                  param_hint=option)

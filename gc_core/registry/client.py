@@ -11,7 +11,13 @@ from typing import Any, TypeVar
 import httpx
 from pydantic import BaseModel, TypeAdapter
 
-from gc_core.errors import Forbidden, NotAuthenticated, NotFound, RegistryError
+from gc_core.errors import (
+    Forbidden,
+    NotAuthenticated,
+    NotFound,
+    RegistryError,
+    find_certificate_failure,
+)
 from gc_core.registry.schemas import (
     EndpointIn,
     EndpointOut,
@@ -138,6 +144,13 @@ class RegistryClient:
             response = self._http.request(
                 method, path, json=json.model_dump(mode="json") if json is not None else None)
         except httpx.HTTPError as exc:
+            failure = find_certificate_failure(exc)
+            if failure is not None:
+                raise RegistryError(
+                    f"the registry at {self.url} presented a certificate that failed "
+                    f"verification ({failure.verify_message}); reach it by a name the "
+                    "certificate holds, with SSL_CERT_FILE naming the CA that signed it"
+                ) from exc
             raise RegistryError(
                 f"cannot reach the registry at {self.url}: {exc}; is `gc-registry serve` "
                 "running, and does GC_REGISTRY_URL point at it?") from exc

@@ -17,9 +17,10 @@ from typing import Literal
 from sqlalchemy import delete, select
 from sqlalchemy.orm import Session
 
-from gc_core.errors import Forbidden, NotAuthenticated, NotFound
+from gc_core.errors import Forbidden, NotAuthenticated, NotFound, RegistryError
 from gc_core.registry.db import EndpointRow, GroupMemberRow, GroupRow, TokenRow, UserRow
-from gc_core.registry.schemas import IssuedToken, TokenOut, UserOut
+from gc_core.registry.schemas import NAME_PATTERN, IssuedToken, TokenOut, UserOut
+from gc_core.settings import AGENT_PREFIX
 
 __all__ = [
     "AGENT_PREFIX",
@@ -39,10 +40,6 @@ __all__ = [
     "revoke_token",
 ]
 
-#: User and group names: one routing-key word (result queues are ``gc.results.<user>.<group>``).
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_\-]{0,63}$"
-#: An agent authenticates to the broker as ``endpoint-<endpoint id>``; no user may be named so.
-AGENT_PREFIX = "endpoint-"
 _TOKEN_PREFIX = "gct_"
 
 UserKind = Literal["user", "service"]
@@ -75,7 +72,7 @@ ANONYMOUS = Principal(name="anonymous", kind="anonymous", admin=True)
 
 def create_user(db: Session, name: str, *, kind: UserKind = "user", admin: bool = False) -> UserOut:
     """Add a user or a service account."""
-    if not re.match(NAME_PATTERN, name) or name.startswith(AGENT_PREFIX):
+    if not re.fullmatch(NAME_PATTERN, name) or name.startswith(AGENT_PREFIX):
         raise ValueError(f"user name {name!r} is not allowed: use 1-64 letters, digits, '_' or "
                          f"'-', starting with a letter or digit, and not {AGENT_PREFIX!r}…")
     if db.get(UserRow, name) is not None:
@@ -98,7 +95,7 @@ def list_users(db: Session) -> list[UserOut]:
 
 def create_group(db: Session, name: str) -> None:
     """Add an (empty) group."""
-    if not re.match(NAME_PATTERN, name):
+    if not re.fullmatch(NAME_PATTERN, name):
         raise ValueError(f"group name {name!r} is not allowed: use 1-64 letters, digits, '_' "
                          "or '-', starting with a letter or digit")
     if db.get(GroupRow, name) is not None:
@@ -125,9 +122,18 @@ def remove_member(db: Session, group: str, user: str) -> None:
 
 
 def issue_token(db: Session, user: str, *, label: str = "", lifetime: float | None = None,
-                endpoint_id: str | None = None) -> IssuedToken:
+                endpoint_id: str | None = None, parent: str | None = None,
+                max_lifetime: float | None = None) -> IssuedToken:
     """A new token for ``user`` (for an agent: scoped to ``endpoint_id``, which ``user`` must
-    own). ``lifetime`` in seconds; None means it lasts until revoked."""
+    own). ``lifetime`` in seconds; None means the longest allowed.
+
+    A token issued by another (``parent``, its token id) never outlives it and is revoked
+    with it; ``max_lifetime`` caps the lifetime (the registry's setting for tokens issued
+    through its API). Without either the token lasts until revoked (an administrator's).
+
+    Raises:
+        RegistryError: (422) ``lifetime`` is longer than the cap or than the parent has left.
+    """
     _user_row(db, user)
     if endpoint_id is not None:
         endpoint = db.get(EndpointRow, endpoint_id)
@@ -136,15 +142,35 @@ def issue_token(db: Session, user: str, *, label: str = "", lifetime: float | No
         if endpoint.owner != user:
             raise Forbidden(f"only the owner of endpoint {endpoint_id} ({endpoint.owner}) may "
                             "issue its agent token")
-    secret = _TOKEN_PREFIX + secrets.token_urlsafe(32)
     now = time.time()
+    parent_row = None if parent is None else db.get(TokenRow, parent)
+    expires = _expiry(now, lifetime, max_lifetime,
+                      None if parent_row is None else parent_row.expires)
+    secret = _TOKEN_PREFIX + secrets.token_urlsafe(32)
     row = TokenRow(token_id=secrets.token_hex(6), token_hash=_hash(secret), user=user,
-                   endpoint_id=endpoint_id, label=label, created=now,
-                   expires=None if lifetime is None else now + lifetime)
+                   endpoint_id=endpoint_id, label=label, created=now, expires=expires,
+                   parent=parent)
     db.add(row)
     db.commit()
     principal = AGENT_PREFIX + endpoint_id if endpoint_id else user
     return IssuedToken(token=secret, principal=principal, **_token_out(row).model_dump())
+
+
+def _expiry(now: float, lifetime: float | None, cap: float | None,
+            parent_expires: float | None) -> float | None:
+    """When a new token expires: as asked, else as late as ``cap`` and the parent allow."""
+    if lifetime is not None and cap is not None and lifetime > cap:
+        raise RegistryError(f"a token may live at most {_span(cap)} on this registry (its "
+                            f"administrator's cap), not {_span(lifetime)}; ask for less",
+                            status=422)
+    if lifetime is not None and parent_expires is not None and now + lifetime > parent_expires:
+        raise RegistryError(f"the token asking expires at {_when(parent_expires)}, and a token "
+                            f"it issues cannot outlive it: ask for at most "
+                            f"{_span(max(parent_expires - now, 0))}, or log in with a "
+                            "longer-lived token", status=422)
+    limits = [t for t in (None if lifetime is None else now + lifetime,
+                          None if cap is None else now + cap, parent_expires) if t is not None]
+    return min(limits) if limits else None
 
 
 def list_tokens(db: Session, user: str | None = None) -> list[TokenOut]:
@@ -156,14 +182,28 @@ def list_tokens(db: Session, user: str | None = None) -> list[TokenOut]:
 
 
 def revoke_token(db: Session, token_id: str, *, by: Principal | None = None) -> TokenOut:
-    """Revoke a token now; ``by`` (when given) must own it or be an admin."""
+    """Revoke a token now, and every token it issued (theirs too, and so on down);
+    ``by`` (when given) must own it or be an admin."""
     row = db.get(TokenRow, token_id)
     if row is None or (by is not None and not by.admin and row.user != by.name):
         raise NotFound(f"no token {token_id} of yours; `gc-client tokens` lists them")
-    if row.revoked is None:
-        row.revoked = time.time()
-        db.commit()
+    now = time.time()
+    for revoked in [row, *_descendants(db, token_id)]:
+        if revoked.revoked is None:
+            revoked.revoked = now
+    db.commit()
     return _token_out(row)
+
+
+def _descendants(db: Session, token_id: str) -> list[TokenRow]:
+    """Every token issued by ``token_id``, by its children, and so on."""
+    found: list[TokenRow] = []
+    parents = [token_id]
+    while parents:
+        children = list(db.scalars(select(TokenRow).where(TokenRow.parent.in_(parents))))
+        found.extend(children)
+        parents = [child.token_id for child in children]
+    return found
 
 
 def authenticate(db: Session, token: str, *, now: float | None = None) -> Principal:
@@ -217,7 +257,7 @@ def _user_out(db: Session, row: UserRow) -> UserOut:
 def _token_out(row: TokenRow) -> TokenOut:
     return TokenOut(token_id=row.token_id, user=row.user, endpoint_id=row.endpoint_id,
                     label=row.label, created=row.created, expires=row.expires,
-                    revoked=row.revoked)
+                    revoked=row.revoked, parent=row.parent)
 
 
 def _hash(token: str) -> str:
@@ -226,3 +266,14 @@ def _hash(token: str) -> str:
 
 def _when(timestamp: float) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(timestamp))
+
+
+def _span(seconds: float) -> str:
+    """``90 days``, ``2 hours``, ``45 seconds``: whole units, rounded down."""
+    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+        if seconds >= size:
+            break
+    else:
+        unit, size = "second", 1
+    count = int(seconds // size)
+    return f"{count} {unit}{'' if count == 1 else 's'}"

@@ -94,8 +94,10 @@ def register_function(db: Session, body: FunctionIn, *, owner: str | None = None
 
 
 def get_function(db: Session, function_id: str, principal: Principal = ANONYMOUS) -> FunctionOut:
-    """A registered function by id, if ``principal`` may use it (agents may fetch any: the
-    broker only lets them see tasks their endpoint's policy allowed)."""
+    """A registered function by id, if ``principal`` may use it; for an agent, if its
+    endpoint may run it for one of its users (``policy.agent_function_refusal``)."""
+    if principal.is_agent:
+        policy.require_agent_may_read(db, principal, function_id)
     row = db.get(FunctionRow, function_id)
     if row is None or not (principal.is_agent or policy.may_use_function(principal, row)):
         raise NotFound(f"no function {function_id} is registered (or it is not shared with you)")

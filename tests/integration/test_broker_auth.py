@@ -72,7 +72,8 @@ def _declare_result_queue(channel: BlockingChannel, user: str, group: str) -> st
 # -- the registry's /auth/* answers, over HTTP ---------------------------------------------
 
 def _ask(secured: Secured, path: str, **form: str) -> str:
-    response = httpx.post(f"{secured.registry_url}/auth/{path}", data={"vhost": "/", **form})
+    response = httpx.post(f"{secured.registry_url}/auth/{path}", data={"vhost": "/", **form},
+                          auth=("rabbitmq", secured.broker_secret))
     assert response.status_code == 200
     return response.text
 

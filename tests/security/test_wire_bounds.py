@@ -48,6 +48,8 @@ def _task(headers: dict[str, Any], *, message_id: str = "t-1", correlation_id: s
     ("protocol a string", _task({"gc-protocol": "1"})),
     ("protocol a bool", _task({"gc-protocol": True})),
     ("content type with a newline", _task({}, content_type="application/json\nx")),
+    ("dead-lettered into gc.tasks by a queue's arguments",
+     _task({"x-death": [{"reason": "rejected", "queue": "gc.results.alice.g", "count": 1}]})),
 ])
 def test_a_forged_task_is_refused_with_a_protocol_error(case: str, envelope: Envelope) -> None:
     with pytest.raises(ProtocolError):
@@ -88,6 +90,8 @@ def test_a_forged_result_is_refused_with_a_protocol_error(case: str, envelope: E
         {"task_group_id": "g", "endpoint_id": "e", "user": "u", "task_ids": ["t\n"],
          "submitted": 0}).encode()),
     ("deep JSON heartbeat", {"gc-event": "heartbeat"}, b'{"engine_status":' + b"[" * 100_000),
+    ("cancel dead-lettered into gc.commands", {"gc-event": "cancel", "x-death": [{}]},
+     b'{"task_ids": ["t"], "user": "alice", "sent": 0}'),
 ])
 def test_a_forged_event_is_refused_with_a_protocol_error(case: str, headers: dict[str, Any],
                                                            body: bytes) -> None:
