@@ -21,10 +21,10 @@ the manifest's endpoint from then on. With ``verified`` senders (a tokens-mode r
 - a heartbeat counts only from ``endpoint-<its endpoint>``.
 
 In open mode (nobody's ``user_id`` is checked) what a message claims is all there is: a
-result for a task no manifest named is recorded as it claims, as before; a result for a
-recorded task counts only if it names the task's user and endpoint. In both modes a dead
-letter goes to the user, task group and endpoint the ledger recorded for its task, never
-to those its headers name (one for a task no manifest named goes nowhere), a heartbeat
+result or dead letter for a task no manifest named is recorded (and a dead letter handed
+on) as it claims, as before; a result for a recorded task counts only if it names the
+task's user and endpoint. In both modes a dead letter of a recorded task goes to the user,
+task group and endpoint the ledger recorded, never to those its headers name; a heartbeat
 counts as sent no later than it arrived, and whatever one message makes fail costs that
 message alone: it is dropped with one warning line, and the batch goes on.
 """
@@ -392,9 +392,11 @@ def _result_refusal(result: ResultMessage, owner: store.TaskOwner | None, sender
     """Why the ledger must not record ``result`` (a dead letter if ``dead``) for the task
     ``owner`` describes (None: no manifest named it), or None."""
     if owner is None:
-        if dead:
-            return "no manifest named its task, so it has no recipient"
-        return "no manifest named its task" if senders.verified else None
+        # Unverified, the headers are all there is (and the decoder has bounded them).
+        if not senders.verified:
+            return None
+        return ("no manifest named its task, so it has no recipient" if dead
+                else "no manifest named its task")
     if senders.verified:
         # A dead letter is the submitter's own task message: the broker kept its user_id.
         expected = owner.user if dead else f"{AGENT_PREFIX}{owner.endpoint_id}"
