@@ -3,6 +3,11 @@
 Reliability hinges on one rule: a task delivery is acked only after the broker has
 confirmed its result. Until then the delivery is ours, so an agent killed at any
 moment loses nothing — the broker hands its unacked tasks to the next agent.
+
+A message is hostile until checked, and whatever one message makes fail costs that message
+only: each delivery travels with a :class:`_Ticket`, and every path — a result, a requeue,
+a dead letter, an exception anywhere on the way — ends in exactly one answer, so no
+delivery (and no prefetch slot) is ever left unsettled.
 """
 
 from __future__ import annotations
@@ -14,16 +19,20 @@ import socket
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, replace
-from typing import Callable
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+from pydantic import ValidationError
 
 from gc_agent.admission import Admission, AdmissionKey
 from gc_agent.config import EndpointConfig
 from gc_agent.engines import Engine, make_engine
-from gc_agent.execution import Job, Outcome
-from gc_agent.policy import refusal
-from gc_core.broker import BrokerSession, Delivery, token_login
+from gc_agent.execution import Job, Outcome, checked_outcome, error_info
+from gc_agent.policy import check_identities_verifiable, refusal, verifies_senders
+from gc_core.broker import BrokerSession, Delivery, Refusal, token_login
 from gc_core.errors import GCError, ProtocolError
 from gc_core.protocol import (
     CancelCommand,
@@ -42,7 +51,7 @@ from gc_core.registry.client import RegistryClient
 from gc_core.registry.identity import AGENT_PREFIX
 from gc_core.serialize import JSON, PYTHON_VERSION, SERIALIZERS
 from gc_core.settings import FabricSettings
-from gc_core.topology import load_topology, safe_name_part
+from gc_core.topology import load_topology
 
 __all__ = ["Agent"]
 
@@ -60,6 +69,8 @@ AGENT_TOKEN_REMEDY = ("give the agent its endpoint's token: token_file in its co
                       "endpoint_id")
 #: Which heartbeat counter a result state counts in.
 _COUNTER = {"success": "succeeded", "failed": "failed", "cancelled": "cancelled"}
+#: Characters of an untrusted value (an exception's text, a forged id) a log line shows.
+LOGGED_TEXT = 300
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,11 +81,38 @@ class _Function:
     python: str
 
 
+@dataclass(eq=False)
+class _Ticket:
+    """One task delivery on its way to exactly one answer: a result, a requeue or a dead
+    letter. Whoever claims the ticket first gives that answer; a later attempt (an outcome
+    after an error, an error after an outcome) is dropped."""
+
+    delivery: Delivery
+    received: float
+    #: The task, once decoding checked it: only then may a result echo what it says.
+    task: TaskMessage | None = None
+    _claimed: bool = False
+    _settled: bool = False
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def claim(self) -> bool:
+        """True the first time only: the caller then answers the task."""
+        with self._lock:
+            claimed, self._claimed = self._claimed, True
+        return not claimed
+
+    def settle(self) -> bool:
+        """True the first time only: the caller then acks or rejects the delivery."""
+        with self._lock:
+            settled, self._settled = self._settled, True
+        return not settled
+
+
 class Agent:
     """One endpoint's agent."""
 
     def __init__(self, config: EndpointConfig, settings: FabricSettings, *,
-                 on_heartbeat: Callable[[Heartbeat, bool], None] | None = None) -> None:
+                 on_heartbeat: Callable[[Heartbeat, str | None], None] | None = None) -> None:
         self.config = config
         self._on_heartbeat = on_heartbeat
         self.endpoint_id = config.endpoint_id
@@ -82,6 +120,9 @@ class Agent:
         # On a secured broker (a URL without credentials) the agent logs in with its token.
         self._login = token_login(self._broker_url, AGENT_PREFIX + config.endpoint_id,
                                   settings.token, remedy=AGENT_TOKEN_REMEDY)
+        #: Whether each task's broker-checked user_id names its sender (else names are claims).
+        self._verified = verifies_senders(config, token_login=self._login is not None)
+        check_identities_verifiable(config, verified=self._verified)
         self._registry_url = config.registry_url or settings.registry_url
         self._topology = load_topology()
         self._engine: Engine = make_engine(config)
@@ -91,7 +132,7 @@ class Agent:
         self._admission: Admission | None = None
         self._broker: BrokerSession | None = None
         self._functions: dict[str, _Function] = {}
-        self._fetching: dict[AdmissionKey, list[tuple[Delivery, TaskMessage, float]]] = {}
+        self._fetching: dict[AdmissionKey, list[_Ticket]] = {}
         self._fetch_lock = threading.Lock()
         self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fetch")
         self._done: OrderedDict[str, None] = OrderedDict()
@@ -103,6 +144,9 @@ class Agent:
         self._stopped = threading.Event()
         #: Set when the agent has been idle for ``idle_heartbeats`` periods and wants to stop.
         self.idle = threading.Event()
+        #: Set when its broker session gave up for good: the agent cannot serve and wants to
+        #: exit with an error, so that its service manager starts it again.
+        self.broken = threading.Event()
         self._started_at = time.time()
         self._queue_depth: int | None = None
 
@@ -123,7 +167,8 @@ class Agent:
         prefetch = self.config.prefetch or PREFETCH_PER_WORKER * self._engine.capacity
         self._broker = BrokerSession(
             self._broker_url, name=f"gc-agent:{self.endpoint_id}", topology=self._topology,
-            queues=[tasks_queue, commands_queue], prefetch=prefetch, login=self._login)
+            queues=[tasks_queue, commands_queue], prefetch=prefetch, login=self._login,
+            stamp_user_id=self._verified)
         self._broker.consume(commands_queue.name, self._on_command)
         try:
             self._broker.start(timeout=timeout)
@@ -137,24 +182,34 @@ class Agent:
         logger.info("agent for endpoint %s started: %s engine, %d workers, prefetch %d, broker %s",
                     self.endpoint_id, self._engine.name, self._engine.capacity, prefetch,
                     self._broker.url)
+        if self.config.multi_user is not None and not self._verified:
+            logger.warning("endpoint %s maps the identity each task claims without verifying "
+                           "it (multi_user.insecure_trust_claimed_identities): whoever can send "
+                           "it a task runs code as any account its mapping reaches",
+                           self.endpoint_id)
 
     def _drain_commands(self, queue: str, timeout: float) -> None:
         assert self._broker is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            counted = threading.Event()
-            depth: list[int] = []
-
-            def note(count: int) -> None:
-                depth.append(count)
-                counted.set()
-
-            self._broker.queue_message_count(queue, note)
-            if counted.wait(5) and depth[0] == 0:
+            if self._message_count(queue) == 0:
                 return
             time.sleep(0.05)
         logger.warning("commands queue %s not drained within %.0fs; consuming tasks anyway",
                        queue, timeout)
+
+    def _message_count(self, queue: str) -> int | None:
+        """How many messages wait in ``queue``, or None if the broker did not say in time."""
+        assert self._broker is not None
+        counted = threading.Event()
+        depth: list[int] = []
+
+        def note(count: int) -> None:
+            depth.append(count)
+            counted.set()
+
+        self._broker.queue_message_count(queue, note)
+        return depth[0] if counted.wait(5) else None
 
     def stop(self) -> None:
         """Drain: stop consuming, requeue tasks not started, let running ones finish, close."""
@@ -184,64 +239,80 @@ class Agent:
     # -- the task path (IO thread) -------------------------------------------------------
 
     def _on_task(self, delivery: Delivery) -> None:
-        received = time.time()
+        ticket = _Ticket(delivery, time.time())
         with self._lock:
             self._counts["received"] += 1
             self._in_flight += 1
+        self._handling(ticket, self._take)
+
+    def _handling(self, ticket: _Ticket, step: Callable[[_Ticket], None]) -> None:
+        """Run one step of a task's way; whatever it raises answers the task instead of
+        leaking its delivery (a bug, or a message no check foresaw)."""
+        try:
+            step(ticket)
+        except Exception as exc:
+            self._fail(ticket, exc)
+
+    def _take(self, ticket: _Ticket) -> None:
+        delivery = ticket.delivery
         try:
             task = decode_task(delivery.envelope)
         except ProtocolError as exc:
-            self._refuse_undecodable(delivery, exc, received)
+            self._refuse_undecodable(ticket, exc)
             return
+        ticket.task = task
         if task.task_id in self._done:
             logger.debug("task %s redelivered after its result was confirmed; acking", task.task_id)
-            self._settle(delivery, requeue=None)
+            self._settle(ticket, requeue=None)
             return
         if not self._sent_by(delivery, task.user):
             logger.warning("dropped task %s: it claims to come from %s, the broker says %r",
                            task.task_id, task.user, delivery.user_id)
-            self._settle(delivery, requeue=None)
+            self._settle(ticket, requeue=None)
             return
         problem = refusal(task, endpoint_id=self.endpoint_id,
                           allowed_serializers=self.config.allowed_serializers)
         if problem is not None:
-            logger.warning("refused task %s: %s", task.task_id, problem.message)
-            self._publish(delivery, error_result(task, problem, timings=Timings(received=received)))
+            self._answer_error(ticket, problem)
             return
         function = self._functions.get(task.function_id)
         if function is None or (self._admission is not None and not self._admission.admitted(task)):
-            self._prepare_then_run(delivery, task, received)
+            self._prepare_then_run(ticket, task)
         else:
-            self._run(delivery, task, function, received)
+            self._run(ticket, function)
 
-    def _prepare_then_run(self, delivery: Delivery, task: TaskMessage, received: float) -> None:
+    def _prepare_then_run(self, ticket: _Ticket, task: TaskMessage) -> None:
         """Off the IO thread: have the registry admit the task (when it checks tokens) and
         fetch its function once; tasks with the same needs wait for the same answer."""
         key = AdmissionKey.of(task)
         with self._fetch_lock:
             waiting = self._fetching.get(key)
             if waiting is not None:
-                waiting.append((delivery, task, received))
+                waiting.append(ticket)
                 return
-            self._fetching[key] = [(delivery, task, received)]
-        self._fetcher.submit(_logged(self._prepare), key, task)
+            self._fetching[key] = [ticket]
+        try:
+            self._fetcher.submit(self._prepare, key, task)
+        except RuntimeError:  # the agent is stopping: whoever waits goes back to the queue
+            with self._fetch_lock:
+                waiting = self._fetching.pop(key, [])
+            for each in waiting:
+                self._settle(each, requeue=True)
 
     def _prepare(self, key: AdmissionKey, task: TaskMessage) -> None:
         function: _Function | ErrorInfo
         try:
             function = self._admit(task) or self._function(task.function_id)
-        except GCError as exc:
-            function = ErrorInfo(type=type(exc).__name__,
-                                 message=f"cannot fetch function {task.function_id}: {exc}")
+        except Exception as exc:  # the registry's answer is as untrusted as any message
+            function = error_info(type(exc).__name__,
+                                  f"cannot fetch function {task.function_id}: {exc}")
         with self._fetch_lock:
             waiting = self._fetching.pop(key, [])
-        for delivery, waiting_task, received in waiting:
+        for ticket in waiting:
             if isinstance(function, _Function):
-                self._run(delivery, waiting_task, function, received)
+                self._handling(ticket, partial(self._run, function=function))
             else:
-                logger.warning("refused task %s: %s", waiting_task.task_id, function.message)
-                self._publish(delivery, error_result(waiting_task, function,
-                                                     timings=Timings(received=received)))
+                self._handling(ticket, partial(self._answer_error, error=function))
 
     def _admit(self, task: TaskMessage) -> ErrorInfo | None:
         """The registry's refusal of ``task`` as an error result, or None."""
@@ -250,14 +321,15 @@ class Agent:
         reason = self._admission.refusal(task)
         if reason is None:
             return None
-        return ErrorInfo(type="PolicyError",
-                         message=f"endpoint {self.endpoint_id} refuses task {task.task_id}: {reason}")
+        return error_info("PolicyError",
+                          f"endpoint {self.endpoint_id} refuses task {task.task_id}: {reason}")
 
     def _identity_of(self, task: TaskMessage) -> str:
-        """Whom a multi-user endpoint maps to a local account. When the registry checks
-        tokens, only the authenticated user counts: a claimed ``gc-identity`` could name
-        anyone's account."""
-        return task.user if self._admission is not None else task.identity or task.user
+        """Whom a multi-user endpoint maps to a local account: the sender the broker
+        verified. A claimed ``gc-identity`` could name anyone's account, so it counts only
+        where the administrator chose to trust claims (the agent refuses to start a
+        multi-user endpoint that can verify no sender otherwise)."""
+        return task.user if self._verified else task.identity or task.user
 
     def _function(self, function_id: str) -> _Function:
         """A function from the cache, or fetched from the registry once."""
@@ -269,79 +341,173 @@ class Agent:
             self._functions[function_id] = function
         return function
 
-    def _run(self, delivery: Delivery, task: TaskMessage, function: _Function,
-             received: float) -> None:
+    def _run(self, ticket: _Ticket, function: _Function) -> None:
+        task = ticket.task
+        assert task is not None
         if self._cancelled.get(task.task_id) == task.user:
             self._cancelled.pop(task.task_id, None)
             logger.info("task %s was cancelled before it started", task.task_id)
             error = ErrorInfo(type="TaskCancelled",
                               message=f"task {task.task_id} was cancelled before it started")
-            self._publish(delivery, error_result(task, error, state="cancelled",
-                                                 timings=Timings(received=received)))
+            self._answer(ticket, error_result(task, error, state="cancelled",
+                                              timings=Timings(received=ticket.received)))
             return
         self._owners[task.task_id] = task.user
         job = Job(task.task_id, task.function_id, function.payload, function.python,
                   task.content_type, task.payload, task.sender_python, task.sender_serializer,
                   self.config.output_limit, task.resource_spec, self._identity_of(task),
                   task.user_endpoint_config)
-        self._engine.submit(job, lambda outcome: self._on_outcome(delivery, task, received, outcome))
+        self._engine.submit(job, lambda outcome: self._handling(
+            ticket, partial(self._on_outcome, outcome=outcome)))
 
-    def _on_outcome(self, delivery: Delivery, task: TaskMessage, received: float,
-                    outcome: Outcome) -> None:
+    def _on_outcome(self, ticket: _Ticket, outcome: Outcome) -> None:
+        task = ticket.task
+        assert task is not None
         self._owners.pop(task.task_id, None)
         if outcome.lost:
-            self._settle(delivery, requeue=True)
+            self._settle(ticket, requeue=True)
             return
-        outcome = _within_size_limit(outcome, self.config.result_size_limit)
-        result = ResultMessage(
+        outcome = checked_outcome(outcome, self.config.result_size_limit)
+        self._answer(ticket, ResultMessage(
             task_id=task.task_id, task_group_id=task.task_group_id, endpoint_id=self.endpoint_id,
             function_id=task.function_id, user=task.user, on_behalf_of=task.on_behalf_of,
             state=outcome.state,
             content_type=outcome.content_type, payload=outcome.payload, error=outcome.error,
-            timings=Timings(received=received, started=outcome.started, finished=outcome.finished),
+            timings=Timings(received=ticket.received, started=outcome.started,
+                            finished=outcome.finished),
             worker=outcome.worker, stdout=outcome.stdout, stderr=outcome.stderr,
             sender_python=PYTHON_VERSION,
-            sender_serializer=SERIALIZERS[outcome.content_type].label if outcome.content_type else "")
-        self._publish(delivery, result)
+            sender_serializer=SERIALIZERS[outcome.content_type].label if outcome.content_type
+            else ""))
 
-    def _publish(self, delivery: Delivery, result: ResultMessage) -> None:
-        """Publish a result; ack the task once the broker confirms it, requeue if it refuses."""
+    # -- answers: each delivery gets exactly one ----------------------------------------
+
+    def _fail(self, ticket: _Ticket, exc: Exception) -> None:
+        """Something raised on a task's way: tell its sender if the task was decoded (so we
+        know whom), else dead-letter it; nothing if it was answered already."""
+        task = ticket.task
+        logger.warning("handling task %s failed: %s: %r", task.task_id if task else
+                       _shown(ticket.delivery.envelope.message_id), type(exc).__name__,
+                       str(exc)[:LOGGED_TEXT])
+        logger.debug("the failure in full", exc_info=exc)
+        if task is None:
+            self._settle(ticket, requeue=False)
+            return
+        self._owners.pop(task.task_id, None)
+        self._answer_error(ticket, error_info(
+            "AgentError", f"endpoint {self.endpoint_id} could not handle task {task.task_id}: "
+                          f"{type(exc).__name__}: {exc}"))
+
+    def _answer_error(self, ticket: _Ticket, error: ErrorInfo) -> None:
+        assert ticket.task is not None
+        logger.warning("refused task %s: %s", ticket.task.task_id, error.message)
+        self._answer(ticket, error_result(ticket.task, error,
+                                          timings=Timings(received=ticket.received)))
+
+    def _answer(self, ticket: _Ticket, result: ResultMessage) -> None:
+        """Answer a task with ``result``, unless it was answered already."""
+        if ticket.claim():
+            self._send(ticket, result, last_try=False)
+
+    def _send(self, ticket: _Ticket, result: ResultMessage, *, last_try: bool) -> None:
+        """Publish a result; settle the task once the broker answers: ack it when confirmed,
+        requeue it when the broker may take the result later, and when it never will (a
+        :class:`Refusal`), answer with a small error result instead, or dead-letter it if
+        even that is refused."""
         assert self._broker is not None
-        key = self._topology.routing_key("result", user=result.user,
-                                         task_group_id=result.task_group_id)
 
         def confirmed(reason: str | None) -> None:
-            if reason is not None:
+            if reason is None:
+                self._remember_done(result.task_id)
+                with self._lock:
+                    self._counts[_COUNTER[result.state]] += 1
+                self._finish(ticket, requeue=None)
+            elif not isinstance(reason, Refusal):
                 logger.warning("result of task %s not confirmed (%s); requeueing the task",
                                result.task_id, reason)
-                self._settle(delivery, requeue=True)
-                return
-            self._remember_done(result.task_id)
-            with self._lock:
-                self._counts[_COUNTER[result.state]] += 1
-            self._settle(delivery, requeue=None)
+                self._finish(ticket, requeue=True)
+            elif last_try:
+                logger.warning("the broker refused the error result of task %s too (%s); "
+                               "dead-lettering the task", result.task_id, reason)
+                self._finish(ticket, requeue=False)
+            else:
+                logger.warning("the broker refused the result of task %s for good (%s); "
+                               "answering with an error instead", result.task_id, reason)
+                self._send(ticket, _refused(result, reason), last_try=True)
 
-        self._broker.publish(self._topology.exchange("results"), key, encode_result(result),
-                             on_confirm=confirmed)
+        try:
+            key = self._topology.routing_key("result", user=result.user,
+                                             task_group_id=result.task_group_id)
+            self._broker.publish(self._topology.exchange("results"), key, encode_result(result),
+                                 on_confirm=confirmed)
+        except Exception as exc:  # a publish that cannot even be queued can never succeed
+            logger.warning("cannot publish the result of task %s (%s: %r); dead-lettering the "
+                           "task", result.task_id, type(exc).__name__, str(exc)[:LOGGED_TEXT])
+            self._finish(ticket, requeue=False)
+
+    def _settle(self, ticket: _Ticket, *, requeue: bool | None) -> None:
+        """Answer a task without a result: ack (``requeue`` None), requeue (True) or
+        dead-letter (False) it, unless it was answered already."""
+        if ticket.claim():
+            self._finish(ticket, requeue=requeue)
+
+    def _finish(self, ticket: _Ticket, *, requeue: bool | None) -> None:
+        """Ack, requeue or dead-letter the delivery: once, whatever calls this twice."""
+        assert self._broker is not None
+        if not ticket.settle():
+            return
+        if requeue is None:
+            self._broker.ack(ticket.delivery)
+        else:
+            self._broker.reject(ticket.delivery, requeue=requeue)
+        with self._lock:
+            self._in_flight -= 1
+
+    def _refuse_undecodable(self, ticket: _Ticket, exc: ProtocolError) -> None:
+        """Answer a malformed task if it names, within bounds, an id and a sender the
+        broker vouches for; else dead-letter it."""
+        envelope = ticket.delivery.envelope
+        logger.warning("undecodable task %s (%d bytes): %r", _shown(envelope.message_id),
+                       len(exc.raw), str(exc)[:LOGGED_TEXT])
+        headers = envelope.headers if isinstance(envelope.headers, dict) else {}
+        try:
+            result = ResultMessage(
+                task_id=envelope.message_id,
+                task_group_id=envelope.correlation_id or _header_text(headers, "gc-task-group"),
+                endpoint_id=self.endpoint_id, user=_header_text(headers, "gc-user"),
+                state="failed", content_type=JSON.content_type,
+                error=error_info("ProtocolError", str(exc)),
+                timings=Timings(received=ticket.received))
+        except ValidationError:
+            result = None  # no id or sender within bounds: nobody to tell
+        if result is None or not self._sent_by(ticket.delivery, result.user):
+            self._settle(ticket, requeue=False)
+        else:
+            self._answer(ticket, result)
+
+    # -- commands ------------------------------------------------------------------------
 
     def _on_command(self, delivery: Delivery) -> None:
-        """A command from gc.commands: cancel tasks that are waiting, running or yet to come."""
+        """A command from gc.commands: cancel tasks that are waiting, running or yet to come.
+        Whatever a command is, it is acked once: a bad one is dropped, never left unacked."""
         assert self._broker is not None
         try:
             command = decode_event(delivery.envelope)
-        except ProtocolError as exc:
-            logger.warning("dropped an undecodable command (%d bytes): %s", len(exc.raw), exc)
+            if isinstance(command, CancelCommand) and self._sent_by(delivery, command.user):
+                for task_id in command.task_ids:
+                    self._cancel(task_id, command.user)
+        except Exception as exc:
+            logger.warning("dropped a command (%d bytes) that could not be handled: %s: %r",
+                           len(delivery.envelope.body), type(exc).__name__,
+                           str(exc)[:LOGGED_TEXT])
+        finally:
             self._broker.ack(delivery)
-            return
-        if isinstance(command, CancelCommand) and self._sent_by(delivery, command.user):
-            for task_id in command.task_ids:
-                self._cancel(task_id, command.user)
-        self._broker.ack(delivery)
 
     def _sent_by(self, delivery: Delivery, user: str) -> bool:
-        """Whether ``user`` sent it: on a secured broker (we log in with a token) the
-        ``user_id`` the broker checked must match; elsewhere the claim is all there is."""
-        return (self._login is None or delivery.user_id == user
+        """Whether ``user`` sent it: where the broker verifies senders the ``user_id`` it
+        checked must match (or be a trusted publisher's); elsewhere the claim is all there
+        is."""
+        return (not self._verified or delivery.user_id == user
                 or delivery.user_id in self.config.trusted_publishers)
 
     def _cancel(self, task_id: str, user: str) -> None:
@@ -358,31 +524,6 @@ class Agent:
         logger.info("cancel task %s: %s", task_id, "remembered until it arrives"
                     if how == "unknown" else how)
 
-    def _refuse_undecodable(self, delivery: Delivery, exc: ProtocolError, received: float) -> None:
-        """Answer a malformed task if we can tell who sent it; else dead-letter it."""
-        envelope = delivery.envelope
-        user = envelope.headers.get("gc-user")
-        user = user.decode("utf-8", "replace") if isinstance(user, bytes) else user
-        logger.warning("undecodable task %r (%d bytes): %s", envelope.message_id, len(exc.raw), exc)
-        if isinstance(user, str) and envelope.message_id and _routable(user, envelope.correlation_id):
-            stub = TaskMessage(task_id=envelope.message_id, task_group_id=envelope.correlation_id,
-                               endpoint_id=self.endpoint_id, function_id="?", user=user,
-                               content_type=envelope.content_type, payload=b"")
-            error = ErrorInfo(type="ProtocolError", message=str(exc))
-            self._publish(delivery, error_result(stub, error, timings=Timings(received=received)))
-        else:
-            self._settle(delivery, requeue=False)
-
-    def _settle(self, delivery: Delivery, *, requeue: bool | None) -> None:
-        """Ack (``requeue`` None), requeue (True) or dead-letter (False) a delivery."""
-        assert self._broker is not None
-        if requeue is None:
-            self._broker.ack(delivery)
-        else:
-            self._broker.reject(delivery, requeue=requeue)
-        with self._lock:
-            self._in_flight -= 1
-
     def _remember_done(self, task_id: str) -> None:
         self._done[task_id] = None
         if len(self._done) > DONE_MEMORY:
@@ -396,6 +537,11 @@ class Agent:
         key = self._topology.routing_key("heartbeat", endpoint_id=self.endpoint_id)
         idle_periods, last_received = 0, -1
         while not self._stopped.is_set():
+            if self._broker.gave_up is not None:
+                logger.error("the broker session of endpoint %s gave up (%s); the agent stops",
+                             self.endpoint_id, self._broker.gave_up)
+                self.broken.set()
+                return
             received = self._counts["received"]
             idle_periods = idle_periods + 1 if received == last_received and not self._in_flight else 0
             last_received = received
@@ -417,7 +563,17 @@ class Agent:
         self._broker.publish(self._topology.exchange("events"), key, encode_event(heartbeat),
                              persistent=False)
         if self._on_heartbeat is not None:
-            self._on_heartbeat(heartbeat, self._broker.connected)
+            self._on_heartbeat(heartbeat, self.broker_problem())
+
+    def broker_problem(self) -> str | None:
+        """What keeps the agent from its broker, as its session reports it; None while
+        connected."""
+        broker = self._broker
+        if broker is None:
+            return "not started"
+        if broker.gave_up is not None:
+            return f"gave up: {broker.gave_up}"
+        return None if broker.connected else "disconnected; reconnecting"
 
     def _note_depth(self, depth: int) -> None:
         self._queue_depth = depth
@@ -436,36 +592,26 @@ class Agent:
             queue_depth=self._queue_depth, engine_status=self._engine.status())
 
 
-def _routable(*words: str) -> bool:
-    """Whether these can form a result routing key (else the error has nowhere to go)."""
-    try:
-        for word in words:
-            safe_name_part(word, "routing key word")
-    except GCError:
-        return False
-    return True
+def _refused(result: ResultMessage, reason: str) -> ResultMessage:
+    """The small error result that answers a task whose result the broker refused for good."""
+    return ResultMessage(
+        task_id=result.task_id, task_group_id=result.task_group_id,
+        endpoint_id=result.endpoint_id, function_id=result.function_id, user=result.user,
+        on_behalf_of=result.on_behalf_of, state="failed", content_type=JSON.content_type,
+        error=error_info("ResultRefused", f"the broker refused the result of task "
+                                          f"{result.task_id} for good: {reason}"),
+        timings=result.timings, worker=result.worker, sender_python=PYTHON_VERSION)
 
 
-def _logged(fn: Callable[[AdmissionKey, TaskMessage], None]
-            ) -> Callable[[AdmissionKey, TaskMessage], None]:
-    """A thread pool swallows exceptions; this says them instead."""
-
-    def run(key: AdmissionKey, task: TaskMessage) -> None:
-        try:
-            fn(key, task)
-        except Exception:
-            logger.exception("preparing task %s (function %s) failed", task.task_id,
-                             task.function_id)
-
-    return run
+def _header_text(headers: dict[str, Any], name: str) -> str:
+    """A header as text, or "" if it is not text (the model's checks do the rest)."""
+    value = headers.get(name, "")
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    return value if isinstance(value, str) else ""
 
 
-def _within_size_limit(outcome: Outcome, limit: int) -> Outcome:
-    """Refuse a result too large to send inline, saying how large and what the limit is."""
-    if len(outcome.payload) <= limit:
-        return outcome
-    message = (f"the result of task {outcome.task_id} is {len(outcome.payload):,} bytes, over this "
-               f"endpoint's limit of {limit:,} bytes (result_size_limit); write large outputs to "
-               "storage both sides can reach and return their location instead")
-    return replace(outcome, state="failed", payload=b"", content_type=JSON.content_type,
-                   error=ErrorInfo(type="ResultTooLarge", message=message))
+def _shown(untrusted: str) -> str:
+    """An unchecked value as a log line may show it: escaped and cut, so it cannot forge
+    a line of its own."""
+    return repr(untrusted[:LOGGED_TEXT])

@@ -3,20 +3,29 @@
 ``sys.stdout`` and ``sys.stderr`` are process-wide, and the thread engine runs several
 tasks at once, so redirecting them per task would mix outputs. Instead a dispatching
 stream is installed once; each thread running a task points it at that task's buffer,
-and every other thread writes through to the original stream. Output written to the
-file descriptors directly (by a subprocess, or C code) is not captured.
+and every other thread writes through to the original stream.
+
+Output written to the file descriptors directly (by a subprocess, C code, or a thread the
+task started) is captured only in a process worker, which runs one task at a time: it
+points descriptors 1 and 2 at files of its own (``redirect_descriptors``) and adds what
+reached them to the task's output (``with_descriptor_output``). So nothing a task writes
+ever reaches the agent's log, which a worker would otherwise inherit as its descriptors.
 """
 
 from __future__ import annotations
 
+import fcntl
 import io
+import os
 import sys
+import tempfile
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import TextIO
 
-__all__ = ["BoundedText", "captured_output"]
+__all__ = ["BoundedText", "captured_output", "clear_descriptors", "redirect_descriptors",
+           "with_descriptor_output"]
 
 
 class BoundedText:
@@ -26,7 +35,7 @@ class BoundedText:
     than ``write`` and ``flush`` (and stays cheap to create for every task).
     """
 
-    __slots__ = ("_limit", "_parts", "_size", "_dropped")
+    __slots__ = ("_dropped", "_limit", "_parts", "_size")
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
@@ -49,6 +58,10 @@ class BoundedText:
             self._size += len(kept.encode())
             self._dropped += len(data) - len(kept.encode())
         return len(text)
+
+    def skip(self, size: int) -> None:
+        """Count ``size`` more bytes as cut, without reading them."""
+        self._dropped += size
 
     def text(self) -> str:
         """What was kept, with a marker saying how much was cut."""
@@ -106,3 +119,51 @@ def captured_output(limit: int) -> Iterator[tuple[BoundedText, BoundedText]]:
     finally:
         for stream in streams:
             stream.local.buffer = None
+
+
+#: Standard output and standard error, as file descriptors.
+_DESCRIPTORS = (1, 2)
+
+
+def redirect_descriptors() -> None:
+    """Point descriptors 1 and 2 at unnamed files of this process's own, append-only.
+
+    Append-only because a task's subprocesses share these descriptors (and their offset):
+    after ``with_descriptor_output`` empties a file, their next write lands at its start.
+    """
+    for descriptor in _DESCRIPTORS:
+        with tempfile.TemporaryFile() as file:
+            flags = fcntl.fcntl(file.fileno(), fcntl.F_GETFL)
+            fcntl.fcntl(file.fileno(), fcntl.F_SETFL, flags | os.O_APPEND)
+            os.dup2(file.fileno(), descriptor)
+
+
+def clear_descriptors() -> None:
+    """Forget what reached descriptors 1 and 2 so far (output of no task's, between tasks)."""
+    for descriptor in _DESCRIPTORS:
+        os.ftruncate(descriptor, 0)
+
+
+def with_descriptor_output(stdout: str, stderr: str, limit: int) -> tuple[str, str]:
+    """What a task printed, each followed by what reached descriptors 1 and 2 since they were
+    cleared; each stream's whole kept within ``limit`` bytes, the rest counted and marked."""
+    for stream in (sys.stdout, sys.stderr):
+        # What other threads wrote through Python's own buffers; a task may have closed them.
+        with suppress(ValueError, OSError):
+            stream.flush()
+    out, err = (_followed_by(text, descriptor, limit)
+                for text, descriptor in zip((stdout, stderr), _DESCRIPTORS))
+    clear_descriptors()
+    return out, err
+
+
+def _followed_by(text: str, descriptor: int, limit: int) -> str:
+    size = os.fstat(descriptor).st_size
+    if size == 0:
+        return text
+    room = max(limit - len(text.encode("utf-8", "replace")), 0)
+    data = os.pread(descriptor, min(size, room), 0)
+    kept = BoundedText(room)
+    kept.write(data.decode("utf-8", "replace"))
+    kept.skip(size - len(data))
+    return text + kept.text()

@@ -28,7 +28,7 @@ from gc_agent.config import (
 from gc_agent.daemon import EndpointFiles, spawn_detached, stop_process
 from gc_agent.systemd import ENV_DIR, PACKAGED_UNIT, UNIT_DIR, BootInstall, systemd_running
 from gc_core.broker import BrokerSession, redact_url, token_login
-from gc_core.errors import GCError
+from gc_core.errors import BrokerError, GCError
 from gc_core.logs import configure_logging
 from gc_core.registry.client import RegistryClient
 from gc_core.registry.identity import AGENT_PREFIX
@@ -147,8 +147,8 @@ def start(settings: FabricSettings, name: str, detach: bool, log_file: Path | No
             return
         configure_logging(log_level, log_file=log_file)
         broker_url = redact_url(config.broker_url or settings.broker_url)
-        agent = Agent(config, settings, on_heartbeat=lambda heartbeat, connected:
-                      files.write_status(heartbeat, connected, broker_url))
+        agent = Agent(config, settings, on_heartbeat=lambda heartbeat, problem:
+                      files.write_status(heartbeat, problem, broker_url))
         _serve(agent, files)
     except GCError as exc:
         _fail(str(exc))
@@ -166,12 +166,14 @@ def _serve(agent: Agent, files: EndpointFiles) -> None:
     agent.start(timeout=agent.config.connect_timeout)
     files.pid.write_text(str(os.getpid()))
     try:
-        while not stop.wait(0.2) and not agent.idle.is_set():
+        while not stop.wait(0.2) and not agent.idle.is_set() and not agent.broken.is_set():
             pass
         agent.stop()
     finally:
         files.pid.unlink(missing_ok=True)
         files.status.unlink(missing_ok=True)
+    if agent.broken.is_set():
+        raise BrokerError(f"the agent's broker session gave up: {agent.broker_problem()}")
 
 
 @main.command()
@@ -236,8 +238,9 @@ def status(settings: FabricSettings, name: str) -> None:
         return
     age = time.time() - record["sent"]
     click.echo(f"uptime:     {_duration(time.time() - record['started'])}")
+    problem = record.get("broker_problem")
     click.echo(f"broker:     {'connected' if record['broker_connected'] else 'DISCONNECTED'} "
-               f"({record['broker_url']})")
+               f"({record['broker_url']}){f': {problem}' if problem else ''}")
     click.echo(f"engine:     {record['engine']}, {record['workers']} workers, "
                f"{record['workers_busy']} busy")
     depth = record.get("queue_depth")
@@ -334,7 +337,7 @@ def enable_on_boot(settings: FabricSettings, name: str, run_as: str | None, unit
                    f"runs: systemctl daemon-reload && systemctl enable --now {boot.instance}")
         return
     for args in (("daemon-reload",), ("enable", "--now")):
-        done = (subprocess.run(["systemctl", *args], capture_output=True, text=True)
+        done = (subprocess.run(["systemctl", *args], check=False, capture_output=True, text=True)
                 if args == ("daemon-reload",) else boot.systemctl(*args))
         if done.returncode != 0:
             _fail(f"systemctl {' '.join(args)} failed: {done.stderr.strip()}")
@@ -359,7 +362,7 @@ def disable_on_boot(settings: FabricSettings, name: str, unit_dir: Path, env_dir
 
 def _readable_by(account: str, path: Path) -> bool:
     """Whether ``account`` can read ``path`` (checked as that account)."""
-    done = subprocess.run(["su", "-s", "/bin/sh", account, "-c", f"test -r '{path}'"],
+    done = subprocess.run(["su", "-s", "/bin/sh", account, "-c", f"test -r '{path}'"], check=False,
                           capture_output=True)
     return done.returncode == 0
 

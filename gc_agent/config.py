@@ -134,6 +134,20 @@ class MultiUserConfig(BaseModel):
                                   "default: the agent's.")
     user_idle_timeout: float = Field(default=300.0, gt=0,
                                      description="Seconds before an idle user's workers stop.")
+    allowed_privileged_accounts: list[str] = Field(
+        default=[],
+        description="DANGER: accounts tasks may run as although they are system accounts "
+                    "(uid below UID_MIN), in group 0 or in a privileged group (sudo, wheel, "
+                    "adm, docker, ...: gc_agent.multiuser.mapping.PRIVILEGED_GROUPS). Each "
+                    "one listed lets mapped identities run code with those rights. Root is "
+                    "refused even here.")
+    insecure_trust_claimed_identities: bool = Field(
+        default=False,
+        description="INSECURE, for a box where one person sends every task (a demo, a test "
+                    "stack): map the identity a task merely claims, on a broker that does not "
+                    "verify who sent it. Whoever can send this endpoint a task then runs code "
+                    "as any account the mapping reaches. Without it a multi-user agent refuses "
+                    "to start unless the broker verifies senders (broker_verifies_user_id).")
 
 
 class EndpointConfig(BaseModel):
@@ -151,6 +165,13 @@ class EndpointConfig(BaseModel):
         description="File (mode 0600) holding this endpoint's agent token: the agent logs in "
                     "to the registry, and to a broker URL without credentials, as "
                     "endpoint-<endpoint_id> with it.")
+    broker_verifies_user_id: bool = Field(
+        default=False,
+        description="The broker's users are the registry's, so the user_id it checks on each "
+                    "message names the sender: a task must then come from the user it names "
+                    "(or a trusted publisher), and a multi-user endpoint maps that user. Implied "
+                    "when the agent logs in with its token (token_file and a broker URL without "
+                    "credentials); set it when broker_url carries credentials for such a broker.")
     engine: AnyEngineConfig = EngineConfig()
     prefetch: int | None = Field(
         default=None, ge=1,

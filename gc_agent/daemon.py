@@ -48,10 +48,12 @@ class EndpointFiles:
     def status(self) -> Path:
         return self.directory / "status.json"
 
-    def write_status(self, heartbeat: Heartbeat, broker_connected: bool, broker_url: str) -> None:
-        """Record the agent's latest heartbeat for `gc-agent status` (atomically)."""
-        record = {**heartbeat.model_dump(), "broker_connected": broker_connected,
-                  "broker_url": broker_url}
+    def write_status(self, heartbeat: Heartbeat, broker_problem: str | None,
+                     broker_url: str) -> None:
+        """Record the agent's latest heartbeat, and what keeps it from its broker (None:
+        nothing), for `gc-agent status` (atomically)."""
+        record = {**heartbeat.model_dump(), "broker_connected": broker_problem is None,
+                  "broker_problem": broker_problem, "broker_url": broker_url}
         partial = self.status.with_suffix(".tmp")
         partial.write_text(json.dumps(record))
         partial.replace(self.status)

@@ -11,17 +11,29 @@ import socket
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable, Literal
+from typing import Any, Literal
 
 import cloudpickle
 
 from gc_agent.capture import captured_output
 from gc_core.errors import SerializationError, VersionMismatch
-from gc_core.protocol import ErrorInfo
-from gc_core.serialize import CLOUDPICKLE, JSON, PYTHON_VERSION, get_serializer, python_minor
+from gc_core.protocol import MAX_ERROR_MESSAGE, MAX_ERROR_TRACEBACK, MAX_LABEL_LENGTH, ErrorInfo
+from gc_core.serialize import (
+    CLOUDPICKLE,
+    JSON,
+    PYTHON_VERSION,
+    SERIALIZERS,
+    get_serializer,
+    python_minor,
+)
 
-__all__ = ["FunctionCache", "Job", "Outcome", "current_resource_spec", "run_job"]
+__all__ = ["FunctionCache", "Job", "Outcome", "checked_outcome", "current_resource_spec",
+           "error_info", "run_job"]
+
+#: Marks where an error text was cut to the wire's bound.
+_CUT = " [… cut by gc-fabric]"
 
 #: Loaded functions by id, one cache per worker.
 FunctionCache = dict[str, Callable[..., Any]]
@@ -153,9 +165,58 @@ def _failed(job: Job, exc: BaseException, started: float, worker: str, *,
             text = "".join(traceback.format_exception(type(exc), exc, tb))
         except Exception:
             text = "".join(traceback.format_tb(tb)) + f"{type(exc).__name__}: {_text_of(exc)}\n"
-    error = ErrorInfo(type=type(exc).__name__, message=_text_of(exc), traceback=text)
+    error = error_info(type(exc).__name__, _text_of(exc), text)
     return Outcome(job.task_id, "failed", JSON.content_type, b"", error, started, time.time(),
                    worker)
+
+
+def error_info(kind: str, message: str, traceback: str = "") -> ErrorInfo:
+    """An error within the wire's bounds, however long or strange its parts: the message
+    keeps its start, the traceback its end (where the failing frame is), and a type name
+    with control characters is shown escaped."""
+    return ErrorInfo(type=_label(kind), message=_head(message, MAX_ERROR_MESSAGE),
+                     traceback=_tail(traceback, MAX_ERROR_TRACEBACK))
+
+
+def _label(text: str) -> str:
+    """``text`` as a wire label: escaped if it holds control characters, cut to the bound."""
+    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in text):
+        text = repr(text)
+    return _head(text, MAX_LABEL_LENGTH)
+
+
+def checked_outcome(outcome: Outcome, result_size_limit: int) -> Outcome:
+    """An outcome fit to become a result: what a worker (maybe the user's own process) sent
+    back is checked, and a value too large to send inline fails, saying both sizes."""
+    outcome = replace(outcome, worker=_label(outcome.worker))
+    if outcome.state != "success":
+        return replace(outcome, content_type=JSON.content_type, payload=b"",
+                       error=outcome.error or error_info(
+                           "WorkerError", f"the worker reported task {outcome.task_id} "
+                                          f"{outcome.state} without saying why"))
+    if outcome.content_type not in SERIALIZERS:
+        return _refused(outcome, "WorkerError", f"the worker answered task {outcome.task_id} "
+                                                f"with a value of unknown content type "
+                                                f"{_label(outcome.content_type)}")
+    if len(outcome.payload) <= result_size_limit:
+        return outcome
+    return _refused(outcome, "ResultTooLarge", (
+        f"the result of task {outcome.task_id} is {len(outcome.payload):,} bytes, over this "
+        f"endpoint's limit of {result_size_limit:,} bytes (result_size_limit); write large "
+        "outputs to storage both sides can reach and return their location instead"))
+
+
+def _refused(outcome: Outcome, kind: str, message: str) -> Outcome:
+    return replace(outcome, state="failed", payload=b"", content_type=JSON.content_type,
+                   error=error_info(kind, message))
+
+
+def _head(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit - len(_CUT)] + _CUT
+
+
+def _tail(text: str, limit: int) -> str:
+    return text if len(text) <= limit else _CUT + text[len(text) - limit + len(_CUT):]
 
 
 def _text_of(exc: BaseException) -> str:

@@ -6,9 +6,10 @@ import logging
 import queue
 import threading
 from abc import ABC, abstractmethod
-from typing import Any, Callable, Literal
+from collections.abc import Callable
+from typing import Any, Literal
 
-from gc_agent.execution import Job, Outcome
+from gc_agent.execution import Job, Outcome, error_info
 from gc_core.protocol import ErrorInfo
 
 __all__ = ["CancelResult", "Engine", "OnDone", "SlotPool", "cancelled_outcome"]
@@ -151,7 +152,7 @@ class SlotPool(Engine):
                     continue  # cancelled or taken back while it waited
                 job, on_done = item
                 self._running[task_id] = (slot, on_done)
-            outcome = self._run(slot, job)
+            outcome = self._outcome(slot, job)
             with self._lock:
                 del self._running[task_id]
                 cancelled = task_id in self._cancelled_running
@@ -164,6 +165,17 @@ class SlotPool(Engine):
                 on_done(outcome)
             except Exception:
                 logger.exception("handling the outcome of task %s failed", task_id)
+
+    def _outcome(self, slot: int, job: Job) -> Outcome:
+        """Run a job; whatever goes wrong fails that job and never ends the slot's thread."""
+        try:
+            return self._run(slot, job)
+        except Exception as exc:
+            logger.warning("slot %d of the %s engine failed running task %s: %s: %r", slot,
+                           self.name, job.task_id, type(exc).__name__, str(exc)[:300])
+            return Outcome(job.task_id, "failed", error=error_info(
+                "EngineError", f"the {self.name} engine failed running task {job.task_id}: "
+                               f"{type(exc).__name__}: {exc}"))
 
     #: Whether ``_interrupt`` can stop a running job (a process can be killed, a thread not).
     _interruptible = False

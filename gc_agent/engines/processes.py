@@ -4,6 +4,11 @@ A task that crashes its worker (a segfault, ``os._exit``, the OOM killer) costs 
 that worker: the slot reports the task lost, so the agent returns it to the broker,
 and a fresh worker takes the slot. Workers are started with ``subprocess`` so that a
 multi-user endpoint can start them as another account (see ``WorkerLaunch``).
+
+A worker runs other people's code, which can write anything to the socket the worker
+answers on: whatever the slot cannot read or decode fails that task and costs that
+worker, never the slot. A worker never holds the agent's standard output or error (the
+agent's log), its terminal session, or the fabric's credentials from its environment.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
@@ -32,8 +38,35 @@ logger = logging.getLogger(__name__)
 
 #: Seconds a worker gets to exit on its own at shutdown before it is killed.
 WORKER_EXIT_GRACE = 2.0
+#: Seconds a worker whose socket failed gets to finish exiting: one that is still running
+#: after that broke the protocol (its task wrote to the socket) rather than died.
+WORKER_EXIT_WAIT = 1.0
+#: Longest answer read from a worker, in bytes. Task code can write to its worker's socket,
+#: length prefix included; RabbitMQ refuses messages over 128 MiB by default and base64 makes
+#: a result a third larger, so no longer answer could ever become a result.
+MAX_ANSWER_BYTES = 256 * 2**20
+#: Longest part of a decoding error quoted back to the task's submitter, in characters.
+MAX_PROBLEM_TEXT = 500
 #: PATH of a worker started as another account: nothing inherited from the agent.
 CLEAN_PATH = "/usr/local/bin:/usr/bin:/bin"
+#: Prefix of the environment variables a worker running as the agent's own account does not
+#: inherit: the fabric's namespace, where ``gc_core.settings`` reads every setting and secret
+#: (GC_BROKER_URL with its password, GC_TOKEN, GC_REGISTRY_URL, GC_HOME ...).
+FABRIC_VARIABLE_PREFIX = "GC_"
+
+
+def worker_environment(agent_environment: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a worker that runs as the agent's own account.
+
+    A deny-list, deliberately: such a worker is the owner's own process, and tasks rely on
+    the environment the owner started the agent in (modules, conda, CUDA, scheduler and
+    proxy variables) that no allow-list could name. What the agent adds that tasks must
+    never see are the fabric's settings, and those all live under one prefix, so a new
+    setting is covered the day it is added. Workers of other accounts get an allow-list
+    instead (``WorkerLaunch.popen_options``): nothing of root's.
+    """
+    return {name: value for name, value in agent_environment.items()
+            if not name.startswith(FABRIC_VARIABLE_PREFIX)}
 
 
 @dataclass(frozen=True)
@@ -55,15 +88,38 @@ class WorkerLaunch:
     account: Account | None = None
     import_paths: tuple[str, ...] = field(default_factory=lambda: _agent_import_paths())
 
+    def spawn(self, module: str) -> tuple[subprocess.Popen[bytes], socket.socket]:
+        """Start ``python -m module FD`` as this launch says, FD being its end of a socket
+        pair; returns the process and our end."""
+        ours, theirs = socket.socketpair()
+        try:
+            process = subprocess.Popen([self.python, "-m", module, str(theirs.fileno())],
+                                       pass_fds=[theirs.fileno()], **self.popen_options())
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        return process, ours
+
     def popen_options(self) -> dict[str, Any]:
-        """subprocess.Popen keywords: initgroups + setgid + setuid, a clean environment and
-        the account's home, when running as another account."""
+        """subprocess.Popen keywords for a worker.
+
+        Every worker leads a session of its own (no controlling terminal: it cannot reach the
+        agent's terminal or be signalled with the agent's process group) and holds nothing of
+        the agent's standard streams, which may be the agent's log. As the agent's account it
+        gets the agent's environment without the fabric's settings; as another account,
+        initgroups + setgid + setuid, a clean environment and the account's home.
+        """
+        isolated: dict[str, Any] = {"stdin": subprocess.DEVNULL, "stdout": subprocess.DEVNULL,
+                                    "stderr": subprocess.DEVNULL, "start_new_session": True}
         if self.account is None:
-            return {}
+            return {**isolated, "env": worker_environment(os.environ)}
         account = self.account
         if account.uid == 0:
             raise PolicyError("refusing to run tasks as root")
         return {
+            **isolated,
             "user": account.uid,
             "group": account.gid,
             "extra_groups": os.getgrouplist(account.name, account.gid),
@@ -95,15 +151,14 @@ class ProcessEngine(SlotPool):
         self._workers: dict[int, tuple[subprocess.Popen[bytes], Connection]] = {}
 
     def _start_slot(self, slot: int) -> None:
-        ours, theirs = socket.socketpair()
-        process = subprocess.Popen(
-            [self._launch.python, "-m", "gc_agent.engines.worker", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, **self._launch.popen_options())
-        theirs.close()
+        process, ours = self._launch.spawn("gc_agent.engines.worker")
         self._workers[slot] = (process, Connection(ours.detach()))
 
     def _stop_slot(self, slot: int) -> None:
-        process, conn = self._workers.pop(slot)
+        worker = self._workers.pop(slot, None)
+        if worker is None:
+            return  # its last restart failed: nothing to stop
+        process, conn = worker
         try:
             conn.send(None)
         except OSError:
@@ -116,43 +171,90 @@ class ProcessEngine(SlotPool):
         conn.close()
 
     def _interrupt(self, slot: int) -> bool:
-        process, _conn = self._workers[slot]
-        process.kill()  # the slot sees the socket close, reports the job, and starts a new worker
+        worker = self._workers.get(slot)
+        if worker is not None:
+            worker[0].kill()  # the slot sees the socket close, reports the job, starts a new worker
         return True
 
     def _run(self, slot: int, job: Job) -> Outcome:
-        process, conn = self._workers[slot]
+        try:
+            process, conn = self._worker(slot)
+        except Exception as exc:  # noqa: BLE001 - whatever stops a worker fails this task
+            return Outcome(job.task_id, "failed", error=ErrorInfo(
+                type="WorkerStartFailed",
+                message=f"no worker process could be started to run task {job.task_id}: {exc}; "
+                        "the endpoint's owner should check its worker Python, the account it "
+                        "runs as and the machine's process and memory limits"))
         try:
             conn.send(job)
-            answer = conn.recv_bytes()
-        except (EOFError, OSError):
+            answer = conn.recv_bytes(MAX_ANSWER_BYTES)
+        except (EOFError, OSError) as exc:
+            if _has_exited(process):
+                return self._lost(slot, job, process)
+            problem = f"its answer could not be read ({str(exc) or 'the socket was closed'})"
+        else:
             try:
-                process.wait(1.0)
-            except subprocess.TimeoutExpired:
-                process.kill()
-            message = (f"worker process {process.pid} exited with code {process.returncode} "
-                       f"while running task {job.task_id}")
-            conn.close()
-            if not self._closing:
-                logger.warning("%s; starting a new worker", message)
-                self._start_slot(slot)
-            return Outcome(job.task_id, "failed", error=ErrorInfo(type="WorkerLost", message=message),
-                           lost=True)
-        try:
-            outcome = outcome_from_wire(json.loads(answer))
-            if outcome.task_id != job.task_id:
-                raise ValueError(f"it answered for task {outcome.task_id}")
-        except ValueError as exc:
-            # The worker runs the user's code, which can write to this socket: a bad answer
-            # fails the task and costs the worker, never the agent.
-            logger.warning("worker process %d sent a malformed outcome for task %s: %s",
-                           process.pid, job.task_id, exc)
-            self._interrupt(slot)
+                return _decode_outcome(answer, job.task_id)
+            except Exception as exc:  # noqa: BLE001 - see below
+                # Task code can write anything to this socket: deep JSON (RecursionError),
+                # bytes that are no JSON, a stranger's task id. Whatever does not decode is
+                # the worker's failure, never the slot's.
+                problem = f"{type(exc).__name__}: {exc}"[:MAX_PROBLEM_TEXT]
+        logger.warning("worker process %d sent a malformed outcome for task %s; replacing it",
+                       process.pid, job.task_id)
+        self._replace(slot)
+        return Outcome(job.task_id, "failed", error=ErrorInfo(
+            type="WorkerError", message=f"the worker sent a malformed outcome for task "
+                                        f"{job.task_id}: {problem}"))
+
+    def _worker(self, slot: int) -> tuple[subprocess.Popen[bytes], Connection]:
+        """The slot's worker, started now if its last restart failed."""
+        if slot not in self._workers:
+            self._start_slot(slot)
+        return self._workers[slot]
+
+    def _lost(self, slot: int, job: Job, process: subprocess.Popen[bytes]) -> Outcome:
+        message = (f"worker process {process.pid} exited with code {process.returncode} "
+                   f"while running task {job.task_id}")
+        if not self._closing:
+            logger.warning("%s; starting a new worker", message)
+        self._replace(slot)
+        return Outcome(job.task_id, "failed", error=ErrorInfo(type="WorkerLost", message=message),
+                       lost=True)
+
+    def _replace(self, slot: int) -> None:
+        """Kill the slot's worker and start a fresh one; if that fails, the slot's next job
+        tries again (and fails with the reason if it cannot)."""
+        worker = self._workers.pop(slot, None)
+        if worker is not None:
+            process, conn = worker
+            process.kill()
             process.wait()
             conn.close()
-            if not self._closing:
-                self._start_slot(slot)
-            return Outcome(job.task_id, "failed", error=ErrorInfo(
-                type="WorkerError", message=f"the worker sent a malformed outcome for task "
-                                            f"{job.task_id}: {exc}"))
-        return outcome
+        if self._closing:
+            return
+        try:
+            self._start_slot(slot)
+        except Exception as exc:  # noqa: BLE001 - the next job retries and reports it
+            logger.error("could not start a new worker process for slot %d: %s", slot, exc)
+
+
+def _has_exited(process: subprocess.Popen[bytes]) -> bool:
+    """Whether ``process`` ends within ``WORKER_EXIT_WAIT`` seconds."""
+    try:
+        process.wait(WORKER_EXIT_WAIT)
+    except subprocess.TimeoutExpired:
+        return False
+    return True
+
+
+def _decode_outcome(answer: bytes, task_id: str) -> Outcome:
+    """The outcome a worker sent for ``task_id``.
+
+    Raises:
+        ValueError: not a well-formed outcome, or one for another task.
+    """
+    outcome = outcome_from_wire(json.loads(answer))
+    if outcome.task_id != task_id:
+        raise ValueError(f"it answered for task {outcome.task_id[:80]!r}")
+    return outcome

@@ -2,7 +2,8 @@
 
 Started by the process engine as ``python -m gc_agent.engines.worker FD``, where FD is
 its end of a socket pair; in a multi-user endpoint it starts already running as the
-mapped account.
+mapped account. Its standard output and error are files of its own, emptied before each
+task and added to the task's captured output after it.
 """
 
 from __future__ import annotations
@@ -10,15 +11,18 @@ from __future__ import annotations
 import json
 import signal
 import sys
+from dataclasses import replace
 from multiprocessing.connection import Connection
 
-from gc_agent.execution import FunctionCache, run_job
+from gc_agent.capture import clear_descriptors, redirect_descriptors, with_descriptor_output
+from gc_agent.execution import FunctionCache, Job, Outcome, run_job
 from gc_agent.wire import outcome_to_wire
 
 
 def serve(conn: Connection) -> None:
     """Run jobs until the agent sends None or goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the agent's to handle
+    redirect_descriptors()
     functions: FunctionCache = {}
     while True:
         try:
@@ -28,7 +32,15 @@ def serve(conn: Connection) -> None:
         if job is None:
             return
         # JSON, not pickle: on a multi-user endpoint root reads this from the user's process.
-        conn.send_bytes(json.dumps(outcome_to_wire(run_job(job, functions))).encode())
+        conn.send_bytes(json.dumps(outcome_to_wire(_run(job, functions))).encode())
+
+
+def _run(job: Job, functions: FunctionCache) -> Outcome:
+    """Run ``job``; its output includes what reached this process's descriptors meanwhile."""
+    clear_descriptors()
+    outcome = run_job(job, functions)
+    stdout, stderr = with_descriptor_output(outcome.stdout, outcome.stderr, job.output_limit)
+    return replace(outcome, stdout=stdout, stderr=stderr)
 
 
 if __name__ == "__main__":

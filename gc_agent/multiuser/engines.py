@@ -14,6 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import subprocess
 import sys
 import threading
 import time
@@ -121,7 +122,8 @@ class UserEngines(Engine):
     def _pool_for(self, job: Job) -> tuple[tuple[str, str], Engine]:
         account = lookup_account(
             map_identity(job.identity, self._config.identity_mapping,
-                         self._config.identity_mapping_command), job.identity)
+                         self._config.identity_mapping_command), job.identity,
+            allowed=frozenset(self._config.allowed_privileged_accounts))
         engine = render_user_engine(self._template, self._schema, job.user_options,
                                     account=account.name)
         if engine.type == "threads":
@@ -147,7 +149,13 @@ class UserEngines(Engine):
             pool = RemoteEngine(engine, launch, name=f"{account.name}-{digest}")
         else:
             pool = ProcessEngine(engine.max_workers, launch)
-        pool.start()
+        try:
+            pool.start()
+        except (OSError, subprocess.SubprocessError) as exc:
+            pool.shutdown()
+            raise ConfigError(f"could not start workers as {account.name} ({exc}); the "
+                              "endpoint's administrator should check that account's home "
+                              "and that it can run worker_python") from None
         logger.info("started a %s engine for %s (uid %d): up to %d workers", pool.name,
                     account.name, account.uid, pool.capacity)
         return pool

@@ -3,27 +3,26 @@
 On a multi-user endpoint the root agent must not run Parsl for a user: the interchange
 and every batch job it submits would be root's. ``RemoteEngine`` starts
 ``python -m gc_agent.multiuser.user_engine`` as the mapped account (initgroups, setgid,
-setuid, a clean environment, the account's home, like the user's process workers), which
-runs an ``HtexEngine`` — so ``sbatch`` runs as the user and the jobs are the user's.
+setuid, a clean environment, the account's home, a session of its own and none of root's
+standard streams, like the user's process workers), which runs an ``HtexEngine`` — so
+``sbatch`` runs as the user and the jobs are the user's.
 
 The two talk JSON lines over a socket pair. Nothing the user's process sends is unpickled
-by root: outcomes are validated models, and only for task ids root handed over.
+by root: outcomes are validated models, and only for task ids root handed over. A line
+that does not decode is dropped; one longer than any outcome can be stops the engine.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import socket
 import subprocess
 import threading
-from typing import Any
-
-from pydantic import ValidationError
+from typing import Any, BinaryIO
 
 from gc_agent.config import HtexEngineConfig
 from gc_agent.engines.base import CancelResult, Engine, OnDone
-from gc_agent.engines.processes import WorkerLaunch
+from gc_agent.engines.processes import MAX_ANSWER_BYTES, WorkerLaunch
 from gc_agent.execution import Job, Outcome
 from gc_agent.wire import job_to_wire, outcome_from_wire
 from gc_core.protocol import ErrorInfo
@@ -70,14 +69,9 @@ class RemoteEngine(Engine):
 
     def start(self) -> None:
         """Start the user's engine process; it brings up its interchange and blocks itself."""
-        ours, theirs = socket.socketpair()
-        self._process = subprocess.Popen(
-            [self._launch.python, "-m", "gc_agent.multiuser.user_engine", str(theirs.fileno())],
-            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL, **self._launch.popen_options())
-        theirs.close()
+        self._process, ours = self._launch.spawn("gc_agent.multiuser.user_engine")
         self._writer = ours.makefile("w", encoding="utf-8")
-        reader = ours.makefile("r", encoding="utf-8")
+        reader = ours.makefile("rb")
         self.alive = True
         self._send({"op": "start", "name": self._name, "config": self._config.model_dump(mode="json")})
         threading.Thread(target=self._read, args=(reader,), daemon=True,
@@ -103,9 +97,9 @@ class RemoteEngine(Engine):
                     if isinstance(task_id, str) and task_id in self._pending]
 
     def shutdown(self) -> None:
-        self._send({"op": "shutdown"})
         if self._process is None:
-            return
+            return  # never started
+        self._send({"op": "shutdown"})
         try:
             self._process.wait(self._config.shutdown_timeout + EXIT_GRACE)
         except subprocess.TimeoutExpired:
@@ -132,13 +126,22 @@ class RemoteEngine(Engine):
             self._replied.wait_for(lambda: key in self._replies or not self.alive, REPLY_TIMEOUT)
             return self._replies.pop(key, None)
 
-    def _read(self, reader: Any) -> None:
-        for line in reader:
+    def _read(self, reader: BinaryIO) -> None:
+        while line := reader.readline(MAX_ANSWER_BYTES + 1):
+            if len(line) > MAX_ANSWER_BYTES:
+                # Longer than any outcome can be: the rest of the stream cannot be trusted
+                # to line up with messages, so the engine is stopped and its tasks reported.
+                logger.warning("user engine %s sent a message over %d bytes; stopping it",
+                               self._name, MAX_ANSWER_BYTES)
+                if self._process is not None:
+                    self._process.kill()
+                break
             try:
                 self._handle(json.loads(line))
-            except (ValueError, ValidationError, KeyError, TypeError) as exc:
+            except Exception as exc:  # noqa: BLE001 - a user's process may send anything
+                # (deep JSON raises RecursionError): one bad message is dropped, never the reader.
                 logger.warning("user engine %s sent a malformed message (%d bytes): %s",
-                               self._name, len(line), exc)
+                               self._name, len(line), type(exc).__name__)
         self._gone()
 
     def _handle(self, message: dict[str, Any]) -> None:

@@ -84,7 +84,9 @@ def multi_user_endpoint(fabric: Fabric, accounts: dict[str, pwd.struct_passwd],
                           IdentityRule(match=r"(.*)@admin\.uni\.edu", output="{0}")],
         user_config_template=folder / "user-config.yaml.j2",
         user_config_schema=folder / "user-config.schema.json",
-        worker_python=USER_PYTHON, user_idle_timeout=2.0)
+        worker_python=USER_PYTHON, user_idle_timeout=2.0,
+        # The open stack cannot tell who sent a task: this one-person test box opts out.
+        insecure_trust_claimed_identities=True)
     ep = fabric.configure_endpoint(f"mu-{uuid.uuid4().hex[:6]}", multi_user=multi_user)
     ep.start()
     yield ep

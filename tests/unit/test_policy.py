@@ -74,19 +74,3 @@ def test_a_json_task_from_another_python_is_not_refused() -> None:
                   sender_serializer=JSON.label)
 
     assert refusal(task, endpoint_id="ep-1", allowed_serializers=BOTH) is None
-
-
-def test_a_task_whose_user_cannot_be_part_of_a_routing_key_is_refused() -> None:
-    error = refusal(a_task(user="alice.smith"), endpoint_id="ep-1", allowed_serializers=BOTH)
-
-    assert error is not None
-    assert error.type == "ConfigError"
-    assert "alice.smith" in error.message
-
-
-def test_a_task_whose_group_id_cannot_be_part_of_a_queue_name_is_refused() -> None:
-    error = refusal(a_task(task_group_id="g.#"), endpoint_id="ep-1", allowed_serializers=BOTH)
-
-    assert error is not None
-    assert error.type == "ConfigError"
-    assert "task group id" in error.message
