@@ -35,6 +35,7 @@ from typing import Any, Callable
 
 from gc_agent.config import HtexEngineConfig
 from gc_agent.engines.base import CancelResult, Engine, OnDone, cancelled_outcome
+from gc_agent.engines.processes import FABRIC_VARIABLE_PREFIX
 from gc_agent.execution import FunctionCache, Job, Outcome, run_job
 from gc_core.protocol import ErrorInfo
 
@@ -362,8 +363,8 @@ def _build_executor(config: HtexEngineConfig, run_dir: Path) -> Any:
     if not (bin_dir / "process_worker_pool.py").exists():
         launch_cmd = launch_cmd.replace("process_worker_pool.py", f"{shlex.quote(sys.executable)} "
                                         "-m parsl.executors.high_throughput.process_worker_pool", 1)
-    provider = build_provider(config.provider,
-                              worker_init_prefix=f"export PATH={shlex.quote(str(bin_dir))}:$PATH")
+    provider = build_provider(config.provider, worker_init_prefix="\n".join([
+        _SCRUB_FABRIC_VARIABLES, f"export PATH={shlex.quote(str(bin_dir))}:$PATH"]))
     executor = HighThroughputExecutor(
         label=config.label,
         address=config.address,
@@ -437,6 +438,14 @@ def _make_poller(config: HtexEngineConfig, on_poll: Callable[[Any], None]) -> An
 
     return Poller(strategy=STRATEGY, max_idletime=config.idle_timeout,
                   strategy_period=config.strategy_period)
+
+
+#: Block shell that unsets the fabric's variables (the broker URL with its password, the
+#: agent's token) which a block inherits from the agent, as a batch job inherits its
+#: submitter's environment: task code on the workers must never see them.
+_SCRUB_FABRIC_VARIABLES = (
+    f"for gc_var in $(env | sed -n 's/^\\({FABRIC_VARIABLE_PREFIX}[A-Za-z0-9_]*\\)=.*/\\1/p'); "
+    'do unset "$gc_var"; done; unset gc_var')
 
 
 def default_run_dir(endpoint_name: str, config: HtexEngineConfig) -> Path | None:

@@ -46,6 +46,12 @@ def seen_resource_spec() -> dict[str, Any]:
     return current_resource_spec()
 
 
+def fabric_variables() -> list[str]:
+    import os
+
+    return sorted(name for name in os.environ if name.startswith("GC_"))
+
+
 def lose_once(marker: str, seconds: float) -> str:
     """First run: note this worker's pid and sleep (to be killed); a later run: return at once."""
     import os
@@ -113,6 +119,16 @@ def test_the_resource_specification_reaches_the_htex_worker(client: Client,
         seen = ex.submit(seen_resource_spec).result(timeout=RESULT_TIMEOUT)
 
     assert seen == spec
+
+
+def test_htex_task_code_never_sees_the_agents_fabric_settings(client: Client,
+                                                              htex_endpoint: Endpoint) -> None:
+    # A block inherits the agent's environment, as a batch job inherits its submitter's:
+    # the broker URL and the agent's token must not reach the code it runs.
+    with Executor(endpoint_id=htex_endpoint.endpoint_id, client=client) as ex:
+        seen = ex.submit(fabric_variables).result(timeout=RESULT_TIMEOUT)
+
+    assert seen == []
 
 
 def test_a_task_whose_htex_worker_is_killed_runs_again_and_succeeds(
