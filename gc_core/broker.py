@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import logging
 import ssl
+import struct
 import threading
 import time
 from collections import OrderedDict, deque
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Callable, Sequence
 from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
 
 import pika
+import pika.data
 import pika.exceptions
 from pika.adapters.select_connection import SelectConnection
 from pika.channel import Channel
@@ -245,6 +248,7 @@ class BrokerSession:
         stamp_user_id: bool = False,
         max_message_size: int = DEFAULT_MAX_MESSAGE_SIZE,
     ) -> None:
+        _harden_pika()  # before any frame of ours is decoded
         self._login = login
         self._max_message_size = max_message_size
         self._url = login.apply(url) if login is not None else url
@@ -654,7 +658,7 @@ class BrokerSession:
                                   props.content_type or "", headers, body),
                 exchange=method.exchange, routing_key=method.routing_key,
                 redelivered=method.redelivered,
-                delivery_count=int(headers.get("x-delivery-count", 0) or 0),
+                delivery_count=_delivery_count(headers),
                 generation=generation, tag=method.delivery_tag, user_id=props.user_id or "")
             _guarded(lambda: on_message(delivery))
 
@@ -747,6 +751,37 @@ def _rough_header_size(envelope: Envelope) -> int:
         else:
             size += len(name) + 24
     return size
+
+
+def _delivery_count(headers: dict[str, Any]) -> int:
+    """The broker's count of earlier deliveries; a publisher may have put anything there
+    (a quorum queue overwrites it only on redelivery)."""
+    count = headers.get("x-delivery-count", 0)
+    return count if type(count) is int and count >= 0 else 0
+
+
+_pika_decode_value = pika.data.decode_value
+
+
+def _decode_value(encoded: bytes, offset: int) -> tuple[Any, int]:
+    """pika's field decoder, except that a timestamp past what ``datetime`` holds stays an
+    int. pika raises there, inside its IO loop: the connection drops and the broker hands
+    the same message to the next connection, for ever (one forged header, ~1,900
+    reconnects, other users' tasks dead-lettered)."""
+    if encoded[offset:offset + 1] == b"T":
+        (seconds,) = struct.unpack_from(">Q", encoded, offset + 1)
+        try:
+            return datetime.fromtimestamp(seconds, timezone.utc), offset + 9
+        except (OverflowError, OSError, ValueError):
+            return seconds, offset + 9
+    decoded: tuple[Any, int] = _pika_decode_value(encoded, offset)
+    return decoded
+
+
+def _harden_pika() -> None:
+    """Install :func:`_decode_value` as pika's field decoder (pika looks it up by module
+    attribute, for nested tables and arrays too; it has no hook for this). Idempotent."""
+    pika.data.decode_value = _decode_value
 
 
 def _guarded(fn: Callable[[], Any]) -> None:

@@ -7,6 +7,9 @@ reproduces on the next run.
 
 from __future__ import annotations
 
+import os
+from collections import Counter
+
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
@@ -20,7 +23,10 @@ from gc_core.registry import identity
 from tests.integration.conftest import OwnRegistry
 
 #: Examples per operation and mode: the whole module stays well under a minute.
-EXAMPLES = 25
+#: GC_FUZZ_API_EXAMPLES raises it (tests/security/fuzz_report.py, for the README's figures).
+EXAMPLES = int(os.environ.get("GC_FUZZ_API_EXAMPLES") or 25)
+#: Requests this module sent, by generation mode: fuzz_report.py prints them.
+REQUESTS: Counter[str] = Counter()
 
 
 def refusal_says_why(_ctx: CheckContext, response: Response, _case: Case) -> bool | None:
@@ -69,6 +75,7 @@ def _fuzz(schema: BaseSchema, mode: GenerationMode, examples: int,
                   suppress_health_check=list(HealthCheck), phases=[Phase.generate, Phase.shrink])
         @given(case=operation.as_strategy(mode))
         def check(case: Case) -> None:
+            REQUESTS[mode.value] += 1
             case.call_and_validate(headers=headers, checks=CHECKS)
 
         try:
