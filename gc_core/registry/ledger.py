@@ -75,6 +75,12 @@ LEDGER_PREFETCH = 2000
 REPUBLISH_TIMEOUT = 30.0
 #: How often (seconds) the writer drops results past their time to live.
 EXPIRE_INTERVAL = 60.0
+#: Deliveries of a result whose task no manifest has named yet before the ledger drops it.
+#: A client publishes a batch's manifest just after its first task, so a quick result may
+#: reach the ledger first; returned to the queue, it comes back after the manifest. Each
+#: return costs a commit interval, so this waits at least a few seconds, and bounds what
+#: a forged result for a task that never existed costs.
+MANIFEST_WAIT_DELIVERIES = 60
 #: Longest description of an error in a warning line, in characters.
 MAX_DESCRIPTION = 300
 
@@ -130,6 +136,8 @@ class Ledger:
         self._senders = Senders(verified=verify_senders,
                                 registry=urlsplit(broker_url).username or "")
         self._next_expiry = 0.0
+        #: The writer's results of this batch whose manifest may still be on its way.
+        self._early: list[Delivery] = []
         self._topology = topology
         self._queue = topology.queue("ledger")
         # Republished dead letters carry the registry's user_id, checked by the broker, so
@@ -209,6 +217,7 @@ class Ledger:
     def _commit(self, batch: list[Delivery]) -> None:
         received = [self._decode(delivery) for delivery in batch]
         retry: list[Delivery] = []
+        self._early.clear()
         try:
             dead_letters = self._write(received)
         except Exception as exc:
@@ -221,7 +230,9 @@ class Ledger:
                 return
             logger.warning("ledger could not commit %d messages (%s); writing them one at a "
                            "time to drop only the one at fault", len(batch), _describe(exc))
+            self._early.clear()
             dead_letters, retry = self._write_each(received)
+        retry += self._early
         if dead_letters and not self._republish(dead_letters):
             self._requeue(batch)
             return
@@ -303,6 +314,10 @@ class Ledger:
             sender = item.delivery.user_id
             owner = owners.get(result.task_id)
             refusal = _result_refusal(result, owner, sender, self._senders, dead=item.dead)
+            if (owner is None and refusal is not None
+                    and item.delivery.delivery_count < MANIFEST_WAIT_DELIVERIES):
+                self._early.append(item.delivery)  # its manifest may be just behind it
+                continue
             if refusal is not None:
                 logger.warning("ledger dropped a %s for task %r from %r: %s",
                                "dead letter" if item.dead else "result", result.task_id,

@@ -195,6 +195,23 @@ def test_bob_cannot_put_tasks_in_alices_name_or_take_over_hers(secured: Secured)
 
 # -- heartbeats -------------------------------------------------------------------------
 
+def test_a_result_that_reaches_the_ledger_before_its_manifest_is_still_recorded(
+        secured: Secured) -> None:
+    # A client publishes a batch's manifest just after its first task, so a quick agent's
+    # result can reach the ledger first. Dropping it for want of a manifest would leave the
+    # task "waiting" in the ledger for ever; the ledger waits a little for the manifest.
+    group, task_id = f"g-{uuid.uuid4().hex[:8]}", str(uuid.uuid4())
+    _send_result(secured, f"endpoint-{secured.endpoint_a}", task_id, group, b"42")
+    time.sleep(0.5)  # several of the ledger's commits go by without the manifest
+    _publish(secured, "alice", TOPOLOGY.exchange("events"),
+             TOPOLOGY.routing_key("group_submitted", task_group_id=group),
+             encode_event(GroupManifest(task_group_id=group, endpoint_id=secured.endpoint_a,
+                                        user="alice", task_ids=[task_id], submitted=time.time())))
+    recorded = eventually(lambda: _recorded(secured, task_id), LEDGER_TIMEOUT,
+                          "the early result to be recorded")
+    assert recorded["status"] == "success"
+
+
 def _heartbeat(endpoint_id: str, hostname: str, sent: float) -> Envelope:
     return encode_event(Heartbeat(
         endpoint_id=endpoint_id, hostname=hostname, pid=1, sent=sent, period=10.0,
