@@ -27,6 +27,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 from sqlalchemy.orm import Session, sessionmaker
 
 from gc_client import Client
+from gc_core.protocol import Envelope
 from gc_core.registry import identity, store
 from gc_core.registry.db import open_database
 from gc_core.registry.schemas import EndpointIn
@@ -177,6 +178,25 @@ class Secured:
         channel = self.connect(who).channel()
         channel.confirm_delivery()
         return channel
+
+    def publish(self, who: str, exchange: str, routing_key: str, envelope: Envelope, *,
+                user_id: str | None, mandatory: bool = False) -> None:
+        """Publish ``envelope`` as broker user ``who``, stamped with ``user_id`` (which the
+        broker checks is ``who``'s; None: unstamped), and wait for the broker's confirm.
+
+        Raises:
+            pika.exceptions.AMQPError: the broker refused it.
+        """
+        channel = self.channel(who)
+        try:
+            channel.basic_publish(exchange, routing_key, envelope.body, pika.BasicProperties(
+                message_id=envelope.message_id or None,
+                correlation_id=envelope.correlation_id or None,
+                content_type=envelope.content_type, headers=envelope.headers, user_id=user_id,
+                delivery_mode=2), mandatory=mandatory)
+        finally:
+            if channel.connection.is_open:
+                channel.connection.close()
 
     def client(self, user: str) -> Client:
         return Client(broker_url=self.node.url, registry_url=self.registry_url,

@@ -79,21 +79,13 @@ def _publish_result(secured: Secured, who: str, *, task_id: str, group: str,
     envelope = encode_result(ResultMessage(
         task_id=task_id, task_group_id=group, endpoint_id=secured.endpoint_a, user="alice",
         state="success", content_type=content_type, payload=payload))
-    properties = pika.BasicProperties(
-        message_id=envelope.message_id, correlation_id=envelope.correlation_id,
-        content_type=envelope.content_type, headers=envelope.headers, user_id=user_id,
-        delivery_mode=2)
-    channel = secured.channel(who)
     try:
-        channel.basic_publish(TOPOLOGY.exchange("results"),
-                              TOPOLOGY.routing_key("result", user="alice", task_group_id=group),
-                              envelope.body, properties)
+        secured.publish(who, TOPOLOGY.exchange("results"),
+                        TOPOLOGY.routing_key("result", user="alice", task_group_id=group),
+                        envelope, user_id=user_id)
         return True
     except pika.exceptions.AMQPError:
         return False
-    finally:
-        if channel.connection.is_open:
-            channel.connection.close()
 
 
 def _forge_as_bob(secured: Secured, task_id: str, group: str, marker: Path) -> None:

@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import pika
 import pytest
 from pika.adapters.blocking_connection import BlockingChannel
 
@@ -64,15 +63,7 @@ def _publish(secured: Secured, who: str, exchange: str, routing_key: str,
              envelope: Envelope, *, stamp: bool = True) -> None:
     """Publish as broker user ``who``, with ``who`` as the user_id the broker checks (none
     unless ``stamp``); the broker must confirm it."""
-    channel = secured.channel(who)
-    try:
-        channel.basic_publish(exchange, routing_key, envelope.body, pika.BasicProperties(
-            message_id=envelope.message_id or None,
-            correlation_id=envelope.correlation_id or None,
-            content_type=envelope.content_type, headers=envelope.headers,
-            user_id=who if stamp else None, delivery_mode=2))
-    finally:
-        channel.connection.close()
+    secured.publish(who, exchange, routing_key, envelope, user_id=who if stamp else None)
 
 
 def _submit(secured: Secured, endpoint_id: str, count: int = 1) -> Submitted:

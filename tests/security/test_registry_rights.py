@@ -380,11 +380,9 @@ def test_a_message_dead_lettered_into_an_exchange_its_user_publishes_to_is_refus
         function_id="f", user=f"endpoint-{secured.endpoint_a}", content_type="application/json",
         payload=b"{}")) if exchange == "gc.tasks" else encode_event(
         CancelCommand(task_ids=["t-1"], user=f"endpoint-{secured.endpoint_a}", sent=0))
-    secured.channel(f"endpoint-{secured.endpoint_a}").basic_publish(
-        "gc.results", f"alice.{group}", forged.body, pika.BasicProperties(
-            message_id=forged.message_id or None, correlation_id=forged.correlation_id or None,
-            content_type=forged.content_type, headers=forged.headers,
-            user_id=f"endpoint-{secured.endpoint_a}"), mandatory=True)
+    agent_a = f"endpoint-{secured.endpoint_a}"
+    secured.publish(agent_a, "gc.results", f"alice.{group}", forged, user_id=agent_a,
+                    mandatory=True)
     delivered = eventually(lambda: alice.basic_get(queue.name)[0], 30, "the message in her queue")
     alice.basic_reject(delivered.delivery_tag, requeue=False)
     method, props, body = eventually(lambda: _got(bob_agent.basic_get(target.name)), 30,
