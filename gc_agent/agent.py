@@ -35,6 +35,8 @@ from gc_agent.policy import check_identities_verifiable, refusal, verifies_sende
 from gc_core.broker import BrokerSession, Delivery, Refusal, token_login
 from gc_core.errors import GCError, ProtocolError
 from gc_core.protocol import (
+    H_GROUP,
+    H_USER,
     CancelCommand,
     ErrorInfo,
     Heartbeat,
@@ -48,9 +50,8 @@ from gc_core.protocol import (
     error_result,
 )
 from gc_core.registry.client import RegistryClient
-from gc_core.registry.identity import AGENT_PREFIX
 from gc_core.serialize import JSON, PYTHON_VERSION, SERIALIZERS
-from gc_core.settings import FabricSettings
+from gc_core.settings import AGENT_PREFIX, FabricSettings
 from gc_core.topology import load_topology
 
 __all__ = ["Agent"]
@@ -473,8 +474,8 @@ class Agent:
         try:
             result = ResultMessage(
                 task_id=envelope.message_id,
-                task_group_id=envelope.correlation_id or _header_text(headers, "gc-task-group"),
-                endpoint_id=self.endpoint_id, user=_header_text(headers, "gc-user"),
+                task_group_id=envelope.correlation_id or _header_text(headers, H_GROUP),
+                endpoint_id=self.endpoint_id, user=_header_text(headers, H_USER),
                 state="failed", content_type=JSON.content_type,
                 error=error_info("ProtocolError", str(exc)),
                 timings=Timings(received=ticket.received))

@@ -31,9 +31,8 @@ from gc_core.broker import BrokerSession, redact_url, token_login
 from gc_core.errors import BrokerError, GCError
 from gc_core.logs import configure_logging
 from gc_core.registry.client import RegistryClient
-from gc_core.registry.identity import AGENT_PREFIX
 from gc_core.registry.schemas import TokenIn
-from gc_core.settings import FabricSettings, resolve_settings
+from gc_core.settings import AGENT_PREFIX, FabricSettings, resolve_settings
 from gc_core.topology import load_topology
 
 __all__ = ["main"]

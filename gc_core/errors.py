@@ -50,8 +50,8 @@ __all__ = [
     "TaskPending",
     "UnknownSerializer",
     "VersionMismatch",
-    "find_certificate_failure",
     "WorkerLost",
+    "find_certificate_failure",
 ]
 
 
