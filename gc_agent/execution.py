@@ -18,13 +18,14 @@ from typing import Any, Literal
 import cloudpickle
 
 from gc_agent.capture import captured_output
-from gc_core.errors import SerializationError, VersionMismatch
+from gc_core.errors import ResultNotSerializable, SerializationError, VersionMismatch
 from gc_core.protocol import MAX_ERROR_MESSAGE, MAX_ERROR_TRACEBACK, MAX_LABEL_LENGTH, ErrorInfo
 from gc_core.serialize import (
     CLOUDPICKLE,
     JSON,
     PYTHON_VERSION,
     SERIALIZERS,
+    Serializer,
     get_serializer,
     python_minor,
 )
@@ -105,7 +106,8 @@ def run_job(job: Job, functions: FunctionCache) -> Outcome:
     try:
         payload = serializer.dumps(value)
     except Exception as exc:
-        failed = _failed(job, exc, started, worker, with_traceback=False)
+        failed = _failed(job, _unserializable(job, value, serializer, exc), started, worker,
+                         with_traceback=False)
         return replace(failed, stdout=out.text(), stderr=err.text())
     return Outcome(job.task_id, "success", serializer.content_type, payload, None, started,
                    time.time(), worker, stdout=out.text(), stderr=err.text())
@@ -153,6 +155,20 @@ def _load_arguments(job: Job, serializer: Any) -> tuple[tuple[Any, ...], dict[st
     if not (isinstance(call, tuple) and len(call) == 2):
         raise SerializationError("a cloudpickle task body must be the pair (args, kwargs)")
     return tuple(call[0]), dict(call[1])
+
+
+def _unserializable(job: Job, value: Any, serializer: Serializer,
+                    exc: Exception) -> ResultNotSerializable:
+    """The error for a return value ``serializer`` cannot write, naming its type."""
+    # The JSON serializer wraps json's own error, which says more about the value.
+    cause = exc.__cause__ if isinstance(exc, SerializationError) and exc.__cause__ else exc
+    kind = type(value)
+    module = getattr(kind, "__module__", "")
+    value_type = kind.__qualname__ if module in ("builtins", "", None) \
+        else f"{module}.{kind.__qualname__}"
+    return ResultNotSerializable(task_id=job.task_id, value_type=value_type,
+                                 serializer=serializer.label,
+                                 reason=f"{type(cause).__name__}: {_text_of(cause)}")
 
 
 def _failed(job: Job, exc: BaseException, started: float, worker: str, *,

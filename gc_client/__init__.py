@@ -6,12 +6,20 @@ from gc_client.executor import ComputeFuture, Executor
 from gc_client.functions import MPIFunction, ShellFunction, ShellResult
 from gc_client.progress import as_completed
 from gc_core.errors import (
+    EndpointError,
     GCError,
+    PolicyError,
     PublishNotConfirmed,
+    ResultNotSerializable,
+    ResultTooLarge,
+    SerializationError,
     TaskCancelled,
     TaskDeadLettered,
+    TaskError,
     TaskExecutionFailed,
+    TaskNotFound,
     TaskPending,
+    WorkerLost,
 )
 
 __all__ = [
@@ -28,10 +36,18 @@ __all__ = [
     "ComputeFuture",
     "as_completed",
     # errors a caller catches
+    "EndpointError",
     "GCError",
+    "PolicyError",
     "PublishNotConfirmed",
+    "ResultNotSerializable",
+    "ResultTooLarge",
+    "SerializationError",
     "TaskCancelled",
     "TaskDeadLettered",
+    "TaskError",
     "TaskExecutionFailed",
+    "TaskNotFound",
     "TaskPending",
+    "WorkerLost",
 ]

@@ -54,15 +54,14 @@ class _Lazy:
 
 
 def _run(action: Callable[[], None]) -> None:
-    """Run a command body; a gc-fabric error becomes one clear line and exit status 1."""
+    """Run a command body; a gc-fabric error becomes one clear line and exit status 1, or
+    2 when it is a task's (a TaskError, or any error a task's endpoint reported)."""
     try:
         action()
-    except TaskError as exc:
-        click.echo(str(exc), err=True)
-        sys.exit(2)
     except GCError as exc:
-        click.echo(f"Error: {exc}", err=True)
-        sys.exit(1)
+        task_failed = isinstance(exc, TaskError) or bool(exc.remote_type)
+        click.echo(str(exc) if task_failed else f"Error: {exc}", err=True)
+        sys.exit(2 if task_failed else 1)
 
 
 @main.command()
@@ -193,7 +192,8 @@ def shell(lazy: _Lazy, endpoint_id: str, command: str, kwargs_json: str, walltim
 @click.pass_obj
 def result(lazy: _Lazy, task_id: str, wait: bool, timeout: float, show_output: bool,
            serializer: str | None) -> None:
-    """Print the result of TASK_ID (exit status 3 while it is pending)."""
+    """Print the result of TASK_ID (exit status 3 while it is pending, 2 if it failed or
+    the ledger has no such task)."""
 
     def action() -> None:
         try:

@@ -14,8 +14,7 @@ import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-import cloudpickle
-
+from gc_client.pickling import pickle_function
 from gc_client.tasks import (
     make_manifest,
     make_task,
@@ -26,7 +25,7 @@ from gc_client.tasks import (
     untrusted_sender,
 )
 from gc_core.broker import DEFAULT_MAX_MESSAGE_SIZE, BrokerSession, TokenLogin, token_login
-from gc_core.errors import PublishNotConfirmed, TaskPending
+from gc_core.errors import PublishNotConfirmed, TaskNotFound, TaskPending
 from gc_core.protocol import (
     CancelCommand,
     Envelope,
@@ -55,6 +54,12 @@ logger = logging.getLogger(__name__)
 
 #: Seconds ``run`` and ``batch_run`` wait for the broker to confirm their tasks.
 CONFIRM_TIMEOUT = 30.0
+#: Seconds ``get_result`` and ``get_batch_result`` keep asking the ledger about a task id it
+#: does not know before they raise TaskNotFound: the manifest of a task submitted a moment
+#: ago, perhaps by another process, may still be on its way to the ledger.
+UNKNOWN_TASK_GRACE = 5.0
+#: Seconds between those questions.
+UNKNOWN_TASK_POLL = 0.2
 
 
 @dataclass
@@ -113,15 +118,17 @@ class Client:
         """Register ``function`` once per process and return its id.
 
         The same function object, or the same serialized bytes, never goes to the
-        registry twice.
+        registry twice. A function from a module of your own (not installed, not the
+        standard library) is sent by value, so the endpoint need not import that module.
+
+        Raises:
+            SerializationError: the function cannot be pickled; the message names it and
+                what it captures.
         """
-        try:
-            cached = self._by_object.get(function)
-        except TypeError:
-            cached = None
+        cached = self.registered_function_id(function)
         if cached is not None:
             return cached
-        payload = cloudpickle.dumps(function)
+        payload = pickle_function(function)
         digest = hashlib.sha256(payload).hexdigest()
         function_id = self._by_hash.get(digest)
         if function_id is None:
@@ -134,6 +141,14 @@ class Client:
         except TypeError:
             pass  # not weak-referenceable: the hash cache still spares the registry
         return function_id
+
+    def registered_function_id(self, function: Callable[..., Any]) -> str | None:
+        """The id :meth:`register_function` gave this very function object, if any (no
+        registry call, no pickling: for callers that must not block)."""
+        try:
+            return self._by_object.get(function)
+        except TypeError:
+            return None
 
     def list_endpoints(self) -> list[EndpointOut]:
         """Every endpoint you may see: listed ones, and private ones shared with you."""
@@ -224,38 +239,61 @@ class Client:
         """A task's status and timings (and result, once finished) from the ledger."""
         return self.registry.get_tasks([task_id])[0]
 
-    def get_result(self, task_id: str, *, serializer: str | None = None) -> Any:
+    def get_result(self, task_id: str, *, serializer: str | None = None,
+                   unknown_grace: float = UNKNOWN_TASK_GRACE) -> Any:
         """The task's value.
 
         ``serializer`` names the one the task was sent with: the value is decoded with it
         only. None decodes whatever the ledger recorded, which a pickled value from a
         task's endpoint can run code with: use it only with endpoints you trust that far.
+        A task id the ledger does not know is asked about again for ``unknown_grace``
+        seconds, in case its task was submitted a moment ago.
 
         Raises:
-            TaskPending: the task has not finished (or the ledger has not heard of it yet).
+            TaskPending: the task exists but has not finished.
+            TaskNotFound: the ledger still does not know the task id after ``unknown_grace``.
             TaskExecutionFailed: the function raised remotely.
+            GCError: the fabric failed the task: ``WorkerLost``, ``PolicyError``,
+                ``ResultTooLarge`` … (the class its endpoint reported).
             SerializationError: the value came in another serializer than ``serializer``.
         """
-        task = self.get_task(task_id)
-        if task.status in ("waiting", "unknown"):
+        task = self._known_tasks([task_id], unknown_grace)[0]
+        if task.status == "unknown":
+            raise TaskNotFound(task_id)
+        if task.status == "waiting":
             raise TaskPending(task_id, task.status)
         return task_out_value(task, _expected(task, serializer))
 
-    def get_batch_result(self, task_ids: list[str], *,
-                         serializer: str | None = None) -> dict[str, dict[str, Any]]:
+    def get_batch_result(self, task_ids: list[str], *, serializer: str | None = None,
+                         unknown_grace: float = UNKNOWN_TASK_GRACE) -> dict[str, dict[str, Any]]:
         """Per task id: ``pending``, ``status``, and ``result`` or ``exception``
-        (``serializer`` as for :meth:`get_result`)."""
+        (``serializer`` and ``unknown_grace`` as for :meth:`get_result`; a task id still
+        unknown is not pending: its exception is a TaskNotFound)."""
         answer: dict[str, dict[str, Any]] = {}
-        for task in self.registry.get_tasks(task_ids):
-            entry: dict[str, Any] = {"pending": task.status in ("waiting", "unknown"),
-                                     "status": task.status}
-            if not entry["pending"]:
+        for task in self._known_tasks(task_ids, unknown_grace):
+            entry: dict[str, Any] = {"pending": task.status == "waiting", "status": task.status}
+            if task.status == "unknown":
+                entry["exception"] = TaskNotFound(task.task_id)
+            elif not entry["pending"]:
                 try:
                     entry["result"] = task_out_value(task, _expected(task, serializer))
                 except Exception as exc:
                     entry["exception"] = exc
             answer[task.task_id] = entry
         return answer
+
+    def _known_tasks(self, task_ids: list[str], grace: float) -> list[TaskOut]:
+        """The tasks from the ledger, those it does not know asked about again until they
+        appear or ``grace`` seconds have passed."""
+        tasks = self.registry.get_tasks(task_ids)
+        deadline = time.monotonic() + grace
+        while (unknown := [i for i, t in enumerate(tasks) if t.status == "unknown"]) \
+                and time.monotonic() < deadline:
+            time.sleep(min(UNKNOWN_TASK_POLL, max(0.0, deadline - time.monotonic())))
+            for index, task in zip(unknown, self.registry.get_tasks(
+                    [tasks[i].task_id for i in unknown])):
+                tasks[index] = task
+        return tasks
 
     def close(self) -> None:
         """Close the broker connection and the HTTP pool."""

@@ -7,14 +7,14 @@ import time
 import uuid
 from typing import Any
 
+from gc_client.pickling import arguments_error
 from gc_core.broker import Refusal
 from gc_core.errors import (
+    GCError,
     PublishNotConfirmed,
     SerializationError,
-    TaskCancelled,
-    TaskDeadLettered,
     TaskError,
-    TaskExecutionFailed,
+    remote_error,
 )
 from gc_core.protocol import ErrorInfo, GroupManifest, ResultMessage, TaskMessage
 from gc_core.registry.schemas import TaskOut
@@ -35,12 +35,20 @@ def make_task(*, endpoint_id: str, function_id: str, user: str, task_group_id: s
               resource_spec: dict[str, Any] | None = None, identity: str = "",
               on_behalf_of: str = "",
               user_endpoint_config: dict[str, Any] | None = None) -> TaskMessage:
-    """A task message calling ``function_id`` with ``args`` and ``kwargs``."""
+    """A task message calling ``function_id`` with ``args`` and ``kwargs``.
+
+    Raises:
+        SerializationError: an argument cannot be serialized; the message names it.
+    """
     call: Any = {"args": list(args), "kwargs": kwargs} if serializer is JSON else (args, kwargs)
+    try:
+        payload = serializer.dumps(call)
+    except Exception as exc:
+        raise arguments_error(serializer, args, kwargs, exc) from exc
     return TaskMessage(
         task_id=new_id(), task_group_id=task_group_id, endpoint_id=endpoint_id,
         function_id=function_id, user=user, content_type=serializer.content_type,
-        payload=serializer.dumps(call), resource_spec=resource_spec or {}, identity=identity,
+        payload=payload, resource_spec=resource_spec or {}, identity=identity,
         on_behalf_of=on_behalf_of, user_endpoint_config=user_endpoint_config or {},
         sender_python=PYTHON_VERSION, sender_serializer=serializer.label)
 
@@ -85,14 +93,11 @@ def untrusted_sender(sender: str, endpoint_id: str, trusted_publishers: frozense
     return f"only {allowed} may send its result ({agent!r} is the agent of the task's endpoint)"
 
 
-def error_to_exception(task_id: str, error: ErrorInfo) -> TaskError:
-    """The local exception for a remote failure."""
-    if error.type == "TaskDeadLettered":
-        return TaskDeadLettered(error.message, task_id=task_id)
-    if error.type == "TaskCancelled":
-        return TaskCancelled(error.message, task_id=task_id)
-    return TaskExecutionFailed(task_id=task_id, remote_type=error.type,
-                               remote_message=error.message, remote_traceback=error.traceback)
+def error_to_exception(task_id: str, error: ErrorInfo) -> GCError:
+    """The local exception for a remote failure: the fabric's own errors by their class
+    (:data:`~gc_core.errors.REMOTE_ERRORS`), what the function raised as
+    :class:`TaskExecutionFailed`."""
+    return remote_error(task_id, error)
 
 
 def result_value(result: ResultMessage, serializer: Serializer = JSON) -> Any:
@@ -100,7 +105,10 @@ def result_value(result: ResultMessage, serializer: Serializer = JSON) -> Any:
     sent with (the default, JSON, never runs code).
 
     Raises:
-        TaskError: the task failed, was cancelled or dead-lettered.
+        TaskExecutionFailed: the function raised on the endpoint.
+        GCError: the fabric failed the task, as the class its endpoint named (a
+            :class:`TaskError` such as ``WorkerLost`` or ``TaskCancelled``, a ``PolicyError``,
+            a ``SerializationError`` …; see :func:`error_to_exception`).
         SerializationError: the value came in another content type, or cannot be decoded.
     """
     if result.error is not None or result.state != "success":

@@ -11,7 +11,8 @@ from typing import Any
 
 import pytest
 
-from gc_client import Client, Executor, TaskDeadLettered, TaskExecutionFailed
+from gc_client import Client, Executor, TaskDeadLettered
+from gc_core.errors import WorkerError
 from tests.fabric import Endpoint, eventually, rabbitmqctl
 
 
@@ -145,7 +146,7 @@ def test_a_task_writing_to_its_workers_socket_cannot_run_code_in_the_agent(
     ep.start()
     marker = tmp_path / "agent-ran-our-code"
     with Executor(endpoint_id=ep.endpoint_id, client=client) as ex:
-        with pytest.raises(TaskExecutionFailed, match="malformed outcome") as failed:
+        with pytest.raises(WorkerError, match="malformed outcome") as failed:
             ex.submit(forge_an_outcome, str(marker)).result(timeout=60)
         assert failed.value.remote_type == "WorkerError"
         assert ex.submit(triple, 3).result(timeout=60) == 9  # a fresh worker took the slot

@@ -23,6 +23,7 @@ pytest.importorskip("parsl", reason="the htex engine needs Parsl (pip install pa
 from gc_agent.config import HtexEngineConfig, load_config, save_config
 from gc_agent.providers import LocalProviderConfig
 from gc_client import Client, Executor, TaskExecutionFailed
+from gc_core.errors import WorkerLost
 from tests.fabric import Endpoint, Fabric, eventually
 from tests.integration.test_multiuser import USER_PYTHON, accounts  # noqa: F401 - a fixture
 
@@ -154,7 +155,7 @@ def test_a_task_that_keeps_killing_its_worker_fails_with_worker_lost_naming_the_
         client: Client, htex_endpoint: Endpoint) -> None:
     with Executor(endpoint_id=htex_endpoint.endpoint_id, client=client) as ex:
         future = ex.submit(kill_own_worker)
-        with pytest.raises(TaskExecutionFailed) as caught:
+        with pytest.raises(WorkerLost) as caught:
             future.result(timeout=RESULT_TIMEOUT)
 
     # the first run and max_retries_on_system_failure (2) more, each losing its worker

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from gc_client import Client, Executor
-from gc_core.errors import NotAuthenticated, TaskExecutionFailed
+from gc_core.errors import NotAuthenticated, PolicyError
 from gc_core.registry.client import RegistryClient
 from gc_core.registry.schemas import FunctionSharing
 from tests.fabric import Endpoint, Fabric, eventually
@@ -162,7 +162,7 @@ def test_the_owner_runs_tasks_and_others_are_refused_by_the_agent_saying_why(
                                                    client=alice) as ex:
         assert ex.submit(square, 7).result(timeout=60) == 49
     with tokens.client("bob") as bob, Executor(alices_endpoint.endpoint_id, client=bob) as ex:
-        with pytest.raises(TaskExecutionFailed) as refused:
+        with pytest.raises(PolicyError) as refused:
             ex.submit(square, 7).result(timeout=60)
     assert refused.value.remote_type == "PolicyError"
     assert f"bob is not allowed to use endpoint {alices_endpoint.endpoint_id}" in str(refused.value)
@@ -185,7 +185,7 @@ def test_only_a_service_account_may_submit_on_someone_elses_behalf(
         tokens: TokenFabric, alices_endpoint: Endpoint) -> None:
     with tokens.client("alice", on_behalf_of="mallory") as alice, \
             Executor(alices_endpoint.endpoint_id, client=alice) as ex:
-        with pytest.raises(TaskExecutionFailed, match="alice is not a service account"):
+        with pytest.raises(PolicyError, match="alice is not a service account"):
             ex.submit(square, 2).result(timeout=60)
 
 
@@ -197,7 +197,7 @@ def test_a_private_function_of_one_user_cannot_be_run_by_another(
                                                      client=portal) as ex:
         allowed = portal.get_allowed_functions(alices_endpoint.endpoint_id)
         assert function_id not in {f.function_id for f in allowed}
-        with pytest.raises(TaskExecutionFailed, match="is not shared with portal"):
+        with pytest.raises(PolicyError, match="is not shared with portal"):
             ex.submit_to_registered_function(function_id, (3,)).result(timeout=60)
         with tokens.client("alice") as alice:
             alice.share_function(function_id, FunctionSharing(sharing="public"))

@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 
 from gc_agent.config import IdentityRule, MultiUserConfig
-from gc_client import Client, Executor, TaskExecutionFailed
+from gc_client import Client, Executor
+from gc_core.errors import PolicyError
 from tests.fabric import Endpoint, Fabric
 
 #: Debian's interpreter: user workers must run a Python every account can read.
@@ -120,14 +121,14 @@ def test_each_identity_runs_as_its_own_account_with_its_home(
 
 
 def test_an_unmapped_identity_is_refused(fabric: Fabric, multi_user_endpoint: Endpoint) -> None:
-    with pytest.raises(TaskExecutionFailed) as caught:
+    with pytest.raises(PolicyError) as caught:
         _run_as(fabric, multi_user_endpoint, "carol@elsewhere.org")
     assert caught.value.remote_type == "PolicyError"
     assert "no identity mapping rule matches" in caught.value.remote_message
 
 
 def test_root_is_never_a_target(fabric: Fabric, multi_user_endpoint: Endpoint) -> None:
-    with pytest.raises(TaskExecutionFailed) as caught:
+    with pytest.raises(PolicyError) as caught:
         _run_as(fabric, multi_user_endpoint, "root@admin.uni.edu")
     assert caught.value.remote_type == "PolicyError"
     assert "tasks never run as root" in caught.value.remote_message
@@ -135,11 +136,11 @@ def test_root_is_never_a_target(fabric: Fabric, multi_user_endpoint: Endpoint) -
 
 def test_an_option_the_schema_rejects_is_refused_and_an_allowed_one_applies(
         fabric: Fabric, multi_user_endpoint: Endpoint, accounts: dict[str, pwd.struct_passwd]) -> None:
-    with pytest.raises(TaskExecutionFailed) as caught:
+    with pytest.raises(PolicyError) as caught:
         _run_as(fabric, multi_user_endpoint, "alice@uni.edu", workers=5)
     assert "user_endpoint_config refused at workers" in caught.value.remote_message
     assert "maximum of 2" in caught.value.remote_message
-    with pytest.raises(TaskExecutionFailed) as unknown:
+    with pytest.raises(PolicyError) as unknown:
         _run_as(fabric, multi_user_endpoint, "alice@uni.edu", partition="gpu")
     assert "partition" in unknown.value.remote_message
     assert _run_as(fabric, multi_user_endpoint, "alice@uni.edu", workers=2)["uid"] == \

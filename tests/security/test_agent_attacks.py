@@ -23,6 +23,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from gc_agent.config import IdentityRule, MultiUserConfig, load_config, save_config
 from gc_client import Client, Executor, TaskExecutionFailed
+from gc_core.errors import EndpointError, WorkerError
 from gc_core.protocol import MAX_ERROR_MESSAGE, MAX_ID_LENGTH, Envelope, decode_result
 from gc_core.registry import identity, store
 from gc_core.registry.schemas import EndpointPolicy, FunctionSharing
@@ -207,7 +208,7 @@ def test_hostile_outcomes_from_a_worker_fail_their_tasks_and_the_endpoint_keeps_
             # and a task raises with a message past the wire's bound for error messages
             long_error = ex.submit(_raise_long, MAX_ERROR_MESSAGE + 1000)
             # Then the first fails, saying so, and the second's value arrives within bounds
-            with pytest.raises(TaskExecutionFailed) as refused:
+            with pytest.raises(WorkerError) as refused:
                 unknown.result(timeout=RESULT_TIMEOUT)
             assert "unknown content type" in refused.value.remote_message
             assert long_label.result(timeout=RESULT_TIMEOUT) == "forged"
@@ -381,7 +382,7 @@ def test_an_option_named_account_fails_its_task_and_the_endpoint_keeps_serving(
             # When alice's task sets an option named like the template's own account value
             with Executor(endpoint_id=endpoint.endpoint_id, client=client,
                           user_endpoint_config={"account": "root"}) as ex, \
-                    pytest.raises(TaskExecutionFailed):
+                    pytest.raises(EndpointError):  # the template's TypeError: an AgentError
                 ex.submit(who_am_i).result(timeout=RESULT_TIMEOUT)
             # Then her task fails, and her next one runs as her
             with Executor(endpoint_id=endpoint.endpoint_id, client=client) as ex:

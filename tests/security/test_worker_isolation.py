@@ -28,8 +28,8 @@ from gc_agent.multiuser.mapping import (
 )
 from gc_agent.multiuser.remote import RemoteEngine
 from gc_agent.wire import outcome_to_wire
-from gc_client import Client, Executor, TaskExecutionFailed
-from gc_core.errors import PolicyError
+from gc_client import Client, Executor
+from gc_core.errors import PolicyError, WorkerError
 from gc_core.registry import store
 from gc_core.registry.schemas import EndpointPolicy
 from gc_core.serialize import CLOUDPICKLE, PYTHON_VERSION
@@ -163,7 +163,7 @@ def test_garbage_a_task_writes_to_its_workers_socket_costs_that_task_not_the_slo
     with Executor(endpoint_id=endpoint.endpoint_id, client=client) as ex:
         for attack in ("deep", "huge", "raw"):
             # When task code writes garbage to the socket its worker answers on
-            with pytest.raises(TaskExecutionFailed) as failed:
+            with pytest.raises(WorkerError) as failed:
                 ex.submit(garble_the_workers_socket, attack).result(timeout=60)
             # Then that task fails, saying its worker broke the protocol
             assert failed.value.remote_type == "WorkerError", attack

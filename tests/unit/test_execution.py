@@ -217,8 +217,9 @@ def test_a_return_value_json_cannot_carry_gives_a_failed_outcome() -> None:
 
     assert outcome.state == "failed"
     assert outcome.error is not None
-    assert outcome.error.type == "SerializationError"
-    assert "set" in outcome.error.message
+    assert outcome.error.type == "ResultNotSerializable"
+    assert "the result of task" in outcome.error.message and "a set" in outcome.error.message
+    assert "json" in outcome.error.message and "not JSON serializable" in outcome.error.message
     assert outcome.payload == b""
 
 
@@ -252,3 +253,22 @@ def test_a_function_already_in_the_cache_is_used_instead_of_the_payload() -> Non
 
     assert CLOUDPICKLE.loads(outcome.payload) == "cache"
     assert cache["fn-1"] is already_loaded
+
+
+def test_a_value_that_cannot_be_pickled_fails_saying_it_was_the_result_and_what_to_do() -> None:
+    def make_lock() -> Any:
+        import threading
+
+        print("made a lock")
+        return threading.Lock()
+
+    outcome = run_job(a_job(make_lock), {})
+
+    assert outcome.state == "failed" and outcome.error is not None
+    assert outcome.error.type == "ResultNotSerializable"
+    message = outcome.error.message
+    assert f"the result of task {outcome.task_id}" in message and "_thread.lock" in message
+    assert "cloudpickle" in message and "cannot pickle '_thread.lock' object" in message
+    assert "return plain data" in message and "path" in message
+    assert outcome.error.traceback == ""  # a failure of the fabric's, not a raise of the user's
+    assert outcome.stdout == "made a lock\n"

@@ -18,7 +18,8 @@ PINNED = {
         "NotFound", "PolicyError", "ProtocolError", "PublishNotConfirmed", "RegistryError",
         "SerializationError", "SerializerNotAllowed", "TaskCancelled", "TaskDeadLettered",
         "TaskError", "TaskExecutionFailed", "TaskPending", "UnknownSerializer",
-        "VersionMismatch", "WorkerLost",
+        "VersionMismatch", "WorkerLost", "TaskNotFound", "ResultTooLarge", "WorkerError",
+        "EndpointError", "ResultNotSerializable",
         # wire models
         "ErrorInfo", "ResultMessage", "TaskMessage", "Timings",
         # settings
@@ -28,8 +29,10 @@ PINNED = {
         "AsyncExecutor", "Client", "Executor",
         "MPIFunction", "ShellFunction", "ShellResult",
         "Batch", "ComputeFuture", "as_completed",
-        "GCError", "PublishNotConfirmed", "TaskCancelled", "TaskDeadLettered",
-        "TaskExecutionFailed", "TaskPending",
+        "EndpointError", "GCError", "PolicyError", "PublishNotConfirmed",
+        "ResultNotSerializable", "ResultTooLarge", "SerializationError", "TaskCancelled",
+        "TaskDeadLettered", "TaskError", "TaskExecutionFailed", "TaskNotFound", "TaskPending",
+        "WorkerLost",
     ],
     "gc_agent": ["Agent", "EndpointConfig", "EngineConfig", "load_config"],
 }
@@ -42,6 +45,7 @@ MODULES = [
     "gc_core.topology", "gc_core.registry", "gc_core.registry.store", "gc_core.registry.db",
     "gc_core.registry.schemas", "gc_agent.config", "gc_agent.policy", "gc_agent.execution",
     "gc_client.tasks", "gc_client.async_executor", "gc_core.broker_async",
+    "gc_client.taskgroup", "gc_client.executor",
 ]
 
 

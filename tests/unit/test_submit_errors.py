@@ -1,0 +1,101 @@
+"""What cannot be serialized at submit time is named: the argument, the function, the value
+JSON cannot carry, with the serializer, the underlying error and what to do instead."""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from gc_client import Client
+from gc_client.tasks import make_task
+from gc_core.errors import SerializationError
+from gc_core.serialize import CLOUDPICKLE, JSON, Serializer
+
+#: Nothing listens here: registering must fail before it would talk to a registry.
+NOWHERE = "127.0.0.1:9"
+
+
+def submit(serializer: Serializer, *args: Any, **kwargs: Any) -> str:
+    """The message of the error make_task raises for this call."""
+    with pytest.raises(SerializationError) as caught:
+        make_task(endpoint_id="ep-1", function_id="fn-1", user="alice", task_group_id="g-1",
+                  serializer=serializer, args=args, kwargs=kwargs)
+    assert caught.value.__cause__ is not None  # the underlying error stays chained
+    return str(caught.value)
+
+
+@pytest.fixture
+def offline_client(tmp_path: Path) -> Iterator[Client]:
+    with Client(broker_url=f"amqp://guest:guest@{NOWHERE}/", registry_url=f"http://{NOWHERE}",
+                home=str(tmp_path), user="alice") as client:
+        yield client
+
+
+def test_an_argument_that_cannot_be_pickled_is_named_by_position_and_type() -> None:
+    message = submit(CLOUDPICKLE, 1, threading.Lock(), "three")
+
+    assert "argument 1" in message and "_thread.lock" in message
+    assert "cloudpickle" in message and "cannot pickle" in message
+    assert "path or URL" in message
+
+
+def test_a_keyword_argument_that_cannot_be_pickled_is_named_by_keyword() -> None:
+    with socket.socket() as sock:
+        message = submit(CLOUDPICKLE, 1, conn=sock, size=3)
+
+    assert "keyword argument 'conn'" in message and "socket" in message
+    assert "argument 0" not in message
+
+
+def test_the_part_of_a_nested_argument_that_cannot_be_pickled_is_named() -> None:
+    message = submit(CLOUDPICKLE, [1, {"ok": 2, "lock": threading.Lock()}])
+
+    assert "argument 0" in message and "[1]['lock']" in message and "_thread.lock" in message
+
+
+def test_a_json_task_names_the_value_json_cannot_carry() -> None:
+    message = submit(JSON, 1, {"tags": {"a", "b"}})
+
+    assert "argument 1" in message and "['tags']" in message and "set" in message
+    assert "JSON" in message and "not JSON serializable" in message
+    assert "cloudpickle" in message  # the other way to send it
+
+
+def test_a_json_task_names_a_keyword_holding_nan() -> None:
+    message = submit(JSON, threshold=float("nan"))
+
+    assert "keyword argument 'threshold'" in message and "float" in message
+    assert "Out of range float" in message
+
+
+def test_a_function_that_captures_a_lock_is_named_with_what_it_captures(
+        offline_client: Client) -> None:
+    lock = threading.Lock()
+
+    def guarded_sum(values: list[int]) -> int:
+        with lock:
+            return sum(values)
+
+    with pytest.raises(SerializationError) as caught:
+        offline_client.register_function(guarded_sum)
+    message = str(caught.value)
+    assert "guarded_sum" in message and "'lock'" in message and "_thread.lock" in message
+    assert "cloudpickle" in message and "cannot pickle" in message
+    assert "does not capture" in message
+    assert isinstance(caught.value.__cause__, TypeError)
+
+
+def test_a_function_that_captures_an_open_socket_is_named(offline_client: Client) -> None:
+    with socket.socket() as sock:
+        def send_all(data: bytes) -> None:
+            sock.sendall(data)
+
+        with pytest.raises(SerializationError) as caught:
+            offline_client.register_function(send_all)
+    assert "send_all" in str(caught.value) and "'sock'" in str(caught.value)
+    assert "socket" in str(caught.value)
