@@ -1,7 +1,9 @@
 """A parameter sweep: estimate pi from 1,000 Monte Carlo tasks, with a progress bar.
 
 Each task throws darts at the unit square and counts those inside the quarter circle;
-the estimate is 4 x (hits / throws), with the standard error over the tasks.
+the estimate is 4 x (hits / throws), with the standard error over the tasks. The sweep
+is a ``map`` with a ``buffersize``: however many tasks you ask for, at most that many
+are in flight and memory stays flat.
 """
 
 from __future__ import annotations
@@ -9,9 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-from concurrent.futures import as_completed
-
-from tqdm import tqdm
+from itertools import repeat
 
 from gc_client import Executor
 
@@ -30,15 +30,16 @@ def main() -> None:
                         help="endpoint id [default: $GC_ENDPOINT_ID]")
     parser.add_argument("--tasks", type=int, default=1000)
     parser.add_argument("--throws", type=int, default=2000, help="darts per task")
+    parser.add_argument("--in-flight", type=int, default=500,
+                        help="tasks submitted ahead of the results read")
     args = parser.parse_args()
     if not args.endpoint:
         parser.error("give --endpoint or set GC_ENDPOINT_ID")
 
-    estimates = []
     with Executor(endpoint_id=args.endpoint) as ex:
-        futures = [ex.submit(count_hits, seed, args.throws) for seed in range(args.tasks)]
-        for future in tqdm(as_completed(futures), total=len(futures), desc="tasks", unit="task"):
-            estimates.append(4.0 * future.result() / args.throws)
+        hits = ex.map(count_hits, range(args.tasks), repeat(args.throws, args.tasks),
+                      buffersize=args.in_flight, progress=True)
+        estimates = [4.0 * h / args.throws for h in hits]
 
     mean = sum(estimates) / len(estimates)
     spread = math.sqrt(sum((e - mean) ** 2 for e in estimates) / (len(estimates) - 1))

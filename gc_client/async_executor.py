@@ -1,12 +1,14 @@
 """AsyncExecutor: run functions on a gc-fabric endpoint from asyncio code.
 
-The asyncio front end beside :class:`gc_client.executor.Executor`, with the same wire
-behaviour and the same pure core (:mod:`gc_client.tasks`): one task group and one
+The asyncio front end beside :class:`gc_client.executor.Executor`, sharing everything
+but the I/O with it (:class:`gc_client.taskgroup.TaskGroup`): one task group and one
 durable result queue per executor; tasks published ``mandatory`` with publisher
-confirms, each batch after a group manifest for the ledger; results decoded, turned
+confirms, each batch behind a group manifest for the ledger; results decoded, turned
 into values or exceptions, and acked after their future resolved. A duplicate result
 (a task redelivered after an agent died) is dropped, so a future resolves exactly once.
-The broker side is :class:`gc_core.broker_async.AsyncBrokerSession` (aio-pika).
+``await submit(...)`` returns once the broker has confirmed the task, so nothing
+submitted is lost when the program ends. The broker side is
+:class:`gc_core.broker_async.AsyncBrokerSession` (aio-pika).
 
 Example:
     >>> async with AsyncExecutor(endpoint_id=ENDPOINT_ID, client=client) as ex:
@@ -19,19 +21,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import weakref
+from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from itertools import islice
 from typing import Any
 
 from gc_client.client import Client
 from gc_client.executor import RESULT_PREFETCH
-from gc_client.tasks import make_manifest, make_task, new_id, not_accepted, oversize, result_value
+from gc_client.taskgroup import Outgoing, TaskGroup, TaskGroupOptions
+from gc_client.tasks import new_id
 from gc_core.broker import FLUSH_BATCH
 from gc_core.broker_async import AsyncBrokerSession
-from gc_core.errors import BrokerError, ProtocolError
-from gc_core.protocol import Envelope, GroupManifest, TaskMessage, decode_result, encode_event, encode_task
+from gc_core.errors import BrokerError
+from gc_core.protocol import TaskMessage
 from gc_core.serialize import get_serializer
-from gc_core.topology import QueueDeclaration
+from gc_core.topology import QueueDeclaration, safe_name_part
 
 __all__ = ["AsyncComputeFuture", "AsyncExecutor"]
 
@@ -39,22 +43,39 @@ logger = logging.getLogger(__name__)
 
 
 class AsyncComputeFuture(asyncio.Future[Any]):
-    """An asyncio future for one task; ``task_id`` names it in the ledger and on the wire."""
+    """An asyncio future for one task; ``task_id`` names it in the ledger and on the wire.
 
-    def __init__(self, task_id: str, *, endpoint_id: str = "") -> None:
+    ``cancel()`` also cancels the task at the endpoint, as ``ComputeFuture.cancel`` does.
+    """
+
+    def __init__(self, task_id: str, on_cancel: Callable[[list[str]], None] | None = None, *,
+                 endpoint_id: str = "") -> None:
         super().__init__()
         self.task_id = task_id
         #: The endpoint the task was sent to: on a secured broker only its agent (or the
         #: registry) may send the result.
         self.endpoint_id = endpoint_id
+        #: What the task printed (bounded by the endpoint's output_limit), once it finished.
+        self.stdout = ""
+        self.stderr = ""
+        self._on_cancel = on_cancel
+
+    def cancel(self, msg: Any | None = None) -> bool:
+        """Cancel locally and at the endpoint."""
+        if not super().cancel(msg):
+            return False
+        if self._on_cancel is not None:
+            self._on_cancel([self.task_id])
+        return True
 
 
 class AsyncExecutor:
     """Run Python functions on an endpoint and await their results.
 
-    Submissions made in one turn of the event loop are published together, in batches
-    of at most ``batch_size`` tasks, each behind its group manifest; the tasks of a batch
-    are published concurrently, so their confirms pipeline.
+    ``await submit(...)`` returns once the broker has the task. Submissions made
+    together (``asyncio.gather``, ``map``) are published together, in batches of at
+    most ``batch_size`` tasks, each behind its group manifest, with their confirms
+    pipelined; one ``await submit`` after another waits for each confirm in turn.
 
     Example:
         >>> async with AsyncExecutor(endpoint_id=ENDPOINT_ID) as ex:
@@ -68,31 +89,44 @@ class AsyncExecutor:
         endpoint_id: str | None = None,
         *,
         client: Client | None = None,
+        task_group_id: str | None = None,
         resource_specification: dict[str, Any] | None = None,
+        user_endpoint_config: dict[str, Any] | None = None,
         serializer: str = "cloudpickle",
         batch_size: int = FLUSH_BATCH,
+        on_behalf_of: str | None = None,
     ) -> None:
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        self.endpoint_id = endpoint_id
         self.client = client or Client()
         self._owns_client = client is None
-        self.task_group_id = new_id()
-        self.resource_specification = resource_specification
-        self.serializer = get_serializer(serializer)
+        self._group: TaskGroup[AsyncComputeFuture] = TaskGroup(self.client, TaskGroupOptions(
+            task_group_id=safe_name_part(task_group_id or new_id(), "task_group_id"),
+            endpoint_id=endpoint_id, serializer=get_serializer(serializer),
+            resource_specification=resource_specification,
+            user_endpoint_config=user_endpoint_config, on_behalf_of=on_behalf_of),
+            self._new_future)
         self.batch_size = batch_size
-        self._user = self.client.settings.user
-        self._futures: dict[str, AsyncComputeFuture] = {}
         self._outbox: list[tuple[TaskMessage, AsyncComputeFuture]] = []
-        self._flush_scheduled = False
+        self._outbox_sent: asyncio.Future[None] | None = None
         self._publishing: set[asyncio.Task[None]] = set()
-        self._function_ids: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
         self._registering: dict[int, asyncio.Future[str]] = {}
         self._session: AsyncBrokerSession | None = None
         self._connect_lock = asyncio.Lock()
         self._shutdown = False
-        #: Results dropped because their future had already resolved (redelivered tasks).
-        self.duplicates_dropped = 0
+
+    @property
+    def endpoint_id(self) -> str | None:
+        return self._group.endpoint_id
+
+    @property
+    def task_group_id(self) -> str:
+        return self._group.task_group_id
+
+    @property
+    def duplicates_dropped(self) -> int:
+        """Results dropped because their future had already resolved (redelivered tasks)."""
+        return self._group.duplicates_dropped
 
     # -- submitting -----------------------------------------------------------------------
 
@@ -100,61 +134,65 @@ class AsyncExecutor:
                      **kwargs: Any) -> AsyncComputeFuture:
         """Run ``fn(*args, **kwargs)`` on the endpoint; await the returned future for its value.
 
-        The function is registered once (in a worker thread: registration is an HTTP call).
+        Returns once the broker confirmed the task. The function is registered once (in
+        a worker thread: registration is an HTTP call).
 
         Raises:
             BrokerUnreachable: the first submission could not connect.
             RegistryError: the function could not be registered.
         """
-        if self._shutdown:
-            raise RuntimeError("cannot submit to an AsyncExecutor after shutdown")
+        self._refuse_after_shutdown()
         function_id = await self._function_id(fn)
         return await self.submit_to_registered_function(function_id, args, kwargs)
 
     async def submit_to_registered_function(self, function_id: str, args: Iterable[Any] = (),
                                             kwargs: dict[str, Any] | None = None
                                             ) -> AsyncComputeFuture:
-        """Run an already registered function by id.
+        """Run an already registered function by id; returns once the broker confirmed it.
 
-        A task over the client's ``max_message_size`` is not sent: its future fails at once.
+        A task the broker refuses, or one over the client's ``max_message_size`` (not
+        sent), fails its future.
         """
-        if self._shutdown:
-            raise RuntimeError("cannot submit to an AsyncExecutor after shutdown")
-        if self.endpoint_id is None:
-            raise ValueError("this AsyncExecutor has no endpoint_id; pass "
-                             "AsyncExecutor(endpoint_id=...)")
+        self._refuse_after_shutdown()
         await self._connected()
-        task = make_task(endpoint_id=self.endpoint_id, function_id=function_id, user=self._user,
-                         task_group_id=self.task_group_id, serializer=self.serializer,
-                         args=tuple(args), kwargs=dict(kwargs or {}),
-                         resource_spec=self.resource_specification)
-        future = AsyncComputeFuture(task.task_id, endpoint_id=task.endpoint_id)
-        too_large = oversize(task, self.client.max_message_size)
-        if too_large is not None:
-            future.set_exception(too_large)
-            return future
-        self._futures[task.task_id] = future
-        self._outbox.append((task, future))
-        if not self._flush_scheduled:
-            self._flush_scheduled = True
-            asyncio.get_running_loop().call_soon(self._flush)
+        task, future = self._group.new_task(function_id, args, kwargs)
+        if task is not None:
+            await self._sent(task, future)
         return future
 
     async def map(self, fn: Callable[..., Any], *iterables: Iterable[Any],
-                  timeout: float | None = None) -> list[Any]:
+                  timeout: float | None = None, buffersize: int | None = None) -> list[Any]:
         """``[fn(*args) for args in zip(*iterables)]``, run remotely; values in order.
+
+        ``buffersize`` keeps at most that many tasks in flight, reading the iterables
+        lazily. On a failure or timeout the tasks not yet done are cancelled.
 
         Raises:
             TimeoutError: not every task finished within ``timeout`` seconds.
             TaskExecutionFailed: the first (in order) task that failed remotely.
         """
-        futures = [await self.submit(fn, *args) for args in zip(*iterables)]
-        if futures:
-            _done, pending = await asyncio.wait(futures, timeout=timeout)
-            if pending:
-                raise TimeoutError(f"{len(pending)} of {len(futures)} tasks unfinished "
-                                   f"after {timeout}s")
-        return [future.result() for future in futures]
+        if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
+            raise ValueError(f"buffersize must be None or a positive integer, got {buffersize!r}")
+        loop = asyncio.get_running_loop()
+        deadline = None if timeout is None else loop.time() + timeout
+        calls = zip(*iterables)
+        window: deque[AsyncComputeFuture] = deque()
+        values: list[Any] = []
+        try:
+            while True:
+                room = None if buffersize is None else buffersize - len(window)
+                window.extend(await asyncio.gather(*(self.submit(fn, *args)
+                                                     for args in islice(calls, room))))
+                if not window:
+                    return values
+                left = None if deadline is None else max(deadline - loop.time(), 0)
+                try:
+                    values.append(await asyncio.wait_for(asyncio.shield(window[0]), left))
+                except asyncio.TimeoutError:
+                    raise TimeoutError(f"{len(window)} tasks unfinished after {timeout}s") from None
+                window.popleft()
+        finally:
+            self._cancel(list(window))
 
     async def as_completed(self, futures: Iterable[AsyncComputeFuture], *,
                            timeout: float | None = None) -> AsyncIterator[AsyncComputeFuture]:
@@ -185,37 +223,43 @@ class AsyncExecutor:
             for future in waiting:
                 future.remove_done_callback(notify)
 
+    # -- reattaching ----------------------------------------------------------------------
+
+    async def reload_tasks(self) -> list[AsyncComputeFuture]:
+        """Futures for every task of this task group, after the submitting process is gone.
+
+        Finished tasks resolve at once from the ledger; the others resolve as their
+        results arrive on the group's queue. Values are decoded only with this executor's
+        serializer: build it with the one the tasks were sent with.
+        """
+        known = await asyncio.to_thread(self.client.registry.list_group_tasks,
+                                        self.task_group_id)
+        await self._connected()
+        return self._group.adopt(known)
+
     # -- stopping -------------------------------------------------------------------------
 
     async def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; optionally wait for all futures, or cancel the pending ones.
 
-        A task whose future is cancelled before it was published is never published.
-        The result queue is deleted once every future is done; otherwise the results of
-        the unfinished tasks still reach the queue and the ledger (``Client.get_result``).
+        Without ``wait`` the futures still resolve while the event loop runs; the
+        connection closes once the last one has. Results of tasks unfinished when the
+        loop ends stay in the group's queue and the ledger:
+        ``AsyncExecutor(task_group_id=...).reload_tasks()`` picks them up.
         """
         self._shutdown = True
-        pending = [f for f in self._futures.values() if not f.done()]
+        pending = self._group.pending()
         if cancel_futures:
-            for future in pending:
-                future.cancel()
-        self._flush()
+            self._cancel(pending)
         if self._publishing:
             await asyncio.gather(*self._publishing, return_exceptions=True)
         pending = [f for f in pending if not f.done()]
         if wait and pending:
             await asyncio.wait(pending)
-        session, self._session = self._session, None
-        if session is not None:
-            if all(f.done() for f in self._futures.values()):
-                try:
-                    await session.delete_queue(self._result_queue().name)
-                except BrokerError as exc:
-                    logger.warning("could not delete the result queue of task group %s: %s",
-                                   self.task_group_id, exc)
-            await session.close()
-        if self._owns_client:
-            self.client.close()
+        if self._group.idle():
+            await self._close()
+        else:
+            self._spawn(self._close_when_idle())
 
     async def __aenter__(self) -> AsyncExecutor:
         await self._connected()
@@ -229,8 +273,15 @@ class AsyncExecutor:
 
     # -- internals ------------------------------------------------------------------------
 
+    def _refuse_after_shutdown(self) -> None:
+        if self._shutdown:
+            raise RuntimeError("cannot submit to an AsyncExecutor after shutdown")
+
+    def _new_future(self, task_id: str, endpoint_id: str) -> AsyncComputeFuture:
+        return AsyncComputeFuture(task_id, self._cancel_remotely, endpoint_id=endpoint_id)
+
     def _result_queue(self) -> QueueDeclaration:
-        return self.client.topology.queue("results", user=self._user,
+        return self.client.topology.queue("results", user=self._group.user,
                                           task_group_id=self.task_group_id)
 
     async def _connected(self) -> AsyncBrokerSession:
@@ -242,12 +293,12 @@ class AsyncExecutor:
                 queue = self._result_queue()
                 session = AsyncBrokerSession(
                     self.client.settings.broker_url, topology=self.client.topology,
-                    name=f"gc-client:{self._user}:{self.task_group_id}", queues=[queue],
+                    name=f"gc-client:{self._group.user}:{self.task_group_id}", queues=[queue],
                     prefetch=RESULT_PREFETCH, login=self.client.broker_login,
                     max_message_size=self.client.max_message_size)
                 await session.connect()
                 try:
-                    await session.consume(queue.name, self._on_result)
+                    await session.consume(queue.name, self._group.on_result)
                 except BaseException:
                     await session.close()
                     raise
@@ -255,94 +306,116 @@ class AsyncExecutor:
             return self._session
 
     async def _function_id(self, fn: Callable[..., Any]) -> str:
-        """The function's id, registering it once: concurrent first submissions share one call,
-        and later ones skip the worker thread."""
-        try:
-            known = self._function_ids.get(fn)
-        except TypeError:  # not weak-referenceable: the Client's hash cache still helps
-            known = None
+        """The function's id from the client's cache, else registered in a worker thread:
+        concurrent first submissions of one function share one registration."""
+        known = self.client.registered_function_id(fn)
         if known is not None:
             return known
         in_flight = self._registering.get(id(fn))
         if in_flight is None:
             in_flight = asyncio.ensure_future(asyncio.to_thread(self.client.register_function, fn))
             self._registering[id(fn)] = in_flight
-            in_flight.add_done_callback(lambda done: self._remember(fn, done))
+            in_flight.add_done_callback(lambda _done: self._registering.pop(id(fn), None))
         return await asyncio.shield(in_flight)
 
-    def _remember(self, fn: Callable[..., Any], done: asyncio.Future[str]) -> None:
-        self._registering.pop(id(fn), None)
-        if done.cancelled() or done.exception() is not None:
-            return  # every waiter sees the error; a later submission tries again
-        try:
-            self._function_ids[fn] = done.result()
-        except TypeError:
-            pass
+    async def _sent(self, task: TaskMessage, future: AsyncComputeFuture) -> None:
+        """Queue ``task`` for this loop turn's publishing; return once it is over."""
+        self._outbox.append((task, future))
+        if self._outbox_sent is None:
+            self._outbox_sent = asyncio.get_running_loop().create_future()
+            asyncio.get_running_loop().call_soon(self._flush)
+        await asyncio.shield(self._outbox_sent)
 
     def _flush(self) -> None:
-        """Start publishing what was submitted since the last flush: per batch its manifest,
-        then its tasks, each publish a task of its own so that their confirms pipeline."""
-        self._flush_scheduled = False
+        """Publish what was submitted this loop turn: per batch its manifest and its
+        tasks, all at once so that their confirms pipeline."""
         outbox, self._outbox = [entry for entry in self._outbox if not entry[1].cancelled()], []
+        sent, self._outbox_sent = self._outbox_sent, None
         session = self._session
-        if not outbox or session is None or self.endpoint_id is None:
-            return
-        for start in range(0, len(outbox), self.batch_size):
-            batch = outbox[start:start + self.batch_size]
-            manifest = make_manifest([task.task_id for task, _ in batch],
-                                     task_group_id=self.task_group_id,
-                                     endpoint_id=self.endpoint_id, user=self._user)
-            self._spawn(self._publish_manifest(session, manifest))
-            for task, future in batch:
-                self._spawn(self._publish_task(session, task, future))
+        assert sent is not None and session is not None
+        batches = [outbox[start:start + self.batch_size]
+                   for start in range(0, len(outbox), self.batch_size)]
+        self._spawn(self._publish_batches(session, batches, sent))
 
-    def _spawn(self, publish: Coroutine[Any, Any, None]) -> None:
-        job = asyncio.get_running_loop().create_task(publish)
-        self._publishing.add(job)
-        job.add_done_callback(self._publishing.discard)
-
-    async def _publish_manifest(self, session: AsyncBrokerSession,
-                                manifest: GroupManifest) -> None:
-        topology = self.client.topology
+    async def _publish_batches(self, session: AsyncBrokerSession,
+                               batches: list[list[tuple[TaskMessage, AsyncComputeFuture]]],
+                               sent: asyncio.Future[None]) -> None:
         try:
-            await session.publish(
-                topology.exchange("events"),
-                topology.routing_key("group_submitted", task_group_id=self.task_group_id),
-                encode_event(manifest))
-        except BrokerError as exc:  # the ledger still learns each task from its result
+            await asyncio.gather(*(self._publish_batch(session, batch) for batch in batches))
+        finally:
+            if not sent.done():
+                sent.set_result(None)
+
+    async def _publish_batch(self, session: AsyncBrokerSession,
+                             batch: list[tuple[TaskMessage, AsyncComputeFuture]]) -> None:
+        manifest = self._group.manifest([task.task_id for task, _ in batch])
+        await asyncio.gather(self._publish_manifest(session, manifest),
+                             *(self._publish_task(session, task, future) for task, future in batch))
+
+    async def _publish_manifest(self, session: AsyncBrokerSession, manifest: Outgoing) -> None:
+        try:
+            await _publish(session, manifest)
+        except BrokerError as exc:  # the ledger waits for it a while, then takes the results
             logger.warning("manifest of task group %s not confirmed: %s", self.task_group_id, exc)
 
     async def _publish_task(self, session: AsyncBrokerSession, task: TaskMessage,
                             future: AsyncComputeFuture) -> None:
-        topology = self.client.topology
         try:
-            await session.publish(topology.exchange("tasks"),
-                                  topology.routing_key("task", endpoint_id=task.endpoint_id),
-                                  encode_task(task), mandatory=True)
+            await _publish(session, self._group.task_message(task))
         except BrokerError as exc:
-            if not future.done():
-                future.set_exception(not_accepted(f"task {task.task_id} was", task.endpoint_id,
-                                                  exc))
+            self._group.confirmed(task.task_id, future, exc)
+        else:
+            self._group.confirmed(task.task_id, future, None)
 
-    def _on_result(self, envelope: Envelope, sender: str) -> None:
-        """Resolve the future this result belongs to, if broker user ``sender`` may send it;
-        the session acks it afterwards."""
+    def _cancel(self, futures: list[AsyncComputeFuture]) -> None:
+        """Cancel these futures locally one by one, then tell the endpoint in one command."""
+        cancelled = [f.task_id for f in futures if asyncio.Future.cancel(f)]
+        if cancelled:
+            self._cancel_remotely(cancelled)
+
+    def _cancel_remotely(self, task_ids: list[str]) -> None:
+        session, endpoint_id = self._session, self.endpoint_id
+        if session is not None and endpoint_id is not None:
+            self._spawn(self._publish_cancel(session, self._group.cancel_command(task_ids,
+                                                                                 endpoint_id)))
+
+    @staticmethod
+    async def _publish_cancel(session: AsyncBrokerSession, command: Outgoing) -> None:
         try:
-            result = decode_result(envelope)
-        except ProtocolError as exc:
-            logger.warning("dropped an undecodable result (%d bytes): %s", len(exc.raw), exc)
-            return
-        future = self._futures.get(result.task_id)
-        if future is None:
-            logger.warning("dropped a result for task %s, which task group %s did not submit",
-                           result.task_id, self.task_group_id)
-            return
-        if self.client.refuses_result(result, sender, future.endpoint_id):
-            return
-        if future.done():
-            self.duplicates_dropped += 1
-            return
+            await _publish(session, command)
+        except BrokerError as exc:
+            logger.warning("cancel command not confirmed: %s", exc)
+
+    def _spawn(self, job: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.get_running_loop().create_task(job)
+        self._publishing.add(task)
+        task.add_done_callback(self._publishing.discard)
+
+    async def _close_when_idle(self) -> None:
         try:
-            future.set_result(result_value(result, self.serializer))
-        except Exception as exc:  # a remote failure, or a value that cannot be decoded here
-            future.set_exception(exc)
+            pending = self._group.pending()
+            if pending:
+                await asyncio.wait(pending)
+        finally:
+            unfinished = len(self._group.pending())
+            if unfinished:
+                logger.warning(self._group.reattach_hint(unfinished, "AsyncExecutor"))
+            await self._close()
+
+    async def _close(self) -> None:
+        session, self._session = self._session, None
+        if session is not None:
+            if self._group.idle():
+                try:
+                    await session.delete_queue(self._result_queue().name)
+                except BrokerError as exc:
+                    logger.warning("could not delete the result queue of task group %s: %s",
+                                   self.task_group_id, exc)
+            await session.close()
+        if self._owns_client:
+            self.client.close()
+
+
+async def _publish(session: AsyncBrokerSession, message: Outgoing) -> None:
+    await session.publish(message.exchange, message.routing_key, message.envelope,
+                          mandatory=message.mandatory)

@@ -5,39 +5,36 @@ Each Executor owns one task group and one durable result queue
 batches with publisher confirms; results resolve futures as they arrive, and a
 duplicate result (a task redelivered after an agent died) is dropped, so a
 future resolves exactly once.
+
+Nothing submitted is lost when the program stops early: at ``shutdown``, when the
+Executor is garbage-collected and at interpreter exit, every task is first confirmed by
+the broker (up to ``confirm_timeout``); any it did not confirm is named on stderr, and
+so is how to reattach to tasks that were still running.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
+import operator
+import sys
 import threading
 import time
+import weakref
+from collections import deque
 from concurrent.futures import Executor as _BaseExecutor
-from concurrent.futures import Future, InvalidStateError
+from concurrent.futures import Future
 from functools import partial
+from itertools import islice
 from typing import Any, Callable, Iterable, Iterator
 
 from tqdm import tqdm
 
 from gc_client.client import Client
-from gc_client.tasks import (
-    make_manifest,
-    make_task,
-    new_id,
-    not_accepted,
-    oversize,
-    result_value,
-    task_out_value,
-)
+from gc_client.taskgroup import Outgoing, TaskGroup, TaskGroupOptions
+from gc_client.tasks import new_id
 from gc_core.broker import FLUSH_BATCH, BrokerSession, Delivery
-from gc_core.errors import ProtocolError
-from gc_core.protocol import (
-    CancelCommand,
-    ResultMessage,
-    decode_result,
-    encode_event,
-    encode_task,
-)
+from gc_core.protocol import TaskMessage
 from gc_core.serialize import get_serializer
 from gc_core.topology import safe_name_part
 
@@ -47,6 +44,8 @@ logger = logging.getLogger(__name__)
 
 #: Results the executor may hold unacked; bounds memory while futures resolve.
 RESULT_PREFETCH = 1000
+#: Seconds ``shutdown`` and interpreter exit wait for the broker to confirm the tasks.
+CONFIRM_TIMEOUT = 60.0
 
 
 class ComputeFuture(Future[Any]):
@@ -100,37 +99,45 @@ class Executor(_BaseExecutor):
         batch_size: int = FLUSH_BATCH,
         linger: float = 0.0,
         on_behalf_of: str | None = None,
+        confirm_timeout: float = CONFIRM_TIMEOUT,
     ) -> None:
-        if batch_size < 1 or linger < 0:
-            raise ValueError("batch_size must be at least 1 and linger (seconds) at least 0")
-        self.endpoint_id = endpoint_id
+        if batch_size < 1 or linger < 0 or confirm_timeout < 0:
+            raise ValueError("batch_size must be at least 1, and linger and confirm_timeout "
+                             "(seconds) at least 0")
         self.client = client or Client()
-        self._owns_client = client is None
-        self.task_group_id = safe_name_part(task_group_id or new_id(), "task_group_id")
-        self.resource_specification = resource_specification
-        self.user_endpoint_config = user_endpoint_config
-        self.serializer = get_serializer(serializer)
-        self.batch_size = batch_size
-        self.linger = linger
-        self._user = self.client.settings.user
-        #: The end user a service account submits for (default: the client's).
-        self.on_behalf_of = self.client.on_behalf_of if on_behalf_of is None else on_behalf_of
-        self._futures: dict[str, ComputeFuture] = {}
-        #: Results for tasks this Executor does not know yet (see reload_tasks), with the
-        #: broker user that sent each.
-        self._unclaimed: dict[str, list[tuple[ResultMessage, str]]] = {}
-        self._manifest_ids: list[str] = []
-        self._session: BrokerSession | None = None
-        self._lock = threading.Lock()
+        self._wire = _Wire(TaskGroupOptions(
+            task_group_id=safe_name_part(task_group_id or new_id(), "task_group_id"),
+            endpoint_id=endpoint_id, serializer=get_serializer(serializer),
+            resource_specification=resource_specification,
+            user_endpoint_config=user_endpoint_config, on_behalf_of=on_behalf_of),
+            self.client, owns_client=client is None, batch_size=batch_size, linger=linger,
+            confirm_timeout=confirm_timeout)
+        self._group = self._wire.group
         self._shutdown = False
-        #: Results dropped because their future had already resolved (a redelivered task)
-        #: or had been cancelled.
-        self.duplicates_dropped = 0
+        # An Executor nobody holds any more finishes like one shut down without waiting:
+        # its tasks are confirmed, and its session lives on until the last result is in
+        # (or the interpreter exits).
+        weakref.finalize(self, self._wire.abandoned).atexit = False
+
+    @property
+    def endpoint_id(self) -> str | None:
+        return self._group.endpoint_id
+
+    @property
+    def task_group_id(self) -> str:
+        return self._group.task_group_id
+
+    @property
+    def duplicates_dropped(self) -> int:
+        """Results dropped because their future had already resolved (a redelivered task)
+        or had been cancelled."""
+        return self._group.duplicates_dropped
 
     # -- concurrent.futures API ----------------------------------------------------------
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> ComputeFuture:
         """Run ``fn(*args, **kwargs)`` on the endpoint; the function is registered once."""
+        self._refuse_after_shutdown()
         function_id = self.client.register_function(fn)
         return self.submit_to_registered_function(function_id, args, kwargs)
 
@@ -140,88 +147,56 @@ class Executor(_BaseExecutor):
 
         A task over the client's ``max_message_size`` is not sent: its future fails at once.
         """
-        if self._shutdown:
-            raise RuntimeError("cannot submit to an Executor after shutdown")
-        if self.endpoint_id is None:
-            raise ValueError("this Executor has no endpoint_id; pass Executor(endpoint_id=...)")
-        session = self._connected()
-        task = make_task(endpoint_id=self.endpoint_id, function_id=function_id, user=self._user,
-                         task_group_id=self.task_group_id, serializer=self.serializer,
-                         args=tuple(args), kwargs=dict(kwargs or {}),
-                         resource_spec=self.resource_specification,
-                         identity=self.client.settings.identity, on_behalf_of=self.on_behalf_of,
-                         user_endpoint_config=self.user_endpoint_config)
-        future = ComputeFuture(task.task_id, self._cancel_remotely, endpoint_id=self.endpoint_id)
-        too_large = oversize(task, self.client.max_message_size)
-        if too_large is not None:
-            future.set_exception(too_large)
-            return future
-        with self._lock:
-            self._futures[task.task_id] = future
-            self._manifest_ids.append(task.task_id)
-            first_of_batch = len(self._manifest_ids) == 1
-        topology = self.client.topology
-        session.publish(topology.exchange("tasks"),
-                        topology.routing_key("task", endpoint_id=self.endpoint_id),
-                        encode_task(task), mandatory=True,
-                        on_confirm=lambda reason: self._on_task_confirm(future, reason))
-        if first_of_batch:
-            # After the batch's first task, not before: the ledger copes with either order,
-            # and the task should not queue behind the manifest's write to the ledger.
-            session.call_soon(self._publish_manifest)
+        self._refuse_after_shutdown()
+        task, future = self._group.new_task(function_id, args, kwargs)
+        if task is not None:
+            self._wire.send(task, future)
         return future
 
     def map(self, fn: Callable[..., Any], *iterables: Iterable[Any], timeout: float | None = None,
-            chunksize: int = 1, progress: bool = False) -> Iterator[Any]:
-        """Like ``concurrent.futures.Executor.map``; ``progress=True`` shows a tqdm bar."""
-        del chunksize  # every call is its own task; batching happens on the wire
-        futures = [self.submit(fn, *args) for args in zip(*iterables)]
-        bar = tqdm(total=len(futures), desc=getattr(fn, "__name__", "tasks"), unit="task",
-                   disable=not progress)
-        for future in futures:
-            future.add_done_callback(lambda _f: bar.update(1))
-        return self._results_in_order(futures, timeout, bar)
+            chunksize: int = 1, buffersize: int | None = None,
+            progress: bool = False) -> Iterator[Any]:
+        """Like ``concurrent.futures.Executor.map``; ``progress=True`` shows a tqdm bar.
 
-    @staticmethod
-    def _results_in_order(futures: list[ComputeFuture], timeout: float | None,
-                          bar: tqdm[Any]) -> Iterator[Any]:
+        ``buffersize`` (as in Python 3.14) keeps at most that many tasks submitted ahead
+        of the values yielded, reading the iterables lazily: a sweep over a million
+        arguments (or an endless generator) in bounded memory. Without it every task is
+        submitted at once. Closing the iterator early cancels the tasks not yet yielded.
+        """
+        del chunksize  # every call is its own task; batching happens on the wire
+        if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
+            raise ValueError(f"buffersize must be None or a positive integer, got {buffersize!r}")
         deadline = None if timeout is None else time.monotonic() + timeout
-        try:
-            for future in futures:
-                yield future.result(None if deadline is None else deadline - time.monotonic())
-        finally:
-            bar.close()
+        bar = tqdm(total=_total(iterables), desc=getattr(fn, "__name__", "tasks"), unit="task",
+                   disable=not progress)
+        calls = zip(*iterables)
+        submit = partial(self._submit_counted, fn, bar)
+        futures = deque(submit(*args) for args in islice(calls, buffersize))
+        if buffersize is None and bar.total is None:
+            bar.total = len(futures)
+            bar.refresh()
+        more = None if buffersize is None else (submit(*args) for args in calls)
+        return self._results_in_order(futures, more, deadline, bar)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Stop accepting work; optionally wait for all futures, or cancel the pending ones.
 
-        Results of tasks still pending when this returns stay in the group's queue and in
-        the ledger: ``Executor(task_group_id=...).reload_tasks()`` picks them up later.
+        Either way every submitted task is confirmed by the broker first (up to
+        ``confirm_timeout``). Without ``wait``, futures still resolve as long as the
+        program runs; results of tasks that have not finished when it exits stay in the
+        group's queue and in the ledger: ``Executor(task_group_id=...).reload_tasks()``
+        picks them up later.
         """
         self._shutdown = True
-        with self._lock:
-            pending = [f for f in self._futures.values() if not f.done()]
+        pending = self._group.pending()
         if cancel_futures:
-            # Cancel locally one by one, then tell the endpoint in one command.
-            cancelled = [f.task_id for f in pending if Future.cancel(f)]
-            if cancelled:
-                self._cancel_remotely(cancelled)
+            self._cancel(pending)
         if wait:
             for future in pending:
                 if not future.cancelled():
                     future.exception()
-        session = self._session
-        if session is not None:
-            session.wait_settled(10.0)
-            with self._lock:
-                all_done = all(f.done() for f in self._futures.values())
-            if all_done and not self._unclaimed:
-                session.delete_queue(self._result_queue().name)
-                session.wait_settled(5.0)
-            session.close()
-            self._session = None
-        if self._owns_client:
-            self.client.close()
+        self._wire.confirm_all()
+        self._wire.close_when_idle()
 
     # -- reattaching ---------------------------------------------------------------------
 
@@ -233,111 +208,208 @@ class Executor(_BaseExecutor):
         serializer: build it with the one the tasks were sent with.
         """
         known = self.client.registry.list_group_tasks(self.task_group_id)
-        with self._lock:
-            futures = [self._futures.setdefault(t.task_id, ComputeFuture(
-                t.task_id, self._cancel_remotely, endpoint_id=t.endpoint_id)) for t in known]
-        for task in known:
-            if task.status not in ("waiting", "unknown"):
-                self._resolve_from(task.task_id, partial(task_out_value, task, self.serializer),
-                                   task.stdout, task.stderr)
-        self._connected()
-        with self._lock:
-            claimed = [(self._futures[task_id], self._unclaimed.pop(task_id))
-                       for task_id in list(self._unclaimed) if task_id in self._futures]
-        for future, results in claimed:
-            for result, sender in results:
-                self._accept(future, result, sender)
-        return futures
+        self._wire.connected()
+        return self._group.adopt(known)
 
     # -- internals -----------------------------------------------------------------------
 
-    def _result_queue(self) -> Any:
-        return self.client.topology.queue("results", user=self._user,
-                                          task_group_id=self.task_group_id)
+    def _refuse_after_shutdown(self) -> None:
+        if self._shutdown:
+            raise RuntimeError("cannot submit to an Executor after shutdown")
 
-    def _connected(self) -> BrokerSession:
+    def _submit_counted(self, fn: Callable[..., Any], bar: tqdm[Any],
+                        *args: Any) -> ComputeFuture:
+        future = self.submit(fn, *args)
+        future.add_done_callback(lambda _done: bar.update(1))
+        return future
+
+    def _results_in_order(self, futures: deque[ComputeFuture], more: Iterator[ComputeFuture] | None,
+                          deadline: float | None, bar: tqdm[Any]) -> Iterator[Any]:
+        """Yield each value in submission order, topping ``futures`` up from ``more`` and
+        keeping no future whose value it yielded."""
+        try:
+            while futures:
+                following = next(more, None) if more is not None else None
+                if following is not None:
+                    futures.append(following)
+                value = futures[0].result(None if deadline is None else
+                                          deadline - time.monotonic())
+                futures.popleft()
+                yield value
+        finally:
+            bar.close()
+            self._cancel(list(futures))
+
+    def _cancel(self, futures: list[ComputeFuture]) -> None:
+        """Cancel these futures locally one by one, then tell the endpoint in one command."""
+        cancelled = [f.task_id for f in futures if Future.cancel(f)]
+        if cancelled:
+            self._wire.cancel(cancelled)
+
+
+def _total(iterables: tuple[Iterable[Any], ...]) -> int | None:
+    """How many calls ``zip(*iterables)`` makes, if the iterables tell (for the bar)."""
+    hints = [operator.length_hint(it, -1) for it in iterables]
+    return None if not hints or min(hints) < 0 else min(hints)
+
+
+class _Wire:
+    """An Executor's broker side: its session and what runs on the session's IO thread.
+
+    It holds no reference to its Executor, so an Executor its caller dropped can be
+    collected while its tasks are still finishing; the wire closes itself once they are.
+    """
+
+    def __init__(self, options: TaskGroupOptions, client: Client, *, owns_client: bool,
+                 batch_size: int, linger: float, confirm_timeout: float) -> None:
+        self.group: TaskGroup[ComputeFuture] = TaskGroup(client, options, self._new_future)
+        self._group = self.group
+        self._client = client
+        self._owns_client = owns_client
+        self._batch_size = batch_size
+        self._linger = linger
+        self._confirm_timeout = confirm_timeout
+        self._session: BrokerSession | None = None
+        self._manifest_ids: list[str] = []
+        self._lock = threading.Lock()
+        self._closing = False
+        self._closed = False
+
+    def connected(self) -> BrokerSession:
+        """The session, connected and consuming the group's result queue."""
         session = self._session
         if session is not None:
             return session
         with self._lock:
             if self._session is None:
+                if self._closed:
+                    raise RuntimeError("this Executor's connection is closed")
                 queue = self._result_queue()
-                session = self.client.broker_session(
-                    f"gc-client:{self._user}:{self.task_group_id}", queues=[queue],
-                    prefetch=RESULT_PREFETCH, linger=self.linger, batch_size=self.batch_size)
+                session = self._client.broker_session(
+                    f"gc-client:{self._group.user}:{self._group.task_group_id}", queues=[queue],
+                    prefetch=RESULT_PREFETCH, linger=self._linger, batch_size=self._batch_size)
                 session.consume(queue.name, self._on_result)
                 session.start()
                 self._session = session
+                _OPEN_WIRES.add(self)
             return self._session
 
+    def send(self, task: TaskMessage, future: ComputeFuture) -> None:
+        """Publish ``task``; the first task of a batch also schedules the batch's manifest."""
+        session = self.connected()
+        with self._lock:
+            self._manifest_ids.append(task.task_id)
+            first_of_batch = len(self._manifest_ids) == 1
+        self._publish(session, self._group.task_message(task),
+                      on_confirm=partial(self._group.confirmed, task.task_id, future))
+        if first_of_batch:
+            # After the batch's first task, not before: the ledger copes with either order,
+            # and the task should not queue behind the manifest's write to the ledger.
+            session.call_soon(self._publish_manifest)
+
+    def cancel(self, task_ids: list[str]) -> None:
+        """Send the endpoint a cancel command for these tasks of ours."""
+        session, endpoint_id = self._session, self._group.endpoint_id
+        if session is not None and endpoint_id is not None:
+            self._publish(session, self._group.cancel_command(task_ids, endpoint_id))
+
+    def confirm_all(self) -> None:
+        """Wait (up to ``confirm_timeout``) until the broker confirmed every task; name
+        on stderr those it did not."""
+        session = self._session
+        if session is None or session.on_io_thread:  # collected there: it cannot wait on itself
+            return
+        session.wait_settled(self._confirm_timeout)
+        unconfirmed = self._group.unconfirmed()
+        if unconfirmed:
+            _tell(f"the broker did not confirm {len(unconfirmed)} tasks of task group "
+                  f"{self._group.task_group_id!r} within {self._confirm_timeout:g}s; they may "
+                  f"never run: {' '.join(sorted(unconfirmed))}")
+
+    def close_when_idle(self, *, in_background: bool = False) -> None:
+        """Close now (``in_background``: on a thread of its own) if every future is done,
+        else once the last one is."""
+        self._closing = True
+        if self._group.idle():
+            self._close_on(in_background)
+
+    def abandoned(self) -> None:
+        """Its Executor was collected: confirm every task, and close once all are done."""
+        self.confirm_all()
+        self.close_when_idle(in_background=True)
+
+    def at_exit(self) -> None:
+        """The interpreter is exiting: confirm every task, say how to reattach to those
+        still running, and close."""
+        self.confirm_all()
+        pending = len(self._group.pending())
+        if pending:
+            _tell(self._group.reattach_hint(pending, "Executor"))
+        self._close()
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _result_queue(self) -> Any:
+        return self._client.topology.queue("results", user=self._group.user,
+                                           task_group_id=self._group.task_group_id)
+
+    @staticmethod
+    def _publish(session: BrokerSession, message: Outgoing,
+                 on_confirm: Callable[[str | None], None] | None = None) -> None:
+        session.publish(message.exchange, message.routing_key, message.envelope,
+                        mandatory=message.mandatory, on_confirm=on_confirm)
+
     def _publish_manifest(self) -> None:
-        """Runs on the IO thread ahead of a batch's tasks: tell the ledger their ids."""
+        """IO thread, after a batch's first task: tell the ledger the batch's task ids."""
         with self._lock:
             task_ids, self._manifest_ids = self._manifest_ids, []
-        if not task_ids or self._session is None or self.endpoint_id is None:
-            return
-        topology = self.client.topology
-        manifest = make_manifest(task_ids, task_group_id=self.task_group_id,
-                                 endpoint_id=self.endpoint_id, user=self._user)
-        self._session.publish(
-            topology.exchange("events"),
-            topology.routing_key("group_submitted", task_group_id=self.task_group_id),
-            encode_event(manifest))
-
-    def _cancel_remotely(self, task_ids: list[str]) -> None:
-        """Send the endpoint a cancel command for these tasks of ours."""
-        session = self._session
-        if session is None or self.endpoint_id is None:
-            return
-        topology = self.client.topology
-        command = CancelCommand(task_ids=task_ids, user=self._user, sent=time.time())
-        session.publish(topology.exchange("commands"),
-                        topology.routing_key("command", endpoint_id=self.endpoint_id),
-                        encode_event(command))
-
-    def _on_task_confirm(self, future: ComputeFuture, reason: str | None) -> None:
-        if reason is None:
-            return
-        with self._lock:
-            self._futures.pop(future.task_id, None)
-        if not future.done():
-            future.set_exception(not_accepted(f"task {future.task_id} was",
-                                              str(self.endpoint_id), reason))
+        if task_ids and self._session is not None:
+            self._publish(self._session, self._group.manifest(task_ids))
 
     def _on_result(self, delivery: Delivery) -> None:
         """IO thread: resolve the future this result belongs to, then ack it."""
         assert self._session is not None
-        try:
-            result = decode_result(delivery.envelope)
-        except ProtocolError as exc:
-            logger.warning("dropped an undecodable result (%d bytes): %s", len(exc.raw), exc)
-            self._session.ack_in_order(delivery)
-            return
-        with self._lock:
-            future = self._futures.get(result.task_id)
-            if future is None:
-                self._unclaimed.setdefault(result.task_id, []).append((result, delivery.user_id))
-        if future is not None:
-            self._accept(future, result, delivery.user_id)
+        self._group.on_result(delivery.envelope, delivery.user_id)
         self._session.ack_in_order(delivery)
+        if self._closing and self._group.idle():
+            self._close_on(in_background=True)  # closing waits for this IO thread to settle
 
-    def _accept(self, future: ComputeFuture, result: ResultMessage, sender: str) -> None:
-        """Resolve ``future`` from a result broker user ``sender`` published, if they may."""
-        if not self.client.refuses_result(result, sender, future.endpoint_id):
-            self._resolve_from(result.task_id, partial(result_value, result, self.serializer),
-                               result.stdout, result.stderr)
+    def _new_future(self, task_id: str, endpoint_id: str) -> ComputeFuture:
+        return ComputeFuture(task_id, self.cancel, endpoint_id=endpoint_id)
 
-    def _resolve_from(self, task_id: str, value: Callable[[], Any], stdout: str,
-                      stderr: str) -> None:
-        future = self._futures.get(task_id)
-        if future is None or future.done():
-            self.duplicates_dropped += 1
-            return
-        future.stdout, future.stderr = stdout, stderr
-        try:
-            try:
-                future.set_result(value())
-            except Exception as exc:  # a remote failure, or a value that cannot be decoded here
-                future.set_exception(exc)
-        except InvalidStateError:
-            self.duplicates_dropped += 1  # cancelled or resolved meanwhile by another thread
+    def _close_on(self, in_background: bool) -> None:
+        if in_background:
+            threading.Thread(target=self._close, name="gc-client-close", daemon=True).start()
+        else:
+            self._close()
+
+    def _close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            session, self._session = self._session, None
+        _OPEN_WIRES.discard(self)
+        if session is not None:
+            session.wait_settled(self._confirm_timeout)
+            if self._group.idle():
+                session.delete_queue(self._result_queue().name)
+                session.wait_settled(5.0)
+            session.close()
+        if self._owns_client:
+            self._client.close()
+
+
+def _tell(message: str) -> None:
+    """Say something on stderr that must be seen even where logging is not configured."""
+    print(f"gc-fabric: {message}", file=sys.stderr, flush=True)
+
+
+#: Wires with a session open; at interpreter exit each confirms its tasks and closes.
+_OPEN_WIRES: set[_Wire] = set()
+
+
+@atexit.register
+def _close_open_wires() -> None:
+    for wire in list(_OPEN_WIRES):
+        wire.at_exit()

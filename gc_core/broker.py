@@ -304,6 +304,11 @@ class BrokerSession:
         connected or still trying to reconnect."""
         return self._fatal
 
+    @property
+    def on_io_thread(self) -> bool:
+        """True when called on this session's IO thread, which must never wait on itself."""
+        return threading.get_ident() == self._io_thread_id
+
     def start(self, timeout: float | None = 15.0) -> None:
         """Connect in the background; return once ready (at once if ``timeout`` is None).
 
@@ -391,7 +396,10 @@ class BrokerSession:
         self._submit(delete)
 
     def wait_settled(self, timeout: float) -> bool:
-        """Wait until every queued publish and ack has been confirmed; False on timeout."""
+        """Wait until every queued publish and ack has been confirmed; False on timeout
+        (at once on the IO thread, which would otherwise wait on itself)."""
+        if self.on_io_thread:
+            return not (self._outbox or self._unconfirmed)
         deadline = time.monotonic() + timeout
         while self._outbox or self._unconfirmed:
             if time.monotonic() > deadline:
@@ -411,7 +419,7 @@ class BrokerSession:
     # -- queueing work for the IO thread -------------------------------------------------
 
     def _submit(self, op: _Publish | _Settle | Callable[[], None]) -> None:
-        if threading.get_ident() == self._io_thread_id and self._ready.is_set() and not self._outbox:
+        if self.on_io_thread and self._ready.is_set() and not self._outbox:
             self._execute(op)
             return
         self._outbox.append(op)

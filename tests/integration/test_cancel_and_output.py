@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from gc_client import Client, Executor, TaskExecutionFailed
+from gc_core.errors import ResultTooLarge
 from tests.fabric import Endpoint, Fabric, eventually
 
 
@@ -57,7 +58,7 @@ def test_cancelling_a_queued_task_means_it_never_runs(client: Client, make_endpo
     marker = tmp_path / "ran"
     with Executor(endpoint_id=ep.endpoint_id, client=client) as ex:
         future = ex.submit(mark_and_sleep, str(marker), 0)
-        ex._connected().wait_settled(30)
+        ex._wire.connected().wait_settled(30)
         # When it is cancelled, and the agent starts afterwards
         assert future.cancel() and future.cancelled()
         ep.start()
@@ -125,7 +126,7 @@ def test_shutdown_with_cancel_futures_cancels_at_the_endpoint(client: Client, ma
     ep: Endpoint = make_endpoint()
     ex = Executor(endpoint_id=ep.endpoint_id, client=client)
     futures = [ex.submit(mark_and_sleep, str(tmp_path / f"ran-{i}"), 0) for i in range(5)]
-    ex._connected().wait_settled(30)
+    ex._wire.connected().wait_settled(30)
     ex.shutdown(wait=False, cancel_futures=True)
     assert all(f.cancelled() for f in futures)
     ep.start()
@@ -179,7 +180,7 @@ def test_a_result_over_the_size_limit_is_refused_with_both_sizes(client: Client,
     ep: Endpoint = make_endpoint(result_size_limit=4096)
     ep.start()
     with Executor(endpoint_id=ep.endpoint_id, client=client) as ex:
-        with pytest.raises(TaskExecutionFailed) as caught:
+        with pytest.raises(ResultTooLarge) as caught:
             ex.submit(big_result, 10_000).result(timeout=60)
         assert ex.submit(big_result, 100).result(timeout=60) == b"x" * 100
     assert caught.value.remote_type == "ResultTooLarge"

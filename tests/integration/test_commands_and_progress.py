@@ -83,7 +83,7 @@ def test_status_and_tasks_show_queued_running_done_and_failed(
     ep: Endpoint = make_endpoint(heartbeat_period=0.5)
     with Executor(endpoint_id=ep.endpoint_id, client=client) as ex:
         waiting = [ex.submit(double, x) for x in range(4)]   # queued: the agent is not up yet
-        ex._connected().wait_settled(30)
+        ex._wire.connected().wait_settled(30)
         deadline = time.monotonic() + 30
         while True:
             listing = fabric.cli("gc-client", "tasks", "--group", ex.task_group_id).stdout

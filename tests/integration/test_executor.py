@@ -103,7 +103,7 @@ def test_reload_tasks_reattaches_to_a_group_after_the_client_died(
             return x ** 3
         ex = Executor(endpoint_id={ep.endpoint_id!r})
         futures = [ex.submit(cube, x) for x in range(10)]
-        ex._session.wait_settled(30)   # the broker has every task
+        ex.shutdown(wait=False)        # returns once the broker has every task
         print(ex.task_group_id, flush=True)
         os._exit(0)                    # die without waiting for results
     """)

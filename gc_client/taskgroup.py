@@ -1,0 +1,307 @@
+"""One task group's bookkeeping, shared by both executors: everything but the I/O.
+
+A :class:`TaskGroup` builds the group's messages (tasks, manifests, cancel commands),
+tracks which tasks still wait for the broker's confirm and which for their result,
+and turns results into resolved futures. The executors only move its messages over
+their own broker session (pika's IO thread for :class:`~gc_client.executor.Executor`,
+aio-pika for :class:`~gc_client.async_executor.AsyncExecutor`), so the two cannot drift.
+
+Memory stays flat however many tasks a group runs: a future is held only until it is
+done (after that, as long as the caller holds it), and the few ids and results kept
+for later are bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Generic, Iterable, Protocol, TypeVar
+
+from gc_client.client import Client
+from gc_client.tasks import make_manifest, make_task, not_accepted, oversize, result_value, task_out_value
+from gc_core.errors import ProtocolError
+from gc_core.protocol import (
+    CancelCommand,
+    Envelope,
+    ResultMessage,
+    TaskMessage,
+    decode_result,
+    encode_event,
+    encode_task,
+)
+from gc_core.registry.schemas import TaskOut
+from gc_core.serialize import Serializer
+
+__all__ = ["GroupFuture", "Outgoing", "TaskGroup", "TaskGroupOptions"]
+
+logger = logging.getLogger(__name__)
+
+#: Ids of finished tasks remembered, so that a late duplicate result (a task redelivered
+#: after its agent died) is recognised as one.
+RECENTLY_FINISHED = 10_000
+#: Results held for tasks this group does not know yet (until ``reload_tasks`` claims
+#: them); beyond either bound the oldest go: the ledger still has them.
+UNCLAIMED_RESULTS = 10_000
+UNCLAIMED_BYTES = 64 * 2**20
+
+
+class GroupFuture(Protocol):
+    """What a task group needs of a future: both executors' futures have it."""
+
+    task_id: str
+    endpoint_id: str
+    stdout: str
+    stderr: str
+
+    def done(self) -> bool: ...
+    def set_result(self, result: Any, /) -> None: ...
+    def set_exception(self, exception: BaseException, /) -> None: ...
+    def add_done_callback(self, fn: Callable[[Any], object], /) -> None: ...
+
+
+F = TypeVar("F", bound=GroupFuture)
+
+
+@dataclass(frozen=True)
+class TaskGroupOptions:
+    """What every task of a group shares, as the executors take it."""
+
+    task_group_id: str
+    endpoint_id: str | None
+    serializer: Serializer
+    resource_specification: dict[str, Any] | None = None
+    user_endpoint_config: dict[str, Any] | None = None
+    on_behalf_of: str | None = None
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message for the broker: where it goes, what it is, whether it must be routed."""
+
+    exchange: str
+    routing_key: str
+    envelope: Envelope
+    mandatory: bool = False
+
+
+class TaskGroup(Generic[F]):
+    """The tasks one executor submitted to one endpoint under one task group id.
+
+    Thread-safe: tasks are made on the caller's thread while results and confirms
+    arrive on the I/O side. ``make_future(task_id, endpoint_id)`` builds the front end's
+    own future type (and gives it the front end's way to cancel remotely).
+    """
+
+    def __init__(self, client: Client, options: TaskGroupOptions,
+                 make_future: Callable[[str, str], F]) -> None:
+        self.client = client
+        self.task_group_id = options.task_group_id
+        self.endpoint_id = options.endpoint_id
+        self.serializer = options.serializer
+        self.resource_specification = options.resource_specification
+        self.user_endpoint_config = options.user_endpoint_config
+        self.user = client.settings.user
+        #: The end user a service account submits for (default: the client's).
+        self.on_behalf_of = (client.on_behalf_of if options.on_behalf_of is None
+                             else options.on_behalf_of)
+        self._make_future = make_future
+        self._pending: dict[str, F] = {}
+        self._unconfirmed: set[str] = set()
+        self._finished: OrderedDict[str, None] = OrderedDict()
+        self._unclaimed: OrderedDict[str, list[tuple[ResultMessage, str]]] = OrderedDict()
+        self._unclaimed_bytes = 0
+        self._lock = threading.Lock()
+        #: Results dropped because their future had already resolved (a redelivered task)
+        #: or had been cancelled.
+        self.duplicates_dropped = 0
+
+    # -- building messages ---------------------------------------------------------------
+
+    def new_task(self, function_id: str, args: Iterable[Any],
+                 kwargs: dict[str, Any] | None) -> tuple[TaskMessage | None, F]:
+        """A task calling ``function_id`` and its future, tracked until done. A task over
+        the client's ``max_message_size`` is not made: its future fails at once."""
+        if self.endpoint_id is None:
+            raise ValueError("this executor has no endpoint_id; pass endpoint_id=...")
+        task = make_task(endpoint_id=self.endpoint_id, function_id=function_id, user=self.user,
+                         task_group_id=self.task_group_id, serializer=self.serializer,
+                         args=tuple(args), kwargs=dict(kwargs or {}),
+                         resource_spec=self.resource_specification,
+                         identity=self.client.settings.identity, on_behalf_of=self.on_behalf_of,
+                         user_endpoint_config=self.user_endpoint_config)
+        future = self._make_future(task.task_id, self.endpoint_id)
+        too_large = oversize(task, self.client.max_message_size)
+        if too_large is not None:
+            future.set_exception(too_large)
+            return None, future
+        with self._lock:
+            self._pending[task.task_id] = future
+            self._unconfirmed.add(task.task_id)
+        future.add_done_callback(self._forget)
+        return task, future
+
+    def task_message(self, task: TaskMessage) -> Outgoing:
+        """``task`` for the broker: mandatory, so that an unroutable task fails its future."""
+        topology = self.client.topology
+        return Outgoing(topology.exchange("tasks"),
+                        topology.routing_key("task", endpoint_id=task.endpoint_id),
+                        encode_task(task), mandatory=True)
+
+    def manifest(self, task_ids: list[str]) -> Outgoing:
+        """Tell the ledger which tasks the group holds before their results exist."""
+        assert self.endpoint_id is not None
+        topology = self.client.topology
+        manifest = make_manifest(task_ids, task_group_id=self.task_group_id,
+                                 endpoint_id=self.endpoint_id, user=self.user)
+        return Outgoing(topology.exchange("events"),
+                        topology.routing_key("group_submitted", task_group_id=self.task_group_id),
+                        encode_event(manifest))
+
+    def cancel_command(self, task_ids: list[str], endpoint_id: str) -> Outgoing:
+        """Ask ``endpoint_id`` to cancel these tasks of ours."""
+        topology = self.client.topology
+        command = CancelCommand(task_ids=task_ids, user=self.user, sent=time.time())
+        return Outgoing(topology.exchange("commands"),
+                        topology.routing_key("command", endpoint_id=endpoint_id),
+                        encode_event(command))
+
+    # -- what the broker said ------------------------------------------------------------
+
+    def confirmed(self, task_id: str, future: F, reason: object | None) -> None:
+        """The broker took the task (``reason`` None) or refused it: then its future fails."""
+        with self._lock:
+            self._unconfirmed.discard(task_id)
+        if reason is not None:
+            _settle(future, partial(_raise, not_accepted(
+                f"task {task_id} was", future.endpoint_id, reason)))
+
+    def on_result(self, envelope: Envelope, sender: str) -> None:
+        """Resolve the future a result belongs to, if broker user ``sender`` may send it;
+        hold it if the task is not known yet (see :meth:`adopt`)."""
+        try:
+            result = decode_result(envelope)
+        except ProtocolError as exc:
+            logger.warning("dropped an undecodable result (%d bytes): %s", len(exc.raw), exc)
+            return
+        with self._lock:
+            future = self._pending.get(result.task_id)
+            if future is None:
+                if result.task_id in self._finished:
+                    self.duplicates_dropped += 1
+                else:
+                    self._hold(result, sender)
+                return
+        self._accept(future, result, sender)
+
+    # -- reattaching ---------------------------------------------------------------------
+
+    def adopt(self, known: list[TaskOut]) -> list[F]:
+        """Futures for the group's tasks the ledger listed (from ``reload_tasks``): the
+        finished resolve from the ledger, the others from held or later results."""
+        futures: list[F] = []
+        for task in known:
+            with self._lock:
+                future = self._pending.get(task.task_id)
+                adopted = future is None
+                if future is None:
+                    future = self._make_future(task.task_id, task.endpoint_id)
+                    self._pending[task.task_id] = future
+                held = self._take_held(task.task_id)
+            if adopted:
+                future.add_done_callback(self._forget)
+            futures.append(future)
+            if task.status not in ("waiting", "unknown"):
+                self._resolve(future, partial(task_out_value, task, self.serializer),
+                              task.stdout, task.stderr)
+            for result, sender in held:
+                self._accept(future, result, sender)
+        return futures
+
+    # -- state ---------------------------------------------------------------------------
+
+    def pending(self) -> list[F]:
+        """Futures not done yet."""
+        with self._lock:
+            return [f for f in self._pending.values() if not f.done()]
+
+    def unconfirmed(self) -> list[str]:
+        """Ids of tasks the broker has not confirmed yet."""
+        with self._lock:
+            return list(self._unconfirmed)
+
+    def idle(self) -> bool:
+        """Nothing pending and nothing held: the group's result queue can go."""
+        with self._lock:
+            return not self._unclaimed and all(f.done() for f in self._pending.values())
+
+    def reattach_hint(self, unfinished: int, front_end: str) -> str:
+        """How to pick up the results of ``unfinished`` tasks after this process is gone."""
+        return (f"{unfinished} tasks of task group {self.task_group_id!r} had not finished "
+                "when this program stopped waiting for them; their results wait in the ledger "
+                f"and the group's queue. Reattach with {front_end}(endpoint_id="
+                f"{self.endpoint_id!r}, task_group_id={self.task_group_id!r}).reload_tasks()")
+
+    # -- internals -----------------------------------------------------------------------
+
+    def _accept(self, future: F, result: ResultMessage, sender: str) -> None:
+        if not self.client.refuses_result(result, sender, future.endpoint_id):
+            self._resolve(future, partial(result_value, result, self.serializer),
+                          result.stdout, result.stderr)
+
+    def _resolve(self, future: F, value: Callable[[], Any], stdout: str, stderr: str) -> None:
+        if future.done():
+            self.duplicates_dropped += 1
+            return
+        future.stdout, future.stderr = stdout, stderr
+        if not _settle(future, value):
+            self.duplicates_dropped += 1  # cancelled or resolved meanwhile by another thread
+
+    def _forget(self, future: F) -> None:
+        """A done future leaves the group: from now on only its holder keeps it."""
+        with self._lock:
+            self._pending.pop(future.task_id, None)
+            self._unconfirmed.discard(future.task_id)
+            self._finished[future.task_id] = None
+            if len(self._finished) > RECENTLY_FINISHED:
+                self._finished.popitem(last=False)
+
+    def _take_held(self, task_id: str) -> list[tuple[ResultMessage, str]]:
+        """Under the lock: the results held for ``task_id``, no longer held."""
+        held = self._unclaimed.pop(task_id, [])
+        self._unclaimed_bytes -= sum(len(result.payload) for result, _ in held)
+        return held
+
+    def _hold(self, result: ResultMessage, sender: str) -> None:
+        """Under the lock: keep a result for a task not known yet, within the bounds."""
+        self._unclaimed.setdefault(result.task_id, []).append((result, sender))
+        self._unclaimed_bytes += len(result.payload)
+        while len(self._unclaimed) > UNCLAIMED_RESULTS or self._unclaimed_bytes > UNCLAIMED_BYTES:
+            task_id = next(iter(self._unclaimed))
+            self._take_held(task_id)
+            logger.info("let go of the held result of task %s of task group %s (the ledger "
+                        "keeps it for reload_tasks)", task_id, self.task_group_id)
+
+
+def _settle(future: GroupFuture, value: Callable[[], Any]) -> bool:
+    """Set ``future`` to what ``value()`` returns or raises; False if it was already done
+    (cancelled or resolved by another thread meanwhile)."""
+    try:
+        try:
+            outcome = value()
+        except Exception as exc:  # a remote failure, or a value that cannot be decoded here
+            future.set_exception(exc)
+        else:
+            future.set_result(outcome)
+    except (concurrent.futures.InvalidStateError, asyncio.InvalidStateError):
+        return False
+    return True
+
+
+def _raise(error: BaseException) -> Any:
+    raise error
