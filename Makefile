@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench broker install lint clean deb
+.PHONY: demo test bench bench-memory broker install lint clean deb
 
 $(BIN)/gc-agent: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -29,6 +29,12 @@ test: install broker
 bench: install broker
 	$(BIN)/pip install -q -e '.[bench]'
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.memory
+
+## bench-memory: client, agent and registry RSS through long sweeps (a section of bench/RESULTS.md);
+## a quick run: make bench-memory MEMORY_ARGS='--scale 0.01'
+bench-memory: install broker
+	$(BIN)/python -m bench.memory $(MEMORY_ARGS)
 
 ## deb: the agent as a Debian package, dist/gc-fabric-agent_<version>_<arch>.deb
 deb: install

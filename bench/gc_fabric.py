@@ -17,6 +17,7 @@ import time
 import uuid
 from concurrent.futures import wait
 from pathlib import Path
+from typing import Any
 
 from bench.harness import TASK_TIMEOUT_S, System, throughput_timeout
 from bench.peers import _process
@@ -49,6 +50,9 @@ class GcFabricSystem(System):
         self._vhost = f"gc-bench-{uuid.uuid4().hex[:8]}"
         self._home = Path(tempfile.mkdtemp(prefix="gc-bench-"))
         self._executor = None  # type: ignore[var-annotated]
+        #: The environment start() gave the registry and agent, for start_agent().
+        self._env: dict[str, str] = {}
+        self._agent_args: list[str] = []
 
     def start(self) -> None:
         from gc_client import Client, Executor
@@ -59,6 +63,7 @@ class GcFabricSystem(System):
         port = _free_port()
         env = {"GC_HOME": str(self._home), "GC_BROKER_URL": broker_url,
                "GC_REGISTRY_URL": f"http://127.0.0.1:{port}"}
+        self._env = env
         registry = [sys.executable, "-m", "gc_core.registry.cli", "serve", "--auth", "open",
                     "--port", str(port), "--log-level", "WARNING"] + ([] if self.ledger else ["--no-ledger"])
         self._processes.append(_process.start_worker(registry, self._home / "registry.log", env))
@@ -111,6 +116,42 @@ class GcFabricSystem(System):
             self._executor.submit(noop).result(timeout=TASK_TIMEOUT_S)
             samples.append(time.perf_counter() - start)
         return samples
+
+    # -- used by bench.memory: pids, and the agent stopped and started on its own ----------
+
+    @property
+    def executor(self) -> Any:
+        """The gc_client.Executor start() connected to the endpoint."""
+        assert self._executor is not None, "start() first"
+        return self._executor
+
+    def pids(self) -> dict[str, int]:
+        """Return the pids of the registry and the agent (while both run)."""
+        registry, agent = self._processes
+        return {"registry": registry.pid, "agent": agent.pid}
+
+    def stop_agent(self) -> None:
+        """Stop the agent alone; tasks sent meanwhile wait in the endpoint's queue."""
+        agent = self._processes.pop()
+        _process.stop_worker(agent)
+        self._agent_args = [str(arg) for arg in agent.args]  # type: ignore[union-attr]
+
+    def start_agent(self) -> None:
+        """Start the agent stopped by stop_agent() again, as start() did."""
+        pid_file = self._home / "endpoints" / "bench" / "agent.pid"
+        self._processes.append(_process.start_worker(self._agent_args, self._home / "agent.log",
+                                                     self._env))
+        _wait_for(pid_file.exists, "the agent to start")
+
+    def queued_tasks(self) -> int:
+        """Return how many messages wait in the endpoint's task queue (rabbitmqctl)."""
+        assert self._executor is not None
+        queue = self._executor.client.topology.queue("endpoint_tasks",
+                                                     endpoint_id=self._executor.endpoint_id).name
+        done = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", self._vhost, "name",
+                               "messages"], check=True, capture_output=True, text=True, timeout=60)
+        counts = dict(line.split("\t") for line in done.stdout.splitlines() if "\t" in line)
+        return int(counts.get(queue, 0))
 
 
 def _use_htex(path: Path, workers: int) -> None:
