@@ -27,12 +27,18 @@ from itertools import islice
 from typing import Any
 
 from gc_client.client import Client
-from gc_client.executor import RESULT_PREFETCH
-from gc_client.taskgroup import Outgoing, TaskGroup, TaskGroupOptions
+from gc_client.executor import RESULT_PREFETCH, check_buffersize
+from gc_client.taskgroup import (
+    LEDGER_FOLLOW_UP,
+    Outgoing,
+    TaskGroup,
+    TaskGroupFront,
+    TaskGroupOptions,
+)
 from gc_client.tasks import new_id
 from gc_core.broker import FLUSH_BATCH
 from gc_core.broker_async import AsyncBrokerSession
-from gc_core.errors import BrokerError
+from gc_core.errors import BrokerError, GCError
 from gc_core.protocol import TaskMessage
 from gc_core.serialize import get_serializer
 from gc_core.topology import QueueDeclaration, safe_name_part
@@ -69,7 +75,7 @@ class AsyncComputeFuture(asyncio.Future[Any]):
         return True
 
 
-class AsyncExecutor:
+class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
     """Run Python functions on an endpoint and await their results.
 
     ``await submit(...)`` returns once the broker has the task. Submissions made
@@ -115,19 +121,6 @@ class AsyncExecutor:
         self._connect_lock = asyncio.Lock()
         self._shutdown = False
 
-    @property
-    def endpoint_id(self) -> str | None:
-        return self._group.endpoint_id
-
-    @property
-    def task_group_id(self) -> str:
-        return self._group.task_group_id
-
-    @property
-    def duplicates_dropped(self) -> int:
-        """Results dropped because their future had already resolved (redelivered tasks)."""
-        return self._group.duplicates_dropped
-
     # -- submitting -----------------------------------------------------------------------
 
     async def submit(self, fn: Callable[..., Any], /, *args: Any,
@@ -171,8 +164,7 @@ class AsyncExecutor:
             TimeoutError: not every task finished within ``timeout`` seconds.
             TaskExecutionFailed: the first (in order) task that failed remotely.
         """
-        if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
-            raise ValueError(f"buffersize must be None or a positive integer, got {buffersize!r}")
+        check_buffersize(buffersize)
         loop = asyncio.get_running_loop()
         deadline = None if timeout is None else loop.time() + timeout
         calls = zip(*iterables)
@@ -235,7 +227,10 @@ class AsyncExecutor:
         known = await asyncio.to_thread(self.client.registry.list_group_tasks,
                                         self.task_group_id)
         await self._connected()
-        return self._group.adopt(known)
+        futures = self._group.adopt(known)
+        if self._group.reloaded_pending():
+            self._spawn(self._follow_up_in_ledger())
+        return futures
 
     # -- stopping -------------------------------------------------------------------------
 
@@ -366,6 +361,19 @@ class AsyncExecutor:
             self._group.confirmed(task.task_id, future, exc)
         else:
             self._group.confirmed(task.task_id, future, None)
+
+    async def _follow_up_in_ledger(self) -> None:
+        """Until every reloaded task is done, ask the ledger about the pending ones now
+        and then: their results may not come on the queue again."""
+        while self._session is not None and (batches := self._group.reloaded_pending()):
+            await asyncio.sleep(LEDGER_FOLLOW_UP)
+            for task_ids in batches:
+                try:
+                    known = await asyncio.to_thread(self.client.registry.get_tasks, task_ids)
+                except GCError as exc:  # the registry is down: the queue may still deliver
+                    logger.info("could not ask the ledger about reloaded tasks: %s", exc)
+                else:
+                    self._group.update_from_ledger(known)
 
     def _cancel(self, futures: list[AsyncComputeFuture]) -> None:
         """Cancel these futures locally one by one, then tell the endpoint in one command."""

@@ -22,18 +22,26 @@ import threading
 import time
 import weakref
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import Executor as _BaseExecutor
 from concurrent.futures import Future
 from functools import partial
 from itertools import islice
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 from tqdm import tqdm
 
 from gc_client.client import Client
-from gc_client.taskgroup import Outgoing, TaskGroup, TaskGroupOptions
+from gc_client.taskgroup import (
+    LEDGER_FOLLOW_UP,
+    Outgoing,
+    TaskGroup,
+    TaskGroupFront,
+    TaskGroupOptions,
+)
 from gc_client.tasks import new_id
 from gc_core.broker import FLUSH_BATCH, BrokerSession, Delivery
+from gc_core.errors import GCError
 from gc_core.protocol import TaskMessage
 from gc_core.serialize import get_serializer
 from gc_core.topology import safe_name_part
@@ -78,7 +86,7 @@ class ComputeFuture(Future[Any]):
         return True
 
 
-class Executor(_BaseExecutor):
+class Executor(TaskGroupFront[ComputeFuture], _BaseExecutor):
     """Run Python functions on an endpoint and get futures back.
 
     Example:
@@ -119,20 +127,6 @@ class Executor(_BaseExecutor):
         # (or the interpreter exits).
         weakref.finalize(self, self._wire.abandoned).atexit = False
 
-    @property
-    def endpoint_id(self) -> str | None:
-        return self._group.endpoint_id
-
-    @property
-    def task_group_id(self) -> str:
-        return self._group.task_group_id
-
-    @property
-    def duplicates_dropped(self) -> int:
-        """Results dropped because their future had already resolved (a redelivered task)
-        or had been cancelled."""
-        return self._group.duplicates_dropped
-
     # -- concurrent.futures API ----------------------------------------------------------
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> ComputeFuture:
@@ -164,8 +158,7 @@ class Executor(_BaseExecutor):
         submitted at once. Closing the iterator early cancels the tasks not yet yielded.
         """
         del chunksize  # every call is its own task; batching happens on the wire
-        if buffersize is not None and (not isinstance(buffersize, int) or buffersize < 1):
-            raise ValueError(f"buffersize must be None or a positive integer, got {buffersize!r}")
+        check_buffersize(buffersize)
         deadline = None if timeout is None else time.monotonic() + timeout
         bar = tqdm(total=_total(iterables), desc=getattr(fn, "__name__", "tasks"), unit="task",
                    disable=not progress)
@@ -209,7 +202,9 @@ class Executor(_BaseExecutor):
         """
         known = self.client.registry.list_group_tasks(self.task_group_id)
         self._wire.connected()
-        return self._group.adopt(known)
+        futures = self._group.adopt(known)
+        self._wire.follow_up_in_ledger()
+        return futures
 
     # -- internals -----------------------------------------------------------------------
 
@@ -232,10 +227,7 @@ class Executor(_BaseExecutor):
                 following = next(more, None) if more is not None else None
                 if following is not None:
                     futures.append(following)
-                value = futures[0].result(None if deadline is None else
-                                          deadline - time.monotonic())
-                futures.popleft()
-                yield value
+                yield _value_or_cancel(futures.popleft(), deadline)
         finally:
             bar.close()
             self._cancel(list(futures))
@@ -245,6 +237,26 @@ class Executor(_BaseExecutor):
         cancelled = [f.task_id for f in futures if Future.cancel(f)]
         if cancelled:
             self._wire.cancel(cancelled)
+
+
+def check_buffersize(buffersize: int | None) -> None:
+    """``map``'s ``buffersize``: None or a positive integer, as Python 3.14 checks it."""
+    if buffersize is None:
+        return
+    if not isinstance(buffersize, int):
+        raise TypeError(f"buffersize must be an integer or None, got {buffersize!r}")
+    if buffersize < 1:
+        raise ValueError(f"buffersize must be at least 1, got {buffersize}")
+
+
+def _value_or_cancel(future: ComputeFuture, deadline: float | None) -> Any:
+    """The future's value by ``deadline``; a future that times out is cancelled with the
+    rest (the caller holds no other reference to it)."""
+    try:
+        return future.result(None if deadline is None else deadline - time.monotonic())
+    except TimeoutError:
+        future.cancel()
+        raise
 
 
 def _total(iterables: tuple[Iterable[Any], ...]) -> int | None:
@@ -278,12 +290,12 @@ class _Wire:
     def connected(self) -> BrokerSession:
         """The session, connected and consuming the group's result queue."""
         session = self._session
-        if session is not None:
+        if session is not None and not self._closed:
             return session
         with self._lock:
+            if self._closed:
+                raise RuntimeError("this Executor's connection is closed")
             if self._session is None:
-                if self._closed:
-                    raise RuntimeError("this Executor's connection is closed")
                 queue = self._result_queue()
                 session = self._client.broker_session(
                     f"gc-client:{self._group.user}:{self._group.task_group_id}", queues=[queue],
@@ -306,6 +318,21 @@ class _Wire:
             # After the batch's first task, not before: the ledger copes with either order,
             # and the task should not queue behind the manifest's write to the ledger.
             session.call_soon(self._publish_manifest)
+
+    def follow_up_in_ledger(self) -> None:
+        """Until every reloaded task is done, ask the ledger about the pending ones now and
+        then (on a thread of its own): their results may not come on the queue again."""
+        if self._group.reloaded_pending():
+            threading.Thread(target=self._follow_up, name="gc-client-ledger", daemon=True).start()
+
+    def _follow_up(self) -> None:
+        while not self._closed and (batches := self._group.reloaded_pending()):
+            time.sleep(LEDGER_FOLLOW_UP)
+            for task_ids in batches:
+                try:
+                    self._group.update_from_ledger(self._client.registry.get_tasks(task_ids))
+                except GCError as exc:  # the registry is down: the queue may still deliver
+                    logger.info("could not ask the ledger about reloaded tasks: %s", exc)
 
     def cancel(self, task_ids: list[str]) -> None:
         """Send the endpoint a cancel command for these tasks of ours."""
@@ -388,7 +415,8 @@ class _Wire:
             if self._closed:
                 return
             self._closed = True
-            session, self._session = self._session, None
+            # Kept until closed: a result may still arrive and be acked meanwhile.
+            session = self._session
         _OPEN_WIRES.discard(self)
         if session is not None:
             session.wait_settled(self._confirm_timeout)

@@ -19,9 +19,10 @@ import logging
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Generic, Iterable, Protocol, TypeVar
+from typing import Any, Generic, Protocol, TypeVar
 
 from gc_client.client import Client
 from gc_client.tasks import make_manifest, make_task, not_accepted, oversize, result_value, task_out_value
@@ -38,13 +39,18 @@ from gc_core.protocol import (
 from gc_core.registry.schemas import TaskOut
 from gc_core.serialize import Serializer
 
-__all__ = ["GroupFuture", "Outgoing", "TaskGroup", "TaskGroupOptions"]
+__all__ = ["GroupFuture", "Outgoing", "TaskGroup", "TaskGroupFront", "TaskGroupOptions"]
 
 logger = logging.getLogger(__name__)
 
 #: Ids of finished tasks remembered, so that a late duplicate result (a task redelivered
 #: after its agent died) is recognised as one.
 RECENTLY_FINISHED = 10_000
+#: Seconds between the ledger look-ups for reloaded tasks still pending (see
+#: :meth:`TaskGroup.reloaded_pending`).
+LEDGER_FOLLOW_UP = 2.0
+#: Task ids asked of the ledger at once (the registry takes up to 10,000).
+LEDGER_BATCH = 1_000
 #: Results held for tasks this group does not know yet (until ``reload_tasks`` claims
 #: them); beyond either bound the oldest go: the ledger still has them.
 UNCLAIMED_RESULTS = 10_000
@@ -112,6 +118,7 @@ class TaskGroup(Generic[F]):
                              else options.on_behalf_of)
         self._make_future = make_future
         self._pending: dict[str, F] = {}
+        self._reloaded: set[str] = set()
         self._unconfirmed: set[str] = set()
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._unclaimed: OrderedDict[str, list[tuple[ResultMessage, str]]] = OrderedDict()
@@ -203,7 +210,8 @@ class TaskGroup(Generic[F]):
 
     def adopt(self, known: list[TaskOut]) -> list[F]:
         """Futures for the group's tasks the ledger listed (from ``reload_tasks``): the
-        finished resolve from the ledger, the others from held or later results."""
+        finished resolve from the ledger, the others from held or later results, or from
+        the ledger again (:meth:`reloaded_pending`)."""
         futures: list[F] = []
         for task in known:
             with self._lock:
@@ -212,16 +220,25 @@ class TaskGroup(Generic[F]):
                 if future is None:
                     future = self._make_future(task.task_id, task.endpoint_id)
                     self._pending[task.task_id] = future
+                    self._reloaded.add(task.task_id)
                 held = self._take_held(task.task_id)
             if adopted:
                 future.add_done_callback(self._forget)
             futures.append(future)
-            if task.status not in ("waiting", "unknown"):
-                self._resolve(future, partial(task_out_value, task, self.serializer),
-                              task.stdout, task.stderr)
             for result, sender in held:
                 self._accept(future, result, sender)
+        self.update_from_ledger(known)
         return futures
+
+    def update_from_ledger(self, known: list[TaskOut]) -> None:
+        """Resolve the pending futures of tasks the ledger says are finished."""
+        for task in known:
+            with self._lock:
+                future = self._pending.get(task.task_id)
+            if future is not None and not future.done() and \
+                    task.status not in ("waiting", "unknown"):
+                self._resolve(future, partial(task_out_value, task, self.serializer),
+                              task.stdout, task.stderr)
 
     # -- state ---------------------------------------------------------------------------
 
@@ -229,6 +246,15 @@ class TaskGroup(Generic[F]):
         """Futures not done yet."""
         with self._lock:
             return [f for f in self._pending.values() if not f.done()]
+
+    def reloaded_pending(self) -> list[list[str]]:
+        """Ids of reloaded tasks not done yet, in batches for the ledger. Their results
+        may never come on the queue (an earlier consumer of the group took them while the
+        ledger was still writing them down), so the front ends ask the ledger again every
+        ``LEDGER_FOLLOW_UP`` seconds (:meth:`update_from_ledger`)."""
+        with self._lock:
+            ids = [task_id for task_id in self._reloaded if not self._pending[task_id].done()]
+        return [ids[start:start + LEDGER_BATCH] for start in range(0, len(ids), LEDGER_BATCH)]
 
     def unconfirmed(self) -> list[str]:
         """Ids of tasks the broker has not confirmed yet."""
@@ -267,6 +293,7 @@ class TaskGroup(Generic[F]):
         with self._lock:
             self._pending.pop(future.task_id, None)
             self._unconfirmed.discard(future.task_id)
+            self._reloaded.discard(future.task_id)
             self._finished[future.task_id] = None
             if len(self._finished) > RECENTLY_FINISHED:
                 self._finished.popitem(last=False)
@@ -288,13 +315,33 @@ class TaskGroup(Generic[F]):
                         "keeps it for reload_tasks)", task_id, self.task_group_id)
 
 
+class TaskGroupFront(Generic[F]):
+    """What both executors show of their task group."""
+
+    _group: TaskGroup[F]
+
+    @property
+    def endpoint_id(self) -> str | None:
+        return self._group.endpoint_id
+
+    @property
+    def task_group_id(self) -> str:
+        return self._group.task_group_id
+
+    @property
+    def duplicates_dropped(self) -> int:
+        """Results dropped because their future had already resolved (a redelivered task)
+        or had been cancelled."""
+        return self._group.duplicates_dropped
+
+
 def _settle(future: GroupFuture, value: Callable[[], Any]) -> bool:
     """Set ``future`` to what ``value()`` returns or raises; False if it was already done
     (cancelled or resolved by another thread meanwhile)."""
     try:
         try:
             outcome = value()
-        except Exception as exc:  # a remote failure, or a value that cannot be decoded here
+        except Exception as exc:  # noqa: BLE001 - a remote failure, or a value undecodable here
             future.set_exception(exc)
         else:
             future.set_result(outcome)

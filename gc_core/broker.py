@@ -453,8 +453,8 @@ class BrokerSession:
         if isinstance(op, _Publish):
             self._send(channel, op)
         elif isinstance(op, _Settle):
-            if op.generation != self._generation:
-                return  # the channel it came on is gone; the broker has requeued it
+            if op.generation != self._generation or not channel.is_open:
+                return  # the channel it came on is gone or closing: the broker requeues it
             if op.ack:
                 channel.basic_ack(op.tag, multiple=op.multiple)
             else:

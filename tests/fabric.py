@@ -36,6 +36,15 @@ def eventually(check: Callable[[], Any], timeout: float = 60, what: str = "a con
     return value
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (on this machine)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

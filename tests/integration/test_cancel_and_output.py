@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -11,7 +10,7 @@ import pytest
 
 from gc_client import Client, Executor, TaskExecutionFailed
 from gc_core.errors import ResultTooLarge
-from tests.fabric import Endpoint, Fabric, eventually
+from tests.fabric import Endpoint, Fabric, eventually, pid_alive
 
 
 def mark_and_sleep(marker: str, seconds: float) -> int:
@@ -41,14 +40,6 @@ def chatty_failure() -> None:
 def big_result(size: int) -> bytes:
     return b"x" * size
 
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_cancelling_a_queued_task_means_it_never_runs(client: Client, make_endpoint: Any,
@@ -113,7 +104,7 @@ def test_cancelling_a_running_task_stops_its_worker(client: Client, make_endpoin
         cancelled_at = time.monotonic()
         assert future.cancel()
         eventually(lambda: client.get_task(future.task_id).status == "cancelled", 60, "cancelled")
-        eventually(lambda: not _pid_alive(worker_pid), 30, "the worker to be stopped")
+        eventually(lambda: not pid_alive(worker_pid), 30, "the worker to be stopped")
         assert time.monotonic() - cancelled_at < 30
         # and a new worker takes the slot
         assert ex.submit(chatty, 0).result(timeout=60) == "done"
