@@ -97,8 +97,9 @@ def _ledger_once_settled(client: Client, task_ids: list[str]) -> list[TaskOut]:
 
 def _assert_every_task_succeeded(tasks: list[TaskOut]) -> None:
     statuses = Counter(t.status for t in tasks)
-    assert statuses == {"success": TASKS}, (
-        f"{TASKS - statuses['success']} of {TASKS} tasks never succeeded: {dict(statuses)}")
+    assert statuses == {"success": len(tasks)}, (
+        f"{len(tasks) - statuses['success']} of {len(tasks)} tasks never succeeded: "
+        f"{dict(statuses)}")
 
 
 def _assert_reattach_told_if_tasks_outlived_it(tasks: list[TaskOut], group: str,
@@ -187,3 +188,31 @@ def test_every_task_awaited_with_the_async_executor_runs_when_main_returns(
     # Then every awaited submission was confirmed by the broker, so every task runs
     _assert_every_task_succeeded(_ledger_once_settled(client, task_ids))
     _assert_no_traceback_but_its_own(done.stderr)
+
+
+def test_tasks_the_broker_did_not_confirm_in_time_are_named_on_stderr(
+        fabric: Fabric, endpoint: Endpoint, client: Client, tmp_path: Path) -> None:
+    # Given a program that gives the broker no time at all to confirm (confirm_timeout=0)
+    # and exits right after submitting 1,000 tasks: the broker cannot confirm them all
+    # in the instant between the last submit and the exit
+    program = SUBMIT_WITH_EXECUTOR.format(tasks=TASKS).replace(
+        'Executor(endpoint_id=os.environ["GC_ENDPOINT_ID"])',
+        'Executor(endpoint_id=os.environ["GC_ENDPOINT_ID"], confirm_timeout=0)')
+    # When it exits
+    done, _ = _run_program(tmp_path, fabric, endpoint, program)
+    assert done.returncode == 0, done.stderr
+    _group, task_ids = _submitted(done)
+    # Then it names the tasks the broker had not confirmed, by id
+    named = _named_unconfirmed(done.stderr)
+    assert named, f"no unconfirmed task named; stderr:\n{done.stderr}"
+    assert named <= set(task_ids)
+    # and every task it did not name reaches the ledger: none is lost without a word
+    confirmed = [t for t in task_ids if t not in named]
+    _assert_every_task_succeeded(_ledger_once_settled(client, confirmed))
+
+
+def _named_unconfirmed(stderr: str) -> set[str]:
+    """The task ids of the program's "the broker did not confirm" line."""
+    lines = [line for line in stderr.splitlines() if "the broker did not confirm" in line]
+    assert len(lines) <= 1, stderr
+    return set(lines[0].rsplit(": ", 1)[1].split()) if lines else set()
