@@ -7,14 +7,14 @@ setuid, a clean environment, the account's home, a session of its own and none o
 standard streams, like the user's process workers), which runs an ``HtexEngine`` — so
 ``sbatch`` runs as the user and the jobs are the user's.
 
-The two talk JSON lines over a socket pair. Nothing the user's process sends is unpickled
-by root: outcomes are validated models, and only for task ids root handed over. A line
-that does not decode is dropped; one longer than any outcome can be stops the engine.
+The two talk JSON lines over a socket pair, the messages of ``gc_agent.wire``. Nothing the
+user's process sends is unpickled by root: each line is decoded into a validated model, and
+an outcome counts only for a task id root handed over. A line that does not decode is logged
+with its problem and dropped; one longer than any outcome can be stops the engine.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import subprocess
 import threading
@@ -24,7 +24,24 @@ from gc_agent.config import HtexEngineConfig
 from gc_agent.engines.base import CancelResult, Engine, OnDone
 from gc_agent.engines.processes import MAX_ANSWER_BYTES, WorkerLaunch
 from gc_agent.execution import Job, Outcome
-from gc_agent.wire import job_to_wire, outcome_from_wire
+from gc_agent.wire import (
+    CancelledReport,
+    CancelRequest,
+    OutcomeReport,
+    RefusedReport,
+    Report,
+    Request,
+    ShutdownRequest,
+    StartFailedReport,
+    StartRequest,
+    StatusReport,
+    SubmitRequest,
+    TakenReport,
+    TakeWaitingRequest,
+    decode_report,
+    encode_message,
+)
+from gc_core.errors import ProtocolError
 from gc_core.protocol import ErrorInfo
 
 __all__ = ["RemoteEngine"]
@@ -35,6 +52,8 @@ logger = logging.getLogger(__name__)
 REPLY_TIMEOUT = 10.0
 #: Seconds a stopping user engine gets beyond its own shutdown timeout before it is killed.
 EXIT_GRACE = 30.0
+
+
 class RemoteEngine(Engine):
     """Root's handle on a user's htex engine process."""
 
@@ -47,11 +66,11 @@ class RemoteEngine(Engine):
         self._pending: dict[str, tuple[Job, OnDone]] = {}
         self._lock = threading.Lock()
         self._send_lock = threading.Lock()
-        self._replies: dict[str, Any] = {}
+        self._replies: dict[str, CancelledReport | TakenReport] = {}
         self._replied = threading.Condition(self._lock)
         self._status: dict[str, Any] = {}
         self._process: subprocess.Popen[bytes] | None = None
-        self._writer: Any = None
+        self._writer: BinaryIO | None = None
         self._failure = ""
         self.alive = False
 
@@ -70,36 +89,36 @@ class RemoteEngine(Engine):
     def start(self) -> None:
         """Start the user's engine process; it brings up its interchange and blocks itself."""
         self._process, ours = self._launch.spawn("gc_agent.multiuser.user_engine")
-        self._writer = ours.makefile("w", encoding="utf-8")
+        self._writer = ours.makefile("wb")
         reader = ours.makefile("rb")
         self.alive = True
-        self._send({"op": "start", "name": self._name, "config": self._config.model_dump(mode="json")})
+        self._send(StartRequest(name=self._name, config=self._config))
         threading.Thread(target=self._read, args=(reader,), daemon=True,
                          name=f"user-engine-{self._name}").start()
 
     def submit(self, job: Job, on_done: OnDone) -> None:
         with self._lock:
             self._pending[job.task_id] = (job, on_done)
-        if not self._send({"op": "submit", "job": job_to_wire(job)}):
+        if not self._send(SubmitRequest(job=job)):
             self._finish(job.task_id, Outcome(job.task_id, "failed", lost=True))
 
     def cancel(self, task_id: str) -> CancelResult:
         with self._lock:
             if task_id not in self._pending:
                 return "unknown"
-        answer = self._ask({"op": "cancel", "task_id": task_id}, f"cancel {task_id}")
-        return answer if answer in ("removed", "abandoned", "interrupted") else "unknown"
+        answer = self._ask(CancelRequest(task_id=task_id))
+        return answer.result if isinstance(answer, CancelledReport) else "unknown"
 
     def take_waiting(self) -> list[tuple[Job, OnDone]]:
-        answer = self._ask({"op": "take_waiting"}, "take_waiting")
+        answer = self._ask(TakeWaitingRequest())
+        task_ids = answer.task_ids if isinstance(answer, TakenReport) else []
         with self._lock:
-            return [self._pending.pop(task_id) for task_id in answer or []
-                    if isinstance(task_id, str) and task_id in self._pending]
+            return [self._pending.pop(task_id) for task_id in task_ids if task_id in self._pending]
 
     def shutdown(self) -> None:
         if self._process is None:
             return  # never started
-        self._send({"op": "shutdown"})
+        self._send(ShutdownRequest())
         try:
             self._process.wait(self._config.shutdown_timeout + EXIT_GRACE)
         except subprocess.TimeoutExpired:
@@ -109,18 +128,21 @@ class RemoteEngine(Engine):
 
     # -- the channel ---------------------------------------------------------------------
 
-    def _send(self, message: dict[str, Any]) -> bool:
+    def _send(self, request: Request) -> bool:
+        if self._writer is None:
+            return False  # never started
         try:
             with self._send_lock:
-                self._writer.write(json.dumps(message) + "\n")
+                self._writer.write(encode_message(request))
                 self._writer.flush()
             return True
         except (OSError, ValueError):
             return False  # the user's engine is gone; _read reports its tasks
 
-    def _ask(self, message: dict[str, Any], key: str) -> Any:
+    def _ask(self, request: CancelRequest | TakeWaitingRequest) -> CancelledReport | TakenReport | None:
         """Send a request and wait for its answer (None if none comes in time)."""
-        if not self._send(message):
+        key = _reply_key(request)
+        if not self._send(request):
             return None
         with self._replied:
             self._replied.wait_for(lambda: key in self._replies or not self.alive, REPLY_TIMEOUT)
@@ -137,28 +159,31 @@ class RemoteEngine(Engine):
                     self._process.kill()
                 break
             try:
-                self._handle(json.loads(line))
-            except Exception as exc:  # noqa: BLE001 - a user's process may send anything
-                # (deep JSON raises RecursionError): one bad message is dropped, never the reader.
+                report = decode_report(line)
+            except ProtocolError as exc:  # a user's process may send anything: drop the line
                 logger.warning("user engine %s sent a malformed message (%d bytes): %s",
-                               self._name, len(line), type(exc).__name__)
+                               self._name, len(line), exc)
+                continue
+            self._handle(report)
         self._gone()
 
-    def _handle(self, message: dict[str, Any]) -> None:
-        op = message["op"]
-        if op == "outcome":
-            outcome = outcome_from_wire(message["outcome"])
-            self._finish(outcome.task_id, outcome)
-        elif op == "status" and isinstance(message["status"], dict):
-            self._status = message["status"]
-        elif op in ("cancelled", "taken"):
-            key = f"cancel {message['task_id']}" if op == "cancelled" else "take_waiting"
+    def _handle(self, report: Report) -> None:
+        """Act on one message from the user's engine."""
+        if isinstance(report, OutcomeReport):
+            self._finish(report.outcome.task_id, report.outcome)
+        elif isinstance(report, StatusReport):
+            self._status = report.status
+        elif isinstance(report, (CancelledReport, TakenReport)):
             with self._replied:
-                self._replies[key] = message["result"]
+                self._replies[_reply_key(report)] = report
                 self._replied.notify_all()
-        elif op == "failed":
-            self._failure = str(message["message"])
+        elif isinstance(report, StartFailedReport):
+            self._failure = report.reason
             logger.error("the engine of %s failed to start: %s", self._name, self._failure)
+        elif isinstance(report, RefusedReport):
+            # root sent something the user's engine could not decode: a bug, or two versions
+            logger.error("the engine of %s refused a message from this agent: %s",
+                         self._name, report.problem)
 
     def _finish(self, task_id: str, outcome: Outcome) -> None:
         with self._lock:
@@ -183,3 +208,10 @@ class RemoteEngine(Engine):
                                                       f"not start: {self._failure}")))
             else:
                 on_done(Outcome(task_id, "failed", lost=True))
+
+
+def _reply_key(message: CancelRequest | TakeWaitingRequest | CancelledReport | TakenReport) -> str:
+    """What pairs a request with its answer: the task for a cancel, the op for a take-back."""
+    if isinstance(message, (CancelRequest, CancelledReport)):
+        return f"cancel {message.task_id}"
+    return "take_waiting"

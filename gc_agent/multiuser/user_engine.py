@@ -1,16 +1,16 @@
 """A user's htex engine process: started by ``RemoteEngine`` as that user, serves root's socket.
 
-``python -m gc_agent.multiuser.user_engine FD`` — FD is its end of a socket pair. The first
-message names the engine and carries its config; then come ``submit``, ``cancel``,
-``take_waiting`` and ``shutdown``. It answers with ``outcome``, ``cancelled``, ``taken``,
-``status`` (every few seconds) and, if its engine cannot start, ``failed``. Parsl's files
+``python -m gc_agent.multiuser.user_engine FD`` — FD is its end of a socket pair, carrying the
+messages of ``gc_agent.wire``. The first, ``start``, names the engine and carries its config;
+then come ``submit``, ``cancel``, ``take_waiting`` and ``shutdown``. It answers with
+``outcome``, ``cancelled``, ``taken``, ``status`` (every few seconds), ``refused`` for a
+request it cannot decode and, if its engine cannot start, ``start_failed``. Parsl's files
 (logs, submit scripts, CurveZMQ keys) live under ``~/.gc-fabric/htex/<name>``, its log in
 ``engine.log`` there.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
@@ -18,14 +18,31 @@ import signal
 import socket
 import sys
 import threading
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
 
-from gc_agent.config import HtexEngineConfig
+from gc_agent.engines.base import Engine
 from gc_agent.engines.htex import HtexEngine
-from gc_agent.wire import job_from_wire, outcome_to_wire
+from gc_agent.wire import (
+    CancelledReport,
+    CancelRequest,
+    OutcomeReport,
+    RefusedReport,
+    Report,
+    Request,
+    ShutdownRequest,
+    StartFailedReport,
+    StartRequest,
+    StatusReport,
+    SubmitRequest,
+    TakenReport,
+    TakeWaitingRequest,
+    decode_request,
+    encode_message,
+)
+from gc_core.errors import ProtocolError
 
-__all__ = ["serve"]
+__all__ = ["handle_requests", "serve"]
 
 logger = logging.getLogger(__name__)
 
@@ -34,62 +51,94 @@ STATUS_PERIOD = 2.0
 
 
 class _Channel:
-    """JSON lines to root, from any thread."""
+    """JSON lines from root, and to root from any thread."""
 
     def __init__(self, sock: socket.socket) -> None:
-        self.reader = sock.makefile("r", encoding="utf-8")
-        self._writer = sock.makefile("w", encoding="utf-8")
+        self.reader = sock.makefile("rb")
+        self._writer = sock.makefile("wb")
         self._lock = threading.Lock()
 
-    def send(self, message: dict[str, Any]) -> None:
+    def send(self, report: Report) -> None:
         with self._lock:
-            self._writer.write(json.dumps(message) + "\n")
+            self._writer.write(encode_message(report))
             self._writer.flush()
 
 
 def serve(channel: _Channel) -> None:
     """Run one htex engine for root until told to stop or root goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the agent's to handle
-    start = json.loads(channel.reader.readline())
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", str(start["name"]))
+    start = _read_start(channel)
+    if start is None:
+        return
+    name = re.sub(r"[^A-Za-z0-9_.-]", "_", start.name)
     run_dir = Path.home() / ".gc-fabric" / "htex" / name
     _log_to(run_dir / "engine.log")
     try:
-        engine = HtexEngine(HtexEngineConfig.model_validate(start["config"]), run_dir)
+        engine = HtexEngine(start.config, run_dir)
         engine.start()
     except Exception as exc:
         logger.exception("the htex engine did not start")
-        channel.send({"op": "failed", "message": f"{type(exc).__name__}: {exc}"})
+        channel.send(StartFailedReport(reason=f"{type(exc).__name__}: {exc}"))
         return
     stopping = threading.Event()
     threading.Thread(target=_report_status, args=(engine, channel, stopping), daemon=True).start()
     try:
-        for line in channel.reader:
-            if not _handle(engine, channel, json.loads(line)):
-                break
+        handle_requests(engine, channel.reader, channel.send)
     finally:
         stopping.set()
         engine.shutdown()
 
 
-def _handle(engine: HtexEngine, channel: _Channel, message: dict[str, Any]) -> bool:
-    """Act on one request from root; False means stop."""
-    op = str(message["op"])
-    if op == "submit":
-        engine.submit(job_from_wire(message["job"]), lambda outcome: channel.send(
-            {"op": "outcome", "outcome": outcome_to_wire(outcome)}))
-    elif op == "cancel":
-        result = engine.cancel(message["task_id"])
-        channel.send({"op": "cancelled", "task_id": message["task_id"], "result": result})
-    elif op == "take_waiting":
-        channel.send({"op": "taken", "result": [job.task_id for job, _ in engine.take_waiting()]})
-    return op != "shutdown"
+def _read_start(channel: _Channel) -> StartRequest | None:
+    """Root's first message; None if root is gone, or has been told why it is no good start."""
+    line = channel.reader.readline()
+    if not line:
+        return None
+    try:
+        request = decode_request(line)
+    except ProtocolError as exc:
+        problem = str(exc)
+    else:
+        if isinstance(request, StartRequest):
+            return request
+        problem = f"the first message must be start, not {request.op}"
+    channel.send(StartFailedReport(reason=problem))
+    return None
+
+
+def handle_requests(engine: Engine, lines: Iterable[bytes], send: Callable[[Report], None]) -> None:
+    """Act on root's requests, one a line, until a shutdown or the end of ``lines``.
+
+    A line that does not decode is refused (root logs the problem) and the next one served.
+    """
+    for line in lines:
+        try:
+            request = decode_request(line)
+        except ProtocolError as exc:
+            logger.error("refused a malformed request from root (%d bytes): %s", len(line), exc)
+            send(RefusedReport(problem=str(exc)))
+            continue
+        if isinstance(request, ShutdownRequest):
+            return
+        _handle(engine, request, send)
+
+
+def _handle(engine: Engine, request: Request, send: Callable[[Report], None]) -> None:
+    """Act on one request from root (a shutdown is the caller's)."""
+    if isinstance(request, SubmitRequest):
+        engine.submit(request.job, lambda outcome: send(OutcomeReport(outcome=outcome)))
+    elif isinstance(request, CancelRequest):
+        send(CancelledReport(task_id=request.task_id, result=engine.cancel(request.task_id)))
+    elif isinstance(request, TakeWaitingRequest):
+        send(TakenReport(task_ids=[job.task_id for job, _ in engine.take_waiting()]))
+    elif isinstance(request, StartRequest):
+        send(RefusedReport(problem="start: this engine has started already"))
 
 
 def _report_status(engine: HtexEngine, channel: _Channel, stopping: threading.Event) -> None:
     while not stopping.wait(STATUS_PERIOD):
         try:
-            channel.send({"op": "status", "status": engine.status()})
+            channel.send(StatusReport(status=engine.status()))
         except OSError:
             return
 

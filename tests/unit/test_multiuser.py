@@ -121,17 +121,15 @@ def test_a_threads_engine_from_a_template_is_refused_naming_the_allowed_types() 
     assert "'threads'" in outcomes[0].error.message and "'htex'" in outcomes[0].error.message
 
 
-def test_jobs_and_outcomes_cross_to_a_user_engine_as_json_and_bad_outcomes_are_refused() -> None:
-    from gc_agent.execution import Job, Outcome
-    from gc_agent.wire import job_from_wire, job_to_wire, outcome_from_wire, outcome_to_wire
+def test_a_workers_outcome_crosses_as_json_and_bad_outcomes_are_refused() -> None:
+    # (the messages to and from a user's engine: test_multiuser_messages.py)
+    from gc_agent.execution import Outcome
+    from gc_agent.wire import outcome_from_wire, outcome_to_wire
     from gc_core.protocol import ErrorInfo
 
-    job = Job("t1", "f", b"\x80code", "3.11.2", "application/json", b"{}", "3.11.2", "cp 3",
-              resource_spec={"priority": 1}, identity="alice@uni.edu", user_options={"max_blocks": 1})
     outcome = Outcome("t1", "failed", payload=b"\x00", error=ErrorInfo(type="E", message="m"),
                       started=1.0, worker="n1:2 block 0 slurm job 7")
 
-    assert job_from_wire(json.loads(json.dumps(job_to_wire(job)))) == job
     assert outcome_from_wire(json.loads(json.dumps(outcome_to_wire(outcome)))) == outcome
     for bad in ({**outcome_to_wire(outcome), "state": "pwned"}, {"task_id": "t1"}, "not a dict",
                 {**outcome_to_wire(outcome), "payload": "%%%"}):
