@@ -11,6 +11,8 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from gc_core.errors import ConfigError
+
 __all__ = [
     "AGENT_PREFIX",
     "CREDENTIALS_FILE",
@@ -83,12 +85,28 @@ def resolve_settings(
 
 
 def read_credentials(home: Path) -> dict[str, Any]:
-    """What ``gc-client login`` stored under ``home``, or nothing."""
+    """What ``gc-client login`` stored under ``home``, or nothing if it stored nothing.
+
+    Raises:
+        ConfigError: the file is there but cannot be read as a login (it would otherwise
+            pass for "not logged in", and every request fail without saying why).
+    """
+    path = home / CREDENTIALS_FILE
     try:
-        stored = json.loads((home / CREDENTIALS_FILE).read_text())
-    except (OSError, ValueError):
+        stored = json.loads(path.read_text())
+    except FileNotFoundError:
         return {}
-    return stored if isinstance(stored, dict) else {}
+    except (OSError, ValueError) as exc:
+        raise ConfigError(_unreadable_login(path, f"{type(exc).__name__}: {exc}")) from exc
+    if not isinstance(stored, dict):
+        raise ConfigError(_unreadable_login(path, f"it holds a JSON {type(stored).__name__}, "
+                                                  "not an object"))
+    return stored
+
+
+def _unreadable_login(path: Path, why: str) -> str:
+    return (f"cannot read the stored login {path} ({why}); run `gc-client login` again to "
+            "write it anew, or delete it to go on without a token")
 
 
 def _login_name() -> str:

@@ -1,4 +1,5 @@
-"""resolve_settings: arguments beat environment variables beat the demo's defaults."""
+"""resolve_settings: arguments beat environment variables beat a stored login beats the
+demo's defaults; a stored login that cannot be read is named, not ignored."""
 
 from __future__ import annotations
 
@@ -6,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from gc_core.settings import DEFAULT_BROKER_URL, DEFAULT_REGISTRY_URL, resolve_settings
+from gc_core.errors import ConfigError
+from gc_core.settings import (
+    CREDENTIALS_FILE,
+    DEFAULT_BROKER_URL,
+    DEFAULT_REGISTRY_URL,
+    resolve_settings,
+)
 
 GC_VARIABLES = ("GC_BROKER_URL", "GC_REGISTRY_URL", "GC_TOKEN", "GC_HOME", "GC_USER")
 
@@ -85,3 +92,26 @@ def test_the_login_name_is_reduced_to_what_a_routing_key_word_may_hold(
     monkeypatch.setenv("LOGNAME", "Jane Doe.smith@lab")
 
     assert resolve_settings().user == "Jane_Doe_smith_lab"
+
+
+def test_a_stored_login_supplies_the_token_and_user(tmp_path: Path) -> None:
+    (tmp_path / CREDENTIALS_FILE).write_text('{"token": "t0k", "user": "alice"}')
+
+    settings = resolve_settings(home=tmp_path)
+
+    assert (settings.token, settings.user) == ("t0k", "alice")
+
+
+def test_no_stored_login_is_no_token(tmp_path: Path) -> None:
+    assert resolve_settings(home=tmp_path).token is None
+
+
+@pytest.mark.parametrize("content", ['{"token": "t0k", ', "[1, 2]", "\x00\x01"],
+                         ids=["truncated", "not-an-object", "binary"])
+def test_a_corrupt_stored_login_is_named_not_ignored(tmp_path: Path, content: str) -> None:
+    # A corrupt file used to read as "not logged in": requests then went out anonymous
+    # and failed with a 401 that said nothing about the file.
+    (tmp_path / CREDENTIALS_FILE).write_text(content)
+
+    with pytest.raises(ConfigError, match=r"credentials\.json.*gc-client login"):
+        resolve_settings(home=tmp_path)
