@@ -8,7 +8,7 @@ BIN := $(VENV)/bin
 $(BIN)/gc-agent: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test,examples,htex]'
+	$(BIN)/pip install -q -e '.[agent,registry,htex,postgres,test,examples]'
 	@touch $@
 
 install: $(BIN)/gc-agent
@@ -27,7 +27,7 @@ test: install broker
 
 ## bench: throughput and latency beside raw AMQP, Celery and Parsl (writes bench/RESULTS.md)
 bench: install broker
-	$(BIN)/pip install -q -e '.[bench]'
+	$(BIN)/pip install -q -e '.[agent,registry,htex,bench]'
 	$(BIN)/python -m bench.run
 	$(BIN)/python -m bench.memory
 

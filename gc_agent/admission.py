@@ -14,8 +14,8 @@ import time
 from typing import NamedTuple
 
 from gc_core.protocol import TaskMessage
-from gc_core.registry.client import RegistryClient
-from gc_core.registry.schemas import TaskCheckIn
+from gc_core.registry_api.client import RegistryClient
+from gc_core.registry_api.schemas import TaskCheckIn
 
 __all__ = ["ADMISSION_TTL", "Admission", "AdmissionKey"]
 

@@ -28,11 +28,12 @@ from typing import Any
 from pydantic import ValidationError
 
 from gc_agent.admission import Admission, AdmissionKey
+from gc_agent.cancels import Cancels
 from gc_agent.config import EndpointConfig
 from gc_agent.engines import Engine, make_engine
 from gc_agent.execution import Job, Outcome, checked_outcome, error_info
 from gc_agent.policy import check_identities_verifiable, refusal, verifies_senders
-from gc_core.broker import BrokerSession, Delivery, Refusal, token_login
+from gc_core.broker import BrokerSession, Delivery, Refusal, Settlement, token_login
 from gc_core.errors import GCError, ProtocolError
 from gc_core.protocol import (
     H_GROUP,
@@ -49,7 +50,7 @@ from gc_core.protocol import (
     encode_result,
     error_result,
 )
-from gc_core.registry.client import RegistryClient
+from gc_core.registry_api.client import RegistryClient
 from gc_core.serialize import JSON, PYTHON_VERSION, SERIALIZERS
 from gc_core.settings import AGENT_PREFIX, FabricSettings
 from gc_core.topology import load_topology
@@ -64,10 +65,18 @@ PREFETCH_PER_WORKER = 16
 DONE_MEMORY = 20_000
 #: Cancelled task ids not yet delivered here, remembered so they are answered, not run.
 CANCEL_MEMORY = 100_000
+#: Seconds the agent waits for the broker to say how many commands wait for it at start.
+MESSAGE_COUNT_TIMEOUT = 5.0
 #: What to do when the broker refuses the agent's token.
 AGENT_TOKEN_REMEDY = ("give the agent its endpoint's token: token_file in its config.yaml, "
                       "from `gc-agent configure` while logged in, or `POST /tokens` with the "
                       "endpoint_id")
+#: How a cancel is logged, by what it found (else, by what the engine did).
+_CANCEL_SHOWN = {
+    # not here yet: still queued at the broker, or its function is being fetched
+    "remembered": "remembered until it arrives", "unknown": "remembered until it arrives",
+    "deferred": "cancelled as soon as it reaches the engine",
+}
 #: Which heartbeat counter a result state counts in.
 _COUNTER = {"success": "succeeded", "failed": "failed", "cancelled": "cancelled"}
 #: Characters of an untrusted value (an exception's text, a forged id) a log line shows.
@@ -132,15 +141,21 @@ class Agent:
         self._token = settings.token
         self._admission: Admission | None = None
         self._broker: BrokerSession | None = None
+        # Threads: the broker's IO thread takes tasks and commands and hears confirms; the
+        # fetch threads ready tasks whose function must be fetched; the engine's threads
+        # report outcomes; the heartbeat thread reads counts. What more than one of them
+        # changes is behind a lock: the fetch queue (_fetch_lock), task owners and early
+        # cancels (inside _cancels), counts and in-flight tasks (_lock).
+        #: Fetched functions: whole entries set and read, so a race only fetches one twice.
         self._functions: dict[str, _Function] = {}
         self._fetching: dict[AdmissionKey, list[_Ticket]] = {}
         self._fetch_lock = threading.Lock()
         self._fetcher = ThreadPoolExecutor(max_workers=2, thread_name_prefix="fetch")
+        #: Tasks whose results were confirmed: the IO thread's alone (tasks and confirms).
         self._done: OrderedDict[str, None] = OrderedDict()
+        self._cancels = Cancels(CANCEL_MEMORY)
         self._in_flight = 0
         self._counts = {"received": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
-        self._owners: dict[str, str] = {}
-        self._cancelled: OrderedDict[str, str] = OrderedDict()
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         #: Set when the agent has been idle for ``idle_heartbeats`` periods and wants to stop.
@@ -193,24 +208,12 @@ class Agent:
         assert self._broker is not None
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._message_count(queue) == 0:
+            # Each ask waits for its own answer: a late one cannot pass for a later ask's.
+            if self._broker.message_count(queue, MESSAGE_COUNT_TIMEOUT) == 0:
                 return
             time.sleep(0.05)
         logger.warning("commands queue %s not drained within %.0fs; consuming tasks anyway",
                        queue, timeout)
-
-    def _message_count(self, queue: str) -> int | None:
-        """How many messages wait in ``queue``, or None if the broker did not say in time."""
-        assert self._broker is not None
-        counted = threading.Event()
-        depth: list[int] = []
-
-        def note(count: int) -> None:
-            depth.append(count)
-            counted.set()
-
-        self._broker.queue_message_count(queue, note)
-        return depth[0] if counted.wait(5) else None
 
     def stop(self) -> None:
         """Drain: stop consuming, requeue tasks not started, let running ones finish, close."""
@@ -264,12 +267,12 @@ class Agent:
         ticket.task = task
         if task.task_id in self._done:
             logger.debug("task %s redelivered after its result was confirmed; acking", task.task_id)
-            self._settle(ticket, requeue=None)
+            self._settle(ticket, Settlement.ACK)
             return
         if not self._sent_by(delivery, task.user):
             logger.warning("dropped task %s: it claims to come from %s, the broker says %r",
                            task.task_id, task.user, delivery.user_id)
-            self._settle(ticket, requeue=None)
+            self._settle(ticket, Settlement.ACK)
             return
         problem = refusal(task, endpoint_id=self.endpoint_id,
                           allowed_serializers=self.config.allowed_serializers)
@@ -298,7 +301,7 @@ class Agent:
             with self._fetch_lock:
                 waiting = self._fetching.pop(key, [])
             for each in waiting:
-                self._settle(each, requeue=True)
+                self._settle(each, Settlement.REQUEUE)
 
     def _prepare(self, key: AdmissionKey, task: TaskMessage) -> None:
         function: _Function | ErrorInfo
@@ -345,28 +348,28 @@ class Agent:
     def _run(self, ticket: _Ticket, function: _Function) -> None:
         task = ticket.task
         assert task is not None
-        if self._cancelled.get(task.task_id) == task.user:
-            self._cancelled.pop(task.task_id, None)
+        if not self._cancels.begin(task.task_id, task.user):
             logger.info("task %s was cancelled before it started", task.task_id)
             error = ErrorInfo(type="TaskCancelled",
                               message=f"task {task.task_id} was cancelled before it started")
             self._answer(ticket, error_result(task, error, state="cancelled",
                                               timings=Timings(received=ticket.received)))
             return
-        self._owners[task.task_id] = task.user
         job = Job(task.task_id, task.function_id, function.payload, function.python,
                   task.content_type, task.payload, task.sender_python, task.sender_serializer,
                   self.config.output_limit, task.resource_spec, self._identity_of(task),
                   task.user_endpoint_config)
         self._engine.submit(job, lambda outcome: self._handling(
             ticket, partial(self._on_outcome, outcome=outcome)))
+        if self._cancels.submitted(task.task_id):  # cancelled while it was being submitted
+            logger.info("cancel task %s: %s", task.task_id, self._engine.cancel(task.task_id))
 
     def _on_outcome(self, ticket: _Ticket, outcome: Outcome) -> None:
         task = ticket.task
         assert task is not None
-        self._owners.pop(task.task_id, None)
+        self._cancels.end(task.task_id)
         if outcome.lost:
-            self._settle(ticket, requeue=True)
+            self._settle(ticket, Settlement.REQUEUE)
             return
         outcome = checked_outcome(outcome, self.config.result_size_limit)
         self._answer(ticket, ResultMessage(
@@ -392,9 +395,9 @@ class Agent:
                        str(exc)[:LOGGED_TEXT])
         logger.debug("the failure in full", exc_info=exc)
         if task is None:
-            self._settle(ticket, requeue=False)
+            self._settle(ticket, Settlement.DEAD_LETTER)
             return
-        self._owners.pop(task.task_id, None)
+        self._cancels.end(task.task_id)
         self._answer_error(ticket, error_info(
             "AgentError", f"endpoint {self.endpoint_id} could not handle task {task.task_id}: "
                           f"{type(exc).__name__}: {exc}"))
@@ -422,15 +425,15 @@ class Agent:
                 self._remember_done(result.task_id)
                 with self._lock:
                     self._counts[_COUNTER[result.state]] += 1
-                self._finish(ticket, requeue=None)
+                self._finish(ticket, Settlement.ACK)
             elif not isinstance(reason, Refusal):
                 logger.warning("result of task %s not confirmed (%s); requeueing the task",
                                result.task_id, reason)
-                self._finish(ticket, requeue=True)
+                self._finish(ticket, Settlement.REQUEUE)
             elif last_try:
                 logger.warning("the broker refused the error result of task %s too (%s); "
                                "dead-lettering the task", result.task_id, reason)
-                self._finish(ticket, requeue=False)
+                self._finish(ticket, Settlement.DEAD_LETTER)
             else:
                 logger.warning("the broker refused the result of task %s for good (%s); "
                                "answering with an error instead", result.task_id, reason)
@@ -444,23 +447,20 @@ class Agent:
         except Exception as exc:  # a publish that cannot even be queued can never succeed
             logger.warning("cannot publish the result of task %s (%s: %r); dead-lettering the "
                            "task", result.task_id, type(exc).__name__, str(exc)[:LOGGED_TEXT])
-            self._finish(ticket, requeue=False)
+            self._finish(ticket, Settlement.DEAD_LETTER)
 
-    def _settle(self, ticket: _Ticket, *, requeue: bool | None) -> None:
-        """Answer a task without a result: ack (``requeue`` None), requeue (True) or
-        dead-letter (False) it, unless it was answered already."""
+    def _settle(self, ticket: _Ticket, how: Settlement) -> None:
+        """Answer a task without a result (ack, requeue or dead-letter it), unless it was
+        answered already."""
         if ticket.claim():
-            self._finish(ticket, requeue=requeue)
+            self._finish(ticket, how)
 
-    def _finish(self, ticket: _Ticket, *, requeue: bool | None) -> None:
+    def _finish(self, ticket: _Ticket, how: Settlement) -> None:
         """Ack, requeue or dead-letter the delivery: once, whatever calls this twice."""
         assert self._broker is not None
         if not ticket.settle():
             return
-        if requeue is None:
-            self._broker.ack(ticket.delivery)
-        else:
-            self._broker.reject(ticket.delivery, requeue=requeue)
+        self._broker.settle(ticket.delivery, how)
         with self._lock:
             self._in_flight -= 1
 
@@ -482,7 +482,7 @@ class Agent:
         except ValidationError:
             result = None  # no id or sender within bounds: nobody to tell
         if result is None or not self._sent_by(ticket.delivery, result.user):
-            self._settle(ticket, requeue=False)
+            self._settle(ticket, Settlement.DEAD_LETTER)
         else:
             self._answer(ticket, result)
 
@@ -512,18 +512,16 @@ class Agent:
                 or delivery.user_id in self.config.trusted_publishers)
 
     def _cancel(self, task_id: str, user: str) -> None:
-        owner = self._owners.get(task_id)
-        if owner is not None and owner != user:
+        step, owner = self._cancels.cancel(task_id, user)
+        if step == "refused":
             logger.warning("refused %s's request to cancel task %s of %s", user, task_id, owner)
             return
-        how = self._engine.cancel(task_id) if owner is not None else "unknown"
-        if how == "unknown":
-            # Not here yet (still queued at the broker, or its function is being fetched).
-            self._cancelled[task_id] = user
-            if len(self._cancelled) > CANCEL_MEMORY:
-                self._cancelled.popitem(last=False)
-        logger.info("cancel task %s: %s", task_id, "remembered until it arrives"
-                    if how == "unknown" else how)
+        how: str = step
+        if step == "at-engine":
+            how = self._engine.cancel(task_id)
+            if how == "unknown":  # it finished meanwhile: a redelivery is answered, not run
+                self._cancels.remember(task_id, user)
+        logger.info("cancel task %s: %s", task_id, _CANCEL_SHOWN.get(how, how))
 
     def _remember_done(self, task_id: str) -> None:
         self._done[task_id] = None

@@ -29,9 +29,10 @@ from gc_agent.daemon import EndpointFiles, spawn_detached, stop_process
 from gc_agent.systemd import ENV_DIR, PACKAGED_UNIT, UNIT_DIR, BootInstall, systemd_running
 from gc_core.broker import BrokerSession, redact_url, token_login
 from gc_core.errors import BrokerError, GCError
+from gc_core.extras import missing_extra
 from gc_core.logs import configure_logging
-from gc_core.registry.client import RegistryClient
-from gc_core.registry.schemas import TokenIn
+from gc_core.registry_api.client import RegistryClient
+from gc_core.registry_api.schemas import TokenIn
 from gc_core.settings import AGENT_PREFIX, FabricSettings, resolve_settings
 from gc_core.topology import load_topology
 
@@ -54,6 +55,9 @@ def main(ctx: click.Context, home: str | None) -> None:
       gc-agent enable-on-boot my-laptop # as root: a systemd service
       gc-agent stop my-laptop
     """
+    problem = missing_extra("agent")
+    if problem is not None:
+        raise click.ClickException(f"gc-agent {problem}")
     ctx.obj = resolve_settings(home=home)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import socket
-import threading
 import time
 import traceback
 from collections.abc import Callable
@@ -29,9 +28,9 @@ from gc_core.serialize import (
     get_serializer,
     python_minor,
 )
+from gc_core.task_context import running_task
 
-__all__ = ["FunctionCache", "Job", "Outcome", "checked_outcome", "current_resource_spec",
-           "error_info", "run_job"]
+__all__ = ["FunctionCache", "Job", "Outcome", "checked_outcome", "error_info", "run_job"]
 
 #: Marks where an error text was cut to the wire's bound.
 _CUT = " [… cut by gc-fabric]"
@@ -75,20 +74,17 @@ class Outcome:
     stderr: str = ""
 
 
-
-
-_current = threading.local()
-
-
-def current_resource_spec() -> dict[str, Any]:
-    """The resource specification of the task running in this thread (MPIFunction sizes
-    its launch with it)."""
-    return dict(getattr(_current, "resource_spec", {}))
-
-
 def run_job(job: Job, functions: FunctionCache) -> Outcome:
-    """Run ``job``; every failure is reported in the outcome, never raised."""
-    _current.resource_spec = job.resource_spec
+    """Run ``job``; every failure is reported in the outcome, never raised.
+
+    While it runs, ``gc_core.task_context.current_resource_spec()`` is the job's (MPIFunction
+    sizes its launch with it).
+    """
+    with running_task(job.resource_spec):
+        return _run_job(job, functions)
+
+
+def _run_job(job: Job, functions: FunctionCache) -> Outcome:
     started = time.time()
     worker = f"{socket.gethostname()}:{os.getpid()}"
     try:

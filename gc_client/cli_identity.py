@@ -15,8 +15,8 @@ import click
 from pydantic import ValidationError
 
 from gc_core.errors import GCError, NotAuthenticated
-from gc_core.registry.client import RegistryClient
-from gc_core.registry.schemas import EndpointPolicy, FunctionSharing, TokenIn
+from gc_core.registry_api.client import RegistryClient
+from gc_core.registry_api.schemas import EndpointPolicy, FunctionSharing, TokenIn
 from gc_core.settings import CREDENTIALS_FILE, resolve_settings
 
 __all__ = ["COMMANDS"]

@@ -34,8 +34,8 @@ from gc_core.protocol import (
     encode_event,
     encode_task,
 )
-from gc_core.registry.client import RegistryClient
-from gc_core.registry.schemas import (
+from gc_core.registry_api.client import RegistryClient
+from gc_core.registry_api.schemas import (
     EndpointOut,
     EndpointPolicy,
     EndpointStatus,

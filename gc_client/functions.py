@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from gc_core.errors import ConfigError
+from gc_core.task_context import current_resource_spec
 
 __all__ = ["MPIFunction", "ShellFunction", "ShellResult"]
 
@@ -94,8 +95,6 @@ class MPIFunction(ShellFunction):
         self.launcher = launcher
 
     def __call__(self, **kwargs: Any) -> ShellResult:
-        from gc_agent.execution import current_resource_spec
-
         prefix = mpi_prefix(self.launcher, current_resource_spec())
         return self._execute(f"{prefix} {self.format_command(**kwargs)}")
 

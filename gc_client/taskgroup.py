@@ -36,7 +36,7 @@ from gc_core.protocol import (
     encode_event,
     encode_task,
 )
-from gc_core.registry.schemas import TaskOut
+from gc_core.registry_api.schemas import TaskOut
 from gc_core.serialize import Serializer
 
 __all__ = ["GroupFuture", "Outgoing", "TaskGroup", "TaskGroupFront", "TaskGroupOptions"]

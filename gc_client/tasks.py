@@ -17,7 +17,7 @@ from gc_core.errors import (
     remote_error,
 )
 from gc_core.protocol import ErrorInfo, GroupManifest, ResultMessage, TaskMessage
-from gc_core.registry.schemas import TaskOut
+from gc_core.registry_api.schemas import TaskOut
 from gc_core.serialize import JSON, PYTHON_VERSION, Serializer
 from gc_core.settings import AGENT_PREFIX
 

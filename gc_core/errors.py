@@ -9,6 +9,7 @@
     │   └── ResultNotSerializable  the function's return value cannot be serialized
     ├── BrokerError
     │   ├── BrokerUnreachable      no connection could be made (URL attached, no password)
+    │   ├── BrokerRefused          refused for good: credentials, vhost, certificate, declaration
     │   ├── ConnectionLost
     │   └── PublishNotConfirmed    the broker nacked or the connection dropped first
     ├── TaskError                  (task_id attached)
@@ -48,6 +49,7 @@ if TYPE_CHECKING:  # protocol.py imports this module: only the type checker need
 __all__ = [
     "REMOTE_ERRORS",
     "BrokerError",
+    "BrokerRefused",
     "BrokerUnreachable",
     "ConfigError",
     "ConnectionLost",
@@ -197,6 +199,12 @@ class BrokerUnreachable(BrokerError):
     def __init__(self, url: str, reason: str) -> None:
         super().__init__(f"cannot reach the broker at {url}: {reason}")
         self.url = url
+        self.reason = reason
+
+
+class BrokerRefused(BrokerError):
+    """The broker refused the session in a way no reconnect can fix: its credentials or
+    virtual host, its certificate, a URL that cannot be used, or a declaration."""
 
 
 class ConnectionLost(BrokerError):

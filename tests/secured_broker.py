@@ -30,7 +30,7 @@ from gc_client import Client
 from gc_core.protocol import Envelope
 from gc_core.registry import identity, store
 from gc_core.registry.db import open_database
-from gc_core.registry.schemas import EndpointIn
+from gc_core.registry_api.schemas import EndpointIn
 from tests.fabric import Fabric, RegistryServer, free_port
 
 #: The start script under test.

@@ -3,10 +3,10 @@
 #
 #   bash deploy/debian/build-deb.sh [OUTDIR]
 #
-# The package holds a self-contained virtualenv at /opt/gc-fabric (this repo and all its
-# dependencies, installed non-editable), /usr/bin/gc-agent pointing into it, the systemd
-# template unit gc-agent@.service, and maintainer scripts that create the gc-agent system
-# user. deploy/debian/README.md says what goes where.
+# The package holds a self-contained virtualenv at /opt/gc-fabric (this repo with its `agent`
+# extra and their dependencies, installed non-editable), /usr/bin/gc-agent pointing into it,
+# the systemd template unit gc-agent@.service, and maintainer scripts that create the
+# gc-agent system user. deploy/debian/README.md says what goes where.
 #
 # Interpreter: the venv links to its interpreter, so it must be one a Debian package
 # provides and the package can depend on. `python3` on PATH may be a pyenv shim (it is on
@@ -67,7 +67,8 @@ cd "$WORK"
 # appears nowhere. dh-virtualenv relocates the same way.
 echo "build-deb: virtualenv with $PYTHON (Python $PY_VERSION)"
 "$PYTHON" -I -m venv "$VENV"
-"$VENV/bin/python" -I -m pip install --quiet --no-compile --no-warn-script-location "$WORK/src"
+# The client and the agent (the `agent` extra): no registry service, no Parsl.
+"$VENV/bin/python" -I -m pip install --quiet --no-compile --no-warn-script-location "$WORK/src[agent]"
 VERSION=$("$VENV/bin/python" -I -c 'from importlib.metadata import version; print(version("gc-fabric"))')
 
 # The systemd unit, rendered by the same function `gc-agent enable-on-boot` uses.

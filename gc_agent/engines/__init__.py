@@ -5,6 +5,7 @@ from gc_agent.engines.base import Engine, OnDone
 from gc_agent.engines.processes import ProcessEngine
 from gc_agent.engines.threads import ThreadEngine
 from gc_core.errors import ConfigError
+from gc_core.extras import missing_extra
 
 __all__ = ["Engine", "OnDone", "ProcessEngine", "ThreadEngine", "make_engine"]
 
@@ -17,6 +18,9 @@ def make_engine(config: EndpointConfig) -> Engine:
                               "config (allowed there: 'processes', whose max_workers sizes the "
                               "agent's prefetch); each user gets an htex engine of their own "
                               "when the user_config_template renders one")
+        problem = missing_extra("htex")
+        if problem is not None:
+            raise ConfigError(f"engine.type 'htex' {problem}")
         # Imported here: Parsl loads only on endpoints that use it.
         from gc_agent.engines.htex import HtexEngine, default_run_dir
 

@@ -52,7 +52,7 @@ STRATEGY = "simple"
 PARSL_RESOURCE_KEYS = ("priority",)
 #: Every key a task's resource specification may hold here, with the types allowed: Parsl's
 #: HTEX takes ``priority``; the MPI keys (Parsl's MPI-mode names) size an MPIFunction's
-#: launch on the worker, which sees the whole specification (``current_resource_spec``).
+#: launch on the worker, which sees the whole specification (``gc_core.task_context``).
 RESOURCE_KEYS: dict[str, tuple[type, ...]] = {
     "priority": (int, float), "num_nodes": (int,), "ranks_per_node": (int,),
     "num_ranks": (int,), "launcher_options": (str,)}

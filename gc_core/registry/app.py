@@ -19,7 +19,7 @@ from gc_core.registry.db import open_database
 from gc_core.registry.deps import Caller, Db
 from gc_core.registry.identity import Principal
 from gc_core.registry.ledger import Ledger, Retention
-from gc_core.registry.schemas import (
+from gc_core.registry_api.schemas import (
     EndpointIn,
     EndpointOut,
     EndpointPolicy,

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from gc_core.errors import Forbidden, NotAuthenticated, NotFound, RegistryError
 from gc_core.registry.db import EndpointRow, GroupMemberRow, GroupRow, TokenRow, UserRow
-from gc_core.registry.schemas import NAME_PATTERN, IssuedToken, TokenOut, UserOut
+from gc_core.registry_api.schemas import NAME_PATTERN, IssuedToken, TokenOut, UserOut
 from gc_core.settings import AGENT_PREFIX
 
 __all__ = [

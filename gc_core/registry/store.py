@@ -24,7 +24,7 @@ from gc_core.protocol import ErrorInfo, GroupManifest, Heartbeat, ResultMessage,
 from gc_core.registry import policy
 from gc_core.registry.db import EndpointRow, FunctionRow, TaskRow
 from gc_core.registry.identity import ANONYMOUS, Principal
-from gc_core.registry.schemas import (
+from gc_core.registry_api.schemas import (
     EndpointIn,
     EndpointOut,
     EndpointPolicy,

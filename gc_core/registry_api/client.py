@@ -18,7 +18,7 @@ from gc_core.errors import (
     RegistryError,
     find_certificate_failure,
 )
-from gc_core.registry.schemas import (
+from gc_core.registry_api.schemas import (
     EndpointIn,
     EndpointOut,
     EndpointPolicy,

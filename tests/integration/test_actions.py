@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 
 from gc_client import Client
 from gc_core.registry import identity, store
-from gc_core.registry.schemas import EndpointIn, EndpointPolicy, FunctionIn
+from gc_core.registry_api.schemas import EndpointIn, EndpointPolicy, FunctionIn
 from tests.fabric import Endpoint, Fabric, eventually
 from tests.integration.conftest import OwnRegistry
 

@@ -16,7 +16,7 @@ import pytest
 
 from gc_client import AsyncExecutor, Client
 from gc_core.errors import PolicyError
-from gc_core.registry.schemas import TaskOut
+from gc_core.registry_api.schemas import TaskOut
 from tests.fabric import Endpoint, eventually, pid_alive
 from tests.integration.test_cancel_and_output import mark_and_sleep
 from tests.integration.test_identities import TokenFabric, alices_endpoint, tokens  # noqa: F401

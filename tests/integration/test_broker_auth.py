@@ -24,7 +24,7 @@ from gc_client import AsyncExecutor, Client, Executor
 from gc_core.errors import BrokerError, GCError
 from gc_core.protocol import Envelope, GroupManifest, decode_result, encode_event
 from gc_core.registry import identity, store
-from gc_core.registry.schemas import EndpointPolicy
+from gc_core.registry_api.schemas import EndpointPolicy
 from gc_core.topology import load_topology
 from tests.fabric import Endpoint, eventually
 from tests.secured_broker import (

@@ -42,7 +42,7 @@ def divide(a: float, b: float) -> float:
 
 
 def seen_resource_spec() -> dict[str, Any]:
-    from gc_agent.execution import current_resource_spec
+    from gc_core.task_context import current_resource_spec
 
     return current_resource_spec()
 

@@ -18,8 +18,8 @@ import pytest
 
 from gc_client import Client, Executor
 from gc_core.errors import NotAuthenticated, PolicyError
-from gc_core.registry.client import RegistryClient
-from gc_core.registry.schemas import FunctionSharing
+from gc_core.registry_api.client import RegistryClient
+from gc_core.registry_api.schemas import FunctionSharing
 from tests.fabric import Endpoint, Fabric, eventually
 from tests.integration.conftest import OwnRegistry
 

@@ -17,7 +17,7 @@ from gc_core.errors import NotAuthenticated
 from gc_core.protocol import GroupManifest, ResultMessage, encode_result
 from gc_core.registry import identity, store
 from gc_core.registry.db import Base, TaskRow, open_database
-from gc_core.registry.schemas import EndpointIn, EndpointPolicy, FunctionIn, FunctionSharing
+from gc_core.registry_api.schemas import EndpointIn, EndpointPolicy, FunctionIn, FunctionSharing
 from gc_core.topology import load_topology
 from tests.fabric import eventually
 from tests.integration.conftest import OwnRegistry

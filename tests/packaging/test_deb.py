@@ -120,6 +120,13 @@ def test_the_agent_deb_builds_installs_runs_and_purges_without_a_trace(tmp_path:
             as_user = _run("runuser", "-u", "gc-agent", "--", COMMAND, "--help")
             assert as_user.returncode == 0 and "enable-on-boot" in as_user.stdout, as_user.stderr
 
+            # and it holds the agent's extra but no registry service
+            layers = _run(PREFIX / "bin" / "python", "-c",
+                          "import importlib.util as u, jinja2, jsonschema, gc_agent.cli; "
+                          "print([m for m in ('fastapi', 'sqlalchemy', 'alembic', 'uvicorn') "
+                          "if u.find_spec(m)])")
+            assert layers.returncode == 0 and layers.stdout == "[]\n", layers.stderr
+
             # and the system user, its folders and the unit are there
             user = _run("id", "gc-agent")
             assert user.returncode == 0, user.stderr

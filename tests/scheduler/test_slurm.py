@@ -68,7 +68,7 @@ def lose_once_in_job(marker: str, seconds: float) -> str:
 
 
 def seen_resource_spec() -> dict[str, object]:
-    from gc_agent.execution import current_resource_spec
+    from gc_core.task_context import current_resource_spec
 
     return current_resource_spec()
 

@@ -26,7 +26,7 @@ from gc_client import Client, Executor, TaskExecutionFailed
 from gc_core.errors import EndpointError, WorkerError
 from gc_core.protocol import MAX_ERROR_MESSAGE, MAX_ID_LENGTH, Envelope, decode_result
 from gc_core.registry import identity, store
-from gc_core.registry.schemas import EndpointPolicy, FunctionSharing
+from gc_core.registry_api.schemas import EndpointPolicy, FunctionSharing
 from gc_core.serialize import CLOUDPICKLE
 from gc_core.topology import load_topology
 from tests.fabric import Endpoint, Fabric, eventually, rabbitmqctl

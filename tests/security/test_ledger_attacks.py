@@ -36,7 +36,7 @@ from gc_core.protocol import (
 )
 from gc_core.registry import identity, store
 from gc_core.registry.app import RegistrySettings, create_app
-from gc_core.registry.schemas import EndpointIn
+from gc_core.registry_api.schemas import EndpointIn
 from gc_core.serialize import CLOUDPICKLE, JSON
 from gc_core.topology import load_topology
 from tests.fabric import Fabric, eventually, free_port

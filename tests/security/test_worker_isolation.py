@@ -31,7 +31,7 @@ from gc_agent.wire import outcome_to_wire
 from gc_client import Client, Executor
 from gc_core.errors import PolicyError, WorkerError
 from gc_core.registry import store
-from gc_core.registry.schemas import EndpointPolicy
+from gc_core.registry_api.schemas import EndpointPolicy
 from gc_core.serialize import CLOUDPICKLE, PYTHON_VERSION
 from tests.fabric import Endpoint, Fabric, eventually
 from tests.integration.test_multiuser import (  # noqa: F401 (fixtures, used by name)

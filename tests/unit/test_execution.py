@@ -12,6 +12,7 @@ import pytest
 from gc_agent.execution import FunctionCache, Job, run_job
 from gc_client.tasks import make_task
 from gc_core.serialize import CLOUDPICKLE, JSON, PYTHON_VERSION, Serializer
+from gc_core.task_context import current_resource_spec
 
 MAJOR, MINOR = (int(part) for part in PYTHON_VERSION.split(".")[:2])
 OTHER_PYTHON = f"{MAJOR}.{MINOR + 1}.0"
@@ -272,3 +273,13 @@ def test_a_value_that_cannot_be_pickled_fails_saying_it_was_the_result_and_what_
     assert "return plain data" in message and "path" in message
     assert outcome.error.traceback == ""  # a failure of the fabric's, not a raise of the user's
     assert outcome.stdout == "made a lock\n"
+
+
+def test_a_job_sees_its_resource_specification_while_it_runs_and_not_after() -> None:
+    job = replace(a_job(current_resource_spec), resource_spec={"num_ranks": 4})
+
+    outcome = run_job(job, {})
+
+    assert outcome.state == "success", outcome.error
+    assert CLOUDPICKLE.loads(outcome.payload) == {"num_ranks": 4}
+    assert current_resource_spec() == {}

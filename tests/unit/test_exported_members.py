@@ -43,7 +43,8 @@ PACKAGES = [gc_core, gc_client, gc_agent]
 MODULES = [
     "gc_core.errors", "gc_core.protocol", "gc_core.serialize", "gc_core.settings",
     "gc_core.topology", "gc_core.registry", "gc_core.registry.store", "gc_core.registry.db",
-    "gc_core.registry.schemas", "gc_agent.config", "gc_agent.policy", "gc_agent.execution",
+    "gc_core.registry_api", "gc_core.registry_api.schemas",
+    "gc_core.registry_api.client", "gc_agent.config", "gc_agent.policy", "gc_agent.execution",
     "gc_client.tasks", "gc_client.async_executor", "gc_core.broker_async",
     "gc_client.taskgroup", "gc_client.executor",
 ]

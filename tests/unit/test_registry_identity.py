@@ -13,7 +13,7 @@ from gc_core.errors import Forbidden, NotAuthenticated, NotFound
 from gc_core.protocol import ResultMessage
 from gc_core.registry import identity, store
 from gc_core.registry.db import TokenRow, open_database
-from gc_core.registry.schemas import EndpointIn, EndpointPolicy, FunctionIn, FunctionSharing
+from gc_core.registry_api.schemas import EndpointIn, EndpointPolicy, FunctionIn, FunctionSharing
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ from gc_core.errors import NotFound
 from gc_core.protocol import ErrorInfo, GroupManifest, Heartbeat, ResultMessage, Timings
 from gc_core.registry import store
 from gc_core.registry.db import open_database
-from gc_core.registry.schemas import EndpointIn, FunctionIn
+from gc_core.registry_api.schemas import EndpointIn, FunctionIn
 
 
 @pytest.fixture
