@@ -295,7 +295,44 @@ PAIRS_INTRO = (
 )
 
 
+#: Sections of RESULTS.md that other commands write (``bench.memory``): a run of
+#: ``bench.run`` keeps them.
+KEPT_SECTIONS = ("## Memory on long sweeps",)
+
+
 def write_results(path: Path, text: str) -> None:
-    """Write the rendered results to ``path``, creating its directory."""
+    """Write the rendered results to ``path``, creating its directory and keeping the
+    sections other commands wrote there."""
+    old = path.read_text() if path.exists() else ""
+    for heading in KEPT_SECTIONS:
+        kept = section_of(old, heading)
+        if kept:
+            text = replace_section(text, kept, heading)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(text)
+
+
+def section_of(text: str, heading: str) -> str:
+    """The section of ``text`` under ``heading`` (to the next ``## `` heading), or ''."""
+    lines = text.splitlines(keepends=True)
+    bounds = _section_bounds(lines, heading)
+    return "".join(lines[bounds[0]:bounds[1]]) if bounds else ""
+
+
+def replace_section(text: str, section: str, heading: str) -> str:
+    """Return ``text`` with the section under ``heading`` replaced by ``section`` (or appended)."""
+    lines = text.splitlines(keepends=True)
+    bounds = _section_bounds(lines, heading)
+    if bounds is None:
+        return text.rstrip("\n") + "\n\n" + section if text.strip() else section
+    tail = "".join(lines[bounds[1]:])
+    return "".join(lines[:bounds[0]]) + section + ("\n" + tail if tail else "")
+
+
+def _section_bounds(lines: list[str], heading: str) -> tuple[int, int] | None:
+    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
+    if start is None:
+        return None
+    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
+    return start, end
+

@@ -32,7 +32,7 @@ import click
 from tqdm import tqdm
 
 from bench.gc_fabric import GcFabricSystem
-from bench.harness import TASK_TIMEOUT_S, background_cpu_busy, throughput_timeout
+from bench.harness import TASK_TIMEOUT_S, background_cpu_busy, replace_section, throughput_timeout
 
 logger = logging.getLogger(__name__)
 
@@ -137,17 +137,6 @@ def render_section(outcomes: Sequence[Outcome], command: str, scale: float,
             f"warm-up baseline. Target: growth under {GROWTH_LIMIT:.0%}. Rates run from the "
             "first submit (from the agent's restart, for the backlog) to the last result.\n\n")
     return head + "\n".join(render_outcome(o) for o in outcomes)
-
-
-def replace_section(text: str, section: str, heading: str = HEADING) -> str:
-    """Return ``text`` with the section under ``heading`` replaced by ``section`` (or appended)."""
-    lines = text.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.rstrip() == heading), None)
-    if start is None:
-        return text.rstrip("\n") + "\n\n" + section if text.strip() else section
-    end = next((i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines))
-    tail = "".join(lines[end:])
-    return "".join(lines[:start]) + section + ("\n" + tail if tail else "")
 
 
 # -- IO: RSS, sampling, the scenarios (these run in the client process) -----------------------
@@ -318,7 +307,7 @@ def main(map_tasks: int, submit_tasks: int, backlog_tasks: int, window: int, sca
     section = render_section(outcomes, command, scale, datetime.datetime.now().astimezone(),
                              cpu_busy)
     output.parent.mkdir(parents=True, exist_ok=True)
-    output.write_text(replace_section(output.read_text() if output.exists() else "", section))
+    output.write_text(replace_section(output.read_text() if output.exists() else "", section, HEADING))
     click.echo(f"wrote the section {HEADING[3:]!r} of {output}")
 
 
