@@ -41,7 +41,7 @@ deb: install
 	bash deploy/debian/build-deb.sh dist
 
 lint: install
-	$(BIN)/ruff check gc_core gc_agent gc_client tests examples
+	$(BIN)/ruff check gc_core gc_agent gc_client tests examples bench
 	$(BIN)/mypy
 
 clean:

@@ -176,8 +176,8 @@ def render_table(
 
 def render_pairs(measurements: Sequence[Measurement], pairs: Sequence[tuple[str, str]]) -> str:
     """Render a Markdown table comparing each (ours, theirs) pair of rows: the cost of our layer."""
-    lines = ["| ours | theirs | tasks/s ours | tasks/s theirs | tasks/s ratio | p50 ms ours "
-             "| p50 ms theirs | p50 ratio |", "|---|---|---:|---:|---:|---:|---:|---:|"]
+    lines = [("| ours | theirs | tasks/s ours | tasks/s theirs | tasks/s ratio | p50 ms ours "
+              "| p50 ms theirs | p50 ratio |"), "|---|---|---:|---:|---:|---:|---:|---:|"]
     for ours_name, theirs_name in pairs:
         ours = _find(measurements, ours_name) or Measurement(system=ours_name)
         theirs = _find(measurements, theirs_name) or Measurement(system=theirs_name)

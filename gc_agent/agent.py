@@ -254,7 +254,7 @@ class Agent:
         leaking its delivery (a bug, or a message no check foresaw)."""
         try:
             step(ticket)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - one task's failure costs that task alone
             self._fail(ticket, exc)
 
     def _take(self, ticket: _Ticket) -> None:
@@ -307,7 +307,7 @@ class Agent:
         function: _Function | ErrorInfo
         try:
             function = self._admit(task) or self._function(task.function_id)
-        except Exception as exc:  # the registry's answer is as untrusted as any message
+        except Exception as exc:  # noqa: BLE001 - the registry's answer is as untrusted as any message
             function = error_info(type(exc).__name__,
                                   f"cannot fetch function {task.function_id}: {exc}")
         with self._fetch_lock:
@@ -444,7 +444,7 @@ class Agent:
                                              task_group_id=result.task_group_id)
             self._broker.publish(self._topology.exchange("results"), key, encode_result(result),
                                  on_confirm=confirmed)
-        except Exception as exc:  # a publish that cannot even be queued can never succeed
+        except Exception as exc:  # noqa: BLE001 - a publish that cannot even be queued never succeeds
             logger.warning("cannot publish the result of task %s (%s: %r); dead-lettering the "
                            "task", result.task_id, type(exc).__name__, str(exc)[:LOGGED_TEXT])
             self._finish(ticket, Settlement.DEAD_LETTER)
@@ -497,7 +497,7 @@ class Agent:
             if isinstance(command, CancelCommand) and self._sent_by(delivery, command.user):
                 for task_id in command.task_ids:
                     self._cancel(task_id, command.user)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - one bad command costs that command alone
             logger.warning("dropped a command (%d bytes) that could not be handled: %s: %r",
                            len(delivery.envelope.body), type(exc).__name__,
                            str(exc)[:LOGGED_TEXT])

@@ -91,17 +91,17 @@ def _run_job(job: Job, functions: FunctionCache) -> Outcome:
         function = _load_function(job, functions)
         serializer = get_serializer(job.content_type)
         args, kwargs = _load_arguments(job, serializer)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - undecodable arguments fail the task, with why
         return _failed(job, exc, started, worker, with_traceback=False)
     with captured_output(job.output_limit) as (out, err):
         try:
             value = function(*args, **kwargs)
-        except BaseException as exc:  # the user's code may raise SystemExit too; report it all
+        except BaseException as exc:  # noqa: BLE001 - the user's code may raise SystemExit too
             failed = _failed(job, exc, started, worker, with_traceback=True)
             return replace(failed, stdout=out.text(), stderr=err.text())
     try:
         payload = serializer.dumps(value)
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - any value's __reduce__ may raise anything
         failed = _failed(job, _unserializable(job, value, serializer, exc), started, worker,
                          with_traceback=False)
         return replace(failed, stdout=out.text(), stderr=err.text())
@@ -175,7 +175,7 @@ def _failed(job: Job, exc: BaseException, started: float, worker: str, *,
         tb = exc.__traceback__.tb_next if exc.__traceback__ else None
         try:
             text = "".join(traceback.format_exception(type(exc), exc, tb))
-        except Exception:
+        except Exception:  # noqa: BLE001 - a hostile exception may break its own formatting
             text = "".join(traceback.format_tb(tb)) + f"{type(exc).__name__}: {_text_of(exc)}\n"
     error = error_info(type(exc).__name__, _text_of(exc), text)
     return Outcome(job.task_id, "failed", JSON.content_type, b"", error, started, time.time(),
@@ -235,5 +235,5 @@ def _text_of(exc: BaseException) -> str:
     """``str(exc)``, even for an exception whose ``__str__`` itself raises."""
     try:
         return str(exc)
-    except Exception as inner:
+    except Exception as inner:  # noqa: BLE001 - a hostile __str__ may raise anything
         return f"<the exception's message could not be produced: {type(inner).__name__}>"

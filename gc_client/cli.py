@@ -7,8 +7,9 @@ import importlib.util
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TextIO
+from typing import Any, TextIO
 
 import click
 from tqdm import tqdm
@@ -96,10 +97,11 @@ def _load_function(target: str) -> Callable[..., Any]:
 def _json_object(text: str, option: str) -> dict[str, Any]:
     try:
         value = json.loads(text)
-        if not isinstance(value, dict):
-            raise ValueError("not an object")
     except ValueError as exc:
         raise click.BadParameter(f"{option} must be a JSON object: {exc}") from exc
+    if not isinstance(value, dict):
+        raise click.BadParameter(f"{option} must be a JSON object, not a JSON "
+                                 f"{type(value).__name__}")
     return value
 
 

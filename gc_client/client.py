@@ -11,8 +11,9 @@ import logging
 import threading
 import time
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from gc_client.pickling import pickle_function
 from gc_client.tasks import (
@@ -277,7 +278,7 @@ class Client:
             elif not entry["pending"]:
                 try:
                     entry["result"] = task_out_value(task, _expected(task, serializer))
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 - each entry carries its own error
                     entry["exception"] = exc
             answer[task.task_id] = entry
         return answer

@@ -67,7 +67,7 @@ class ShellFunction:
     def _execute(self, command: str) -> ShellResult:
         try:
             done = subprocess.run(command, shell=True, capture_output=True, text=True,
-                                  timeout=self.walltime)
+                                  timeout=self.walltime, check=False)
         except subprocess.TimeoutExpired as exc:
             return ShellResult(command, WALLTIME_EXCEEDED, self._tail(_text(exc.stdout)),
                                self._tail(_text(exc.stderr)) +

@@ -755,7 +755,7 @@ class BrokerSession:
         except (pika.exceptions.ChannelWrongStateError, pika.exceptions.ConnectionWrongStateError):
             self._outbox.appendleft(op)  # the channel is closing: send it after reconnecting
             return
-        except Exception as exc:  # pika could not encode what the caller gave it
+        except Exception as exc:  # noqa: BLE001 - pika could not encode what the caller gave it
             problem = f"it cannot be encoded as an AMQP message: {_describe(exc)}"
         if problem is not None:
             logger.warning("%s: not publishing message %r to %s (%r): %s", self._name,

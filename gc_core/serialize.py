@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 import pickle
 import platform
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import cloudpickle
 

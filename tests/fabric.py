@@ -9,9 +9,10 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import uvicorn
 
@@ -147,10 +148,10 @@ class Endpoint:
         """Start an agent and wait until it serves (its pid file appears)."""
         pid_file = self.directory / "agent.pid"
         pid_file.unlink(missing_ok=True)
-        log = open(self.log, "wb")
-        process = subprocess.Popen(
-            [sys.executable, "-m", "gc_agent.cli", "start", self.name],
-            env=self.fabric.env, stdout=log, stderr=subprocess.STDOUT)
+        with open(self.log, "wb") as log:  # the agent keeps its own copy of the descriptor
+            process = subprocess.Popen(
+                [sys.executable, "-m", "gc_agent.cli", "start", self.name],
+                env=self.fabric.env, stdout=log, stderr=subprocess.STDOUT)
         self.processes.append(process)
         deadline = time.monotonic() + START_TIMEOUT
         while not (pid_file.exists() and pid_file.read_text().strip() == str(process.pid)):

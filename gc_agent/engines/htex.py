@@ -27,11 +27,11 @@ import sys
 import tempfile
 import threading
 import uuid
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from concurrent.futures import Future
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from gc_agent.config import HtexEngineConfig
 from gc_agent.engines.base import CancelResult, Engine, OnDone, cancelled_outcome
@@ -303,8 +303,8 @@ class HtexEngine(Engine):
         block = self._manager_blocks.get(manager.decode() if isinstance(manager, bytes) else "")
         if block is None or self._executor is None:
             return ""
-        return f" (block {block}, {self._config.provider.type} job " \
-               f"{self._executor.blocks_to_job_id.get(block, '?')})"
+        job = self._executor.blocks_to_job_id.get(block, "?")
+        return f" (block {block}, {self._config.provider.type} job {job})"
 
     def _outcome_of(self, task: _Task, future: Future[Any]) -> Outcome:
         task_id = task.job.task_id

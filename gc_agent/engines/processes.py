@@ -86,7 +86,8 @@ class WorkerLaunch:
 
     python: str = sys.executable
     account: Account | None = None
-    import_paths: tuple[str, ...] = field(default_factory=lambda: _agent_import_paths())
+    import_paths: tuple[str, ...] = field(
+        default_factory=lambda: _agent_import_paths())  # noqa: PLW0108 - defined further down
 
     def spawn(self, module: str) -> tuple[subprocess.Popen[bytes], socket.socket]:
         """Start ``python -m module FD`` as this launch says, FD being its end of a socket

@@ -270,7 +270,7 @@ def _when(timestamp: float) -> str:
 
 def _span(seconds: float) -> str:
     """``90 days``, ``2 hours``, ``45 seconds``: whole units, rounded down."""
-    for unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
+    for _unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
         if seconds >= size:
             break
     else:

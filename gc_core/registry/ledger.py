@@ -323,11 +323,10 @@ class Ledger:
                                "dead letter" if item.dead else "result", result.task_id,
                                sender, refusal)
                 continue
-            if owner is not None:
-                result = result.model_copy(update={"user": owner.user,
-                                                   "task_group_id": owner.task_group_id,
-                                                   "endpoint_id": owner.endpoint_id})
-            accepted.append((result, item.dead))
+            recorded = result if owner is None else result.model_copy(update={
+                "user": owner.user, "task_group_id": owner.task_group_id,
+                "endpoint_id": owner.endpoint_id})
+            accepted.append((recorded, item.dead))
         return accepted
 
     def _requeue(self, batch: list[Delivery]) -> None:

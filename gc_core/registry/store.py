@@ -267,7 +267,7 @@ def task_counts(db: Session, endpoint_id: str) -> dict[str, int]:
     _endpoint_row(db, endpoint_id)
     rows = db.execute(select(TaskRow.status, func.count()).where(
         TaskRow.endpoint_id == endpoint_id).group_by(TaskRow.status))
-    counts = {status: 0 for status in ("waiting", "success", "failed", "cancelled")}
+    counts = dict.fromkeys(("waiting", "success", "failed", "cancelled"), 0)
     counts.update({status: int(n) for status, n in rows})
     return counts
 

@@ -12,6 +12,7 @@ import json
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import httpx
@@ -199,8 +200,8 @@ def test_the_broker_refuses_bob_alices_result_queue(secured: Secured) -> None:
                                      ("gc.results", "#", None),
                                      ("gc.dead", "", {"x-match": "all"})):
         bob = secured.channel("bob")
-        _refused(lambda: bob.queue_bind("gc.results.bob.g-own", exchange, key,
-                                        arguments=arguments))
+        _refused(partial(bob.queue_bind, "gc.results.bob.g-own", exchange, key,
+                         arguments=arguments))
     # nor the ledger's queue
     bob = secured.channel("bob")
     _refused(lambda: bob.basic_consume("gc.ledger", lambda *args: None))
@@ -221,15 +222,15 @@ def test_the_broker_refuses_an_agent_the_queues_of_another_endpoint(secured: Sec
         lambda ch: ch.basic_publish("gc.events", f"endpoint.{b}.heartbeat", b"{}"),
     ):
         channel = secured.channel(f"endpoint-{a}")
-        _refused(lambda: operation(channel))
+        _refused(partial(operation, channel))
 
 
 def test_nobody_but_the_registry_configures_exchanges(secured: Secured) -> None:
     for who in ("alice", f"endpoint-{secured.endpoint_a}"):
         channel = secured.channel(who)
-        _refused(lambda: channel.exchange_declare("gc.mine", "topic"))
+        _refused(partial(channel.exchange_declare, "gc.mine", "topic"))
         channel = secured.channel(who)
-        _refused(lambda: channel.exchange_delete("gc.tasks"))
+        _refused(partial(channel.exchange_delete, "gc.tasks"))
 
 
 def test_the_broker_refuses_a_forged_user_id(secured: Secured) -> None:

@@ -87,8 +87,8 @@ def test_start_detach_list_and_stop(fabric: Fabric, make_endpoint: Any) -> None:
     assert again.returncode == 1 and "already running" in again.stderr
     assert "stopped" in fabric.cli("gc-agent", "stop", ep.name).stdout
     assert f"{ep.name} " in fabric.cli("gc-agent", "list").stdout
-    assert "stopped" in [line for line in fabric.cli("gc-agent", "list").stdout.splitlines()
-                         if line.startswith(ep.name)][0]
+    assert "stopped" in next(line for line in fabric.cli("gc-agent", "list").stdout.splitlines()
+                             if line.startswith(ep.name))
 
 
 def test_endpoints_lists_status_last_heartbeat_queue_and_workers(fabric: Fabric,
@@ -99,7 +99,7 @@ def test_endpoints_lists_status_last_heartbeat_queue_and_workers(fabric: Fabric,
                     if line.startswith(endpoint.endpoint_id))
 
     eventually(lambda: row()[1] == "online", timeout=30)
-    endpoint_id, status, seen, _ago, queued, busy, idle, name = row()
+    _endpoint_id, status, seen, _ago, queued, busy, idle, name = row()
     assert (status, name) == ("online", "shared")
     assert seen.endswith("s") and queued.isdigit()
     assert int(busy) + int(idle) == 2  # the shared endpoint's two workers

@@ -97,11 +97,11 @@ def test_status_and_tasks_show_queued_running_done_and_failed(
         assert ex.submit(double, None).exception(timeout=60)        # and one failure
     deadline = time.monotonic() + 30
     while True:
-        row = [line for line in fabric.cli("gc-client", "status", "--endpoint",
-                                           ep.endpoint_id).stdout.splitlines()
-               if line.startswith(ep.endpoint_id)][0]
+        row = next(line for line in fabric.cli("gc-client", "status", "--endpoint",
+                                               ep.endpoint_id).stdout.splitlines()
+                   if line.startswith(ep.endpoint_id))
         cells = row.split()
-        if cells[1] == "online" and cells[5:8] == ["5", "1", "0"] or time.monotonic() > deadline:
+        if (cells[1] == "online" and cells[5:8] == ["5", "1", "0"]) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
     assert cells[1] == "online"

@@ -128,7 +128,7 @@ def test_enable_on_boot_writes_a_unit_systemd_accepts_and_its_exec_start_runs(
                              env={"PATH": os.environ["PATH"], **settings},
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        eventually(lambda: (ep.directory / "agent.pid").exists(), 60)
+        eventually((ep.directory / "agent.pid").exists, 60)
     finally:
         agent.terminate()
         assert agent.wait(60) == 0

@@ -53,8 +53,8 @@ def accounts() -> Iterator[dict[str, pwd.struct_passwd]]:
     for name in names.values():
         subprocess.run(["useradd", "--create-home", "--shell", "/bin/sh", name], check=True)
     try:
-        probe = f"PYTHONPATH={os.pathsep.join(_import_paths())} {USER_PYTHON} -c " \
-                "'import gc_agent.engines.worker'"
+        probe = (f"PYTHONPATH={os.pathsep.join(_import_paths())} {USER_PYTHON} -c "
+                 "'import gc_agent.engines.worker'")
         readable = subprocess.run(["su", names["alice"], "-s", "/bin/sh", "-c", probe],
                                   capture_output=True, text=True)
         if readable.returncode != 0:

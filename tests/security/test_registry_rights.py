@@ -34,8 +34,8 @@ from gc_core.protocol import (
 )
 from gc_core.registry import identity, store
 from gc_core.registry.app import RegistrySettings, create_app
-from gc_core.registry_api.client import RegistryClient
 from gc_core.registry.db import EndpointRow, open_database
+from gc_core.registry_api.client import RegistryClient
 from gc_core.registry_api.schemas import EndpointIn, FunctionSharing, TokenIn
 from gc_core.topology import load_topology
 from tests.fabric import eventually, free_port

@@ -46,7 +46,7 @@ def test_the_shipped_template_renders_defaults_and_allowed_options() -> None:
     schema = json.loads((TEMPLATES / "local.schema.json").read_text())
     assert render_user_engine(template, schema, {}, account="alice").max_workers == 1
     assert render_user_engine(template, schema, {"workers": 3}, account="alice").max_workers == 3
-    with pytest.raises(PolicyError, match="refused at workers.*maximum of 4"):
+    with pytest.raises(PolicyError, match=r"refused at workers.*maximum of 4"):
         render_user_engine(template, schema, {"workers": 9}, account="alice")
     with pytest.raises(PolicyError, match="partition"):
         render_user_engine(template, schema, {"partition": "gpu"}, account="alice")
@@ -80,9 +80,9 @@ def test_each_batch_template_renders_an_htex_engine_that_its_schema_lets_users_t
     assert isinstance(tuned, HtexEngineConfig)
     assert tuned.provider.walltime == "02:15:00" and tuned.provider.max_blocks == 3
     # a value the schema refuses is named with its rule; so is a key it does not have
-    with pytest.raises(PolicyError, match="refused at walltime.*does not match"):
+    with pytest.raises(PolicyError, match=r"refused at walltime.*does not match"):
         render_user_engine(template, schema, {"walltime": "2h"}, account="alice")
-    with pytest.raises(PolicyError, match="refused at max_blocks.*maximum of 4"):
+    with pytest.raises(PolicyError, match=r"refused at max_blocks.*maximum of 4"):
         render_user_engine(template, schema, {"max_blocks": 40}, account="alice")
     with pytest.raises(PolicyError, match=f"refused at {queue_key}.*is not one of"):
         render_user_engine(template, schema, {queue_key: "gpu-priority"}, account="alice")

@@ -47,8 +47,8 @@ def a_task(**overrides: Any) -> TaskMessage:
 def with_headers(envelope: Envelope, **changes: Any) -> Envelope:
     """A copy of ``envelope`` whose headers are changed; a value of None removes the header."""
     headers = dict(envelope.headers)
-    for name, value in changes.items():
-        name = name.replace("_", "-")
+    for field_name, value in changes.items():
+        name = field_name.replace("_", "-")
         if value is None:
             headers.pop(name, None)
         else:

@@ -25,8 +25,8 @@ from gc_agent.providers import (
 
 pytest.importorskip("parsl", reason="the providers are Parsl's")
 
-from parsl.jobs.states import JobState  # noqa: E402
-from parsl.providers.cluster_provider import ClusterProvider  # noqa: E402
+from parsl.jobs.states import JobState
+from parsl.providers.cluster_provider import ClusterProvider
 
 #: Recorded scheduler outputs, one file per command.
 OUTPUTS = Path(__file__).parent / "scheduler_outputs"

@@ -241,7 +241,7 @@ def test_a_kubernetes_provider_needs_an_image_and_takes_pod_sizes() -> None:
     config = TypeAdapter(ProviderConfig).validate_python(
         {"type": "kubernetes", "image": "ghcr.io/lab/gc-worker:1", "max_mem": "2Gi"})
     assert isinstance(config, KubernetesProviderConfig) and config.max_mem == "2Gi"
-    with pytest.raises(ValidationError, match="launcher.type 'srun' is not allowed with provider kubernetes"):
+    with pytest.raises(ValidationError, match=r"launcher\.type 'srun' is not allowed with provider kubernetes"):
         TypeAdapter(ProviderConfig).validate_python(
             {"type": "kubernetes", "image": "x", "launcher": {"type": "srun"}})
 

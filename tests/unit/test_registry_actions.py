@@ -24,18 +24,19 @@ def test_what_is_not_an_iso_duration_is_refused_saying_so(text: str) -> None:
 
 
 def _action(**overrides: object) -> ActionRow:
-    fields: dict[str, object] = dict(
-        action_id="a-1", request_id="r", request_hash="h", creator="alice", endpoint_id="ep",
-        label=None, monitor_by=[], manage_by=[], release_after="P30D", created=1000.0,
-        cancel_requested=None, released=None)
+    fields: dict[str, object] = {
+        "action_id": "a-1", "request_id": "r", "request_hash": "h", "creator": "alice",
+        "endpoint_id": "ep", "label": None, "monitor_by": [], "manage_by": [],
+        "release_after": "P30D", "created": 1000.0, "cancel_requested": None, "released": None}
     return ActionRow(**{**fields, **overrides})
 
 
 def _task(status: str, **overrides: object) -> TaskRow:
-    fields: dict[str, object] = dict(
-        task_id="a-1", task_group_id="a-1", status=status, content_type="application/json",
-        result=None, error_json=None, result_note="", stdout="", stderr="", submitted=1000.0,
-        finished=None, recorded=None)
+    fields: dict[str, object] = {
+        "task_id": "a-1", "task_group_id": "a-1", "status": status,
+        "content_type": "application/json", "result": None, "error_json": None,
+        "result_note": "", "stdout": "", "stderr": "", "submitted": 1000.0, "finished": None,
+        "recorded": None}
     return TaskRow(**{**fields, **overrides})
 
 

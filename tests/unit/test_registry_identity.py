@@ -34,10 +34,10 @@ def principal(db: Session, name: str) -> identity.Principal:
     return identity.authenticate(db, identity.issue_token(db, name).token)
 
 
-def a_function(db: Session, owner: str, sharing: FunctionSharing = FunctionSharing()) -> str:
+def a_function(db: Session, owner: str, sharing: FunctionSharing | None = None) -> str:
     body = FunctionIn(name="f", content_type="application/vnd.gc.cloudpickle",
                       payload_b64=base64.b64encode(owner.encode()).decode(), python_version="3.11",
-                      serializer="cloudpickle", sharing=sharing)
+                      serializer="cloudpickle", sharing=sharing or FunctionSharing())
     return store.register_function(db, body, owner=owner).function_id
 
 

@@ -108,4 +108,4 @@ def test_python_minor_keeps_major_and_minor(version: str, minor: str) -> None:
 def test_python_version_is_this_interpreter() -> None:
     import platform
 
-    assert PYTHON_VERSION == platform.python_version()
+    assert platform.python_version() == PYTHON_VERSION
