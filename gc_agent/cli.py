@@ -7,11 +7,10 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
 import click
 import yaml
@@ -28,6 +27,7 @@ from gc_agent.config import (
 from gc_agent.daemon import EndpointFiles, spawn_detached, stop_process
 from gc_agent.systemd import ENV_DIR, PACKAGED_UNIT, UNIT_DIR, BootInstall, systemd_running
 from gc_core.broker import BrokerSession, redact_url, token_login
+from gc_core.cli import CommandLine, format_table
 from gc_core.errors import BrokerError, GCError
 from gc_core.extras import missing_extra
 from gc_core.logs import configure_logging
@@ -39,7 +39,7 @@ from gc_core.topology import load_topology
 __all__ = ["main"]
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CommandLine, context_settings={"help_option_names": ["-h", "--help"]})
 @click.option("--home", envvar="GC_HOME", default=None, metavar="DIR",
               help="Where endpoints keep their files [default: $GC_HOME or ~/.gc].")
 @click.pass_context
@@ -61,11 +61,6 @@ def main(ctx: click.Context, home: str | None) -> None:
     ctx.obj = resolve_settings(home=home)
 
 
-def _fail(message: str) -> NoReturn:
-    click.echo(f"Error: {message}", err=True)
-    sys.exit(1)
-
-
 @main.command()
 @click.argument("name")
 @click.option("--engine", type=click.Choice(["processes", "threads"]), default="processes",
@@ -79,28 +74,26 @@ def _fail(message: str) -> NoReturn:
 def configure(settings: FabricSettings, name: str, engine: str, workers: int, description: str,
               broker_url: str | None, registry_url: str | None) -> None:
     """Register endpoint NAME, create its task queue, and write its config.yaml."""
-    try:
-        files = EndpointFiles.of(settings, name)
-        if files.config.exists():
-            existing = load_config(files.config)
-            _fail(f"endpoint {name} is already configured (id {existing.endpoint_id}, "
-                  f"{files.config}); edit that file, or `gc-agent delete {name}` first")
-        registry = RegistryClient(registry_url or settings.registry_url, token=settings.token)
-        endpoint = registry.create_endpoint(name, owner=settings.user, description=description)
-        token_file, agent_token = None, None
-        if settings.token:  # logged in: the agent gets a token of its endpoint's own
-            agent_token = registry.issue_token(TokenIn(label=f"agent of {name}",
-                                                       endpoint_id=endpoint.endpoint_id)).token
-            token_file = files.directory.resolve() / "agent.token"
-            write_token(agent_token, token_file)
-        config = EndpointConfig(name=name, endpoint_id=endpoint.endpoint_id,
-                                description=description, broker_url=broker_url,
-                                registry_url=registry_url, token_file=token_file,
-                                engine=EngineConfig(type=engine, max_workers=workers))  # type: ignore[arg-type]
-        _declare_queues(config, broker_url or settings.broker_url, agent_token)
-        save_config(config, files.config)
-    except GCError as exc:
-        _fail(str(exc))
+    files = EndpointFiles.of(settings, name)
+    if files.config.exists():
+        existing = load_config(files.config)
+        raise click.ClickException(
+            f"endpoint {name} is already configured (id {existing.endpoint_id}, "
+            f"{files.config}); edit that file, or `gc-agent delete {name}` first")
+    registry = RegistryClient(registry_url or settings.registry_url, token=settings.token)
+    endpoint = registry.create_endpoint(name, owner=settings.user, description=description)
+    token_file, agent_token = None, None
+    if settings.token:  # logged in: the agent gets a token of its endpoint's own
+        agent_token = registry.issue_token(TokenIn(label=f"agent of {name}",
+                                                   endpoint_id=endpoint.endpoint_id)).token
+        token_file = files.directory.resolve() / "agent.token"
+        write_token(agent_token, token_file)
+    config = EndpointConfig(name=name, endpoint_id=endpoint.endpoint_id,
+                            description=description, broker_url=broker_url,
+                            registry_url=registry_url, token_file=token_file,
+                            engine=EngineConfig(type=engine, max_workers=workers))  # type: ignore[arg-type]
+    _declare_queues(config, broker_url or settings.broker_url, agent_token)
+    save_config(config, files.config)
     click.echo(f"Configured endpoint {name}: {endpoint.endpoint_id}")
     click.echo(f"Config: {files.config}")
     click.echo(f"Start it with: gc-agent start {name} --detach")
@@ -130,31 +123,28 @@ def _declare_queues(config: EndpointConfig, broker_url: str, token: str | None) 
 def start(settings: FabricSettings, name: str, detach: bool, log_file: Path | None,
           log_level: str) -> None:
     """Start the agent of endpoint NAME (in the foreground unless --detach)."""
-    try:
-        files = EndpointFiles.of(settings, name)
-        config = load_config(files.config)
-        if config.token_file is not None:  # the agent is its endpoint, not whoever starts it
-            settings = settings.model_copy(update={"token": read_token(config.token_file)})
-        stale = files.pid.exists()
-        pid = files.running_pid()
-        if stale and pid is None:
-            click.echo(f"Removed a stale pid file ({files.pid}): its agent is no longer running.",
-                       err=True)
-        if pid is not None:
-            _fail(f"endpoint {name} is already running (pid {pid}); "
-                  f"`gc-agent stop {name}` first")
-        if detach:
-            pid = spawn_detached(files, name)
-            click.echo(f"Endpoint {name} ({config.endpoint_id}) started, pid {pid}; "
-                       f"log: {files.log}")
-            return
-        configure_logging(log_level, log_file=log_file)
-        broker_url = redact_url(config.broker_url or settings.broker_url)
-        agent = Agent(config, settings, on_heartbeat=lambda heartbeat, problem:
-                      files.write_status(heartbeat, problem, broker_url))
-        _serve(agent, files)
-    except GCError as exc:
-        _fail(str(exc))
+    files = EndpointFiles.of(settings, name)
+    config = load_config(files.config)
+    if config.token_file is not None:  # the agent is its endpoint, not whoever starts it
+        settings = settings.model_copy(update={"token": read_token(config.token_file)})
+    stale = files.pid.exists()
+    pid = files.running_pid()
+    if stale and pid is None:
+        click.echo(f"Removed a stale pid file ({files.pid}): its agent is no longer running.",
+                   err=True)
+    if pid is not None:
+        raise click.ClickException(f"endpoint {name} is already running (pid {pid}); "
+                                   f"`gc-agent stop {name}` first")
+    if detach:
+        pid = spawn_detached(files, name)
+        click.echo(f"Endpoint {name} ({config.endpoint_id}) started, pid {pid}; "
+                   f"log: {files.log}")
+        return
+    configure_logging(log_level, log_file=log_file)
+    broker_url = redact_url(config.broker_url or settings.broker_url)
+    agent = Agent(config, settings, on_heartbeat=lambda heartbeat, problem:
+                  files.write_status(heartbeat, problem, broker_url))
+    _serve(agent, files)
 
 
 def _serve(agent: Agent, files: EndpointFiles) -> None:
@@ -188,7 +178,7 @@ def stop(settings: FabricSettings, name: str, timeout: float) -> None:
     """Stop the agent of endpoint NAME; running tasks finish or go back to the queue."""
     files = _configured(settings, name)
     if files.running_pid() is None:
-        _fail(f"endpoint {name} is not running")
+        raise click.ClickException(f"endpoint {name} is not running")
     if _stop_agent(files, name, timeout):
         click.echo(f"Endpoint {name} stopped.")
 
@@ -215,10 +205,7 @@ def restart(settings: FabricSettings, name: str, timeout: float) -> None:
     """
     files = _configured(settings, name)
     _stop_agent(files, name, timeout)
-    try:
-        pid = spawn_detached(files, name)
-    except GCError as exc:
-        _fail(str(exc))
+    pid = spawn_detached(files, name)
     click.echo(f"Endpoint {name} restarted, pid {pid}.")
 
 
@@ -283,7 +270,8 @@ def logs(settings: FabricSettings, name: str, lines: int, follow: bool) -> None:
     """Show the log of NAME's detached agent (rotated at 10 MB, 5 kept)."""
     files = _configured(settings, name)
     if not files.log.exists():
-        _fail(f"no log yet at {files.log}; the agent logs there when started with --detach")
+        raise click.ClickException(f"no log yet at {files.log}; the agent logs there when "
+                                   "started with --detach")
     with open(files.log, errors="replace") as log:
         for line in log.readlines()[-lines:]:
             click.echo(line, nl=False)
@@ -325,14 +313,15 @@ def enable_on_boot(settings: FabricSettings, name: str, run_as: str | None, unit
     files = _configured(settings, name)
     account = run_as or getpass.getuser()
     if account != getpass.getuser() and not _readable_by(account, files.config):
-        _fail(f"the service account {account} cannot read {files.config}; configure the "
-              f"endpoint under a GC_HOME that {account} owns (e.g. GC_HOME=/var/lib/gc-fabric)")
+        raise click.ClickException(
+            f"the service account {account} cannot read {files.config}; configure the "
+            f"endpoint under a GC_HOME that {account} owns (e.g. GC_HOME=/var/lib/gc-fabric)")
     boot = BootInstall(name, unit_dir, env_dir)
     try:
         boot.install(settings, account)
     except OSError as exc:
-        _fail(f"cannot write {boot.unit_path} or {boot.env_path}: {exc}; run as root, or "
-              "give --unit-dir and --env-dir")
+        raise click.ClickException(f"cannot write {boot.unit_path} or {boot.env_path}: {exc}; "
+                                   "run as root, or give --unit-dir and --env-dir") from None
     unit = PACKAGED_UNIT if boot.uses_packaged_unit else boot.unit_path
     click.echo(f"Wrote {boot.env_path}; the unit is {unit}.")
     if not systemd_running():
@@ -343,7 +332,7 @@ def enable_on_boot(settings: FabricSettings, name: str, run_as: str | None, unit
         done = (subprocess.run(["systemctl", *args], check=False, capture_output=True, text=True)
                 if args == ("daemon-reload",) else boot.systemctl(*args))
         if done.returncode != 0:
-            _fail(f"systemctl {' '.join(args)} failed: {done.stderr.strip()}")
+            raise click.ClickException(f"systemctl {' '.join(args)} failed: {done.stderr.strip()}")
     click.echo(f"Enabled and started {boot.instance}.")
 
 
@@ -358,7 +347,7 @@ def disable_on_boot(settings: FabricSettings, name: str, unit_dir: Path, env_dir
     if systemd_running():
         done = boot.systemctl("disable", "--now")
         if done.returncode != 0:
-            _fail(f"systemctl disable failed: {done.stderr.strip()}")
+            raise click.ClickException(f"systemctl disable failed: {done.stderr.strip()}")
     boot.remove()
     click.echo(f"{boot.instance} disabled; removed {boot.env_path}.")
 
@@ -371,12 +360,13 @@ def _readable_by(account: str, path: Path) -> bool:
 
 
 def _configured(settings: FabricSettings, name: str) -> EndpointFiles:
-    """The files of a configured endpoint, or exit with what to do."""
-    try:
-        files = EndpointFiles.of(settings, name)
-        load_config(files.config)
-    except GCError as exc:
-        _fail(str(exc))
+    """The files of a configured endpoint.
+
+    Raises:
+        ConfigError: NAME is not configured (saying how to), or its config is invalid.
+    """
+    files = EndpointFiles.of(settings, name)
+    load_config(files.config)
     return files
 
 
@@ -388,20 +378,17 @@ def list_endpoints(settings: FabricSettings) -> None:
     rows = []
     for config_path in sorted(directory.glob("*/config.yaml")):
         files = EndpointFiles(config_path.parent)
+        name = config_path.parent.name
         try:
             endpoint_id = load_config(config_path).endpoint_id
-        except GCError as exc:
-            endpoint_id = f"(invalid config: {exc})"
+        except GCError:  # the table keeps one line a row: `status` shows the whole error
+            endpoint_id = f"(invalid config.yaml: see `gc-agent status {name}`)"
         pid = files.running_pid()
-        rows.append((config_path.parent.name, endpoint_id,
-                     f"running (pid {pid})" if pid else "stopped"))
+        rows.append((name, endpoint_id, f"running (pid {pid})" if pid else "stopped"))
     if not rows:
         click.echo(f"No endpoints configured in {directory}; try `gc-agent configure NAME`.")
         return
-    width = max(len(r[0]) for r in rows)
-    click.echo(f"{'NAME'.ljust(width)}  {'ENDPOINT ID'.ljust(36)}  STATUS")
-    for row_name, endpoint_id, status in rows:
-        click.echo(f"{row_name.ljust(width)}  {endpoint_id.ljust(36)}  {status}")
+    click.echo(format_table(["NAME", "ENDPOINT ID", "STATUS"], rows))
 
 
 if __name__ == "__main__":

@@ -7,17 +7,21 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from gc_core.cli import poll
 from gc_core.errors import ConfigError
 from gc_core.protocol import Heartbeat
 from gc_core.settings import FabricSettings
 from gc_core.topology import safe_name_part
 
 __all__ = ["EndpointFiles", "is_running", "spawn_detached", "stop_process"]
+
+#: Longest pause (seconds) between two looks at an agent starting or stopping: the
+#: command that waits for it should end soon after it does.
+_LONGEST_WAIT = 0.2
 
 
 @dataclass(frozen=True)
@@ -106,14 +110,12 @@ def spawn_detached(files: EndpointFiles, name: str, *, timeout: float = 60.0) ->
         process = subprocess.Popen(
             [sys.executable, "-m", "gc_agent.cli", "start", name, "--log-file", str(files.log)],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if files.running_pid() == process.pid:
-            return process.pid
-        if process.poll() is not None:
-            break
-        time.sleep(0.1)
-    else:
+    # Settled: serving (its pid file names it) or exited; else still starting at the timeout.
+    settled = poll(lambda: files.running_pid() == process.pid or process.poll() is not None,
+                   timeout=timeout, longest=_LONGEST_WAIT)
+    if settled and process.poll() is None:
+        return process.pid
+    if not settled:
         process.kill()
     tail = "\n".join(files.log.read_text(errors="replace").splitlines()[-8:])
     raise ConfigError(f"the agent for {name} did not start; last lines of {files.log}:\n{tail}")
@@ -122,10 +124,7 @@ def spawn_detached(files: EndpointFiles, name: str, *, timeout: float = 60.0) ->
 def stop_process(pid: int, *, timeout: float) -> bool:
     """SIGTERM (the agent drains), then wait; SIGKILL after ``timeout``. True if it drained."""
     os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not is_running(pid):
-            return True
-        time.sleep(0.1)
+    if poll(lambda: not is_running(pid), timeout=timeout, longest=_LONGEST_WAIT):
+        return True
     os.kill(pid, signal.SIGKILL)
     return False

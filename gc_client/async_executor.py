@@ -365,7 +365,8 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
     async def _follow_up_in_ledger(self) -> None:
         """Until every reloaded task is done, ask the ledger about the pending ones now
         and then: their results may not come on the queue again."""
-        while self._session is not None and (batches := self._group.reloaded_pending()):
+        while self._session is not None and not self.client.registry.closed and \
+                (batches := self._group.reloaded_pending()):
             await asyncio.sleep(LEDGER_FOLLOW_UP)
             for task_ids in batches:
                 try:

@@ -7,7 +7,7 @@ import importlib.util
 import json
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -17,15 +17,13 @@ from tqdm import tqdm
 from gc_client.cli_identity import COMMANDS as IDENTITY_COMMANDS
 from gc_client.client import Client
 from gc_client.functions import MPIFunction, ShellFunction
-from gc_core.errors import GCError, TaskError, TaskPending
+from gc_core.cli import CommandLine, format_table, poll
+from gc_core.errors import TaskPending
 
 __all__ = ["main"]
 
-#: Longest pause (seconds) between ledger polls while waiting for a result.
-MAX_POLL_INTERVAL = 1.0
 
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=CommandLine, context_settings={"help_option_names": ["-h", "--help"]})
 @click.pass_context
 def main(ctx: click.Context) -> None:
     """Run Python functions on gc-fabric endpoints.
@@ -38,6 +36,11 @@ def main(ctx: click.Context) -> None:
       gc-client register analysis.py:fit      # prints a function id
       gc-client run --endpoint EP --function FN 3 '"text"' --wait
       gc-client result TASK_ID --wait
+
+    \b
+    An error is one line on stderr, and the exit status says which kind:
+      1 the fabric's (registry, broker, config)  2 a task failed, or a usage error
+      3 the task is still pending                130 interrupted (Ctrl-C)
     """
     ctx.obj = _Lazy()
 
@@ -54,17 +57,6 @@ class _Lazy:
         return self._client
 
 
-def _run(action: Callable[[], None]) -> None:
-    """Run a command body; a gc-fabric error becomes one clear line and exit status 1, or
-    2 when it is a task's (a TaskError, or any error a task's endpoint reported)."""
-    try:
-        action()
-    except GCError as exc:
-        task_failed = isinstance(exc, TaskError) or bool(exc.remote_type)
-        click.echo(str(exc) if task_failed else f"Error: {exc}", err=True)
-        sys.exit(2 if task_failed else 1)
-
-
 @main.command()
 @click.argument("target", metavar="FILE.py:FUNCTION")
 @click.option("--name", default=None, help="Name to register under [default: the function's].")
@@ -72,7 +64,7 @@ def _run(action: Callable[[], None]) -> None:
 def register(lazy: _Lazy, target: str, name: str | None) -> None:
     """Register FUNCTION from FILE.py and print its function id."""
     function = _load_function(target)
-    _run(lambda: click.echo(lazy.client.register_function(function, name=name)))
+    click.echo(lazy.client.register_function(function, name=name))
 
 
 def _load_function(target: str) -> Callable[..., Any]:
@@ -134,18 +126,14 @@ def run(lazy: _Lazy, endpoint_id: str, function_id: str, kwargs_json: str, wait:
     kwargs = _json_object(kwargs_json, "--kwargs")
     if many is not None:
         calls = [_parse_call(line, number) for number, line in enumerate(many, 1) if line.strip()]
-        _run(lambda: _run_many(lazy.client, endpoint_id, function_id, calls, timeout))
+        _run_many(lazy.client, endpoint_id, function_id, calls, timeout)
         return
-
-    def action() -> None:
-        task_id = lazy.client.run(*[_parse_argument(a) for a in args], endpoint_id=endpoint_id,
-                                  function_id=function_id, serializer="json", **kwargs)
-        if wait:
-            _print_value(_wait_for_result(lazy.client, task_id, timeout, "json"))
-        else:
-            click.echo(task_id)
-
-    _run(action)
+    task_id = lazy.client.run(*[_parse_argument(a) for a in args], endpoint_id=endpoint_id,
+                              function_id=function_id, serializer="json", **kwargs)
+    if wait:
+        _print_value(_wait_for_result(lazy.client, task_id, timeout, "json"))
+    else:
+        click.echo(task_id)
 
 
 @main.command()
@@ -163,23 +151,19 @@ def shell(lazy: _Lazy, endpoint_id: str, command: str, kwargs_json: str, walltim
           mpi_ranks: int | None, wait: bool, timeout: float) -> None:
     """Run a shell COMMAND on an endpoint ({name} placeholders filled from --kwargs)."""
     kwargs = _json_object(kwargs_json, "--kwargs")
-
-    def action() -> None:
-        function: ShellFunction = (MPIFunction(command, walltime=walltime) if mpi_ranks
-                                   else ShellFunction(command, walltime=walltime))
-        batch = lazy.client.create_batch(
-            resource_specification={"num_ranks": mpi_ranks} if mpi_ranks else None)
-        batch.add(lazy.client.register_function(function), kwargs=kwargs)
-        task_id = lazy.client.batch_run(endpoint_id, batch)[0]
-        if not wait:
-            click.echo(task_id)
-            return
-        outcome = _wait_for_result(lazy.client, task_id, timeout, "cloudpickle")
-        click.echo(outcome.stdout, nl=False)
-        click.echo(outcome.stderr, nl=False, err=True)
-        sys.exit(outcome.returncode)
-
-    _run(action)
+    function: ShellFunction = (MPIFunction(command, walltime=walltime) if mpi_ranks
+                               else ShellFunction(command, walltime=walltime))
+    batch = lazy.client.create_batch(
+        resource_specification={"num_ranks": mpi_ranks} if mpi_ranks else None)
+    batch.add(lazy.client.register_function(function), kwargs=kwargs)
+    task_id = lazy.client.batch_run(endpoint_id, batch)[0]
+    if not wait:
+        click.echo(task_id)
+        return
+    outcome = _wait_for_result(lazy.client, task_id, timeout, "cloudpickle")
+    click.echo(outcome.stdout, nl=False)
+    click.echo(outcome.stderr, nl=False, err=True)
+    sys.exit(outcome.returncode)
 
 
 @main.command()
@@ -196,20 +180,13 @@ def result(lazy: _Lazy, task_id: str, wait: bool, timeout: float, show_output: b
            serializer: str | None) -> None:
     """Print the result of TASK_ID (exit status 3 while it is pending, 2 if it failed or
     the ledger has no such task)."""
-
-    def action() -> None:
-        try:
-            value = (_wait_for_result(lazy.client, task_id, timeout, serializer) if wait
-                     else lazy.client.get_result(task_id, serializer=serializer))
-        except TaskPending as exc:
-            click.echo(f"Task {task_id} is pending (status: {exc.status}).", err=True)
-            sys.exit(3)
-        finally:
-            if show_output:
-                _print_output(lazy.client, task_id)
-        _print_value(value)
-
-    _run(action)
+    try:
+        value = (_wait_for_result(lazy.client, task_id, timeout, serializer) if wait
+                 else lazy.client.get_result(task_id, serializer=serializer))
+    finally:
+        if show_output:
+            _print_output(lazy.client, task_id)
+    _print_value(value)
 
 
 def _print_output(client: Client, task_id: str) -> None:
@@ -239,19 +216,8 @@ def _run_many(client: Client, endpoint_id: str, function_id: str,
     for call_args, call_kwargs in calls:
         batch.add(function_id, call_args, call_kwargs)
     task_ids = client.batch_run(endpoint_id, batch)
-    results: dict[str, dict[str, Any]] = {}
-    deadline = time.monotonic() + timeout
     with tqdm(total=len(task_ids), desc="tasks", unit="task", file=sys.stderr) as bar:
-        while len(results) < len(task_ids):
-            waiting = [t for t in task_ids if t not in results]
-            answers = client.get_batch_result(waiting, serializer="json")
-            finished = {t: r for t, r in answers.items() if not r["pending"]}
-            results.update(finished)
-            bar.update(len(finished))
-            if len(results) < len(task_ids):
-                if time.monotonic() > deadline:
-                    raise TaskPending(waiting[0], "waiting")
-                time.sleep(0.2)
+        results = _wait_for_results(client, task_ids, timeout, "json", on_finished=bar.update)
     failed = 0
     for task_id in task_ids:
         entry = results[task_id]
@@ -267,16 +233,42 @@ def _run_many(client: Client, endpoint_id: str, function_id: str,
 
 def _wait_for_result(client: Client, task_id: str, timeout: float,
                      serializer: str | None) -> Any:
-    deadline = time.monotonic() + timeout
-    interval = 0.05
-    while True:
-        try:
-            return client.get_result(task_id, serializer=serializer)
-        except TaskPending:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(interval)
-            interval = min(interval * 1.5, MAX_POLL_INTERVAL)
+    """The task's value once it has one (its error, if it failed).
+
+    Raises:
+        TaskPending: still no result after ``timeout`` seconds.
+    """
+    entry = _wait_for_results(client, [task_id], timeout, serializer)[task_id]
+    if "exception" in entry:
+        raise entry["exception"]
+    return entry["result"]
+
+
+def _wait_for_results(client: Client, task_ids: Sequence[str], timeout: float,
+                      serializer: str | None, *,
+                      on_finished: Callable[[int], object] | None = None) -> dict[str, dict[str, Any]]:
+    """Each task's entry from :meth:`Client.get_batch_result` once none is pending; the
+    ledger is asked about the unfinished ones only, and ``on_finished`` told how many
+    finished since it last asked.
+
+    Raises:
+        TaskPending: the first task still unfinished after ``timeout`` seconds.
+    """
+    results: dict[str, dict[str, Any]] = {}
+
+    def all_finished() -> bool:
+        waiting = [t for t in task_ids if t not in results]
+        answers = client.get_batch_result(waiting, serializer=serializer)
+        finished = {t: entry for t, entry in answers.items() if not entry["pending"]}
+        results.update(finished)
+        if on_finished is not None:
+            on_finished(len(finished))
+        return len(results) == len(task_ids)
+
+    if not poll(all_finished, timeout=timeout):
+        first = next(t for t in task_ids if t not in results)
+        raise TaskPending(first, "waiting")
+    return results
 
 
 def _print_value(value: Any) -> None:
@@ -295,16 +287,12 @@ def _print_value(value: Any) -> None:
 @click.pass_obj
 def cancel(lazy: _Lazy, task_ids: tuple[str, ...], endpoint_id: str | None) -> None:
     """Cancel tasks: a queued task never runs, a running one has its worker stopped."""
-
-    def action() -> None:
-        sent = lazy.client.cancel(list(task_ids), endpoint_id=endpoint_id)
-        for task_id in task_ids:
-            click.echo(f"{task_id}: cancel sent" if task_id in sent
-                       else f"{task_id}: not in the ledger (give --endpoint to cancel anyway)")
-        if len(sent) < len(task_ids):
-            sys.exit(1)
-
-    _run(action)
+    sent = lazy.client.cancel(list(task_ids), endpoint_id=endpoint_id)
+    for task_id in task_ids:
+        click.echo(f"{task_id}: cancel sent" if task_id in sent
+                   else f"{task_id}: not in the ledger (give --endpoint to cancel anyway)")
+    if len(sent) < len(task_ids):
+        sys.exit(1)
 
 
 @main.command()
@@ -312,29 +300,19 @@ def cancel(lazy: _Lazy, task_ids: tuple[str, ...], endpoint_id: str | None) -> N
 @click.pass_obj
 def status(lazy: _Lazy, endpoint_id: str | None) -> None:
     """Per endpoint: online or not, tasks queued and running, done, failed and cancelled."""
-
-    def action() -> None:
-        client = lazy.client
-        ids = [endpoint_id] if endpoint_id else [e.endpoint_id for e in client.list_endpoints()]
-        click.echo(f"{'ENDPOINT ID'.ljust(36)}  {'STATUS'.ljust(10)}  QUEUED  RUNNING  "
-                   "WAITING  DONE  FAILED  CANCELLED")
-        for endpoint in ids:
-            health = client.get_endpoint_status(endpoint)
-            counts = client.registry.get_task_counts(endpoint)
-            queued = health.details.get("queue_depth")
-            running = health.details.get("workers_busy") if health.status == "online" else 0
-            click.echo(f"{endpoint.ljust(36)}  {health.status.ljust(10)}  "
-                       f"{_cell(queued, 6)}  {_cell(running, 7)}  {_cell(counts['waiting'], 7)}  "
-                       f"{_cell(counts['success'], 4)}  {_cell(counts['failed'], 6)}  "
-                       f"{_cell(counts['cancelled'], 9)}")
-        click.echo("QUEUED and RUNNING come from the agent's last heartbeat; WAITING counts "
-                   "submitted tasks without a result yet.")
-
-    _run(action)
-
-
-def _cell(value: Any, width: int) -> str:
-    return ("-" if value is None else str(value)).rjust(width)
+    client = lazy.client
+    ids = [endpoint_id] if endpoint_id else [e.endpoint_id for e in client.list_endpoints()]
+    rows = []
+    for endpoint in ids:
+        health = client.get_endpoint_status(endpoint)
+        counts = client.registry.get_task_counts(endpoint)
+        running = health.details.get("workers_busy") if health.status == "online" else 0
+        rows.append([endpoint, health.status, health.details.get("queue_depth"), running,
+                     counts["waiting"], counts["success"], counts["failed"], counts["cancelled"]])
+    click.echo(format_table(["ENDPOINT ID", "STATUS", "QUEUED", "RUNNING", "WAITING", "DONE",
+                             "FAILED", "CANCELLED"], rows))
+    click.echo("QUEUED and RUNNING come from the agent's last heartbeat; WAITING counts "
+               "submitted tasks without a result yet.")
 
 
 @main.command()
@@ -342,52 +320,44 @@ def _cell(value: Any, width: int) -> str:
 @click.pass_obj
 def tasks(lazy: _Lazy, task_group_id: str) -> None:
     """List a task group's tasks with their states, pending ones included."""
-
-    def action() -> None:
-        rows = lazy.client.registry.list_group_tasks(task_group_id)
-        if not rows:
-            click.echo(f"The ledger knows no tasks in group {task_group_id}.")
-            return
-        click.echo(f"{'TASK ID'.ljust(36)}  {'STATUS'.ljust(9)}  {'SECONDS'.rjust(8)}  WORKER")
-        for task in rows:
-            timings = task.timings
-            took = (f"{timings.finished - timings.started:.3f}"
-                    if timings.finished and timings.started else "-")
-            click.echo(f"{task.task_id.ljust(36)}  {task.status.ljust(9)}  {took.rjust(8)}  "
-                       f"{task.worker or '-'}")
-        by_status: dict[str, int] = {}
-        for task in rows:
-            by_status[task.status] = by_status.get(task.status, 0) + 1
-        click.echo(", ".join(f"{n} {s}" for s, n in sorted(by_status.items())))
-
-    _run(action)
+    listed = lazy.client.registry.list_group_tasks(task_group_id)
+    if not listed:
+        click.echo(f"The ledger knows no tasks in group {task_group_id}.")
+        return
+    rows = []
+    for task in listed:
+        timings = task.timings
+        took = (timings.finished - timings.started
+                if timings.finished and timings.started else None)
+        rows.append([task.task_id, task.status, took, task.worker or None])
+    click.echo(format_table(["TASK ID", "STATUS", "SECONDS", "WORKER"], rows))
+    by_status: dict[str, int] = {}
+    for task in listed:
+        by_status[task.status] = by_status.get(task.status, 0) + 1
+    click.echo(", ".join(f"{n} {s}" for s, n in sorted(by_status.items())))
 
 
 @main.command()
 @click.pass_obj
 def endpoints(lazy: _Lazy) -> None:
     """List the endpoints you may see: status, last heartbeat, queue and workers."""
-
-    def action() -> None:
-        listed = lazy.client.list_endpoints()
-        if not listed:
-            click.echo("No endpoints you can see; an admin runs `gc-agent configure NAME`, and "
-                       "an owner shares one with `gc-client policy set ID --allow-user YOU`.")
-            return
-        click.echo(f"{'ENDPOINT ID'.ljust(36)}  {'STATUS'.ljust(10)}  {'LAST SEEN'.ljust(9)}  "
-                   "QUEUED  BUSY  IDLE  NAME")
-        now = time.time()
-        for endpoint in listed:
-            health = lazy.client.get_endpoint_status(endpoint.endpoint_id)
-            details = health.details
-            workers, busy = details.get("workers"), details.get("workers_busy")
-            idle = workers - busy if isinstance(workers, int) and isinstance(busy, int) else None
-            seen = "-" if health.last_seen is None else f"{max(0, now - health.last_seen):.0f}s ago"
-            click.echo(f"{endpoint.endpoint_id.ljust(36)}  {health.status.ljust(10)}  "
-                       f"{seen.ljust(9)}  {_cell(details.get('queue_depth'), 6)}  "
-                       f"{_cell(busy, 4)}  {_cell(idle, 4)}  {endpoint.name}")
-
-    _run(action)
+    listed = lazy.client.list_endpoints()
+    if not listed:
+        click.echo("No endpoints you can see; an admin runs `gc-agent configure NAME`, and "
+                   "an owner shares one with `gc-client policy set ID --allow-user YOU`.")
+        return
+    now = time.time()
+    rows = []
+    for endpoint in listed:
+        health = lazy.client.get_endpoint_status(endpoint.endpoint_id)
+        details = health.details
+        workers, busy = details.get("workers"), details.get("workers_busy")
+        idle = workers - busy if isinstance(workers, int) and isinstance(busy, int) else None
+        seen = None if health.last_seen is None else f"{max(0, now - health.last_seen):.0f}s ago"
+        rows.append([endpoint.endpoint_id, health.status, seen, details.get("queue_depth"), busy,
+                     idle, endpoint.name])
+    click.echo(format_table(["ENDPOINT ID", "STATUS", "LAST SEEN", "QUEUED", "BUSY", "IDLE",
+                             "NAME"], rows))
 
 
 for _command in IDENTITY_COMMANDS:

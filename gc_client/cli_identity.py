@@ -1,5 +1,9 @@
 """gc-client verbs about who you are and what you share: login, whoami, logout, tokens,
-policy and share."""
+policy and share.
+
+They run inside ``gc-client``'s group, so their errors end the way every command's do
+(:mod:`gc_core.cli`).
+"""
 
 from __future__ import annotations
 
@@ -12,8 +16,8 @@ from contextlib import contextmanager
 from typing import Any
 
 import click
-from pydantic import ValidationError
 
+from gc_core.cli import format_table
 from gc_core.errors import GCError, NotAuthenticated
 from gc_core.registry_api.client import RegistryClient
 from gc_core.registry_api.schemas import EndpointPolicy, FunctionSharing, TokenIn
@@ -24,18 +28,11 @@ __all__ = ["COMMANDS"]
 
 @contextmanager
 def _registry() -> Iterator[RegistryClient]:
-    """The registry with the stored token; its refusals, and values the registry's schema
-    refuses before they are sent, become one-line CLI errors."""
+    """The registry with the stored token, closed after use."""
     settings = resolve_settings()
     registry = RegistryClient(settings.registry_url, token=settings.token)
     try:
         yield registry
-    except GCError as exc:
-        raise click.ClickException(str(exc)) from None
-    except ValidationError as exc:
-        raise click.ClickException("; ".join(
-            f"{'.'.join(str(part) for part in error['loc'])}: {error['msg']}"
-            for error in exc.errors())) from None
     finally:
         registry.close()
 
@@ -61,9 +58,7 @@ def login(token_stdin: bool, registry_url: str | None, broker_url: str | None) -
     try:
         me = registry.whoami()
     except NotAuthenticated as exc:
-        raise click.ClickException(f"the registry refused this token: {exc}") from None
-    except GCError as exc:
-        raise click.ClickException(str(exc)) from None
+        raise NotAuthenticated(f"the registry refused this token: {exc}") from None
     finally:
         registry.close()
     settings.home.mkdir(parents=True, exist_ok=True)
@@ -112,8 +107,8 @@ def logout(keep_token: bool) -> None:
         except NotAuthenticated:
             pass  # already revoked or expired: nothing left to revoke
         except GCError as exc:
-            raise click.ClickException(f"{exc}\nThe token was NOT revoked or forgotten; retry, "
-                                       "or use --keep-token to only forget it here.") from None
+            raise GCError(f"{exc}; the token was NOT revoked or forgotten: retry, or use "
+                          "--keep-token to only forget it here") from exc
         finally:
             registry.close()
     path.unlink()
@@ -130,14 +125,13 @@ def tokens() -> None:
 def tokens_list() -> None:
     """List your tokens (never their secrets)."""
     with _registry() as registry:
-        rows = registry.list_tokens()
-    for row in rows:
-        state = row.state(time.time())
-        scope = f"agent of {row.endpoint_id}" if row.endpoint_id else row.user
-        expires = _when(row.expires) if row.expires else "never"
-        issuer = f"from {row.parent}" if row.parent else "from an admin"
-        click.echo(f"{row.token_id}  {state:<8} {scope:<46} expires {expires:<20} "
-                   f"{issuer:<17} {row.label}")
+        listed = registry.list_tokens()
+    now = time.time()
+    click.echo(format_table(["TOKEN ID", "STATE", "FOR", "EXPIRES", "ISSUED BY", "LABEL"], [
+        [row.token_id, row.state(now),
+         f"agent of {row.endpoint_id}" if row.endpoint_id else row.user,
+         _when(row.expires) if row.expires else "never", row.parent or "an admin",
+         row.label or None] for row in listed]))
 
 
 @tokens.command("create")

@@ -326,7 +326,8 @@ class _Wire:
             threading.Thread(target=self._follow_up, name="gc-client-ledger", daemon=True).start()
 
     def _follow_up(self) -> None:
-        while not self._closed and (batches := self._group.reloaded_pending()):
+        while not (self._closed or self._client.registry.closed) and \
+                (batches := self._group.reloaded_pending()):
             time.sleep(LEDGER_FOLLOW_UP)
             for task_ids in batches:
                 try:

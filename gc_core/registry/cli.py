@@ -15,9 +15,10 @@ from urllib.parse import urlsplit
 
 import click
 import uvicorn
-from pydantic import SecretStr, ValidationError
+from pydantic import SecretStr
 from sqlalchemy.orm import Session
 
+from gc_core.cli import CommandLine, format_table
 from gc_core.errors import RegistryError
 from gc_core.logs import configure_logging
 from gc_core.registry import identity
@@ -53,15 +54,21 @@ def _database_url(db_url: str | None) -> str:
 
 @contextmanager
 def _session(db_url: str | None) -> Iterator[Session]:
-    """A database session; registry refusals become one-line CLI errors."""
+    """A database session.
+
+    Raises:
+        RegistryError: the database cannot be opened, or refuses what was asked, such as
+            a name already taken (``identity`` says that with a ValueError, which the HTTP
+            API answers with a 422).
+    """
     with open_database(_database_url(db_url))() as session:
         try:
             yield session
-        except (RegistryError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from None
+        except ValueError as exc:
+            raise RegistryError(str(exc), status=422) from exc
 
 
-@click.group()
+@click.group(cls=CommandLine)
 def main() -> None:
     """The gc-fabric registry: identities, policies, functions, endpoints and the task ledger.
 
@@ -113,16 +120,13 @@ def serve(db_url: str | None, host: str, port: int, broker_url: str | None,
         raise click.UsageError("HTTPS needs both --ssl-certfile and --ssl-keyfile")
     configure_logging(log_level)
     fabric = resolve_settings(broker_url=_broker_url(broker_url, broker_url_file))
-    try:
-        settings = RegistrySettings(
-            db_url=_database_url(db_url), broker_url=fabric.broker_url, ledger=not no_ledger,
-            auth=auth,  # type: ignore[arg-type]
-            result_size_limit=result_size_limit,
-            result_ttl=_duration_or_forever(result_ttl, "--result-ttl"),
-            max_token_lifetime=_duration_or_forever(max_token_lifetime, "--max-token-lifetime"),
-            broker_auth_secret=_broker_auth_secret(broker_auth_secret_file))
-    except ValidationError as exc:
-        raise click.ClickException("; ".join(str(e["msg"]) for e in exc.errors())) from None
+    settings = RegistrySettings(
+        db_url=_database_url(db_url), broker_url=fabric.broker_url, ledger=not no_ledger,
+        auth=auth,  # type: ignore[arg-type]
+        result_size_limit=result_size_limit,
+        result_ttl=_duration_or_forever(result_ttl, "--result-ttl"),
+        max_token_lifetime=_duration_or_forever(max_token_lifetime, "--max-token-lifetime"),
+        broker_auth_secret=_broker_auth_secret(broker_auth_secret_file))
     if settings.broker_auth_secret is None and auth == "tokens":
         logger.warning("no broker secret: /auth/* answers any caller on this host; give the "
                        "broker one (--broker-auth-secret-file or %s)", BROKER_AUTH_SECRET_ENV)
@@ -156,9 +160,10 @@ def user_create(db_url: str | None, name: str, service: bool, admin: bool) -> No
 def user_list(db_url: str | None) -> None:
     """List users and service accounts with their groups."""
     with _session(db_url) as db:
-        for row in identity.list_users(db):
-            flags = f"{row.kind}{', admin' if row.admin else ''}"
-            click.echo(f"{row.name:<24} {flags:<16} {','.join(row.groups) or '-'}")
+        listed = identity.list_users(db)
+    click.echo(format_table(["NAME", "KIND", "GROUPS"], [
+        [row.name, f"{row.kind}{', admin' if row.admin else ''}", ",".join(row.groups) or None]
+        for row in listed]))
 
 
 @main.group()
@@ -232,11 +237,11 @@ def token_create(db_url: str | None, user_name: str, label: str, expires_in: str
 def token_list(db_url: str | None, user_name: str | None) -> None:
     """List tokens (never their secrets)."""
     with _session(db_url) as db:
-        for row in identity.list_tokens(db, user_name):
-            state = row.state(time.time())
-            who = f"endpoint-{row.endpoint_id}" if row.endpoint_id else row.user
-            click.echo(f"{row.token_id}  {who:<45} {state:<8} "
-                       f"expires {_when(row.expires) if row.expires else 'never':<24} {row.label}")
+        listed = identity.list_tokens(db, user_name)
+    now = time.time()
+    click.echo(format_table(["TOKEN ID", "FOR", "STATE", "EXPIRES", "LABEL"], [
+        [row.token_id, f"endpoint-{row.endpoint_id}" if row.endpoint_id else row.user,
+         row.state(now), _when(row.expires), row.label or None] for row in listed]))
 
 
 @token.command("revoke")

@@ -17,9 +17,12 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    make_url,
 )
+from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 
+from gc_core.errors import RegistryError
 from gc_core.protocol import MAX_LABEL_LENGTH, MAX_NAME_LENGTH
 from gc_core.registry import migrations
 
@@ -181,10 +184,28 @@ class GroupMemberRow(Base):
 
 
 def open_database(url: str) -> sessionmaker[Any]:
-    """Connect, migrate the schema to the newest revision, and return a session factory."""
-    engine = _make_engine(url)
-    migrations.upgrade(engine)
+    """Connect, migrate the schema to the newest revision, and return a session factory.
+
+    Raises:
+        RegistryError: the URL cannot be used, or the database cannot be reached (the
+            message names it without its password).
+    """
+    try:
+        engine = _make_engine(url)
+        migrations.upgrade(engine)
+    except (ArgumentError, DBAPIError) as exc:
+        reason = exc.orig if isinstance(exc, DBAPIError) else exc
+        raise RegistryError(f"cannot open the registry database at {_shown(url)}: "
+                            f"{' '.join(str(reason).split())}") from exc
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def _shown(url: str) -> str:
+    """The database URL without its password."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(a URL SQLAlchemy cannot parse)"
 
 
 def _make_engine(url: str) -> Engine:

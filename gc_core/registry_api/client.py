@@ -9,7 +9,7 @@ import base64
 from typing import Any, TypeVar
 
 import httpx
-from pydantic import BaseModel, TypeAdapter
+from pydantic import BaseModel, TypeAdapter, ValidationError
 
 from gc_core.errors import (
     Forbidden,
@@ -56,6 +56,11 @@ class RegistryClient:
     def close(self) -> None:
         """Close the HTTP connection pool."""
         self._http.close()
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` ran: every call then raises RegistryError."""
+        return self._http.is_closed
 
     def register_function(self, payload: bytes, *, name: str, source: str | None,
                           owner: str) -> str:
@@ -133,13 +138,32 @@ class RegistryClient:
 
     def _call(self, method: str, path: str, model: type[_Model], *,
               json: BaseModel | None = None) -> _Model:
-        return model.model_validate(self._request(method, path, json))
+        answer = self._request(method, path, json)
+        try:
+            return model.model_validate(answer)
+        except ValidationError as exc:
+            raise self._unreadable(method, path, exc) from exc
 
     def _call_list(self, method: str, path: str, model: type[_Model], *,
                    json: BaseModel | None = None) -> list[_Model]:
-        return TypeAdapter(list[model]).validate_python(self._request(method, path, json))  # type: ignore[valid-type]
+        answer = self._request(method, path, json)
+        try:
+            return TypeAdapter(list[model]).validate_python(answer)  # type: ignore[valid-type]
+        except ValidationError as exc:
+            raise self._unreadable(method, path, exc) from exc
+
+    def _unreadable(self, method: str, path: str, exc: ValidationError) -> RegistryError:
+        """An answer the contract does not allow: a registry of another version, or not
+        a registry at all (a ValidationError here would pass for a value the caller gave)."""
+        return RegistryError(f"the registry at {self.url} answered {method} {path} with what "
+                             f"this client cannot read ({exc.error_count()} problems, the first: "
+                             f"{exc.errors()[0]['msg']}); are the registry and the client of "
+                             "the same version?")
 
     def _request(self, method: str, path: str, json: BaseModel | None) -> Any:
+        if self.closed:  # httpx would raise a bare RuntimeError
+            raise RegistryError(f"cannot ask the registry at {self.url}: this client was closed "
+                                "(Client.close, or the end of its with-block); make a new one")
         try:
             response = self._http.request(
                 method, path, json=json.model_dump(mode="json") if json is not None else None)
