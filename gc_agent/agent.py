@@ -33,7 +33,10 @@ from gc_agent.config import EndpointConfig
 from gc_agent.engines import Engine, make_engine
 from gc_agent.execution import Job, Outcome, checked_outcome, error_info
 from gc_agent.policy import check_identities_verifiable, refusal, verifies_senders
-from gc_core.broker import BrokerSession, Delivery, Refusal, Settlement, token_login
+from gc_core.broker import BrokerSession
+from gc_core.broker_consumers import Delivery, Settlement
+from gc_core.broker_limits import Refusal
+from gc_core.broker_login import token_login
 from gc_core.errors import GCError, ProtocolError
 from gc_core.protocol import (
     H_GROUP,

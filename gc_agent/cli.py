@@ -26,7 +26,8 @@ from gc_agent.config import (
 )
 from gc_agent.daemon import EndpointFiles, spawn_detached, stop_process
 from gc_agent.systemd import ENV_DIR, PACKAGED_UNIT, UNIT_DIR, BootInstall, systemd_running
-from gc_core.broker import BrokerSession, redact_url, token_login
+from gc_core.broker import BrokerSession
+from gc_core.broker_login import redact_url, token_login
 from gc_core.cli import CommandLine, format_table
 from gc_core.errors import BrokerError, GCError
 from gc_core.extras import missing_extra

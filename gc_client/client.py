@@ -25,7 +25,9 @@ from gc_client.tasks import (
     task_out_value,
     untrusted_sender,
 )
-from gc_core.broker import DEFAULT_MAX_MESSAGE_SIZE, BrokerSession, TokenLogin, token_login
+from gc_core.broker import BrokerSession
+from gc_core.broker_limits import DEFAULT_MAX_MESSAGE_SIZE
+from gc_core.broker_login import TokenLogin, token_login
 from gc_core.errors import PublishNotConfirmed, TaskNotFound, TaskPending
 from gc_core.protocol import (
     CancelCommand,

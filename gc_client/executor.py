@@ -40,7 +40,8 @@ from gc_client.taskgroup import (
     TaskGroupOptions,
 )
 from gc_client.tasks import new_id
-from gc_core.broker import FLUSH_BATCH, BrokerSession, Delivery
+from gc_core.broker import FLUSH_BATCH, BrokerSession
+from gc_core.broker_consumers import Delivery
 from gc_core.errors import GCError
 from gc_core.protocol import TaskMessage
 from gc_core.serialize import get_serializer

@@ -8,7 +8,7 @@ import uuid
 from typing import Any
 
 from gc_client.pickling import arguments_error
-from gc_core.broker import Refusal
+from gc_core.broker_limits import Refusal
 from gc_core.errors import (
     GCError,
     PublishNotConfirmed,

@@ -32,13 +32,12 @@ from aio_pika.abc import (
 )
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 
-from gc_core.broker import (
-    DEFAULT_MAX_MESSAGE_SIZE,
+from gc_core.broker_limits import DEFAULT_MAX_MESSAGE_SIZE, oversize_refusal
+from gc_core.broker_login import (
     HEARTBEAT_SECONDS,
     TokenLogin,
     broker_tls,
     certificate_refusal,
-    oversize_refusal,
     redact_url,
 )
 from gc_core.errors import BrokerError, BrokerUnreachable, ConnectionLost, PublishNotConfirmed

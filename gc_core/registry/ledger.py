@@ -48,7 +48,9 @@ from sqlalchemy.exc import (
 from sqlalchemy.exc import TimeoutError as PoolTimeout
 from sqlalchemy.orm import Session, sessionmaker
 
-from gc_core.broker import BrokerSession, Delivery, Refusal
+from gc_core.broker import BrokerSession
+from gc_core.broker_consumers import Delivery
+from gc_core.broker_limits import Refusal
 from gc_core.errors import GCError
 from gc_core.protocol import (
     CancelCommand,

@@ -14,7 +14,9 @@ from dataclasses import replace
 
 import pytest
 
-from gc_core.broker import BrokerSession, Delivery, Refusal
+from gc_core.broker import BrokerSession
+from gc_core.broker_consumers import Delivery
+from gc_core.broker_limits import Refusal
 from gc_core.errors import BrokerRefused
 from gc_core.protocol import Envelope
 from gc_core.topology import load_topology

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from gc_core.broker import TokenLogin, redact_url, token_login
+from gc_core.broker_login import TokenLogin, redact_url, token_login
 
 
 def test_a_token_logs_in_to_a_broker_url_without_credentials() -> None:

@@ -46,7 +46,9 @@ MODULES = [
     "gc_core.registry_api", "gc_core.registry_api.schemas",
     "gc_core.registry_api.client", "gc_agent.config", "gc_agent.policy", "gc_agent.execution",
     "gc_client.tasks", "gc_client.async_executor", "gc_core.broker_async",
-    "gc_client.taskgroup", "gc_client.executor", "gc_core.cli",
+    "gc_client.taskgroup", "gc_client.executor", "gc_core.cli", "gc_core.broker",
+    "gc_core.broker_consumers", "gc_core.broker_errors", "gc_core.broker_hardening",
+    "gc_core.broker_limits", "gc_core.broker_login", "gc_core.broker_publisher",
 ]
 
 
