@@ -270,10 +270,7 @@ def _when(timestamp: float) -> str:
 
 def _span(seconds: float) -> str:
     """``90 days``, ``2 hours``, ``45 seconds``: whole units, rounded down."""
-    for _unit, size in (("day", 86400), ("hour", 3600), ("minute", 60)):
-        if seconds >= size:
-            break
-    else:
-        unit, size = "second", 1
+    units = (("day", 86400), ("hour", 3600), ("minute", 60))
+    unit, size = next(((u, n) for u, n in units if seconds >= n), ("second", 1))
     count = int(seconds // size)
     return f"{count} {unit}{'' if count == 1 else 's'}"

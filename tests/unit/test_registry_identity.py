@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy.orm import Session
 
-from gc_core.errors import Forbidden, NotAuthenticated, NotFound
+from gc_core.errors import Forbidden, NotAuthenticated, NotFound, RegistryError
 from gc_core.protocol import ResultMessage
 from gc_core.registry import identity, store
 from gc_core.registry.db import TokenRow, open_database
@@ -176,3 +176,11 @@ def test_a_task_is_visible_to_its_submitter_and_admins_only(db: Session) -> None
     assert store.get_tasks(db, ["t1"], principal(db, "alice"))[0].status == "success"
     assert store.get_tasks(db, ["t1"], principal(db, "bob"))[0].status == "unknown"
     assert store.get_tasks(db, ["t1"], principal(db, "root-admin"))[0].status == "success"
+
+
+@pytest.mark.parametrize(("cap", "said"), [(90 * 86400, "90 days"), (7200, "2 hours"),
+                                           (60, "1 minute"), (45, "45 seconds")])
+def test_a_token_over_the_lifetime_cap_is_refused_naming_the_cap(db: Session, cap: float,
+                                                                  said: str) -> None:
+    with pytest.raises(RegistryError, match=f"at most {said} "):
+        identity.issue_token(db, "alice", lifetime=cap + 1, max_lifetime=cap)
