@@ -134,6 +134,9 @@ def test_a_second_async_executor_reattaches_to_the_group_and_gets_every_value(
     group, task_ids = asyncio.run(submit_and_leave())
     eventually(lambda: all(_status(client, t) == "success" for t in task_ids[:len(quick)]),
                RESULT_TIMEOUT, "the quick tasks to finish")
+    # (the ledger writes manifests in batches: reload_tasks lists what it has recorded)
+    eventually(lambda: all(_status(client, t) != "unknown" for t in task_ids),
+               RESULT_TIMEOUT, "the ledger to record every task")
 
     # When a second AsyncExecutor of that group reloads its tasks
     async def reattach() -> dict[str, int]:
