@@ -30,12 +30,11 @@ from gc_client.client import Client
 from gc_client.executor import RESULT_PREFETCH, check_buffersize
 from gc_client.taskgroup import (
     LEDGER_FOLLOW_UP,
-    Outgoing,
     TaskGroup,
     TaskGroupFront,
     TaskGroupOptions,
 )
-from gc_client.tasks import new_id
+from gc_client.tasks import Outgoing, new_id
 from gc_core.broker import FLUSH_BATCH
 from gc_core.broker_async import AsyncBrokerSession
 from gc_core.errors import BrokerError, GCError

@@ -17,11 +17,14 @@ from typing import Any
 
 from gc_client.pickling import pickle_function
 from gc_client.tasks import (
-    make_manifest,
+    Outgoing,
+    cancel_message,
     make_task,
+    manifest_message,
     new_id,
     not_accepted,
     oversize,
+    task_message,
     task_out_value,
     untrusted_sender,
 )
@@ -29,14 +32,7 @@ from gc_core.broker import BrokerSession
 from gc_core.broker_limits import DEFAULT_MAX_MESSAGE_SIZE
 from gc_core.broker_login import TokenLogin, token_login
 from gc_core.errors import PublishNotConfirmed, TaskNotFound, TaskPending
-from gc_core.protocol import (
-    CancelCommand,
-    Envelope,
-    ResultMessage,
-    TaskMessage,
-    encode_event,
-    encode_task,
-)
+from gc_core.protocol import ResultMessage, TaskMessage
 from gc_core.registry_api.client import RegistryClient
 from gc_core.registry_api.schemas import (
     EndpointOut,
@@ -229,11 +225,8 @@ class Client:
                     by_endpoint.setdefault(task.endpoint_id, []).append(task.task_id)
         publisher = self._connected_publisher()
         for endpoint, ids in by_endpoint.items():
-            command = CancelCommand(task_ids=ids, user=self.settings.user, sent=time.time())
-            self._publish_and_wait(publisher, [(
-                self.topology.exchange("commands"),
-                self.topology.routing_key("command", endpoint_id=endpoint),
-                encode_event(command), False)])
+            self._publish_and_wait(publisher, [cancel_message(
+                self.topology, ids, endpoint_id=endpoint, user=self.settings.user)])
         return [t for ids in by_endpoint.values() for t in ids]
 
     # -- results from the ledger ------------------------------------------------------------
@@ -353,24 +346,19 @@ class Client:
 
     def _publish_confirmed(self, endpoint_id: str, task_group_id: str,
                            tasks: list[TaskMessage]) -> None:
-        manifest = make_manifest([t.task_id for t in tasks], task_group_id=task_group_id,
-                                 endpoint_id=endpoint_id, user=self.settings.user)
-        exchange = self.topology.exchange("tasks")
-        key = self.topology.routing_key("task", endpoint_id=endpoint_id)
-        messages = [(self.topology.exchange("events"),
-                     self.topology.routing_key("group_submitted", task_group_id=task_group_id),
-                     encode_event(manifest), False)]
-        messages += [(exchange, key, encode_task(task), True) for task in tasks]
+        manifest = manifest_message(self.topology, [t.task_id for t in tasks],
+                                    task_group_id=task_group_id, endpoint_id=endpoint_id,
+                                    user=self.settings.user)
+        messages = [manifest, *(task_message(self.topology, task) for task in tasks)]
         failures = self._publish_and_wait(self._connected_publisher(), messages)
         if failures:
             raise not_accepted(f"{len(failures)} of {len(tasks)} tasks were", endpoint_id,
                                failures[0])
 
     @staticmethod
-    def _publish_and_wait(publisher: BrokerSession,
-                          messages: list[tuple[str, str, Envelope, bool]]) -> list[str]:
-        """Publish (exchange, routing key, envelope, mandatory) messages; wait for every
-        confirm and return the reasons of those the broker did not take."""
+    def _publish_and_wait(publisher: BrokerSession, messages: list[Outgoing]) -> list[str]:
+        """Publish ``messages``; wait for every confirm and return the reasons of those the
+        broker did not take."""
         failures: list[str] = []
         done = threading.Semaphore(0)
 
@@ -379,8 +367,9 @@ class Client:
                 failures.append(reason)
             done.release()
 
-        for exchange, key, envelope, mandatory in messages:
-            publisher.publish(exchange, key, envelope, on_confirm=confirmed, mandatory=mandatory)
+        for message in messages:
+            publisher.publish(message.exchange, message.routing_key, message.envelope,
+                              on_confirm=confirmed, mandatory=message.mandatory)
         for _ in messages:
             if not done.acquire(timeout=CONFIRM_TIMEOUT):
                 raise PublishNotConfirmed(

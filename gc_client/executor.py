@@ -34,12 +34,11 @@ from tqdm import tqdm
 from gc_client.client import Client
 from gc_client.taskgroup import (
     LEDGER_FOLLOW_UP,
-    Outgoing,
     TaskGroup,
     TaskGroupFront,
     TaskGroupOptions,
 )
-from gc_client.tasks import new_id
+from gc_client.tasks import Outgoing, new_id
 from gc_core.broker import FLUSH_BATCH, BrokerSession
 from gc_core.broker_consumers import Delivery
 from gc_core.errors import GCError

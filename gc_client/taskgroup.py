@@ -17,7 +17,6 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -25,21 +24,23 @@ from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
 
 from gc_client.client import Client
-from gc_client.tasks import make_manifest, make_task, not_accepted, oversize, result_value, task_out_value
-from gc_core.errors import ProtocolError
-from gc_core.protocol import (
-    CancelCommand,
-    Envelope,
-    ResultMessage,
-    TaskMessage,
-    decode_result,
-    encode_event,
-    encode_task,
+from gc_client.tasks import (
+    Outgoing,
+    cancel_message,
+    make_task,
+    manifest_message,
+    not_accepted,
+    oversize,
+    result_value,
+    task_message,
+    task_out_value,
 )
+from gc_core.errors import ProtocolError
+from gc_core.protocol import Envelope, ResultMessage, TaskMessage, decode_result
 from gc_core.registry_api.schemas import TaskOut
 from gc_core.serialize import Serializer
 
-__all__ = ["GroupFuture", "Outgoing", "TaskGroup", "TaskGroupFront", "TaskGroupOptions"]
+__all__ = ["GroupFuture", "TaskGroup", "TaskGroupFront", "TaskGroupOptions"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,16 +85,6 @@ class TaskGroupOptions:
     resource_specification: dict[str, Any] | None = None
     user_endpoint_config: dict[str, Any] | None = None
     on_behalf_of: str | None = None
-
-
-@dataclass(frozen=True)
-class Outgoing:
-    """A message for the broker: where it goes, what it is, whether it must be routed."""
-
-    exchange: str
-    routing_key: str
-    envelope: Envelope
-    mandatory: bool = False
 
 
 class TaskGroup(Generic[F]):
@@ -154,29 +145,19 @@ class TaskGroup(Generic[F]):
         return task, future
 
     def task_message(self, task: TaskMessage) -> Outgoing:
-        """``task`` for the broker: mandatory, so that an unroutable task fails its future."""
-        topology = self.client.topology
-        return Outgoing(topology.exchange("tasks"),
-                        topology.routing_key("task", endpoint_id=task.endpoint_id),
-                        encode_task(task), mandatory=True)
+        """``task`` for the broker: an unroutable one fails its future."""
+        return task_message(self.client.topology, task)
 
     def manifest(self, task_ids: list[str]) -> Outgoing:
         """Tell the ledger which tasks the group holds before their results exist."""
         assert self.endpoint_id is not None
-        topology = self.client.topology
-        manifest = make_manifest(task_ids, task_group_id=self.task_group_id,
-                                 endpoint_id=self.endpoint_id, user=self.user)
-        return Outgoing(topology.exchange("events"),
-                        topology.routing_key("group_submitted", task_group_id=self.task_group_id),
-                        encode_event(manifest))
+        return manifest_message(self.client.topology, task_ids, task_group_id=self.task_group_id,
+                                endpoint_id=self.endpoint_id, user=self.user)
 
     def cancel_command(self, task_ids: list[str], endpoint_id: str) -> Outgoing:
         """Ask ``endpoint_id`` to cancel these tasks of ours."""
-        topology = self.client.topology
-        command = CancelCommand(task_ids=task_ids, user=self.user, sent=time.time())
-        return Outgoing(topology.exchange("commands"),
-                        topology.routing_key("command", endpoint_id=endpoint_id),
-                        encode_event(command))
+        return cancel_message(self.client.topology, task_ids, endpoint_id=endpoint_id,
+                              user=self.user)
 
     # -- what the broker said ------------------------------------------------------------
 

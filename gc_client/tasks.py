@@ -1,10 +1,12 @@
-"""The pure core both client front ends share: build task messages, unpack results."""
+"""The pure core the client's senders share (Client, Executor, AsyncExecutor): build task
+messages and the broker messages that carry them, unpack results."""
 
 from __future__ import annotations
 
 import base64
 import time
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 from gc_client.pickling import arguments_error
@@ -16,14 +18,35 @@ from gc_core.errors import (
     TaskError,
     remote_error,
 )
-from gc_core.protocol import ErrorInfo, GroupManifest, ResultMessage, TaskMessage
+from gc_core.protocol import (
+    CancelCommand,
+    Envelope,
+    ErrorInfo,
+    GroupManifest,
+    ResultMessage,
+    TaskMessage,
+    encode_event,
+    encode_task,
+)
 from gc_core.registry_api.schemas import TaskOut
 from gc_core.serialize import JSON, PYTHON_VERSION, Serializer
 from gc_core.settings import AGENT_PREFIX
+from gc_core.topology import Topology
 
-__all__ = ["error_to_exception", "make_manifest",
-           "make_task", "new_id", "not_accepted", "oversize", "result_value", "task_out_value",
-           "untrusted_sender"]
+__all__ = ["Outgoing", "cancel_message", "error_to_exception", "make_manifest",
+           "make_task", "manifest_message", "new_id", "not_accepted", "oversize",
+           "result_value", "task_message", "task_out_value", "untrusted_sender"]
+
+
+@dataclass(frozen=True)
+class Outgoing:
+    """A message for the broker: where it goes, what it is, whether it must be routed."""
+
+    exchange: str
+    routing_key: str
+    envelope: Envelope
+    mandatory: bool = False
+
 
 def new_id() -> str:
     """A fresh task or task group id."""
@@ -58,6 +81,33 @@ def make_manifest(task_ids: list[str], *, task_group_id: str, endpoint_id: str,
     """Tell the ledger which tasks a group holds before their results exist."""
     return GroupManifest(task_group_id=task_group_id, endpoint_id=endpoint_id, user=user,
                          task_ids=task_ids, submitted=time.time())
+
+
+def task_message(topology: Topology, task: TaskMessage) -> Outgoing:
+    """``task`` for the broker: mandatory, so that a task for an endpoint without a queue
+    fails instead of vanishing."""
+    return Outgoing(topology.exchange("tasks"),
+                    topology.routing_key("task", endpoint_id=task.endpoint_id),
+                    encode_task(task), mandatory=True)
+
+
+def manifest_message(topology: Topology, task_ids: list[str], *, task_group_id: str,
+                     endpoint_id: str, user: str) -> Outgoing:
+    """The manifest of these tasks of a group, for the ledger."""
+    manifest = make_manifest(task_ids, task_group_id=task_group_id, endpoint_id=endpoint_id,
+                             user=user)
+    return Outgoing(topology.exchange("events"),
+                    topology.routing_key("group_submitted", task_group_id=task_group_id),
+                    encode_event(manifest))
+
+
+def cancel_message(topology: Topology, task_ids: list[str], *, endpoint_id: str,
+                   user: str) -> Outgoing:
+    """Ask ``endpoint_id`` to cancel these tasks of ``user``'s."""
+    command = CancelCommand(task_ids=task_ids, user=user, sent=time.time())
+    return Outgoing(topology.exchange("commands"),
+                    topology.routing_key("command", endpoint_id=endpoint_id),
+                    encode_event(command))
 
 
 def not_accepted(what: str, endpoint_id: str, reason: object) -> PublishNotConfirmed:
