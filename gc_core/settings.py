@@ -1,15 +1,17 @@
-"""Where to find the broker, the registry and local state: arguments, then env, then defaults."""
+"""Where to find the broker, the registry and local state: arguments, then environment,
+then the stored login, then defaults (pydantic-settings, with one source of our own)."""
 
 from __future__ import annotations
 
 import getpass
 import json
-import os
 import re
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import Field, field_validator
+from pydantic.fields import FieldInfo
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 from gc_core.errors import ConfigError
 
@@ -38,22 +40,77 @@ REGISTRY_BROKER_USER = "gc-registry"
 CREDENTIALS_FILE = "credentials.json"
 
 
-class FabricSettings(BaseModel):
-    """How one process reaches the fabric."""
+def _login_name() -> str:
+    """The OS login name, reduced to what a routing-key word may hold."""
+    try:
+        name = getpass.getuser()
+    except (KeyError, OSError):
+        name = "anonymous"
+    return re.sub(r"[^A-Za-z0-9_\-]", "_", name) or "anonymous"
 
-    model_config = ConfigDict(frozen=True, extra="forbid")
+
+class FabricSettings(BaseSettings):
+    """How one process reaches the fabric: each field from an argument, else its ``GC_*``
+    environment variable (an empty one counts as unset), else the stored login, else the
+    default that matches the demo."""
+
+    model_config = SettingsConfigDict(frozen=True, extra="forbid", env_prefix="GC_",
+                                      env_ignore_empty=True, validate_default=True)
 
     broker_url: str = DEFAULT_BROKER_URL
     registry_url: str = DEFAULT_REGISTRY_URL
     token: str | None = None
-    home: Path = Path("~/.gc").expanduser()
-    user: str = "anonymous"
+    home: Path = Path("~/.gc")
+    user: str = Field(default_factory=_login_name)
     identity: str = ""
+
+    @field_validator("registry_url")
+    @classmethod
+    def _without_trailing_slash(cls, url: str) -> str:
+        return url.rstrip("/")
+
+    @field_validator("home")
+    @classmethod
+    def _expanded(cls, home: Path) -> Path:
+        return home.expanduser()
 
     @property
     def endpoints_dir(self) -> Path:
         """``$GC_HOME/endpoints``: one folder per configured endpoint."""
         return self.home / "endpoints"
+
+    @classmethod
+    def settings_customise_sources(
+            cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+            env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+            file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return init_settings, env_settings, _StoredLogin(settings_cls, init_settings, env_settings)
+
+
+class _StoredLogin(PydanticBaseSettingsSource):
+    """What ``gc-client login`` stored under the home the sources above it name, read only
+    when they give no token: a token given directly comes with no stored user or URLs."""
+
+    def __init__(self, settings_cls: type[BaseSettings], *above: PydanticBaseSettingsSource) -> None:
+        super().__init__(settings_cls)
+        self._above = above
+
+    def get_field_value(self, field: FieldInfo, field_name: str) -> tuple[Any, str, bool]:
+        raise NotImplementedError  # __call__ reads the whole file at once
+
+    def __call__(self) -> dict[str, Any]:
+        given: dict[str, Any] = {}
+        for source in reversed(self._above):  # the first source wins
+            given.update(source())
+        if given.get("token"):
+            return {}
+        stored = read_credentials(Path(given.get("home") or "~/.gc").expanduser())
+        return {key: stored[key] for key in _STORED_FIELDS if stored.get(key)}
+
+
+#: What a stored login may supply.
+_STORED_FIELDS = ("broker_url", "registry_url", "token", "user")
 
 
 def resolve_settings(
@@ -65,23 +122,16 @@ def resolve_settings(
     user: str | None = None,
     identity: str | None = None,
 ) -> FabricSettings:
-    """Settings from the arguments, else ``GC_BROKER_URL`` / ``GC_REGISTRY_URL`` / ``GC_TOKEN``
-    / ``GC_HOME`` / ``GC_USER`` / ``GC_IDENTITY``, else the defaults that match the demo."""
-    env = os.environ
-    home_dir = Path(home or env.get("GC_HOME") or "~/.gc").expanduser()
-    # A token given directly wins; else the one `gc-client login` stored, with its user name.
-    token = token or env.get("GC_TOKEN") or None
-    stored = read_credentials(home_dir) if token is None else {}
-    return FabricSettings(
-        broker_url=broker_url or env.get("GC_BROKER_URL") or stored.get("broker_url")
-        or DEFAULT_BROKER_URL,
-        registry_url=(registry_url or env.get("GC_REGISTRY_URL") or stored.get("registry_url")
-                      or DEFAULT_REGISTRY_URL).rstrip("/"),
-        token=token or stored.get("token"),
-        home=home_dir,
-        user=user or env.get("GC_USER") or stored.get("user") or _login_name(),
-        identity=identity or env.get("GC_IDENTITY") or "",
-    )
+    """Settings from the arguments given (None means not given), else ``GC_BROKER_URL`` /
+    ``GC_REGISTRY_URL`` / ``GC_TOKEN`` / ``GC_HOME`` / ``GC_USER`` / ``GC_IDENTITY``, else
+    the stored login, else the defaults that match the demo.
+
+    Raises:
+        ConfigError: the stored login is there but cannot be read.
+    """
+    given: dict[str, Any] = {"broker_url": broker_url, "registry_url": registry_url, "token": token,
+             "home": home, "user": user, "identity": identity}
+    return FabricSettings(**{name: value for name, value in given.items() if value})
 
 
 def read_credentials(home: Path) -> dict[str, Any]:
@@ -107,12 +157,3 @@ def read_credentials(home: Path) -> dict[str, Any]:
 def _unreadable_login(path: Path, why: str) -> str:
     return (f"cannot read the stored login {path} ({why}); run `gc-client login` again to "
             "write it anew, or delete it to go on without a token")
-
-
-def _login_name() -> str:
-    """The OS login name, reduced to what a routing-key word may hold."""
-    try:
-        name = getpass.getuser()
-    except (KeyError, OSError):
-        name = "anonymous"
-    return re.sub(r"[^A-Za-z0-9_\-]", "_", name) or "anonymous"
