@@ -7,7 +7,16 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from gc_agent.providers import PROVIDER_TYPES, LocalProviderConfig, ProviderConfig, walltime_seconds
 from gc_core.errors import ConfigError
@@ -158,7 +167,11 @@ class EndpointConfig(BaseModel):
     name: str
     endpoint_id: str
     description: str = ""
-    broker_url: str | None = None
+    broker_url: str | None = Field(
+        default=None,
+        description="The broker, or a cluster's nodes: a list of URLs, or one string of URLs "
+                    "separated by commas. The agent connects to the first that answers and "
+                    "fails over to the next when its node dies.")
     registry_url: str | None = None
     token_file: Path | None = Field(
         default=None,
@@ -202,6 +215,13 @@ class EndpointConfig(BaseModel):
     drain_timeout: float = Field(
         default=30.0, ge=0,
         description="Seconds a stopping agent lets running tasks finish before requeueing them.")
+
+    @field_validator("broker_url", mode="before")
+    @classmethod
+    def _nodes_in_one_string(cls, value: object) -> object:
+        """A YAML list of a cluster's node URLs, as the one comma-separated string the
+        sessions take (gc_core.broker_login.broker_urls)."""
+        return ",".join(map(str, value)) if isinstance(value, list) else value
 
 
 def load_config(path: Path) -> EndpointConfig:

@@ -3,9 +3,10 @@
 A :class:`BrokerSession` owns one pika ``SelectConnection`` and one confirm-mode
 channel, driven by its own IO thread. Publishes from any thread are queued and
 flushed in batches, so confirms pipeline (pika's BlockingConnection waits for
-each confirm in turn). When the connection drops, the session reconnects with
-tenacity backoff, declares its queues again, resumes its consumers and
-re-publishes whatever the broker had not confirmed: callers see at-least-once.
+each confirm in turn). When the connection drops, the session reconnects (to the
+next node, when its URL names a cluster's nodes; with tenacity backoff once none
+answers), declares its queues again, resumes its consumers and re-publishes
+whatever the broker had not confirmed: callers see at-least-once.
 
 On a secured broker (``broker_config/rabbitmq.conf``) a session logs in with a
 :class:`TokenLogin`: the registry token is the password, every publish carries the
@@ -50,7 +51,7 @@ from gc_core.broker_consumers import Consumers, Delivery, Settlement
 from gc_core.broker_errors import FailureContext, PublishRefused, translate
 from gc_core.broker_hardening import harden_pika
 from gc_core.broker_limits import DEFAULT_MAX_MESSAGE_SIZE
-from gc_core.broker_login import HEARTBEAT_SECONDS, TokenLogin, broker_tls, redact_url
+from gc_core.broker_login import HEARTBEAT_SECONDS, TokenLogin, broker_tls, broker_urls, redact_url
 from gc_core.broker_publisher import ConfirmCallback, Publish, Publisher
 from gc_core.errors import BrokerError, BrokerRefused, BrokerUnreachable
 from gc_core.protocol import Envelope
@@ -140,10 +141,12 @@ class BrokerSession:
         harden_pika()  # before any frame of ours is decoded
         # -- set here, only read afterwards (any thread) --
         self._login = login
-        self._url = login.apply(url) if login is not None else url
+        #: The brokers to try, the nodes of a cluster (one URL, or several: broker_urls).
+        self._nodes = [login.apply(node) if login is not None else node
+                       for node in broker_urls(url)]
         # The broker checks user_id against the login, so a stamped id proves the sender.
         # pika logs in with the URL's user name unquoted: stamp that, or the broker refuses.
-        username = urlsplit(url).username
+        username = urlsplit(self._nodes[0]).username
         user_id = login.username if login is not None else (
             unquote(username) if stamp_user_id and username else None)
         self._name = name
@@ -179,6 +182,8 @@ class BrokerSession:
         self._consumers = Consumers(name, _guarded)
         self._publisher = Publisher(name, user_id=user_id, max_message_size=max_message_size,
                                     guard=_guarded)
+        #: Which of _nodes the IO thread connects to now, or tries next.
+        self._node = 0
         self._generation = 0
         self._channel: Channel | None = None
         self._closed_by: tuple[int, int] | None = None
@@ -192,8 +197,12 @@ class BrokerSession:
 
     @property
     def url(self) -> str:
-        """The broker URL without its password."""
+        """The URL of the broker in use (or tried next), without its password."""
         return redact_url(self._url)
+
+    @property
+    def _url(self) -> str:
+        return self._nodes[self._node]
 
     @property
     def connected(self) -> bool:
@@ -233,8 +242,9 @@ class BrokerSession:
                 fatal, last = self._fatal, self._last_failure
                 if fatal is not None:
                     raise fatal
-                raise BrokerUnreachable(
-                    self.url, last.reason if last is not None else "no attempt made yet") from last
+                raise BrokerUnreachable(redact_url(",".join(self._nodes)),
+                                        last.reason if last is not None else "no attempt made yet"
+                                        ) from last
 
     def publish(self, exchange: str, routing_key: str, envelope: Envelope, *,
                 on_confirm: ConfirmCallback | None = None, persistent: bool = True,
@@ -502,7 +512,24 @@ class BrokerSession:
             trusted_before=self._ever_ready, closed_by=self._closed_by))
 
     def _io_run_connection(self) -> None:
-        """Run one connection until it closes; raise if it never opened or was refused."""
+        """Run one connection until it closes, to the first node that answers, starting with
+        the one after the node whose connection closed last; raise if the broker refused,
+        or if no node answered."""
+        for attempt in range(len(self._nodes)):
+            try:
+                self._io_run_connection_to_node()
+            except BrokerUnreachable:
+                self._node = (self._node + 1) % len(self._nodes)
+                if attempt == len(self._nodes) - 1 or self._stopping.is_set():
+                    raise
+            else:
+                # The node may be gone: a reconnect tries another first (one node: itself).
+                self._node = (self._node + 1) % len(self._nodes)
+                return
+
+    def _io_run_connection_to_node(self) -> None:
+        """Run one connection to the current node until it closes; raise if it never opened
+        or was refused."""
         self._opened = False
         self._refusal = None
         try:

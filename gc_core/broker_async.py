@@ -4,8 +4,8 @@ An :class:`AsyncBrokerSession` owns one robust aio-pika connection and one confi
 channel on the caller's event loop. It declares the topology's exchanges and the queues
 it was given, publishes and waits for the broker's confirm (so callers pipeline confirms
 by publishing concurrently), and consumes queues with acks batched every few milliseconds.
-aio-pika reconnects on its own and declares the exchanges, queues, bindings and
-consumers again; a publish caught by a lost connection is sent again on the new one
+aio-pika reconnects on its own (to the next node, when the URL names a cluster's nodes)
+and declares the exchanges, queues, bindings and consumers again; a publish caught by a lost connection is sent again on the new one
 until its confirm timeout runs out, so callers see at-least-once, as with the sync
 session. This module and :mod:`gc_core.broker` are the only ones that import an AMQP
 library, and :func:`_translate` is the one place their exceptions become ours.
@@ -27,16 +27,20 @@ from aio_pika.abc import (
     AbstractExchange,
     AbstractIncomingMessage,
     AbstractRobustChannel,
-    AbstractRobustConnection,
     AbstractRobustQueue,
+    UnderlayConnection,
 )
+from aio_pika.connection import make_url
+from aio_pika.robust_connection import RobustConnection
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
+from yarl import URL
 
 from gc_core.broker_limits import DEFAULT_MAX_MESSAGE_SIZE, oversize_refusal
 from gc_core.broker_login import (
     HEARTBEAT_SECONDS,
     TokenLogin,
     broker_tls,
+    broker_urls,
     certificate_refusal,
     redact_url,
 )
@@ -87,6 +91,36 @@ _LOGIN_REFUSALS: tuple[type[BaseException], ...] = (
     aiormq.exceptions.ConnectionNotAllowed)
 
 
+class _ClusterConnection(RobustConnection):
+    """aio-pika's robust connection, over the nodes of a cluster.
+
+    aio-pika reconnects to its ``url`` alone. Once this connection has opened, every new
+    attempt to connect moves ``url`` to the next node, so a reconnect after a node died
+    goes to another. The move happens where aio-pika (9.4 to 10) sets ``transport`` to None,
+    right before each attempt; tests/integration/test_broker_nodes.py holds it to that.
+    """
+
+    def __init__(self, nodes: Sequence[URL], first: int, **kwargs: Any) -> None:
+        self._nodes, self._node, self._opened_once = tuple(nodes), first, False
+        self._transport: UnderlayConnection | None = None
+        super().__init__(self._nodes[first], **kwargs)
+
+    @property  # aio-pika's plain attribute, read and written alike
+    def transport(self) -> UnderlayConnection | None:
+        return self._transport
+
+    @transport.setter
+    def transport(self, value: UnderlayConnection | None) -> None:
+        if value is None and self._opened_once:
+            self._node = (self._node + 1) % len(self._nodes)
+            self.url = self._nodes[self._node]
+        self._transport = value
+
+    async def _on_connected(self) -> None:
+        self._opened_once = True
+        await super()._on_connected()
+
+
 class _ConfirmTimeout(Exception):
     """No confirm within the publish deadline (translated like any aio-pika error)."""
 
@@ -119,13 +153,17 @@ class AsyncBrokerSession:
                              "max_unconfirmed and max_message_size at least 1")
         self._login = login
         self._max_message_size = max_message_size
-        self._url = login.apply(url) if login is not None else url
+        #: The brokers to try, the nodes of a cluster (one URL, or several: broker_urls).
+        self._nodes = [login.apply(node) if login is not None else node
+                       for node in broker_urls(url)]
+        #: Which of _nodes connect() tried last (aio-pika's reconnects move on by themselves).
+        self._node = -1
         self._name = name
         self._topology = topology
         self._queue_declarations = list(queues)
         self._prefetch = prefetch
         self._confirm_timeout = confirm_timeout
-        self._connection: AbstractRobustConnection | None = None
+        self._connection: _ClusterConnection | None = None
         self._channel: AbstractRobustChannel | None = None
         self._exchanges: dict[str, AbstractExchange] = {}
         self._queues: dict[str, AbstractRobustQueue] = {}
@@ -137,8 +175,14 @@ class AsyncBrokerSession:
 
     @property
     def url(self) -> str:
-        """The broker URL without its password."""
-        return redact_url(self._url)
+        """The URL of the broker in use (or tried next), without its password."""
+        connection = self._connection
+        return redact_url(str(connection.url.with_query(None)) if connection is not None
+                          else self._url)
+
+    @property
+    def _url(self) -> str:
+        return self._nodes[max(self._node, 0)]
 
     @property
     def connected(self) -> bool:
@@ -156,7 +200,8 @@ class AsyncBrokerSession:
                 its certificate failed verification, or the URL's TLS settings are unusable.
         """
         try:
-            url, tls = broker_tls(self._url)
+            tls = broker_tls(self._url)[1]  # one CA checks a cluster's nodes
+            bare = [broker_tls(node)[0] for node in self._nodes]
         except ValueError as exc:
             raise BrokerError(str(exc)) from exc
         retrying = AsyncRetrying(
@@ -172,7 +217,7 @@ class AsyncBrokerSession:
         try:
             async for attempt in retrying:
                 with attempt:
-                    await self._open(timeout, url, tls)
+                    await self._open(timeout, bare, tls)
         except _AMQP_ERRORS as exc:
             if self._login is not None and isinstance(exc, _LOGIN_REFUSALS):
                 raise BrokerUnreachable(self.url, self._login.refusal(
@@ -308,15 +353,19 @@ class AsyncBrokerSession:
 
     # -- internals ------------------------------------------------------------------------
 
-    async def _open(self, timeout: float, url: str, tls: ssl.SSLContext | None) -> None:
-        """One connection attempt: connect, open the channel, declare; close again on failure."""
+    async def _open(self, timeout: float, nodes: list[str], tls: ssl.SSLContext | None) -> None:
+        """One connection attempt, to the next node: connect, open the channel, declare;
+        close again on failure."""
         options: dict[str, Any] = {"reconnect_interval": RECONNECT_INTERVAL}
         if "heartbeat" not in self._url:
             options["heartbeat"] = HEARTBEAT_SECONDS
+        self._node = (self._node + 1) % len(nodes)
         try:
-            connection = await aio_pika.connect_robust(
-                url, timeout=timeout, ssl_context=tls,
-                client_properties={"connection_name": self._name}, **options)
+            # As aio_pika.connect_robust does, with our connection class.
+            connection = _ClusterConnection(
+                [make_url(node, **options) for node in nodes], self._node, ssl_context=tls,
+                client_properties={"connection_name": self._name})
+            await connection.connect(timeout=timeout)
         except _AMQP_ERRORS as exc:
             untrusted = certificate_refusal(self._url, exc)
             if untrusted is None:

@@ -5,18 +5,19 @@ registry token is the password. A broker URL may name the CA file that verifies 
 ``amqps://`` broker (:func:`broker_tls`); a certificate that fails the check is explained
 by :func:`certificate_refusal`. Both sessions, :mod:`gc_core.broker` (pika) and
 :mod:`gc_core.broker_async` (aio-pika), read a URL the same way through this module, and
-show it only through :func:`redact_url`. No AMQP library is imported here.
+show it only through :func:`redact_url`. One setting may name several brokers, the nodes of a
+cluster (:func:`broker_urls`). No AMQP library is imported here.
 """
 
 from __future__ import annotations
 
 import ssl
 from dataclasses import dataclass, field
-from urllib.parse import parse_qsl, quote, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsplit
 
-from gc_core.errors import find_certificate_failure
+from gc_core.errors import ConfigError, find_certificate_failure
 
-__all__ = ["CA_FILE_PARAMETER", "HEARTBEAT_SECONDS", "TokenLogin", "broker_tls",
+__all__ = ["CA_FILE_PARAMETER", "HEARTBEAT_SECONDS", "TokenLogin", "broker_tls", "broker_urls",
            "certificate_refusal", "redact_url", "token_login"]
 
 #: AMQP heartbeat (seconds) unless the URL sets one: a dead peer is noticed within ~2x this.
@@ -70,8 +71,36 @@ def token_login(url: str, username: str, token: str | None, *,
     return TokenLogin(username, token, remedy)
 
 
+def broker_urls(value: str) -> list[str]:
+    """The brokers one setting names: a URL, or the nodes of a cluster as URLs separated by
+    commas (``GC_BROKER_URL``, an agent's ``broker_url``, ``gc-registry --broker-url``).
+    A session connects to the first that answers and, when its node fails, to the next.
+
+    Raises:
+        ConfigError: no URL at all, or URLs that name different users or virtual hosts (a
+            cluster's nodes share both; a session logs in to each the same way).
+    """
+    urls = [url.strip() for url in value.split(",") if url.strip()]
+    if not urls:
+        raise ConfigError("no broker URL given: write amqp://user:password@host:5672/vhost, "
+                          "or several such URLs separated by commas for a cluster")
+    if len({(urlsplit(url).username, _vhost(url)) for url in urls}) > 1:
+        raise ConfigError(f"the broker URLs {redact_url(value)} name different users or virtual "
+                          "hosts: they must be nodes of one cluster, reached with one login on "
+                          "one vhost")
+    return urls
+
+
+def _vhost(url: str) -> str:
+    """The virtual host a URL names, as pika and aio-pika read it (none, or ``/``, is ``/``)."""
+    path = urlsplit(url).path
+    return unquote(path[1:]) if len(path) > 1 else "/"
+
+
 def redact_url(url: str) -> str:
-    """The URL without its password, for messages and logs."""
+    """The URL (or comma-separated URLs) without passwords, for messages and logs."""
+    if "," in url:
+        return ",".join(redact_url(node) for node in url.split(","))
     parts = urlsplit(url)
     if parts.password is None:
         return url

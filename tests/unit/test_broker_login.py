@@ -1,8 +1,12 @@
-"""Broker credentials from a registry token: which URL gets them, and what a refusal says."""
+"""Broker credentials from a registry token: which URL gets them, and what a refusal says;
+several URLs for the nodes of a cluster."""
 
 from __future__ import annotations
 
-from gc_core.broker_login import TokenLogin, redact_url, token_login
+import pytest
+
+from gc_core.broker_login import TokenLogin, broker_urls, redact_url, token_login
+from gc_core.errors import ConfigError
 
 
 def test_a_token_logs_in_to_a_broker_url_without_credentials() -> None:
@@ -28,3 +32,29 @@ def test_a_refused_login_says_whose_token_and_what_to_do_without_the_token() -> 
     assert "refused the token for endpoint-e1" in message and "issue a new agent token" in message
     assert "s3cret" not in message and "\n" not in message
     assert "s3cret" not in repr(login)
+
+
+def test_several_broker_urls_are_the_nodes_of_one_cluster_in_the_order_given() -> None:
+    nodes = broker_urls(" amqp://u:p@n1:5672/fab, amqp://u:p@n2:5672/fab ,amqp://u:p@n3/fab")
+
+    assert nodes == ["amqp://u:p@n1:5672/fab", "amqp://u:p@n2:5672/fab", "amqp://u:p@n3/fab"]
+    assert redact_url(",".join(nodes)).split(",") == [
+        "amqp://u:***@n1:5672/fab", "amqp://u:***@n2:5672/fab", "amqp://u:***@n3/fab"]
+
+
+def test_no_vhost_and_the_root_vhost_are_the_same_for_a_cluster() -> None:
+    assert len(broker_urls("amqp://u@n1, amqp://u@n2/, amqp://u@n3/%2F")) == 3
+
+
+@pytest.mark.parametrize("value", ["amqp://u:p@n1/a,amqp://u:p@n2/b", "amqp://u:p@n1/a,amqp://v:p@n2/a"],
+                         ids=["two-vhosts", "two-users"])
+def test_nodes_of_one_cluster_share_their_login_and_vhost(value: str) -> None:
+    with pytest.raises(ConfigError, match="different users or virtual hosts") as refused:
+        broker_urls(value)
+    assert ":p@" not in str(refused.value)
+
+
+@pytest.mark.parametrize("value", ["", " , "])
+def test_no_broker_url_is_named_with_the_form_to_write(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"amqp://user:password@host:5672/vhost"):
+        broker_urls(value)
