@@ -46,7 +46,7 @@ TASKS_EXCHANGE = "gc.tasks"      # topic, routing key: endpoint id
 RESULTS_EXCHANGE = "gc.results"  # topic, routing key: {user}.{task_group_id}
 #: A result queue must be declared with exactly these arguments, or the broker refuses it
 #: (PRECONDITION_FAILED) when another client declares the same queue differently.
-RESULT_QUEUE_ARGUMENTS = {"x-queue-type": "classic", "x-expires": 604_800_000}
+RESULT_QUEUE_ARGUMENTS = {"x-queue-type": "quorum", "x-expires": 604_800_000}
 #: Users and task group ids become routing-key words and queue-name parts.
 _NAME_PART = re.compile(r"^[A-Za-z0-9_\-]+$")
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from gc_core.errors import ConfigError
 
@@ -56,6 +56,7 @@ class _TopologyFile(BaseModel):
     exchanges: dict[str, _ExchangeSpec]
     queues: dict[str, _QueueSpec]
     routing_keys: dict[str, str]
+    quorum_initial_group_size: int | None = Field(default=None, ge=1)
 
 
 @dataclass(frozen=True)
@@ -119,13 +120,21 @@ class Topology:
         spec = self._spec.queues[kind]
         return QueueDeclaration(
             name=spec.name.format(**values),
-            arguments=_fill(spec.arguments, values),
+            arguments=self._replicated(_fill(spec.arguments, values)),
             bindings=tuple(
                 Binding(self.exchange(b.exchange), b.routing_key.format(**values),
                         _fill(b.arguments, values))
                 for b in spec.bindings
             ),
         )
+
+
+    def _replicated(self, arguments: dict[str, Any]) -> dict[str, Any]:
+        """``arguments`` with the replica count the topology sets for every quorum queue."""
+        size = self._spec.quorum_initial_group_size
+        if size is None or arguments.get("x-queue-type") != "quorum":
+            return arguments
+        return {**arguments, "x-quorum-initial-group-size": size}
 
 
 def _pattern(template: str, fixed: dict[str, str]) -> re.Pattern[str]:

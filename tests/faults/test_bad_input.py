@@ -28,7 +28,7 @@ def raw_channel(fabric: Fabric) -> Any:
     channel = connection.channel()
     group = uuid.uuid4().hex
     queue = f"gc.results.{USER}.{group}"
-    channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "classic",
+    channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum",
                                                           "x-expires": 604800000})
     channel.queue_bind(queue, "gc.results", f"{USER}.{group}")
     channel.confirm_delivery()

@@ -51,7 +51,7 @@ def test_a_results_queue_binds_only_to_its_own_results() -> None:
     queue = load_topology().queue("results", user="alice", task_group_id="g-1")
 
     assert queue.name == "gc.results.alice.g-1"
-    assert queue.arguments["x-queue-type"] == "classic"
+    assert queue.arguments["x-queue-type"] == "quorum"
     assert isinstance(queue.arguments["x-expires"], int)
     assert queue.bindings == (Binding("gc.results", "alice.g-1", {}),)
 
@@ -155,3 +155,16 @@ def test_the_secured_nodes_definitions_hold_every_exchange_of_the_topology() -> 
     assert {(e["name"], e["type"]) for e in definitions["exchanges"]} == set(
         load_topology().exchanges.values())
     assert all(e["durable"] for e in definitions["exchanges"])
+
+
+def test_the_quorum_group_size_the_topology_sets_goes_to_every_quorum_queue_only(
+        tmp_path: Path) -> None:
+    path = tmp_path / "topology.yaml"
+    path.write_text((Path(__file__).parents[2] / "broker_config" / "topology.yaml").read_text()
+                    + "\nquorum_initial_group_size: 3\n")
+    topology = load_topology(path)
+
+    assert load_topology().queue("ledger").arguments == {"x-queue-type": "quorum"}
+    for kind, values in [("endpoint_tasks", {"endpoint_id": "e"}), ("ledger", {}),
+                         ("results", {"user": "u", "task_group_id": "g"})]:
+        assert topology.queue(kind, **values).arguments["x-quorum-initial-group-size"] == 3
