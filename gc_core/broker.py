@@ -63,6 +63,9 @@ logger = logging.getLogger(__name__)
 
 #: Default publishes and acks handled per IO-loop turn, so incoming frames are read in between.
 FLUSH_BATCH = 500
+#: Seconds from a nack to closing the connection, to send what was nacked again on a new
+#: one: publishes nacked meanwhile go with it.
+NACK_PAUSE = 0.25
 #: The one channel a session opens on each connection.
 _CHANNEL = 1
 
@@ -184,6 +187,8 @@ class BrokerSession:
                                     guard=_guarded)
         #: Which of _nodes the IO thread connects to now, or tries next.
         self._node = 0
+        #: Whether the current connection is to be closed for a nack (_io_on_confirm).
+        self._reconnect_scheduled = False
         self._generation = 0
         self._channel: Channel | None = None
         self._closed_by: tuple[int, int] | None = None
@@ -248,10 +253,12 @@ class BrokerSession:
 
     def publish(self, exchange: str, routing_key: str, envelope: Envelope, *,
                 on_confirm: ConfirmCallback | None = None, persistent: bool = True,
-                mandatory: bool = False) -> None:
-        """Queue a publish; ``on_confirm`` runs on the IO thread once the broker answers."""
+                mandatory: bool = False, retry_nacked: bool = True) -> None:
+        """Queue a publish; ``on_confirm`` runs on the IO thread once the broker answers.
+        A nacked one is sent again for a while, unless ``retry_nacked`` is False (a nack
+        from a queue that rejects publishes when full means "never")."""
         self._hand_over(Publish(exchange, routing_key, envelope, persistent, mandatory,
-                                on_confirm))
+                                on_confirm, retry_nacked))
 
     def consume(self, queue: str, on_message: Callable[[Delivery], None]) -> None:
         """Consume ``queue`` now and after every reconnect; ``on_message`` runs on the IO thread."""
@@ -582,6 +589,7 @@ class BrokerSession:
 
     def _io_on_channel_open(self, channel: Channel) -> None:
         self._channel = channel
+        self._reconnect_scheduled = False
         self._closed_by = None
         self._consumers.new_channel()
         self._generation += 1
@@ -627,7 +635,22 @@ class BrokerSession:
         self._publisher.returned(method, props)
 
     def _io_on_confirm(self, frame: Method) -> None:
-        self._publisher.confirmed(frame.method)
+        connection = self._connection
+        if self._publisher.confirmed(frame.method) and connection is not None and \
+                not self._reconnect_scheduled:
+            self._reconnect_scheduled = True
+            connection.ioloop.call_later(NACK_PAUSE, partial(self._io_reconnect_after_nack,
+                                                             connection))
+
+    def _io_reconnect_after_nack(self, connection: SelectConnection) -> None:
+        """Close ``connection`` so that what the broker nacked is sent again on a new one
+        (:meth:`Publisher.confirmed` says why a new channel is needed)."""
+        current = self._connection
+        if current is None or current is not connection or not current.is_open:
+            return  # closed meanwhile: the reconnect sends them again anyway
+        logger.warning("connection %s to %s: the broker nacked publishes; reconnecting to send "
+                       "them again", self._name, self.url)
+        current.close(reply_text="reconnecting after a nack")
 
     def _io_requeue_unconfirmed(self) -> None:
         """Put publishes the broker never confirmed back at the front, in order."""

@@ -171,6 +171,8 @@ class AsyncBrokerSession:
         self._ack_next: AbstractIncomingMessage | None = None
         self._ack_timer: asyncio.TimerHandle | None = None
         self._background: set[asyncio.Task[None]] = set()
+        #: The reconnect a nack started, until it is done (_reconnect_after_nack).
+        self._nack_reconnect: asyncio.Task[None] | None = None
         self._window = asyncio.Semaphore(max_unconfirmed)
 
     @property
@@ -282,8 +284,10 @@ class AsyncBrokerSession:
                     return
                 if not _worth_resending(failure, size) or loop.time() + REPUBLISH_PAUSE >= deadline:
                     raise _translate(failure, self.url, publishing=True) from failure
-                logger.debug("publish to %s caught by a lost connection (%s); sending it again",
-                             exchange, _describe(failure))
+                logger.debug("publish to %s caught by a lost connection or a nack (%s); sending "
+                             "it again", exchange, _describe(failure))
+                if _nacked(failure):
+                    self._reconnect_after_nack()
                 await asyncio.sleep(REPUBLISH_PAUSE)
 
     async def _publish_once(self, message: aio_pika.Message, exchange: str, routing_key: str,
@@ -430,6 +434,29 @@ class AsyncBrokerSession:
         if self._ack_timer is None:
             self._ack_timer = asyncio.get_running_loop().call_later(ACK_LINGER, self._flush_ack)
 
+    def _reconnect_after_nack(self) -> None:
+        """Reconnect (once for a wave of nacks), so that what the broker nacked is sent again
+        on a new channel: RabbitMQ nacks what a quorum queue cannot take for now and (3.10,
+        measured) goes on nacking on a channel that published to a quorum queue whose leader
+        died, while a new channel is served (gc_core.broker_publisher says the same)."""
+        connection = self._connection
+        if connection is None or self._nack_reconnect is not None:
+            return
+        logger.warning("connection %s to %s: the broker nacked publishes; reconnecting to send "
+                       "them again", self._name, self.url)
+
+        async def reconnect() -> None:
+            try:
+                await connection.reconnect()
+            except _AMQP_ERRORS as exc:  # aio-pika goes on reconnecting by itself
+                logger.debug("reconnecting %s after a nack: %s", self._name, _describe(exc))
+            finally:
+                self._nack_reconnect = None
+
+        self._nack_reconnect = asyncio.get_running_loop().create_task(reconnect())
+        self._background.add(self._nack_reconnect)
+        self._nack_reconnect.add_done_callback(self._background.discard)
+
     def _flush_ack(self) -> None:
         if self._ack_timer is not None:
             self._ack_timer.cancel()
@@ -469,9 +496,18 @@ def _is_transient(exc: BaseException | None) -> bool:
     return isinstance(exc, _AMQP_ERRORS) and not isinstance(exc, _FINAL_ERRORS)
 
 
+def _nacked(failure: BaseException) -> bool:
+    """Whether the broker nacked the publish (not: could not route it)."""
+    return isinstance(failure, aiormq.exceptions.DeliveryError) and not isinstance(
+        failure, aiormq.exceptions.PublishError)
+
+
 def _worth_resending(failure: BaseException, size: int) -> bool:
     """Whether a publish of ``size`` bytes that failed so may succeed if sent again: after a
-    lost connection, or when the broker closed the channel over another, larger message."""
+    lost connection, a nack (see :meth:`AsyncBrokerSession._reconnect_after_nack`), or when
+    the broker closed the channel over another, larger message."""
+    if _nacked(failure):
+        return True
     refused_size = (_SIZE_REFUSAL.search(str(failure)) if isinstance(
         failure, aiormq.exceptions.ChannelPreconditionFailed) else None)
     if refused_size is not None:

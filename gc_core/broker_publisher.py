@@ -5,12 +5,14 @@ sends each :class:`Publish` on the session's confirm-mode channel (or fails it a
 with a :class:`~gc_core.broker_limits.Refusal`, if the broker could never take it), keeps
 the ones the broker has not confirmed yet, and tells each publisher the broker's answer
 through its :data:`ConfirmCallback`. What the broker never confirmed goes back to the
-session to be sent again after a reconnect: callers see at-least-once.
+session to be sent again after a reconnect; so does what it nacked, for a while (see
+:meth:`Publisher.confirmed`): callers see at-least-once.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +36,9 @@ logger = logging.getLogger(__name__)
 ConfirmCallback = Callable[[str | None], None]
 #: Runs a callback on the IO thread so that a bug in it cannot stop the connection.
 Guard = Callable[[Callable[[], Any]], None]
+#: Seconds a publish the broker keeps nacking is sent again before its publisher is told:
+#: far longer than a quorum queue's leader election after a node loss.
+NACK_RETRY_SECONDS = 30.0
 
 
 @dataclass(slots=True)
@@ -46,6 +51,11 @@ class Publish:
     persistent: bool
     mandatory: bool
     on_confirm: ConfirmCallback | None
+    #: Whether a nack means "not now" (send it again) rather than "never" (a queue that is
+    #: full and rejects publishes, say).
+    retry_nacked: bool = True
+    #: When the broker first nacked it (monotonic clock), or None.
+    nacked_since: float | None = None
 
 
 class Publisher:
@@ -61,12 +71,14 @@ class Publisher:
         self._max_message_size = max_message_size
         self._guard = guard
         self._unconfirmed: OrderedDict[int, Publish] = OrderedDict()
+        #: Nacked publishes to send again after reconnecting (:meth:`take_unconfirmed`).
+        self._nacked: list[Publish] = []
         self._returned: dict[str, str] = {}
         self._seq = 0
 
     def __bool__(self) -> bool:
         """True while some publish waits for the broker's confirm."""
-        return bool(self._unconfirmed)
+        return bool(self._unconfirmed or self._nacked)
 
     def new_channel(self) -> None:
         """A new channel numbers its publishes from one again."""
@@ -118,8 +130,14 @@ class Publisher:
             f"the broker could not route it ({method.reply_text}): exchange {method.exchange!r} "
             f"has no queue bound for routing key {method.routing_key!r}")
 
-    def confirmed(self, method: Basic.Ack | Basic.Nack) -> None:
-        """The broker acked or nacked publishes up to ``method.delivery_tag``: tell each."""
+    def confirmed(self, method: Basic.Ack | Basic.Nack) -> bool:
+        """The broker acked or nacked publishes up to ``method.delivery_tag``: tell each.
+
+        A nacked publish is kept to send again after reconnecting, until it has been nacked
+        for :data:`NACK_RETRY_SECONDS`: RabbitMQ nacks what a quorum queue cannot take for
+        now, and (3.10, measured) goes on nacking every publish on a channel that published
+        to a quorum queue whose leader died, while a new channel is served. True when some
+        publish waits to be sent again: the session should reconnect."""
         tag = method.delivery_tag
         if method.multiple:
             settled = []
@@ -128,11 +146,28 @@ class Publisher:
         else:
             single = self._unconfirmed.pop(tag, None)
             settled = [single] if single is not None else []
-        refused = None if isinstance(method, Basic.Ack) else "the broker refused it (basic.nack)"
+        kept = False
+        if isinstance(method, Basic.Nack):
+            settled, kept = self._keep_nacked(settled)
+        refused = None if isinstance(method, Basic.Ack) else (
+            f"the broker refused it (basic.nack) for {NACK_RETRY_SECONDS:.0f}s")
         for publish in settled:
             reason = self._returned.pop(publish.envelope.message_id, None) if self._returned else None
             if publish.on_confirm is not None:
                 self._guard(partial(publish.on_confirm, refused or reason))
+        return kept
+
+    def _keep_nacked(self, nacked: list[Publish]) -> tuple[list[Publish], bool]:
+        """Keep the nacked publishes still worth sending again; the others, to be told."""
+        now = time.monotonic()
+        given_up = []
+        for publish in nacked:
+            publish.nacked_since = publish.nacked_since or now
+            if publish.retry_nacked and now - publish.nacked_since < NACK_RETRY_SECONDS:
+                self._nacked.append(publish)
+            else:
+                given_up.append(publish)
+        return given_up, len(given_up) < len(nacked)
 
     def refused(self, refused: PublishRefused) -> None:
         """The broker closed the channel over a publish: confirms come in order, so it is
@@ -155,7 +190,8 @@ class Publisher:
 
     def take_unconfirmed(self) -> list[Publish]:
         """Every publish the broker never confirmed, oldest first, forgotten here."""
-        pending = list(self._unconfirmed.values())
+        pending = self._nacked + list(self._unconfirmed.values())
+        self._nacked = []
         self._unconfirmed.clear()
         self._returned.clear()
         return pending
