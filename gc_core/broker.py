@@ -197,6 +197,9 @@ class BrokerSession:
         self._in_order_ack_scheduled = False
         self._ever_ready = False
         self._opened = False
+        #: Whether the current connection declared its queues, and why its channel closed.
+        self._declared = False
+        self._channel_failure: BrokerError | None = None
 
     # -- public API, callable from any thread -------------------------------------------
 
@@ -535,10 +538,11 @@ class BrokerSession:
                 return
 
     def _io_run_connection_to_node(self) -> None:
-        """Run one connection to the current node until it closes; raise if it never opened
-        or was refused."""
-        self._opened = False
-        self._refusal = None
+        """Run one connection to the current node until it closes; raise if it never got
+        ready (never opened, or closed before its queues were declared) or was refused:
+        either way the next attempt waits its backoff."""
+        self._opened = self._declared = False
+        self._refusal = self._channel_failure = None
         try:
             params = _connection_parameters(self._url)
         except ValueError as exc:  # a bad URL or CA file: no reconnect fixes it
@@ -554,8 +558,12 @@ class BrokerSession:
         self._connection = connection
         connection.ioloop.start()
         self._connection = None
+        connection.ioloop.close()  # its selector and wake-up sockets, else a file leak each time
         if self._refusal is not None:
             raise self._refusal
+        if self._opened and not self._declared and not self._stopping.is_set():
+            raise BrokerUnreachable(self.url, "the session closed before it was ready"
+                                    + (f" ({self._channel_failure})" if self._channel_failure else ""))
         if not self._opened and not self._stopping.is_set():
             raise self._last_failure or BrokerUnreachable(self.url, "the connection closed "
                                                                     "before it opened")
@@ -608,6 +616,7 @@ class BrokerSession:
         channel.basic_qos(prefetch_count=self._prefetch, callback=self._io_on_declared)
 
     def _io_on_declared(self, _frame: Method) -> None:
+        self._declared = True
         self._io_start_consumers()
         if self._ever_ready:
             logger.info("connection %s to %s restored", self._name, self.url)
@@ -626,6 +635,7 @@ class BrokerSession:
             self._publisher.refused(failure)
         elif not self._stopping.is_set():
             logger.warning("%s; reconnecting", failure)
+        self._channel_failure = failure
         connection = self._connection
         if connection is not None and connection.is_open:
             connection.close()

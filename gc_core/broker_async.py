@@ -97,7 +97,7 @@ class _ClusterConnection(RobustConnection):
     aio-pika reconnects to its ``url`` alone. Once this connection has opened, every new
     attempt to connect moves ``url`` to the next node, so a reconnect after a node died
     goes to another. The move happens where aio-pika (9.4 to 10) sets ``transport`` to None,
-    right before each attempt; tests/integration/test_broker_nodes.py holds it to that.
+    right before each attempt; tests/cluster/test_failover.py holds it to that.
     """
 
     def __init__(self, nodes: Sequence[URL], first: int, **kwargs: Any) -> None:

@@ -28,9 +28,8 @@ from tests.cluster.conftest import Cluster
 from tests.fabric import Endpoint, Fabric, RegistryServer, eventually
 
 TASKS = 5_000
-#: Tasks submitted per second: the sweep lasts ~20 s, so a fault meets it in full flow.
-SUBMIT_RATE = 250
-#: How many tasks are submitted before the fault.
+#: Results in before the fault: it meets the sweep in full flow, thousands of tasks queued,
+#: running or on their way back.
 BEFORE_FAULT = 1_000
 
 
@@ -94,15 +93,19 @@ class Sweep:
                    if later > self.fault_began)
 
 
-def run_sweep(setup: ClusterFabric, fault: Callable[[], None]) -> Sweep:
-    """Submit TASKS tasks at SUBMIT_RATE; call ``fault`` once BEFORE_FAULT are submitted,
-    while the submitting goes on; check every result and the ledger."""
+def run_sweep(setup: ClusterFabric, fault: Callable[[], None], *,
+              submit_rate: float | None = None) -> Sweep:
+    """Submit TASKS tasks (at once, or ``submit_rate`` a second so that the submitting goes
+    on through a long fault); call ``fault`` once BEFORE_FAULT results are in; check every
+    result and the ledger."""
     sweep = Sweep()
     lock = threading.Lock()
 
     def arrived(_future: object) -> None:
         with lock:
             sweep.arrivals.append(time.monotonic())
+            if len(sweep.arrivals) == BEFORE_FAULT:
+                threading.Thread(target=inject, daemon=True).start()
 
     futures: list[ComputeFuture] = []
     faulted = threading.Event()
@@ -119,12 +122,11 @@ def run_sweep(setup: ClusterFabric, fault: Callable[[], None]) -> Sweep:
             Executor(setup.endpoint.endpoint_id, client=client) as executor:
         started = time.monotonic()
         for i in range(TASKS):
-            if i == BEFORE_FAULT:
-                threading.Thread(target=inject, daemon=True).start()
             future = executor.submit(double, i)
             future.add_done_callback(arrived)
             futures.append(future)
-            time.sleep(max(0.0, started + (i + 1) / SUBMIT_RATE - time.monotonic()))
+            if submit_rate is not None:
+                time.sleep(max(0.0, started + (i + 1) / submit_rate - time.monotonic()))
         assert faulted.wait(300), "the fault did not end"
         values = [future.result(timeout=300) for future in futures]
 
@@ -170,7 +172,7 @@ def test_a_rolling_restart_of_every_node_loses_no_task(cluster_fabric: ClusterFa
             cluster.stop_node(k)
             cluster.restart(k)
 
-    run_sweep(cluster_fabric, rolling_restart)
+    run_sweep(cluster_fabric, rolling_restart, submit_rate=125)  # ~40 s: the restarts' time
 
 
 def test_clients_and_agents_on_the_majority_go_on_while_a_node_is_paused(
@@ -185,7 +187,7 @@ def test_clients_and_agents_on_the_majority_go_on_while_a_node_is_paused(
         time.sleep(15)  # the sweep runs on the majority meanwhile
         cluster.resume(3)
 
-    sweep = run_sweep(cluster_fabric, partition)
+    sweep = run_sweep(cluster_fabric, partition, submit_rate=250)
 
     paused = [t for t in sweep.arrivals if sweep.fault_began < t < sweep.fault_ended]
     assert len(paused) >= 500, f"only {len(paused)} results arrived while node 3 was paused"
@@ -195,7 +197,7 @@ def test_clients_and_agents_on_the_majority_go_on_while_a_node_is_paused(
 def test_an_async_executor_fails_over_when_its_node_dies(cluster_fabric: ClusterFabric) -> None:
     # aio-pika reconnects to its one URL; the session's connection moves to the next node.
     cluster, fabric = cluster_fabric.cluster, cluster_fabric.fabric
-    tasks, before_fault = 2_000, 500
+    tasks, before_fault = 2_000, 200
 
     async def sweep() -> tuple[list[int], int | None]:
         with Client(broker_url=fabric.broker_url, registry_url=fabric.registry_url,
