@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: demo test bench bench-memory broker install lint clean deb
+.PHONY: demo test bench bench-memory bench-scale broker install lint clean deb
 
 $(BIN)/gc-agent: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -35,6 +35,13 @@ bench: install broker
 ## a quick run: make bench-memory MEMORY_ARGS='--scale 0.01'
 bench-memory: install broker
 	$(BIN)/python -m bench.memory $(MEMORY_ARGS)
+
+## bench-scale: one registry under simulated endpoints and clients, then endpoint quorum queues on a
+## private 3-node cluster (a section of bench/RESULTS.md); small by default. Full scale:
+## make bench-scale SCALE_REGISTRY_ARGS='--endpoints 1000 --clients 50 --duration 60' SCALE_QUEUES_ARGS='--steps 0,250,500,1000,2000,4000'
+bench-scale: install broker
+	$(BIN)/python -m bench.scale registry $(SCALE_REGISTRY_ARGS)
+	$(BIN)/python -m bench.scale queues $(SCALE_QUEUES_ARGS)
 
 ## deb: the agent as a Debian package, dist/gc-fabric-agent_<version>_<arch>.deb
 deb: install

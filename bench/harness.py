@@ -295,9 +295,9 @@ PAIRS_INTRO = (
 )
 
 
-#: Sections of RESULTS.md that other commands write (``bench.memory``): a run of
+#: Sections of RESULTS.md that other commands write (``bench.memory``, ``bench.scale``): a run of
 #: ``bench.run`` keeps them.
-KEPT_SECTIONS = ("## Memory on long sweeps",)
+KEPT_SECTIONS = ("## Memory on long sweeps", "## Scale (issue 13)")
 
 
 def write_results(path: Path, text: str) -> None:
