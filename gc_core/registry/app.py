@@ -19,6 +19,7 @@ from gc_core.registry.db import open_database
 from gc_core.registry.deps import Caller, Db
 from gc_core.registry.identity import Principal
 from gc_core.registry.ledger import Ledger, Retention
+from gc_core.registry.vhost_claim import DatabaseClaim
 from gc_core.registry_api.schemas import (
     EndpointIn,
     EndpointOut,
@@ -120,7 +121,9 @@ def create_app(settings: RegistrySettings) -> FastAPI:
                             retention=Retention(settings.result_size_limit, settings.result_ttl),
                             # a tokens-mode registry's broker checks every sender's user_id
                             verify_senders=settings.auth == "tokens"
-                            and settings.broker_checks_user_id)
+                            and settings.broker_checks_user_id,
+                            # the vhost's ledger is this database's alone (vhost_claim.py)
+                            claim=DatabaseClaim.of(app.state.sessions, settings.db_url))
             ledger.start()
             app.state.ledger = ledger
         yield
@@ -157,6 +160,11 @@ def create_app(settings: RegistrySettings) -> FastAPI:
         # and dead letters reach nobody until the registry restarts. A broker that is away
         # is waited for, and reconnected to, without help.
         ledger = request.app.state.ledger
+        failure = None if ledger is None else ledger.failure
+        if failure is not None:
+            # The broker refused the ledger for good: another database holds its vhost, say.
+            return JSONResponse(status_code=503, content={"status": "failing",
+                                                          "ledger": f"stopped: {failure}"})
         if ledger is not None and not ledger.writing:
             return JSONResponse(status_code=503, content={
                 "status": "failing",

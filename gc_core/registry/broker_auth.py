@@ -43,12 +43,13 @@ import logging
 import re
 from collections.abc import Callable
 from typing import Annotated
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import parse_qsl, urlsplit
 
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import PlainTextResponse
 from sqlalchemy.orm import Session
 
+from gc_core.broker_login import broker_vhost
 from gc_core.errors import Forbidden, NotAuthenticated
 from gc_core.registry import identity, policy
 from gc_core.registry.db import EndpointRow
@@ -56,7 +57,7 @@ from gc_core.registry.deps import Db
 from gc_core.registry.identity import AGENT_PREFIX, Principal
 from gc_core.topology import Topology, load_topology
 
-__all__ = ["fabric_vhost", "resource_allowed", "router", "topic_allowed"]
+__all__ = ["resource_allowed", "router", "topic_allowed"]
 
 logger = logging.getLogger(__name__)
 
@@ -138,12 +139,6 @@ def _own_queues(who: Principal, topology: Topology) -> list[re.Pattern[str]]:
     if who.kind in ("user", "service"):
         return [topology.queue_name_pattern("results", user=who.name)]
     return []
-
-
-def fabric_vhost(broker_url: str) -> str:
-    """The vhost of an AMQP URL, as pika reads it (no path means ``/``)."""
-    path = urlsplit(broker_url).path
-    return unquote(path[1:]) if len(path) > 1 else "/"
 
 
 # -- who may ask: the broker -------------------------------------------------------------
@@ -229,7 +224,7 @@ def _principal(db: Session, username: str) -> Principal | None:
 
 
 def _in_fabric_vhost(request: Request, form: dict[str, str]) -> bool:
-    return form.get("vhost") == fabric_vhost(request.app.state.settings.broker_url)
+    return form.get("vhost") == broker_vhost(request.app.state.settings.broker_url)
 
 
 @router.post("/user", response_class=PlainTextResponse)

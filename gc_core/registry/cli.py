@@ -18,13 +18,16 @@ import uvicorn
 from pydantic import SecretStr
 from sqlalchemy.orm import Session
 
+from gc_core.broker_login import broker_vhost, redact_url
 from gc_core.cli import CommandLine, format_table
 from gc_core.errors import RegistryError
 from gc_core.logs import configure_logging
-from gc_core.registry import identity
+from gc_core.registry import identity, vhost_claim
 from gc_core.registry.app import RegistrySettings, create_app
 from gc_core.registry.db import open_database
+from gc_core.registry.vhost_claim import DatabaseClaim
 from gc_core.settings import resolve_settings
+from gc_core.topology import load_topology
 
 __all__ = ["main"]
 
@@ -133,8 +136,51 @@ def serve(db_url: str | None, host: str, port: int, broker_url: str | None,
     if auth == "open":
         logger.warning("registry is OPEN: anyone who reaches it may act as anyone; use "
                        "--auth tokens anywhere but a single-user demo")
+    if settings.ledger:
+        _claim_vhost(settings)
     uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower(),
                 access_log=False, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
+
+
+def _claim_vhost(settings: RegistrySettings) -> None:
+    """Refuse to serve a vhost whose ledger another database holds (``vhost_claim``), with
+    that error's one line rather than a traceback from the app's start. The ledger claims
+    again on each connection: with the broker away now, that is when it is checked."""
+    sessions = open_database(settings.db_url)
+    try:
+        claim = DatabaseClaim.of(sessions, settings.db_url)
+    finally:
+        sessions.kw["bind"].dispose()
+    if not vhost_claim.claim_vhost(settings.broker_url, load_topology(), claim):
+        logger.warning("broker %s unreachable: the ledger claims its vhost for this database "
+                       "once it connects", redact_url(settings.broker_url))
+
+
+@main.command("release-vhost")
+@click.option("--broker-url", default=None, metavar="URL",
+              help="The vhost's broker, without a password [default: $GC_BROKER_URL or the "
+                   "local one].")
+@click.option("--broker-url-file", type=click.Path(exists=True, dir_okay=False), default=None,
+              metavar="PATH", help="Read the broker URL, with the registry account's password, "
+                                   "from this file (mode 600).")
+def release_vhost(broker_url: str | None, broker_url_file: str | None) -> None:
+    """Release a broker vhost from the registry database its ledger belongs to.
+
+    Registries that consume one vhost's ledger share one database: the first database
+    served on a vhost keeps it, and a registry of another refuses to start there. To move
+    the vhost to another database, stop every registry on it, run this (as the registry's
+    broker account: it deletes the queue gc.registry.database), and start the registries
+    of the new database.
+    """
+    fabric = resolve_settings(broker_url=_broker_url(broker_url, broker_url_file))
+    vhost = broker_vhost(fabric.broker_url)
+    claimed, holder = vhost_claim.release_vhost(fabric.broker_url, load_topology())
+    if not claimed:
+        click.echo(f"vhost {vhost!r} was not claimed by any registry database")
+    elif holder is None:
+        click.echo(f"released vhost {vhost!r} (its database left no description)")
+    else:
+        click.echo(f"released vhost {vhost!r} from {holder.database} (id {holder.database_id})")
 
 
 @main.group()
@@ -262,7 +308,7 @@ def _broker_url(url: str | None, url_file: str | None) -> str | None:
         raise click.UsageError("give --broker-url or --broker-url-file, not both")
     if url_file is not None:
         return _read_secret(url_file, "--broker-url-file")
-    if url is not None and urlsplit(url).password is not None:
+    if url is not None and any(urlsplit(node).password is not None for node in url.split(",")):
         raise click.BadParameter(
             "it carries a password, which anyone on this host can read in the process list; "
             "put the URL in a file only the registry's account can read and pass "

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from typing import Any
 
 from sqlalchemy import (
@@ -11,6 +12,7 @@ from sqlalchemy import (
     Float,
     ForeignKey,
     Index,
+    Integer,
     LargeBinary,
     String,
     Text,
@@ -18,6 +20,7 @@ from sqlalchemy import (
     create_engine,
     event,
     make_url,
+    select,
 )
 from sqlalchemy.exc import ArgumentError, DBAPIError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
@@ -26,8 +29,9 @@ from gc_core.errors import RegistryError
 from gc_core.protocol import MAX_LABEL_LENGTH, MAX_NAME_LENGTH
 from gc_core.registry import migrations
 
-__all__ = ["ActionRow", "Base", "EndpointRow", "FunctionRow", "GroupMemberRow", "GroupRow",
-           "TaskRow", "TokenRow", "UserRow", "open_database"]
+__all__ = ["ActionRow", "Base", "DatabaseIdentityRow", "EarlyResultRow", "EndpointRow",
+           "FunctionRow", "GroupMemberRow", "GroupRow", "TaskRow", "TokenRow", "UserRow",
+           "database_id", "describe_database", "open_database"]
 
 
 class Base(DeclarativeBase):
@@ -106,6 +110,38 @@ class TaskRow(Base):
     recorded: Mapped[float | None] = mapped_column(Float, index=True)
     #: Why the result's value is not kept: larger than the cap, or past its time to live.
     result_note: Mapped[str] = mapped_column(Text, default="")
+
+
+class EarlyResultRow(Base):
+    """A result (or dead letter) that reached the ledger before any manifest named its task:
+    it waits here, unchecked, until one does (see ``ledger.py``)."""
+
+    __tablename__ = "early_results"
+
+    early_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    task_id: Mapped[str] = mapped_column(String(64), index=True)
+    #: The AMQP ``user_id`` the broker checked (an AMQP short string: 255 bytes at most).
+    sender: Mapped[str] = mapped_column(String(255), index=True)
+    #: A task message the broker dead-lettered, rather than an agent's result.
+    dead: Mapped[bool] = mapped_column(Boolean)
+    #: The decoded result but its value, as JSON.
+    result_json: Mapped[str] = mapped_column(Text)
+    #: Its value; None when larger than the ledger keeps (``payload_size`` says how large).
+    payload: Mapped[bytes | None] = mapped_column(LargeBinary)
+    payload_size: Mapped[int] = mapped_column(Integer)
+    arrived: Mapped[float] = mapped_column(Float, index=True)
+
+
+class DatabaseIdentityRow(Base):
+    """The database's own id, made once by a migration. Registries that consume one broker
+    vhost's ledger must write to one database: each claims the vhost with this id."""
+
+    __tablename__ = "database_identity"
+
+    #: Always 1: the table has one row.
+    singleton: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    database_id: Mapped[str] = mapped_column(String(36))
+    created: Mapped[float] = mapped_column(Float)
 
 
 class ActionRow(Base):
@@ -198,6 +234,39 @@ def open_database(url: str) -> sessionmaker[Any]:
         raise RegistryError(f"cannot open the registry database at {_shown(url)}: "
                             f"{' '.join(str(reason).split())}") from exc
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def database_id(sessions: sessionmaker[Any]) -> str:
+    """The id the database got once, when it was migrated (see ``DatabaseIdentityRow``).
+
+    Raises:
+        RegistryError: the row is missing (someone deleted it): a new id would let
+            registries of this database refuse each other, so none is made here.
+    """
+    with sessions() as db:
+        found: str | None = db.scalars(select(DatabaseIdentityRow.database_id)).first()
+    if found is None:
+        raise RegistryError("the registry database has lost its id (table database_identity "
+                            "is empty): restore the row, or insert one with a new uuid and "
+                            "release the vhost (gc-registry release-vhost)")
+    return found
+
+
+def describe_database(url: str) -> str:
+    """Where a database is, for people: backend, host and name; never user or password.
+
+    >>> describe_database("postgresql+psycopg://gc:secret@db.example:5432/gc_registry")
+    'postgresql database gc_registry on db.example:5432'
+    """
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        return "(a database URL SQLAlchemy cannot parse)"
+    backend = str(parsed.get_backend_name())
+    if backend == "sqlite":
+        return f"sqlite database {parsed.database or ':memory:'} on {socket.gethostname()}"
+    where = f"{parsed.host or 'localhost'}{f':{parsed.port}' if parsed.port else ''}"
+    return f"{backend} database {parsed.database or '(default)'} on {where}"
 
 
 def _shown(url: str) -> str:

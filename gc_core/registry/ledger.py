@@ -5,10 +5,34 @@ to ``gc.ledger``. The consumer collects deliveries on the broker's IO thread and
 a writer thread commits them in batches, acking only after the commit: a
 registry crash loses nothing, it only replays.
 
-Dead letters reach their submitter through the ledger too: result queues do not bind
-to ``gc.dead`` (a headers binding escapes the broker's topic authorization), so after
-committing a dead-lettered task the ledger publishes it to ``gc.results`` as a failed
-result under the submitter's routing key, and acks only once the broker confirmed that.
+Several registries may share one database and consume ``gc.ledger`` side by side, each
+taking some of its deliveries (their vhost is claimed for that database first:
+:mod:`~gc_core.registry.vhost_claim`). Every write is an upsert keyed on the task, or a
+conditional update, so a message recorded twice (after a redelivery, by one registry or
+two) leaves one row; rows are written in task id order, so two registries writing the same
+tasks lock them in one order (and a transaction PostgreSQL still ends to break a deadlock
+is tried again); and a registry killed mid-batch had acked nothing it had not committed,
+so the broker hands what it held to the others.
+
+A result before its manifest. A client publishes a batch's manifest just after its first
+task, and with two registries the manifest may reach one while the task's result reaches
+the other, which then looks for the task before the first has committed the manifest, or
+while the first stalls (its database slow or locked). Where manifests decide whose word
+counts (``verified`` senders, below), such a result is set aside in the database
+(``early_results``), unchecked, and its delivery acked; whichever registry commits a
+manifest naming the task takes it back at once, and every registry sweeps up, each
+SWEEP_INTERVAL, those whose manifest came while they were being set aside. Only then, the
+task's owner known, is it checked as any result is: set aside, a result is never counted
+before a manifest names its task, nor from a sender that manifest does not allow, and it
+is not lost for coming early. Returned to the queue instead until the manifest is there, it would
+cost a redelivery every commit for as long as the manifest is held (for ever, for one that
+never comes), and a bound on redeliveries would drop a real result whenever the registry
+holding its manifest stalls for longer than that bound. Set aside, it costs one row: kept
+for EARLY_RESULT_TTL, at most MAX_EARLY_RESULTS_PER_SENDER of one sender at a time.
+
+Dead letters reach their submitter through the ledger too
+(:mod:`~gc_core.registry.dead_letters`): after committing a dead-lettered task it publishes
+it to ``gc.results`` as a failed result, and acks only once the broker confirmed that.
 
 Whose word counts. Every message claims who sent it and whom it is for; the ledger
 believes only its own records and, on a secured broker, the ``user_id`` the broker checked
@@ -38,20 +62,11 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-from sqlalchemy.exc import (
-    DataError,
-    DBAPIError,
-    DisconnectionError,
-    IntegrityError,
-    StatementError,
-)
-from sqlalchemy.exc import TimeoutError as PoolTimeout
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
 from gc_core.broker import BrokerSession
 from gc_core.broker_consumers import Delivery
-from gc_core.broker_limits import Refusal
-from gc_core.errors import GCError
 from gc_core.protocol import (
     CancelCommand,
     GroupManifest,
@@ -59,11 +74,20 @@ from gc_core.protocol import (
     ResultMessage,
     decode_event,
     decode_result,
-    encode_result,
 )
-from gc_core.registry import store
+from gc_core.registry import store, vhost_claim
+from gc_core.registry.dead_letters import republish
 from gc_core.registry.identity import AGENT_PREFIX
-from gc_core.topology import Topology, safe_name_part
+from gc_core.registry.ledger_rules import (
+    Senders,
+    conflict,
+    describe,
+    message_fault,
+    result_refusal,
+)
+from gc_core.registry.store import ReceivedResult
+from gc_core.registry.vhost_claim import DatabaseClaim
+from gc_core.topology import Topology
 
 __all__ = ["Ledger", "Retention", "Senders"]
 
@@ -73,18 +97,20 @@ logger = logging.getLogger(__name__)
 COMMIT_INTERVAL = 0.05
 #: Unacked deliveries the ledger may hold; bounds one commit's size.
 LEDGER_PREFETCH = 2000
-#: Seconds the writer waits for the broker to confirm republished dead letters.
-REPUBLISH_TIMEOUT = 30.0
 #: How often (seconds) the writer drops results past their time to live.
 EXPIRE_INTERVAL = 60.0
-#: Deliveries of a result whose task no manifest has named yet before the ledger drops it.
-#: A client publishes a batch's manifest just after its first task, so a quick result may
-#: reach the ledger first; returned to the queue, it comes back after the manifest. Each
-#: return costs a commit interval, so this waits at least a few seconds, and bounds what
-#: a forged result for a task that never existed costs.
-MANIFEST_WAIT_DELIVERIES = 60
-#: Longest description of an error in a warning line, in characters.
-MAX_DESCRIPTION = 300
+#: Seconds a result set aside waits for a manifest to name its task before it is dropped:
+#: long past any manifest held by a registry that stalls until the broker gives up on it.
+EARLY_RESULT_TTL = 900.0
+#: Results of one sender set aside at a time; more are dropped, each with a warning.
+MAX_EARLY_RESULTS_PER_SENDER = 10_000
+#: How often (seconds) the writer takes back results set aside whose task is recorded.
+SWEEP_INTERVAL = 1.0
+#: Tries of one batch's transaction that PostgreSQL ended to break a deadlock or a
+#: serialization conflict with another registry, before the batch goes back to the queue.
+CONFLICT_ATTEMPTS = 3
+#: Expired results named one warning line each, at most; the rest are counted in one.
+MAX_EXPIRED_LINES = 20
 
 #: What the ledger records: a delivery decodes to one of these (or to nothing).
 Recordable = ResultMessage | GroupManifest | Heartbeat
@@ -104,22 +130,6 @@ class Retention:
 
 
 @dataclass(frozen=True)
-class Senders:
-    """Whose broker-checked ``user_id`` the ledger believes, and which account is its own."""
-
-    #: True when the broker checks every publisher's ``user_id`` (a tokens-mode registry on
-    #: a secured broker); False in open mode, where messages' claims are all there is.
-    verified: bool = False
-    #: The registry's own broker account: it submits actions for users and republishes dead
-    #: letters, so its word counts for anyone ("" if its broker URL names no user).
-    registry: str = ""
-
-    def any_of(self, sender: str, *owners: str) -> bool:
-        """Whether ``sender`` is one of ``owners`` or the registry's own account."""
-        return sender in {name for name in (*owners, self.registry) if name}
-
-
-@dataclass(frozen=True)
 class _Received:
     """One delivery and what it decoded to (None: nothing to record; it is acked)."""
 
@@ -132,20 +142,29 @@ class Ledger:
     """Consumes the ledger queue into the database."""
 
     def __init__(self, *, broker_url: str, topology: Topology, sessions: sessionmaker[Any],
-                 retention: Retention = Retention(), verify_senders: bool = False) -> None:
+                 retention: Retention = Retention(), verify_senders: bool = False,
+                 claim: DatabaseClaim | None = None) -> None:
+        self._broker_url = broker_url
         self._sessions = sessions
         self._retention = retention
         self._senders = Senders(verified=verify_senders,
                                 registry=urlsplit(broker_url).username or "")
         self._next_expiry = 0.0
-        #: The writer's results of this batch whose manifest may still be on its way.
-        self._early: list[Delivery] = []
+        self._next_sweep = 0.0
+        #: The task ids the writer's last batch's manifests named: results set aside for
+        #: them are taken back at once.
+        self._named: list[str] = []
         self._topology = topology
         self._queue = topology.queue("ledger")
+        self._claim = claim
+        #: Why the ledger stopped for good, once the writer has found out (None: it runs).
+        self._failure: str | None = None
+        # The claim is declared first, on every connection: refused, nothing is consumed.
+        queues = [self._queue] if claim is None else [claim.queue(topology), self._queue]
         # Republished dead letters carry the registry's user_id, checked by the broker, so
         # their submitters' clients can tell them from forgeries.
         self._broker = BrokerSession(broker_url, name="gc-registry:ledger", topology=topology,
-                                     queues=[self._queue], prefetch=LEDGER_PREFETCH,
+                                     queues=queues, prefetch=LEDGER_PREFETCH,
                                      stamp_user_id=True)
         self._pending: list[Delivery] = []
         self._lock = threading.Lock()
@@ -162,9 +181,22 @@ class Ledger:
         """Whether the writer thread runs: without it nothing is recorded or acked."""
         return self._writer is not None and self._writer.is_alive()
 
+    @property
+    def failure(self) -> str | None:
+        """Why the ledger stopped for good: the broker refused it (another database holds
+        its vhost, say). None while it consumes or waits for the broker."""
+        refused = self._broker.gave_up
+        return self._failure or (None if refused is None else str(refused))
+
     def start(self) -> None:
         """Start consuming in the background; the broker may come later."""
         self._broker.consume(self._queue.name, self._on_delivery)
+        if self._claim is not None:
+            # The database's description, for a registry of another one to read; a
+            # registry of this one may have put it there already (then the full queue
+            # refuses it for good).
+            self._broker.publish("", self._claim.queue(self._topology).name,
+                                 self._claim.envelope(), retry_nacked=False)
         self._broker.start(timeout=None)
         self._writer = threading.Thread(target=self._write_loop, name="ledger-writer", daemon=True)
         self._writer.start()
@@ -183,8 +215,23 @@ class Ledger:
     def _write_loop(self) -> None:
         while not self._stop.wait(COMMIT_INTERVAL):
             self._commit_pending()
+            self._take_back_early_results()
             self._expire_old_results()
+            self._note_failure()
         self._commit_pending()
+
+    def _note_failure(self) -> None:
+        """Once the broker has refused the ledger for good, say why, naming the database
+        that holds the vhost when that is why."""
+        refused = self._broker.gave_up
+        if refused is None or self._failure is not None:
+            return
+        failure: Exception = refused
+        if self._claim is not None:
+            failure = vhost_claim.refusal(self._broker_url, self._topology, self._claim,
+                                          refused)
+        self._failure = str(failure)
+        logger.error("ledger stopped, nothing is recorded: %s", failure)
 
     def _expire_old_results(self) -> None:
         ttl, now = self._retention.ttl, time.time()
@@ -219,11 +266,10 @@ class Ledger:
     def _commit(self, batch: list[Delivery]) -> None:
         received = [self._decode(delivery) for delivery in batch]
         retry: list[Delivery] = []
-        self._early.clear()
         try:
             dead_letters = self._write(received)
         except Exception as exc:
-            if not _message_fault(exc):
+            if not message_fault(exc):
                 # The database's fault (gone, locked, restarted): the batch goes back to the
                 # queue and is written again, which the upserts make harmless.
                 logger.exception("ledger could not commit %d messages; returning them to "
@@ -231,11 +277,9 @@ class Ledger:
                 self._requeue(batch)
                 return
             logger.warning("ledger could not commit %d messages (%s); writing them one at a "
-                           "time to drop only the one at fault", len(batch), _describe(exc))
-            self._early.clear()
+                           "time to drop only the one at fault", len(batch), describe(exc))
             dead_letters, retry = self._write_each(received)
-        retry += self._early
-        if dead_letters and not self._republish(dead_letters):
+        if dead_letters and not republish(self._broker, self._topology, dead_letters):
             self._requeue(batch)
             return
         if not retry:
@@ -243,15 +287,26 @@ class Ledger:
             self._broker.ack(batch[-1], multiple=True)
         else:
             self._settle_each(batch, retry)
+        self._named += [task_id for item in received if isinstance(item.message, GroupManifest)
+                        for task_id in item.message.task_ids]
         logger.debug("ledger committed %d messages", len(batch) - len(retry))
 
     def _write(self, received: list[_Received]) -> list[ResultMessage]:
         """Record what ``received`` holds in one transaction; return the dead letters to
-        republish."""
-        with self._sessions() as db:
-            dead_letters = self._record(db, received)
-            db.commit()
-        return dead_letters
+        republish. A transaction PostgreSQL ended for another registry's sake is tried
+        again (CONFLICT_ATTEMPTS in all)."""
+        for attempt in range(1, CONFLICT_ATTEMPTS + 1):
+            try:
+                with self._sessions() as db:
+                    dead_letters = self._record(db, received)
+                    db.commit()
+                return dead_letters
+            except DBAPIError as exc:
+                if attempt == CONFLICT_ATTEMPTS or not conflict(exc):
+                    raise
+                logger.info("ledger's commit of %d messages met another's (%s); trying again",
+                            len(received), describe(exc))
+        raise AssertionError("unreachable: the last attempt returns or raises")
 
     def _write_each(self, received: list[_Received]) -> tuple[list[ResultMessage],
                                                              list[Delivery]]:
@@ -263,17 +318,17 @@ class Ledger:
             try:
                 dead_letters += self._write([item])
             except Exception as exc:
-                if not _message_fault(exc):
+                if not message_fault(exc):
                     logger.exception("ledger could not commit; returning %d messages to the "
                                      "queue", len(received) - index)
                     return dead_letters, [later.delivery for later in received[index:]]
                 logger.warning("ledger dropped a message it could not record (from %r, %s "
                                "%r): %s", item.delivery.user_id, item.delivery.exchange,
-                               item.delivery.routing_key, _describe(exc))
+                               item.delivery.routing_key, describe(exc))
         return dead_letters, []
 
     def _record(self, db: Session, received: list[_Received]) -> list[ResultMessage]:
-        results: list[tuple[ResultMessage, _Received]] = []
+        results: list[ReceivedResult] = []
         for item in received:
             message, sender = item.message, item.delivery.user_id
             if isinstance(message, GroupManifest):
@@ -281,11 +336,23 @@ class Ledger:
             elif isinstance(message, Heartbeat):
                 self._record_heartbeat(db, message, sender)
             elif message is not None:
-                results.append((message, item))
+                results.append(ReceivedResult(message, sender, item.dead))
+        # After the manifests: a result whose manifest came in the same batch is not early.
+        return self._record_results(db, results)
+
+    def _record_results(self, db: Session, results: list[ReceivedResult]) -> list[ResultMessage]:
+        """Record the results (and dead letters) that count; set aside those no manifest
+        has named the task of yet. Returns the dead letters to republish."""
         accepted = self._accepted_results(db, results)
-        store.record_results(db, [result for result, _dead in accepted],
-                             size_limit=self._retention.size_limit)
-        return [result for result, dead in accepted if dead]
+        first: dict[str, ReceivedResult] = {}
+        for item in accepted:
+            first.setdefault(item.result.task_id, item)
+        store.record_results(db, [item.result for item in accepted],
+                             size_limit=self._retention.size_limit,
+                             dropped_sizes={task_id: item.dropped_size
+                                            for task_id, item in first.items()
+                                            if item.dropped_size is not None})
+        return [item.result for item in accepted if item.dead]
 
     def _record_manifest(self, db: Session, manifest: GroupManifest, sender: str) -> None:
         if self._senders.verified and not self._senders.any_of(sender, manifest.user):
@@ -306,30 +373,89 @@ class Ledger:
             return
         store.record_heartbeat(db, heartbeat)
 
-    def _accepted_results(self, db: Session, results: list[tuple[ResultMessage, _Received]]
-                          ) -> list[tuple[ResultMessage, bool]]:
+    def _accepted_results(self, db: Session, results: list[ReceivedResult]
+                          ) -> list[ReceivedResult]:
         """The results (and dead letters) to record, each under the user, task group and
-        endpoint the ledger recorded for its task; with whether it is a dead letter."""
-        owners = store.task_owners(db, [result.task_id for result, _item in results])
-        accepted = []
-        for result, item in results:
-            sender = item.delivery.user_id
-            owner = owners.get(result.task_id)
-            refusal = _result_refusal(result, owner, sender, self._senders, dead=item.dead)
-            if (owner is None and refusal is not None
-                    and item.delivery.delivery_count < MANIFEST_WAIT_DELIVERIES):
-                self._early.append(item.delivery)  # its manifest may be just behind it
+        endpoint the ledger recorded for its task. With verified senders, those whose task
+        no manifest has named yet are set aside (the module docstring says why)."""
+        owners = store.task_owners(db, [item.result.task_id for item in results])
+        accepted: list[ReceivedResult] = []
+        early: list[ReceivedResult] = []
+        for item in results:
+            result, owner = item.result, owners.get(item.result.task_id)
+            if owner is None:
+                # Unverified, the headers are all there is (and the decoder has bounded them).
+                (early if self._senders.verified else accepted).append(item)
                 continue
+            refusal = result_refusal(result, owner, item.sender, self._senders, dead=item.dead)
             if refusal is not None:
                 logger.warning("ledger dropped a %s for task %r from %r: %s",
-                               "dead letter" if item.dead else "result", result.task_id,
-                               sender, refusal)
+                               _kind(item), result.task_id, item.sender, refusal)
                 continue
-            recorded = result if owner is None else result.model_copy(update={
+            accepted.append(ReceivedResult(result.model_copy(update={
                 "user": owner.user, "task_group_id": owner.task_group_id,
-                "endpoint_id": owner.endpoint_id})
-            accepted.append((recorded, item.dead))
+                "endpoint_id": owner.endpoint_id}), item.sender, item.dead, item.dropped_size))
+        if early:
+            self._set_aside(db, early)
         return accepted
+
+    def _set_aside(self, db: Session, early: list[ReceivedResult]) -> None:
+        """Keep ``early`` in the database until a manifest names their tasks, up to
+        MAX_EARLY_RESULTS_PER_SENDER of each sender."""
+        counts = store.early_result_counts(db, {item.sender for item in early})
+        kept = []
+        for item in early:
+            if counts.get(item.sender, 0) >= MAX_EARLY_RESULTS_PER_SENDER:
+                logger.warning("ledger dropped a %s for task %r from %r: no manifest named its "
+                               "task, and %d of that sender's wait for theirs already",
+                               _kind(item), item.result.task_id, item.sender,
+                               MAX_EARLY_RESULTS_PER_SENDER)
+                continue
+            counts[item.sender] = counts.get(item.sender, 0) + 1
+            kept.append(item)
+        store.set_aside_results(db, kept, size_limit=self._retention.size_limit)
+        logger.debug("ledger set aside %d results until a manifest names their tasks",
+                     len(kept))
+
+    def _take_back_early_results(self) -> None:
+        """Record the results set aside whose task is recorded now: at once for the tasks
+        the last batch's manifests named, and each SWEEP_INTERVAL for any (another
+        registry may have committed the manifest while this one set the result aside).
+        The sweep also drops those older than EARLY_RESULT_TTL."""
+        named, self._named = self._named, []
+        now = time.time()
+        sweep = now >= self._next_sweep
+        if not (named or sweep) or not self._senders.verified:
+            return  # (unverified, nothing is ever set aside)
+        if sweep:
+            self._next_sweep = now + SWEEP_INTERVAL
+        try:
+            with self._sessions() as db:
+                if not store.any_early_results(db):
+                    return
+                taken = store.take_early_results(db, None if sweep else named)
+                expired = store.expire_early_results(db, now - EARLY_RESULT_TTL) if sweep else []
+                if not (taken or expired):
+                    return
+                dead_letters = self._record_results(db, taken)
+                # Handed on before the commit: if the broker does not take them, the
+                # rollback keeps them set aside for the next sweep.
+                if dead_letters and not republish(self._broker, self._topology, dead_letters):
+                    db.rollback()
+                    return
+                db.commit()
+        except Exception as exc:  # noqa: BLE001  # the rows stay set aside: the next sweep tries again
+            logger.warning("ledger could not take back results set aside (%s); it will try "
+                           "again", describe(exc))
+            return
+        if taken:
+            logger.debug("ledger took back %d results set aside", len(taken))
+        for task_id, sender in expired[:MAX_EXPIRED_LINES]:
+            logger.warning("ledger dropped a result for task %r from %r: no manifest named its "
+                           "task within %.0f seconds", task_id, sender, EARLY_RESULT_TTL)
+        if len(expired) > MAX_EXPIRED_LINES:
+            logger.warning("ledger dropped %d more results no manifest named the task of",
+                           len(expired) - MAX_EXPIRED_LINES)
 
     def _requeue(self, batch: list[Delivery]) -> None:
         for delivery in batch:
@@ -344,50 +470,6 @@ class Ledger:
             else:
                 self._broker.ack(delivery)
 
-    def _republish(self, dead_letters: list[ResultMessage]) -> bool:
-        """Send dead-lettered tasks to their submitters as failed results; True once the
-        broker took (or refused for good) each of them. False: it did not answer in time,
-        or answered something worth another try, and the batch is replayed (duplicates are
-        harmless). One refused for good would be refused again: it is not sent again, and
-        its task stays recorded as dead-lettered."""
-        answered = threading.Semaphore(0)
-        refused: list[str] = []
-        failed: list[str] = []
-
-        def on_confirm(reason: str | None) -> None:
-            if reason is not None:
-                (refused if isinstance(reason, Refusal) else failed).append(reason)
-            answered.release()
-
-        sent = 0
-        for result in dead_letters:
-            try:
-                key = self._topology.routing_key(
-                    "result", user=safe_name_part(result.user, "user"),
-                    task_group_id=safe_name_part(result.task_group_id, "task group id"))
-            except GCError as exc:
-                logger.warning("dead-lettered task %r has no submitter to tell: %s",
-                               result.task_id, exc)
-                continue
-            self._broker.publish(self._topology.exchange("results"), key, encode_result(result),
-                                 on_confirm=on_confirm)
-            sent += 1
-        for _ in range(sent):
-            if not answered.acquire(timeout=REPUBLISH_TIMEOUT):
-                failed.append(f"no confirm within {REPUBLISH_TIMEOUT:.0f}s")
-                break
-        if failed:
-            logger.warning("ledger could not republish %d dead letters (%s); replaying them",
-                           sent, failed[0])
-            return False
-        if refused:
-            logger.warning("the broker refused %d of %d republished dead letters for good (%s); "
-                           "their tasks stay recorded as dead-lettered", len(refused), sent,
-                           refused[0])
-        logger.info("ledger republished %d dead-lettered tasks as failed results",
-                    sent - len(refused))
-        return True
-
     def _decode(self, delivery: Delivery) -> _Received:
         dead = delivery.exchange == self._topology.exchange("dead")
         try:
@@ -399,42 +481,9 @@ class Ledger:
         except Exception as exc:  # noqa: BLE001  # decoders promise ProtocolError; a slip costs one message too
             logger.warning("ledger dropped an undecodable message from %r (%s %r, %d bytes): "
                            "%s", delivery.user_id, delivery.exchange, delivery.routing_key,
-                           len(delivery.envelope.body), _describe(exc))
+                           len(delivery.envelope.body), describe(exc))
         return _Received(delivery, None, dead)
 
 
-def _result_refusal(result: ResultMessage, owner: store.TaskOwner | None, sender: str,
-                    senders: Senders, *, dead: bool) -> str | None:
-    """Why the ledger must not record ``result`` (a dead letter if ``dead``) for the task
-    ``owner`` describes (None: no manifest named it), or None."""
-    if owner is None:
-        # Unverified, the headers are all there is (and the decoder has bounded them).
-        if not senders.verified:
-            return None
-        return ("no manifest named its task, so it has no recipient" if dead
-                else "no manifest named its task")
-    if senders.verified:
-        # A dead letter is the submitter's own task message: the broker kept its user_id.
-        expected = owner.user if dead else f"{AGENT_PREFIX}{owner.endpoint_id}"
-        if not senders.any_of(sender, expected):
-            return f"only {expected!r} may send it"
-        return None
-    if not dead and (result.user, result.endpoint_id) != (owner.user, owner.endpoint_id):
-        return (f"it claims user {result.user!r} and endpoint {result.endpoint_id!r}, but the "
-                f"task is {owner.user!r}'s on endpoint {owner.endpoint_id!r}")
-    return None
-
-
-def _message_fault(exc: Exception) -> bool:
-    """Whether ``exc`` is one message's fault (it is dropped) rather than the database's
-    (gone, locked, restarting, its schema missing: the batch waits in the queue)."""
-    if isinstance(exc, (DataError, IntegrityError)):  # a value its column cannot hold
-        return True
-    return not isinstance(exc, (DBAPIError, DisconnectionError, PoolTimeout))
-
-
-def _describe(exc: Exception) -> str:
-    """What failed, escaped, without a statement's parameters (they hold payloads)."""
-    cause = exc.orig if isinstance(exc, StatementError) else exc
-    text = repr(f"{type(cause).__name__}: {cause}")
-    return text if len(text) <= MAX_DESCRIPTION else text[:MAX_DESCRIPTION] + "…"
+def _kind(item: ReceivedResult) -> str:
+    return "dead letter" if item.dead else "result"

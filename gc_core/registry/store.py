@@ -11,18 +11,18 @@ import hashlib
 import json
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import Table, func, select, update
+from sqlalchemy import ColumnElement, Table, delete, func, insert, or_, select, update
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from gc_core.errors import Forbidden, NotFound
 from gc_core.protocol import ErrorInfo, GroupManifest, Heartbeat, ResultMessage, Timings
 from gc_core.registry import policy
-from gc_core.registry.db import EndpointRow, FunctionRow, TaskRow
+from gc_core.registry.db import EarlyResultRow, EndpointRow, FunctionRow, TaskRow
 from gc_core.registry.identity import ANONYMOUS, Principal
 from gc_core.registry_api.schemas import (
     EndpointIn,
@@ -38,11 +38,15 @@ from gc_core.registry_api.schemas import (
 
 __all__ = [
     "OFFLINE_AFTER_PERIODS",
+    "ReceivedResult",
     "TaskOwner",
     "allowed_functions",
+    "any_early_results",
     "authorize_task",
     "create_endpoint",
+    "early_result_counts",
     "endpoint_status",
+    "expire_early_results",
     "expire_results",
     "get_endpoint",
     "get_function",
@@ -54,7 +58,9 @@ __all__ = [
     "record_results",
     "register_function",
     "set_endpoint_policy",
+    "set_aside_results",
     "set_function_sharing",
+    "take_early_results",
     "task_counts",
     "task_owners",
 ]
@@ -72,6 +78,19 @@ class TaskOwner:
     user: str
     task_group_id: str
     endpoint_id: str
+
+
+@dataclass(frozen=True)
+class ReceivedResult:
+    """A result (or a dead letter, ``dead``) as it reached the ledger, with the
+    broker-checked ``sender``; what it claims is not checked yet."""
+
+    result: ResultMessage
+    sender: str
+    dead: bool
+    #: How large its value was when it was too large to keep (``result`` carries none);
+    #: None when ``result`` carries it.
+    dropped_size: int | None = None
 
 
 def register_function(db: Session, body: FunctionIn, *, owner: str | None = None) -> FunctionOut:
@@ -189,10 +208,13 @@ def record_heartbeat(db: Session, heartbeat: Heartbeat, now: float | None = None
     It counts as sent no later than ``now``: a clock ahead (or a forged time) cannot keep an
     endpoint online, nor hide the heartbeats after it."""
     sent = min(heartbeat.sent, time.time() if now is None else now)
-    row = db.get(EndpointRow, heartbeat.endpoint_id)
-    if row is not None and (row.last_seen is None or sent >= row.last_seen):
-        row.last_seen = sent
-        row.heartbeat_json = heartbeat.model_copy(update={"sent": sent}).model_dump_json()
+    # One conditional UPDATE, not a read and then a write: two registries recording two
+    # heartbeats of one endpoint at once must not let the older one land last.
+    db.execute(update(EndpointRow)
+               .where(EndpointRow.endpoint_id == heartbeat.endpoint_id,
+                      or_(EndpointRow.last_seen.is_(None), EndpointRow.last_seen <= sent))
+               .values(last_seen=sent, heartbeat_json=heartbeat.model_copy(
+                   update={"sent": sent}).model_dump_json()))
 
 
 def record_manifest(db: Session, manifest: GroupManifest) -> list[str]:
@@ -204,11 +226,16 @@ def record_manifest(db: Session, manifest: GroupManifest) -> list[str]:
              if (owner.user, owner.endpoint_id) != claimant}
     rows = [{"task_id": t, "task_group_id": manifest.task_group_id,
              "endpoint_id": manifest.endpoint_id, "user": manifest.user, "status": "waiting",
-             "submitted": manifest.submitted} for t in task_ids if t not in taken]
+             "submitted": manifest.submitted} for t in sorted(task_ids) if t not in taken]
     if rows:
         statement = _insert(db)
+        columns = TaskRow.__table__.c
+        # Rows in task id order (_insert says why); and a row another registry recorded for
+        # another user or endpoint since task_owners looked stays as it is.
         db.connection().execute(statement.on_conflict_do_update(
-            index_elements=["task_id"], set_={"submitted": statement.excluded.submitted}), rows)
+            index_elements=["task_id"], set_={"submitted": statement.excluded.submitted},
+            where=(columns.user == statement.excluded.user)
+            & (columns.endpoint_id == statement.excluded.endpoint_id)), rows)
     return sorted(taken)
 
 
@@ -226,14 +253,18 @@ def task_owners(db: Session, task_ids: Iterable[str]) -> dict[str, TaskOwner]:
 
 
 def record_results(db: Session, results: Iterable[ResultMessage], *,
-                   size_limit: int | None = None, now: float | None = None) -> None:
+                   size_limit: int | None = None, now: float | None = None,
+                   dropped_sizes: Mapping[str, int] | None = None) -> None:
     """Record finished tasks; the first result for a task wins, as it does for the client.
-    A value larger than ``size_limit`` bytes is not kept (the task's state and error are)."""
+    A value larger than ``size_limit`` bytes is not kept (the task's state and error are);
+    ``dropped_sizes`` gives, by task id, the size of a value not kept before (a
+    :class:`ReceivedResult` set aside)."""
     first: dict[str, ResultMessage] = {}
     for result in results:
         first.setdefault(result.task_id, result)
     recorded = now or time.time()
-    rows = [_result_row(r, size_limit, recorded) for r in first.values()]
+    dropped = dropped_sizes or {}
+    rows = [_result_row(first[t], size_limit, recorded, dropped.get(t)) for t in sorted(first)]
     if rows:
         statement = _insert(db)
         update = {c: statement.excluded[c] for c in rows[0] if c not in ("task_id", "submitted")}
@@ -252,6 +283,65 @@ def expire_results(db: Session, older_than: float, ttl_text: str) -> int:
         .values(result=None, stdout="", stderr="",
                 result_note=f"the result expired: this registry keeps results for {ttl_text}"))
     return int(expired.rowcount or 0)  # type: ignore[attr-defined]
+
+
+def set_aside_results(db: Session, early: Iterable[ReceivedResult], *,
+                      size_limit: int | None = None, now: float | None = None) -> None:
+    """Keep results no manifest has named the task of yet, unchecked, until one does (see
+    :func:`take_early_results`). A value larger than ``size_limit`` bytes is not kept."""
+    arrived = time.time() if now is None else now
+    rows = []
+    for item in early:
+        value = item.result.payload
+        kept = value if size_limit is None or len(value) <= size_limit else None
+        rows.append({"task_id": item.result.task_id, "sender": item.sender, "dead": item.dead,
+                     "result_json": item.result.model_dump_json(exclude={"payload"}),
+                     "payload": kept, "payload_size": len(value), "arrived": arrived})
+    if rows:
+        db.execute(insert(EarlyResultRow), rows)
+
+
+def take_early_results(db: Session, task_ids: Iterable[str] | None = None) -> list[ReceivedResult]:
+    """Take (delete and return) the results set aside whose task is recorded now, those of
+    ``task_ids`` only if given, in the order they came. Each goes to one taker: of two
+    registries taking at once, the one that deletes a row first has it (PostgreSQL makes
+    the other wait for that, then skip it)."""
+    recorded = EarlyResultRow.task_id.in_(select(TaskRow.task_id))
+    conditions: list[ColumnElement[bool]] = [recorded]
+    if task_ids is not None:
+        unique = list(dict.fromkeys(task_ids))
+        conditions = [recorded & EarlyResultRow.task_id.in_(unique[start:start + LOOKUP_CHUNK])
+                      for start in range(0, len(unique), LOOKUP_CHUNK)]
+    columns = (EarlyResultRow.early_id, EarlyResultRow.sender, EarlyResultRow.dead,
+               EarlyResultRow.result_json, EarlyResultRow.payload, EarlyResultRow.payload_size)
+    rows = [row for condition in conditions
+            for row in db.execute(delete(EarlyResultRow).where(condition).returning(*columns))]
+    taken = []
+    for _id, sender, dead, result_json, payload, size in sorted(rows, key=lambda row: row[0]):
+        result = ResultMessage.model_validate_json(result_json)
+        taken.append(ReceivedResult(result.model_copy(update={"payload": payload or b""}), sender,
+                                 dead, None if payload is not None else size))
+    return taken
+
+
+def any_early_results(db: Session) -> bool:
+    """Whether any result is set aside (a read: no write lock taken when none is)."""
+    return db.scalars(select(EarlyResultRow.early_id).limit(1)).first() is not None
+
+
+def early_result_counts(db: Session, senders: Iterable[str]) -> dict[str, int]:
+    """How many results set aside each of ``senders`` has (those with none are left out)."""
+    rows = db.execute(select(EarlyResultRow.sender, func.count())
+                      .where(EarlyResultRow.sender.in_(list(set(senders))))
+                      .group_by(EarlyResultRow.sender))
+    return {sender: int(count) for sender, count in rows}
+
+
+def expire_early_results(db: Session, older_than: float) -> list[tuple[str, str]]:
+    """Drop the results set aside before ``older_than``; return their (task id, sender)."""
+    rows = db.execute(delete(EarlyResultRow).where(EarlyResultRow.arrived < older_than)
+                      .returning(EarlyResultRow.task_id, EarlyResultRow.sender))
+    return [(task_id, sender) for task_id, sender in rows]
 
 
 def get_tasks(db: Session, task_ids: list[str], principal: Principal = ANONYMOUS) -> list[TaskOut]:
@@ -287,19 +377,26 @@ def _may_see_task(principal: Principal, row: TaskRow) -> bool:
 
 def _insert(db: Session) -> Any:
     """A one-row upsert on the tasks table, run with executemany: compiled once, cached,
-    and never near a database's bound-variable limit however many rows come."""
+    and never near a database's bound-variable limit however many rows come.
+
+    Callers give the rows in task id order: registries sharing a database then lock the
+    rows two of them write in one order, and PostgreSQL never has to abort one of them
+    to break a deadlock (taking the rows in opposite orders, each would wait for the other)."""
     dialect = db.get_bind().dialect.name
     table = cast(Table, TaskRow.__table__)
     return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
 
 
-def _result_row(result: ResultMessage, size_limit: int | None, recorded: float) -> dict[str, Any]:
+def _result_row(result: ResultMessage, size_limit: int | None, recorded: float,
+                dropped_size: int | None = None) -> dict[str, Any]:
     value = result.payload if result.error is None else None
+    size = len(value or b"") if dropped_size is None else dropped_size
     note = ""
-    if value is not None and size_limit is not None and len(value) > size_limit:
-        note = (f"the result ({len(value):,} bytes) is larger than the {size_limit:,} bytes "
-                "this registry's ledger keeps; it was delivered to the submitter's result "
-                "queue only")
+    if value is not None and (dropped_size is not None
+                              or (size_limit is not None and size > size_limit)):
+        cap = "what" if size_limit is None else f"the {size_limit:,} bytes"
+        note = (f"the result ({size:,} bytes) is larger than {cap} this registry's ledger "
+                "keeps; it was delivered to the submitter's result queue only")
         value = None
     return {
         "task_id": result.task_id, "task_group_id": result.task_group_id,
