@@ -32,7 +32,6 @@ class Delivery:
     exchange: str
     routing_key: str
     redelivered: bool
-    delivery_count: int
     generation: int
     tag: int
     #: The AMQP ``user_id`` the publisher set; a secured broker has checked it is theirs.
@@ -107,15 +106,7 @@ def _deliverer(on_message: Callable[[Delivery], None], generation: int,
                               props.content_type or "", headers, body),
             exchange=method.exchange, routing_key=method.routing_key,
             redelivered=method.redelivered,
-            delivery_count=_delivery_count(headers),
             generation=generation, tag=method.delivery_tag, user_id=props.user_id or "")
         guard(lambda: on_message(delivery))
 
     return deliver
-
-
-def _delivery_count(headers: dict[str, Any]) -> int:
-    """The broker's count of earlier deliveries; a publisher may have put anything there
-    (a quorum queue overwrites it only on redelivery)."""
-    count = headers.get("x-delivery-count", 0)
-    return count if type(count) is int and count >= 0 else 0

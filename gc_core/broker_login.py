@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 from gc_core.errors import ConfigError, find_certificate_failure
 
 __all__ = ["CA_FILE_PARAMETER", "HEARTBEAT_SECONDS", "TokenLogin", "broker_tls", "broker_urls",
-           "certificate_refusal", "redact_url", "token_login"]
+           "broker_vhost", "certificate_refusal", "redact_url", "token_login"]
 
 #: AMQP heartbeat (seconds) unless the URL sets one: a dead peer is noticed within ~2x this.
 HEARTBEAT_SECONDS = 20
@@ -84,16 +84,17 @@ def broker_urls(value: str) -> list[str]:
     if not urls:
         raise ConfigError("no broker URL given: write amqp://user:password@host:5672/vhost, "
                           "or several such URLs separated by commas for a cluster")
-    if len({(urlsplit(url).username, _vhost(url)) for url in urls}) > 1:
+    if len({(urlsplit(url).username, broker_vhost(url)) for url in urls}) > 1:
         raise ConfigError(f"the broker URLs {redact_url(value)} name different users or virtual "
                           "hosts: they must be nodes of one cluster, reached with one login on "
                           "one vhost")
     return urls
 
 
-def _vhost(url: str) -> str:
-    """The virtual host a URL names, as pika and aio-pika read it (none, or ``/``, is ``/``)."""
-    path = urlsplit(url).path
+def broker_vhost(url: str) -> str:
+    """The virtual host a broker URL names (every node's: see :func:`broker_urls`), as pika
+    and aio-pika read it: none, or ``/``, is ``/``."""
+    path = urlsplit(url.split(",", 1)[0]).path
     return unquote(path[1:]) if len(path) > 1 else "/"
 
 
