@@ -66,6 +66,12 @@ FLUSH_BATCH = 500
 #: Seconds from a nack to closing the connection, to send what was nacked again on a new
 #: one: publishes nacked meanwhile go with it.
 NACK_PAUSE = 0.25
+#: Seconds a publish may wait for its confirm before the session takes it for lost and sends
+#: it again on a new connection (seen on a cluster: a result routed to a quorum queue as its
+#: leader died was delivered but never confirmed, so its task was never acked), and how often
+#: that is checked. Confirms normally take milliseconds, seconds under a backlog.
+CONFIRM_DEADLINE = 20.0
+CONFIRM_CHECK = 5.0
 #: The one channel a session opens on each connection.
 _CHANNEL = 1
 
@@ -617,6 +623,8 @@ class BrokerSession:
 
     def _io_on_declared(self, _frame: Method) -> None:
         self._declared = True
+        if self._connection is not None:
+            self._io_check_confirms(self._connection)
         self._io_start_consumers()
         if self._ever_ready:
             logger.info("connection %s to %s restored", self._name, self.url)
@@ -655,12 +663,29 @@ class BrokerSession:
     def _io_reconnect_after_nack(self, connection: SelectConnection) -> None:
         """Close ``connection`` so that what the broker nacked is sent again on a new one
         (:meth:`Publisher.confirmed` says why a new channel is needed)."""
+        self._io_reconnect(connection, "the broker nacked publishes")
+
+    def _io_check_confirms(self, connection: SelectConnection) -> None:
+        """Every CONFIRM_CHECK seconds while ``connection`` is the current one: reconnect
+        if a publish has waited CONFIRM_DEADLINE for its confirm."""
+        current = self._connection
+        if current is None or current is not connection:
+            return
+        if self._publisher.oldest_wait() > CONFIRM_DEADLINE:
+            self._io_reconnect(connection, f"a publish has had no confirm for "
+                                           f"{CONFIRM_DEADLINE:.0f}s")
+            return
+        current.ioloop.call_later(CONFIRM_CHECK, partial(self._io_check_confirms, current))
+
+    def _io_reconnect(self, connection: SelectConnection, why: str) -> None:
+        """Close ``connection``, if still the current one, to send again on a new one what
+        the broker has not confirmed."""
         current = self._connection
         if current is None or current is not connection or not current.is_open:
             return  # closed meanwhile: the reconnect sends them again anyway
-        logger.warning("connection %s to %s: the broker nacked publishes; reconnecting to send "
-                       "them again", self._name, self.url)
-        current.close(reply_text="reconnecting after a nack")
+        logger.warning("connection %s to %s: %s; reconnecting to send them again", self._name,
+                       self.url, why)
+        current.close(reply_text=f"reconnecting: {why}")
 
     def _io_requeue_unconfirmed(self) -> None:
         """Put publishes the broker never confirmed back at the front, in order."""

@@ -56,6 +56,8 @@ class Publish:
     retry_nacked: bool = True
     #: When the broker first nacked it (monotonic clock), or None.
     nacked_since: float | None = None
+    #: When it was last sent (monotonic clock).
+    sent_at: float = 0.0
 
 
 class Publisher:
@@ -111,8 +113,16 @@ class Publisher:
                 self._guard(lambda: on_confirm(Refusal(problem)))
             return True
         self._seq += 1
+        op.sent_at = time.monotonic()
         self._unconfirmed[self._seq] = op
         return True
+
+    def oldest_wait(self) -> float:
+        """Seconds the oldest publish sent on this channel has waited for its confirm (0
+        when none waits)."""
+        if not self._unconfirmed:
+            return 0.0
+        return time.monotonic() - next(iter(self._unconfirmed.values())).sent_at
 
     def _unsendable(self, op: Publish, properties: BasicProperties,
                     frame_max: int) -> str | None:

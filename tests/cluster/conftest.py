@@ -269,6 +269,7 @@ def cluster_vhost(cluster: Cluster) -> Iterator[str]:
     name = cluster.add_vhost()
     yield name
     try:
+        cluster.all_up()  # a vhost is deleted on every node: one down makes it wait ~20 s
         cluster.delete_vhost(name)
     except RuntimeError:
         pass  # the cluster may be left without a node that answers; the next test restarts them
