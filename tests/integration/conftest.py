@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -26,6 +27,14 @@ OwnRegistry = Callable[[str, str], tuple[RegistryServer, str]]
 @pytest.fixture(scope="session")
 def postgres_url() -> Iterator[str]:
     """A fresh, empty PostgreSQL database for this session (SQLAlchemy URL), dropped after."""
+    with fresh_postgres_database("gc_test") as url:
+        yield url
+
+
+@contextmanager
+def fresh_postgres_database(prefix: str) -> Iterator[str]:
+    """A new, empty PostgreSQL database named ``prefix`` and a random suffix (its SQLAlchemy
+    URL), dropped afterwards; skips (fails in CI) when there is no PostgreSQL."""
     psycopg = pytest.importorskip("psycopg")
     try:
         admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5)
@@ -34,12 +43,12 @@ def postgres_url() -> Iterator[str]:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    name = f"gc_test_{uuid.uuid4().hex[:12]}"
+    name = f"{prefix}_{uuid.uuid4().hex[:12]}"
     with admin:
         admin.execute(f'CREATE DATABASE "{name}"')
         base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://", 1)
         yield f"{base}/{name}"
-        # FORCE: a registry thread's pooled connection may outlive its test by a moment.
+        # FORCE: a registry's pooled connections (a killed one's too) may outlive it a moment.
         admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 

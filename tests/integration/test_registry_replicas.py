@@ -50,7 +50,7 @@ from tests.fabric import (
     free_port,
     rabbitmqctl,
 )
-from tests.integration.conftest import POSTGRES_ADMIN_URL
+from tests.integration.conftest import fresh_postgres_database
 from tests.secured_broker import CACHE_TTL_MS, SecuredFabric, SecuredNode, rabbitmq_installed
 
 TOPOLOGY = load_topology()
@@ -70,22 +70,8 @@ def triple(x: int) -> int:
 @pytest.fixture
 def database() -> Iterator[str]:
     """A fresh PostgreSQL database (SQLAlchemy URL), dropped after the test."""
-    psycopg = pytest.importorskip("psycopg")
-    try:
-        admin = psycopg.connect(POSTGRES_ADMIN_URL, autocommit=True, connect_timeout=5)
-    except psycopg.OperationalError as exc:
-        message = f"no PostgreSQL at {POSTGRES_ADMIN_URL} ({exc}); set GC_TEST_POSTGRES"
-        if os.environ.get("CI"):
-            pytest.fail(message)
-        pytest.skip(message)
-    name = f"gc_replicas_{uuid.uuid4().hex[:12]}"
-    with admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
-        base = POSTGRES_ADMIN_URL.rsplit("/", 1)[0].replace("postgresql://",
-                                                            "postgresql+psycopg://", 1)
-        yield f"{base}/{name}"
-        # FORCE: a killed registry's connections may linger a moment.
-        admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    with fresh_postgres_database("gc_replicas") as url:
+        yield url
 
 
 @pytest.fixture
