@@ -40,6 +40,22 @@ _DURATION = re.compile(r"^(\d+)([smhdw])$")
 _SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
 
 
+def _broker_url_options(what: str) -> Callable[[_F], _F]:
+    """``--broker-url`` (``what``, with no password) and ``--broker-url-file``, which
+    :func:`_broker_url` reads."""
+    def add(command: _F) -> _F:
+        command = click.option(
+            "--broker-url-file", type=click.Path(exists=True, dir_okay=False), default=None,
+            metavar="PATH", help="Read the broker URL, with the registry account's password, "
+                                 "from this file (mode 600: no one else may read it).")(command)
+        return click.option(
+            "--broker-url", default=None, metavar="URL",
+            help=f"{what}, without a password: anyone on this host reads a command line; a "
+                 "cluster's nodes separated by commas [default: $GC_BROKER_URL or the local "
+                 "one].")(command)
+    return add
+
+
 def _db_option(command: _F) -> _F:
     return click.option(
         "--db", "db_url", default=None, metavar="URL",
@@ -84,12 +100,7 @@ def main() -> None:
 @_db_option
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", default=8765, show_default=True, type=int, help="Port to listen on.")
-@click.option("--broker-url", default=None, metavar="URL",
-              help="Broker the ledger consumes from, without a password: anyone on this host "
-                   "reads a command line [default: $GC_BROKER_URL or the local one].")
-@click.option("--broker-url-file", type=click.Path(exists=True, dir_okay=False), default=None,
-              metavar="PATH", help="Read the broker URL, with the registry account's password, "
-                                   "from this file (mode 600: no one else may read it).")
+@_broker_url_options("Broker the ledger consumes from")
 @click.option("--broker-auth-secret-file", type=click.Path(exists=True, dir_okay=False),
               default=None, metavar="PATH",
               help="The secret the broker presents on /auth/* (the password in its auth_http "
@@ -157,12 +168,7 @@ def _claim_vhost(settings: RegistrySettings) -> None:
 
 
 @main.command("release-vhost")
-@click.option("--broker-url", default=None, metavar="URL",
-              help="The vhost's broker, without a password [default: $GC_BROKER_URL or the "
-                   "local one].")
-@click.option("--broker-url-file", type=click.Path(exists=True, dir_okay=False), default=None,
-              metavar="PATH", help="Read the broker URL, with the registry account's password, "
-                                   "from this file (mode 600).")
+@_broker_url_options("The vhost's broker")
 def release_vhost(broker_url: str | None, broker_url_file: str | None) -> None:
     """Release a broker vhost from the registry database its ledger belongs to.
 
