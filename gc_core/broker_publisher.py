@@ -159,12 +159,14 @@ class Publisher:
         kept = False
         if isinstance(method, Basic.Nack):
             settled, kept = self._keep_nacked(settled)
-        refused = None if isinstance(method, Basic.Ack) else (
-            f"the broker refused it (basic.nack) for {NACK_RETRY_SECONDS:.0f}s")
+        nacked = isinstance(method, Basic.Nack)
         for publish in settled:
             reason = self._returned.pop(publish.envelope.message_id, None) if self._returned else None
+            if nacked:
+                reason = "the broker refused it (basic.nack)" + (
+                    f" for {NACK_RETRY_SECONDS:.0f}s" if publish.retry_nacked else "")
             if publish.on_confirm is not None:
-                self._guard(partial(publish.on_confirm, refused or reason))
+                self._guard(partial(publish.on_confirm, reason))
         return kept
 
     def _keep_nacked(self, nacked: list[Publish]) -> tuple[list[Publish], bool]:
