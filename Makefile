@@ -20,10 +20,12 @@ broker:
 demo: install broker
 	@bash deploy/demo.sh
 
-## test: the same set-up, then the whole suite
+## test: the same set-up, then the whole suite, in TEST_WORKERS processes (most tests wait on
+## brokers, agents and jobs, so two workers finish far sooner on two cores); TEST_WORKERS=0 for one
+TEST_WORKERS ?= 2
 test: install broker
 	@bash deploy/ensure-test-tools.sh
-	$(BIN)/pytest
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
 
 ## bench: throughput and latency beside raw AMQP, Celery and Parsl (writes bench/RESULTS.md)
 bench: install broker

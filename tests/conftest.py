@@ -11,10 +11,16 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
 from tests.fabric import Endpoint, Fabric, RegistryServer, rabbitmqctl
+
+TESTS = Path(__file__).resolve().parent
+#: Folders whose tests share one resource of the machine's (the cluster's fixed ports, the one
+#: Slurm): under xdist they all run in one worker.
+ONE_WORKER_FOLDERS = {"cluster", "scheduler", "packaging"}
 
 BROKER_HOST = "127.0.0.1"
 BROKER_PORT = 5672
@@ -88,3 +94,13 @@ def client(fabric: Fabric) -> Iterator[object]:
     with Client(broker_url=fabric.broker_url, registry_url=fabric.registry_url,
                 home=str(fabric.home)) as c:
         yield c
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Group tests for ``pytest -n N --dist loadgroup`` (``make test``): a module's tests run
+    in one worker, so its module-scoped fixtures start once, and ONE_WORKER_FOLDERS each in
+    one worker of its own. Without xdist the marks do nothing."""
+    for item in items:
+        parts = item.path.resolve().relative_to(TESTS).parts
+        group = parts[0] if parts[0] in ONE_WORKER_FOLDERS else "/".join(parts)
+        item.add_marker(pytest.mark.xdist_group(group))
