@@ -25,9 +25,10 @@ demo: install broker
 TEST_WORKERS ?= 2
 test: install broker
 	@bash deploy/ensure-test-tools.sh
-	$(BIN)/pytest -n $(TEST_WORKERS) --dist loadgroup
+	$(BIN)/pytest -n $(TEST_WORKERS)
 
-## bench: throughput and latency beside raw AMQP, Celery and Parsl (writes bench/RESULTS.md)
+## bench: throughput, latency and CPU per task beside raw AMQP, Celery, Dramatiq (Redis results) and
+## Parsl, with issue 14's targets (writes bench/RESULTS.md)
 bench: install broker
 	$(BIN)/pip install -q -e '.[agent,registry,htex,bench]'
 	$(BIN)/python -m bench.run

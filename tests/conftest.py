@@ -11,13 +11,11 @@ import os
 import socket
 import uuid
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
 from tests.fabric import Endpoint, Fabric, RegistryServer, rabbitmqctl
 
-TESTS = Path(__file__).resolve().parent
 #: Folders whose tests share one resource of the machine's (the cluster's fixed ports, the one
 #: Slurm): under xdist they all run in one worker.
 ONE_WORKER_FOLDERS = {"cluster", "scheduler", "packaging"}
@@ -96,11 +94,16 @@ def client(fabric: Fabric) -> Iterator[object]:
         yield c
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Group tests for ``pytest -n N --dist loadgroup`` (``make test``): a module's tests run
-    in one worker, so its module-scoped fixtures start once, and ONE_WORKER_FOLDERS each in
-    one worker of its own. Without xdist the marks do nothing."""
-    for item in items:
-        parts = item.path.resolve().relative_to(TESTS).parts
-        group = parts[0] if parts[0] in ONE_WORKER_FOLDERS else "/".join(parts)
-        item.add_marker(pytest.mark.xdist_group(group))
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config: pytest.Config, log: object) -> object:
+    """Under ``pytest -n N`` (``make test``): a module's tests run in one worker, so its
+    module-scoped fixtures start once; each of ONE_WORKER_FOLDERS runs in one worker."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ByModule(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]
+            parts = path.split("/")
+            return parts[1] if len(parts) > 2 and parts[1] in ONE_WORKER_FOLDERS else path
+
+    return ByModule(config, log)
