@@ -14,13 +14,14 @@ import subprocess
 import sys
 import tempfile
 import time
-import uuid
 from concurrent.futures import wait
 from pathlib import Path
 from typing import Any
 
+from bench.cpu import ProcessRoot
 from bench.harness import TASK_TIMEOUT_S, System, throughput_timeout
 from bench.peers import _process
+from bench.peers._amqp import create_vhost, delete_vhost, rabbitmqctl, vhost_url
 
 logger = logging.getLogger(__name__)
 
@@ -37,19 +38,24 @@ class GcFabricSystem(System):
 
     The htex engine gets one local block of ``workers`` workers and keeps its defaults
     (CurveZMQ on); its rows are named ``gc-fabric-htex-<workers>w``, to sit beside
-    ``parsl-htex-<workers>w``.
+    ``parsl-htex-<workers>w``. With ``simulated`` its pool is ``bench.sim_pool`` (a thread
+    per worker), named ``gc-fabric-htex-sim-<workers>w``.
     """
 
-    def __init__(self, engine: str, workers: int = 2, ledger: bool = True) -> None:
+    def __init__(self, engine: str, workers: int = 2, ledger: bool = True,
+                 simulated: bool = False) -> None:
+        if simulated and engine != "htex":
+            raise ValueError("simulated workers exist for the htex engine only")
         self.engine = engine
         self.workers = workers
         self.ledger = ledger
-        self.name = f"gc-fabric-{engine}" + (f"-{workers}w" if engine == "htex" else "") \
-            + ("" if ledger else "-no-ledger")
+        self.simulated = simulated
+        self.name = f"gc-fabric-{engine}" + ("-sim" if simulated else "") \
+            + (f"-{workers}w" if engine == "htex" else "") + ("" if ledger else "-no-ledger")
         self._processes: list[subprocess.Popen[bytes]] = []
-        self._vhost = f"gc-bench-{uuid.uuid4().hex[:8]}"
+        self._vhost: str | None = None
         self._home = Path(tempfile.mkdtemp(prefix="gc-bench-"))
-        self._executor = None  # type: ignore[var-annotated]
+        self._executor: Any = None  # a gc_client.Executor once started (imported in start())
         #: The environment start() gave the registry and agent, for start_agent().
         self._env: dict[str, str] = {}
         self._agent_args: list[str] = []
@@ -57,9 +63,8 @@ class GcFabricSystem(System):
     def start(self) -> None:
         from gc_client import Client, Executor
 
-        _rabbitmqctl("add_vhost", self._vhost)
-        _rabbitmqctl("set_permissions", "-p", self._vhost, "guest", ".*", ".*", ".*")
-        broker_url = f"amqp://guest:guest@127.0.0.1:5672/{self._vhost}"
+        self._vhost = create_vhost("gc")
+        broker_url = vhost_url(self._vhost)
         port = _free_port()
         env = {"GC_HOME": str(self._home), "GC_BROKER_URL": broker_url,
                "GC_REGISTRY_URL": f"http://127.0.0.1:{port}"}
@@ -73,7 +78,8 @@ class GcFabricSystem(System):
                         local_engine, "--workers", str(self.workers)],
                        env=_process.worker_env(env), check=True, capture_output=True)
         if self.engine == "htex":
-            _use_htex(self._home / "endpoints" / "bench" / "config.yaml", self.workers)
+            _use_htex(self._home / "endpoints" / "bench" / "config.yaml", self.workers,
+                      _simulated_pool_bin(self._home) if self.simulated else None)
         agent = [sys.executable, "-m", "gc_agent.cli", "start", "bench", "--log-level", "WARNING"]
         self._processes.append(_process.start_worker(agent, self._home / "agent.log", env))
         pid_file = self._home / "endpoints" / "bench" / "agent.pid"
@@ -91,10 +97,9 @@ class GcFabricSystem(System):
         for process in reversed(self._processes):
             _process.stop_worker(process)
         self._processes.clear()
-        try:
-            _rabbitmqctl("delete_vhost", self._vhost)
-        except subprocess.CalledProcessError:
-            logger.debug("vhost %s already gone", self._vhost)
+        if self._vhost is not None:
+            delete_vhost(self._vhost)
+            self._vhost = None
 
     def run_throughput(self, n: int) -> float:
         assert self._executor is not None
@@ -116,6 +121,14 @@ class GcFabricSystem(System):
             self._executor.submit(noop).result(timeout=TASK_TIMEOUT_S)
             samples.append(time.perf_counter() - start)
         return samples
+
+    def processes(self) -> list[ProcessRoot]:
+        """The registry; the agent, whose children are its workers (its interchange counts
+        as itself); and htex worker pools, found by the run directory under our home."""
+        registry, agent = self._processes
+        return [ProcessRoot("registry", pid=registry.pid),
+                ProcessRoot("agent", pid=agent.pid, descendants_role="workers"),
+                ProcessRoot("workers", cmdline=str(self._home))]
 
     # -- used by bench.memory: pids, and the agent stopped and started on its own ----------
 
@@ -145,28 +158,37 @@ class GcFabricSystem(System):
 
     def queued_tasks(self) -> int:
         """Return how many messages wait in the endpoint's task queue (rabbitmqctl)."""
-        assert self._executor is not None
+        assert self._executor is not None and self._vhost is not None
         queue = self._executor.client.topology.queue("endpoint_tasks",
                                                      endpoint_id=self._executor.endpoint_id).name
-        done = subprocess.run(["rabbitmqctl", "-q", "list_queues", "-p", self._vhost, "name",
-                               "messages"], check=True, capture_output=True, text=True, timeout=60)
-        counts = dict(line.split("\t") for line in done.stdout.splitlines() if "\t" in line)
+        listing = rabbitmqctl("list_queues", "-p", self._vhost, "name", "messages")
+        counts = dict(line.split("\t") for line in listing.splitlines() if "\t" in line)
         return int(counts.get(queue, 0))
 
 
-def _use_htex(path: Path, workers: int) -> None:
-    """Give the configured endpoint the htex engine: one local block of ``workers`` workers."""
+def _use_htex(path: Path, workers: int, pool_bin: Path | None = None) -> None:
+    """Give the configured endpoint the htex engine: one local block of ``workers`` workers
+    (started from ``pool_bin`` first on PATH, if given)."""
     from gc_agent.config import HtexEngineConfig, load_config, save_config
     from gc_agent.providers import LocalProviderConfig
 
     pythonpath = shlex.quote(_process.worker_env()["PYTHONPATH"])  # the pool unpickles noop
+    worker_init = f"export PYTHONPATH={pythonpath}" + (
+        f"; export PATH={shlex.quote(str(pool_bin))}:$PATH" if pool_bin else "")
     engine = HtexEngineConfig(type="htex", max_workers_per_node=workers, provider=LocalProviderConfig(
-        init_blocks=1, min_blocks=1, max_blocks=1, worker_init=f"export PYTHONPATH={pythonpath}"))
+        init_blocks=1, min_blocks=1, max_blocks=1, worker_init=worker_init))
     save_config(load_config(path).model_copy(update={"engine": engine}), path)
 
 
-def _rabbitmqctl(*args: str) -> None:
-    subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, timeout=60)
+def _simulated_pool_bin(home: Path) -> Path:
+    """A directory whose ``process_worker_pool.py`` (the name Parsl launches pools by) runs
+    ``bench.sim_pool`` with the same arguments."""
+    directory = home / "sim-pool-bin"
+    directory.mkdir(exist_ok=True)
+    script = directory / "process_worker_pool.py"
+    script.write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} -m bench.sim_pool "$@"\n')
+    script.chmod(0o755)
+    return directory
 
 
 def _free_port() -> int:

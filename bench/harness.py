@@ -5,6 +5,8 @@ Methodology (see /work/shared/ANCHORS.md): no-op tasks over loopback.
 * Throughput: N tasks submitted as fast as the API allows; the rate is
   N / (first submit -> last result).
 * Latency: one task at a time, round trip, nearest-rank p50/p99.
+* CPU per task: CPU seconds every process of the system used over the throughput run and
+  until its processes go quiet after it (``bench.cpu``), by role, divided by N.
 
 Every system starts its own worker(s) as subprocess(es) in ``start()`` and stops them in
 ``stop()``; ``measure()`` warms each system up before it measures and always stops it.
@@ -22,10 +24,13 @@ import shlex
 import subprocess
 import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
+from typing import TypeVar
+
+from bench import cpu
 
 logger = logging.getLogger(__name__)
 
@@ -42,7 +47,7 @@ MIN_RATE_PER_S = 50.0
 #: Seconds over which the machine's background CPU use is sampled before a run.
 IDLE_SAMPLE_S = 3.0
 #: Packages whose versions are listed in RESULTS.md.
-REPORTED_PACKAGES = ("pika", "celery", "kombu", "parsl", "pyzmq")
+REPORTED_PACKAGES = ("pika", "celery", "kombu", "parsl", "pyzmq", "dramatiq", "redis")
 
 
 class System(abc.ABC):
@@ -50,6 +55,8 @@ class System(abc.ABC):
 
     #: Short unique name, used in ``--systems`` and as the table's row label.
     name: str
+    #: Whether the system runs on the local RabbitMQ, whose broker's CPU then counts as its.
+    uses_rabbitmq: bool = True
 
     @abc.abstractmethod
     def start(self) -> None:
@@ -67,10 +74,39 @@ class System(abc.ABC):
     def run_latency(self, n: int) -> list[float]:
         """Run ``n`` no-op tasks one at a time; return each round trip in seconds."""
 
+    @abc.abstractmethod
+    def processes(self) -> list[cpu.ProcessRoot]:
+        """The processes started by ``start()``, by role; the client and broker are added."""
+
 
 def throughput_timeout(n: int) -> float:
     """Return how long a throughput run of ``n`` tasks may take before it is abandoned."""
     return TASK_TIMEOUT_S + n / MIN_RATE_PER_S
+
+
+Handle = TypeVar("Handle")
+
+
+def time_sweep(n: int, submit: Callable[[], Handle], wait: Callable[[Handle, float], object]) -> float:
+    """Submit ``n`` tasks, then wait for each (``wait(handle, seconds_left)``); return the
+    seconds from the first submit to the last result."""
+    deadline = time.monotonic() + throughput_timeout(n)
+    started = time.perf_counter()
+    handles = [submit() for _ in range(n)]
+    for handle in handles:
+        wait(handle, max(deadline - time.monotonic(), 0.1))
+    return time.perf_counter() - started
+
+
+def time_round_trips(n: int, call: Callable[[], object]) -> list[float]:
+    """Make ``n`` calls one after another (each submits a task and waits for its result);
+    return each call's seconds."""
+    round_trips = []
+    for _ in range(n):
+        started = time.perf_counter()
+        call()
+        round_trips.append(time.perf_counter() - started)
+    return round_trips
 
 
 def nearest_rank(samples: Sequence[float], pct: float) -> float:
@@ -100,16 +136,26 @@ class Measurement:
     p50_ms: float | None = None
     p99_ms: float | None = None
     error: str | None = None
+    #: CPU seconds per task over the throughput run, by role (``bench.cpu.ROLES``).
+    cpu_per_task_s: Mapping[str, float] = field(default_factory=dict)
 
 
-def summarize(system: str, n: int, elapsed_s: float, round_trips_s: Sequence[float]) -> Measurement:
-    """Turn raw timings into a Measurement (rate in tasks/s, percentiles in ms)."""
+def summarize(system: str, n: int, elapsed_s: float, round_trips_s: Sequence[float],
+              cpu_s: Mapping[str, float] | None = None) -> Measurement:
+    """Turn raw timings into a Measurement (rate in tasks/s, percentiles in ms, CPU per task)."""
     return Measurement(
         system=system,
         tasks_per_s=n / elapsed_s,
         p50_ms=nearest_rank(round_trips_s, 50) * 1000,
         p99_ms=nearest_rank(round_trips_s, 99) * 1000,
+        cpu_per_task_s={role: seconds / n for role, seconds in (cpu_s or {}).items()},
     )
+
+
+def process_roots(system: System) -> list[cpu.ProcessRoot]:
+    """Every process whose CPU counts as ``system``'s: its own, then the broker and the client."""
+    return [*system.processes(), *(cpu.broker_roots() if system.uses_rabbitmq else []),
+            *cpu.client_roots()]
 
 
 def measure(system: System, tasks: int, latency_samples: int, warmup: int = WARMUP_TASKS) -> Measurement:
@@ -118,11 +164,15 @@ def measure(system: System, tasks: int, latency_samples: int, warmup: int = WARM
         logger.info("%s: starting", system.name)
         system.start()
         system.run_throughput(warmup)
+        roots = process_roots(system)
+        before = cpu.snapshot(roots)
         elapsed = system.run_throughput(tasks)
-        logger.info("%s: %d tasks in %.2fs (%.0f/s)", system.name, tasks, elapsed, tasks / elapsed)
+        cpu_s = cpu.seconds_by_role(before, cpu.settled_snapshot(roots))
+        logger.info("%s: %d tasks in %.2fs (%.0f/s); CPU %s", system.name, tasks, elapsed,
+                    tasks / elapsed, {role: round(s, 2) for role, s in cpu_s.items()})
         system.run_latency(min(warmup, 50))
         round_trips = system.run_latency(latency_samples)
-        return summarize(system.name, tasks, elapsed, round_trips)
+        return summarize(system.name, tasks, elapsed, round_trips, cpu_s)
     except Exception as exc:  # a failing system becomes a row, not a crashed run
         logger.exception("%s: failed", system.name)
         return Measurement(system=system.name, error=f"{type(exc).__name__}: {exc}")
@@ -291,7 +341,9 @@ PAIRS_INTRO = (
     "→ result over RabbitMQ, ledger on; theirs is Parsl's DataFlowKernel calling HTEX in the "
     "same process. The ratio is the cost of our layer. Everything shares the machine's cores "
     "(more workers add contention rather than capacity on 2 cores, and other processes may "
-    "run: see 'CPU busy before the run'), so read ratios, not absolute figures.\n\n"
+    "run: see 'CPU busy before the run'), so read ratios, not absolute figures. Parsl gives a "
+    "pool no more workers than the node has cores (`cores_per_worker` 1 by default, in both): "
+    "on 2 cores the 4-worker rows run 2 workers.\n\n"
 )
 
 

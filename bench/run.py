@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from bench import harness
+from bench import harness, targets
 from bench.systems import PAIRS, SystemSpec, select_systems
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,8 @@ def main(tasks: int, latency_samples: int, warmup: int, systems: str, output: Pa
     click.echo(harness.render_table(measurements))
     if pairs:
         click.echo(harness.render_pairs(measurements, pairs))
+    click.echo(targets.render_targets(measurements))
+    click.echo(targets.render_cpu_table(measurements))
     text = harness.render_results(
         measurements,
         facts={**harness.machine_facts(), "CPU busy before the run": idle_check},
@@ -71,7 +73,7 @@ def main(tasks: int, latency_samples: int, warmup: int, systems: str, output: Pa
         when=datetime.datetime.now().astimezone(),
         settings={"tasks": tasks, "latency_samples": latency_samples, "warmup": warmup},
         pairs=pairs,
-    )
+    ) + targets.render_sections(measurements)
     harness.write_results(output, text)
     click.echo(f"wrote {output}")
 

@@ -1,7 +1,7 @@
 """The systems ``python -m bench.run`` knows, registered in one list, in run order.
 
 To add a system, implement ``bench.harness.System`` (``name``, ``start()``, ``stop()``,
-``run_throughput(n)``, ``run_latency(n)``) and add one line to ``SYSTEMS``. For gc-fabric,
+``run_throughput(n)``, ``run_latency(n)``, ``processes()``) and add one line to ``SYSTEMS``. For gc-fabric,
 once ``bench/gc_fabric.py`` defines, say, ``GcFabricExecutorSystem`` with
 ``name = "gc-fabric-executor"``::
 
@@ -47,6 +47,8 @@ class SystemSpec:
 
 #: Worker counts at which the htex engine is measured beside Parsl's own HTEX.
 HTEX_WORKERS = (1, 2, 4)
+#: Simulated htex workers (``bench.sim_pool``): the many behind one agent, and the reference.
+SIMULATED_WORKERS = (64, 1000)
 #: Rows compared pairwise in RESULTS.md: ours, then the system it wraps.
 PAIRS = [(f"gc-fabric-htex-{w}w", f"parsl-htex-{w}w") for w in HTEX_WORKERS]
 
@@ -57,6 +59,7 @@ SYSTEMS: list[SystemSpec] = [
     SystemSpec("celery-threads", "bench.peers.celery_peer:CelerySystem", {"pool": "threads"}),
     SystemSpec("celery-prefork", "bench.peers.celery_peer:CelerySystem", {"pool": "prefork"}),
     SystemSpec("parsl-htex", "bench.peers.parsl_htex:ParslHtexSystem"),
+    SystemSpec("dramatiq", "bench.peers.dramatiq_peer:DramatiqSystem"),
     SystemSpec("gc-fabric-threads", "bench.gc_fabric:GcFabricSystem", {"engine": "threads"}),
     SystemSpec("gc-fabric-processes", "bench.gc_fabric:GcFabricSystem", {"engine": "processes"}),
     SystemSpec("gc-fabric-processes-no-ledger", "bench.gc_fabric:GcFabricSystem",
@@ -66,6 +69,9 @@ SYSTEMS: list[SystemSpec] = [
                    {"workers": workers, "encrypted": True}),
         SystemSpec(f"gc-fabric-htex-{workers}w", "bench.gc_fabric:GcFabricSystem",
                    {"engine": "htex", "workers": workers}))),
+    *(SystemSpec(f"gc-fabric-htex-sim-{workers}w", "bench.gc_fabric:GcFabricSystem",
+                 {"engine": "htex", "workers": workers, "simulated": True})
+      for workers in SIMULATED_WORKERS),
 ]
 
 

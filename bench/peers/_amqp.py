@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import subprocess
 import uuid
 from collections.abc import Iterable
 
@@ -45,3 +46,37 @@ def delete_broker_objects(queues: Iterable[str] = (), exchanges: Iterable[str] =
                 logger.debug("exchange %s already gone", exchange)
     finally:
         connection.close()
+
+
+#: Longest wait for one rabbitmqctl call.
+RABBITMQCTL_TIMEOUT_S = 60.0
+
+
+def rabbitmqctl(*args: str) -> str:
+    """Run ``rabbitmqctl -q ARGS`` against the local node and return its output."""
+    done = subprocess.run(["rabbitmqctl", "-q", *args], check=True, capture_output=True, text=True,
+                          timeout=RABBITMQCTL_TIMEOUT_S)
+    return done.stdout
+
+
+def create_vhost(kind: str) -> str:
+    """Create a fresh vhost ``bench-<kind>-<hex>`` that guest may use, and return its name."""
+    vhost = f"bench-{kind}-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_vhost", vhost)
+    rabbitmqctl("set_permissions", "-p", vhost, "guest", ".*", ".*", ".*")
+    return vhost
+
+
+def delete_vhost(vhost: str) -> None:
+    """Delete a vhost create_vhost() made, with everything in it; a missing one is ignored."""
+    if not vhost.startswith("bench-"):
+        raise ValueError(f"refusing to delete vhost {vhost!r}: not one the benchmark made")
+    try:
+        rabbitmqctl("delete_vhost", vhost)
+    except subprocess.CalledProcessError:
+        logger.debug("vhost %s already gone", vhost)
+
+
+def vhost_url(vhost: str) -> str:
+    """The guest URL of ``vhost`` on the loopback broker."""
+    return f"amqp://guest:guest@127.0.0.1:5672/{vhost}"

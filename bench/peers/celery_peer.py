@@ -6,13 +6,13 @@ import logging
 import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 from celery import Celery, Task
 from celery.result import AsyncResult
 
-from bench.harness import TASK_TIMEOUT_S, System, throughput_timeout
+from bench.cpu import ProcessRoot
+from bench.harness import TASK_TIMEOUT_S, System, time_round_trips, time_sweep
 from bench.peers import _process
 from bench.peers._amqp import delete_broker_objects, unique_name
 from bench.peers.celery_app import NOOP_TASK_NAME, READY_MARKER, make_app
@@ -74,22 +74,21 @@ class CelerySystem(System):
     def run_throughput(self, n: int) -> float:
         """``.delay()`` ``n`` tasks, then ``.get()`` every result."""
         task = self._task()
-        deadline = time.monotonic() + throughput_timeout(n)
-        started = time.perf_counter()
-        results: list[AsyncResult] = [task.delay() for _ in range(n)]
-        for result in results:
-            result.get(timeout=max(deadline - time.monotonic(), 0.1))
-        return time.perf_counter() - started
+
+        def wait(result: AsyncResult, left: float) -> None:
+            result.get(timeout=left)
+
+        return time_sweep(n, task.delay, wait)
 
     def run_latency(self, n: int) -> list[float]:
         """``.delay().get()`` ``n`` times."""
         task = self._task()
-        round_trips = []
-        for _ in range(n):
-            started = time.perf_counter()
-            task.delay().get(timeout=TASK_TIMEOUT_S)
-            round_trips.append(time.perf_counter() - started)
-        return round_trips
+        return time_round_trips(n, lambda: task.delay().get(timeout=TASK_TIMEOUT_S))
+
+    def processes(self) -> list[ProcessRoot]:
+        """The worker process (and its prefork children)."""
+        assert self._worker is not None, "start() first"
+        return [ProcessRoot("workers", pid=self._worker.pid)]
 
     def _task(self) -> Task:
         assert self._app is not None, "start() first"

@@ -10,7 +10,6 @@ import logging
 import shlex
 import sys
 import tempfile
-import time
 from concurrent.futures import Future
 from pathlib import Path
 
@@ -20,7 +19,8 @@ from parsl.dataflow.dflow import DataFlowKernel
 from parsl.executors import HighThroughputExecutor
 from parsl.providers import LocalProvider
 
-from bench.harness import TASK_TIMEOUT_S, System, throughput_timeout
+from bench.cpu import ProcessRoot
+from bench.harness import TASK_TIMEOUT_S, System, time_round_trips, time_sweep
 from bench.peers._process import worker_env
 
 logger = logging.getLogger(__name__)
@@ -78,6 +78,8 @@ class ParslHtexSystem(System):
     gc-fabric's htex engine with as many workers (CurveZMQ on, its default) is compared to.
     """
 
+    uses_rabbitmq = False
+
     def __init__(self, workers: int | None = None, encrypted: bool = False) -> None:
         self.workers = workers or PARSL_WORKERS
         self.encrypted = encrypted
@@ -105,18 +107,17 @@ class ParslHtexSystem(System):
 
     def run_throughput(self, n: int) -> float:
         """Submit ``n`` apps, then wait for every result."""
-        deadline = time.monotonic() + throughput_timeout(n)
-        started = time.perf_counter()
-        futures: list[Future[None]] = [noop() for _ in range(n)]
-        for future in futures:
-            future.result(timeout=max(deadline - time.monotonic(), 0.1))
-        return time.perf_counter() - started
+        def wait(future: Future[None], left: float) -> None:
+            future.result(timeout=left)
+
+        return time_sweep(n, noop, wait)
 
     def run_latency(self, n: int) -> list[float]:
         """Run ``n`` apps one at a time."""
-        round_trips = []
-        for _ in range(n):
-            started = time.perf_counter()
-            noop().result(timeout=TASK_TIMEOUT_S)
-            round_trips.append(time.perf_counter() - started)
-        return round_trips
+        return time_round_trips(n, lambda: noop().result(timeout=TASK_TIMEOUT_S))
+
+    def processes(self) -> list[ProcessRoot]:
+        """The worker pool, found by its run directory (its launcher's shell has left it
+        behind); the interchange is this process's child and counts as itself."""
+        assert self._workdir is not None, "start() first"
+        return [ProcessRoot("workers", cmdline=self._workdir.name)]

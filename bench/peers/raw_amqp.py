@@ -24,6 +24,7 @@ from pika.channel import Channel
 from pika.frame import Method
 from pika.spec import Basic, BasicProperties
 
+from bench.cpu import ProcessRoot
 from bench.harness import TASK_TIMEOUT_S, System, throughput_timeout
 from bench.peers import _process
 from bench.peers._amqp import AMQP_URL, delete_broker_objects, unique_name
@@ -285,3 +286,8 @@ class RawAmqpSystem(System):
         """Run ``n`` tasks one at a time."""
         assert self._client is not None, "start() first"
         return self._client.run_latency(n)
+
+    def processes(self) -> list[ProcessRoot]:
+        """The worker process."""
+        assert self._worker is not None, "start() first"
+        return [ProcessRoot("workers", pid=self._worker.pid)]
