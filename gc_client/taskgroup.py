@@ -35,8 +35,9 @@ from gc_client.tasks import (
     task_message,
     task_out_value,
 )
+from gc_core.batches import decode_results
 from gc_core.errors import ProtocolError
-from gc_core.protocol import Envelope, ResultMessage, TaskMessage, decode_result
+from gc_core.protocol import Envelope, ResultMessage, TaskMessage
 from gc_core.registry_api.schemas import TaskOut
 from gc_core.serialize import Serializer
 
@@ -170,13 +171,20 @@ class TaskGroup(Generic[F]):
                 f"task {task_id} was", future.endpoint_id, reason)))
 
     def on_result(self, envelope: Envelope, sender: str) -> None:
-        """Resolve the future a result belongs to, if broker user ``sender`` may send it;
-        hold it if the task is not known yet (see :meth:`adopt`)."""
+        """Resolve the futures a result (or a batch of them) belongs to, each if broker user
+        ``sender`` may send it; hold one whose task is not known yet (see :meth:`adopt`)."""
         try:
-            result = decode_result(envelope)
+            results = decode_results(envelope)
         except ProtocolError as exc:
-            logger.warning("dropped an undecodable result (%d bytes): %s", len(exc.raw), exc)
-            return
+            results = [exc]
+        for result in results:
+            if isinstance(result, ProtocolError):
+                logger.warning("dropped an undecodable result (%d bytes): %s", len(result.raw),
+                               result)
+            else:
+                self._on_one_result(result, sender)
+
+    def _on_one_result(self, result: ResultMessage, sender: str) -> None:
         with self._lock:
             future = self._pending.get(result.task_id)
             if future is None:

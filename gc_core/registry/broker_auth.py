@@ -16,7 +16,9 @@ What a principal may do (anything else is refused):
   ``gc.results.<name>.*``, bound to ``gc.results`` only with their own ``<name>.*`` keys.
 - the agent of endpoint E (``endpoint-E``): declare and consume ``gc.ep.E.tasks`` and
   ``gc.ep.E.commands``, bound to E's routing key only; publish results to anyone (it
-  answers whoever submitted) and E's heartbeats; write to ``gc.dead``, which RabbitMQ
+  answers whoever submitted), E's heartbeats, and tasks to E alone (a redelivered batch's
+  tasks, put back one per message, which the agent seals: it takes no task stamped with its
+  own account without its seal); write to ``gc.dead``, which RabbitMQ
   requires of whoever declares a queue with that dead-letter exchange.
 
 Dead-letter arguments: declaring a queue with ``x-dead-letter-exchange: X`` makes RabbitMQ
@@ -103,6 +105,8 @@ def topic_allowed(who: Principal, exchange: str, permission: str, routing_key: s
             return bool(topology.routing_key_pattern("result").fullmatch(routing_key))
         if permission == "write" and role == "events":
             return routing_key == topology.routing_key("heartbeat", endpoint_id=mine)
+        if permission == "write" and role == "tasks":
+            return routing_key == topology.routing_key("task", endpoint_id=mine)
         return False
     if who.kind not in ("user", "service"):
         return False
@@ -124,8 +128,8 @@ def _exchange_role(name: str, topology: Topology) -> str | None:
 
 def _exchange_rights(who: Principal) -> frozenset[tuple[str | None, str]]:
     if who.kind == "agent":
-        return frozenset({("tasks", "read"), ("commands", "read"), ("results", "write"),
-                          ("events", "write"), ("dead", "write")})
+        return frozenset({("tasks", "read"), ("tasks", "write"), ("commands", "read"),
+                          ("results", "write"), ("events", "write"), ("dead", "write")})
     if who.kind in ("user", "service"):
         return frozenset({("tasks", "write"), ("commands", "write"), ("events", "write"),
                           ("results", "read")})

@@ -48,10 +48,12 @@ def result_refusal(result: ResultMessage, owner: TaskOwner, sender: str,
     """Why the ledger must not record ``result`` (a dead letter if ``dead``) for the task
     ``owner`` describes, or None."""
     if senders.verified:
-        # A dead letter is the submitter's own task message: the broker kept its user_id.
-        expected = owner.user if dead else f"{AGENT_PREFIX}{owner.endpoint_id}"
-        if not senders.any_of(sender, expected):
-            return f"only {expected!r} may send it"
+        # A dead letter is the submitter's own task message (the broker kept its user_id),
+        # or one the endpoint's agent took out of a batch and put back alone.
+        agent = f"{AGENT_PREFIX}{owner.endpoint_id}"
+        expected = (owner.user, agent) if dead else (agent,)
+        if not senders.any_of(sender, *expected):
+            return f"only {' or '.join(repr(name) for name in expected)} may send it"
         return None
     if not dead and (result.user, result.endpoint_id) != (owner.user, owner.endpoint_id):
         return (f"it claims user {result.user!r} and endpoint {result.endpoint_id!r}, but the "

@@ -1,0 +1,146 @@
+"""The batch message kind and the coalescer that fills it: pure, no broker."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import pytest
+
+from gc_core.batches import (
+    MAX_BATCH_TASKS,
+    decode_results,
+    encode_result_batch,
+    encode_task_batch,
+    is_batch,
+    split_batch,
+)
+from gc_core.broker_limits import Refusal
+from gc_core.broker_publisher import ConfirmCallback
+from gc_core.coalesce import Coalescer
+from gc_core.errors import ProtocolError
+from gc_core.protocol import (
+    Envelope,
+    ResultMessage,
+    TaskMessage,
+    decode_task,
+    encode_result,
+    encode_task,
+)
+from gc_core.serialize import JSON
+
+
+def _task(n: int, **changes: object) -> TaskMessage:
+    return TaskMessage(task_id=f"t-{n}", task_group_id="g", endpoint_id="e", function_id="f",
+                       user="u", content_type=JSON.content_type, payload=JSON.dumps([n]),
+                       resource_spec={"num_nodes": 1, "note": "{[not nested]}"}).model_copy(
+        update=changes)
+
+
+def _result(n: int) -> ResultMessage:
+    return ResultMessage(task_id=f"t-{n}", task_group_id="g", endpoint_id="e", user="u",
+                         state="success", content_type=JSON.content_type,
+                         payload=JSON.dumps(n), stdout=f"out {n}\n")
+
+
+def test_a_task_batch_splits_into_the_very_tasks_that_went_in() -> None:
+    tasks = [_task(n) for n in range(5)]
+    batch = encode_task_batch(tasks)
+    assert is_batch(batch)
+    assert [decode_task(entry) for entry in split_batch(batch)] == tasks
+
+
+def test_one_task_or_result_travels_as_the_plain_single_message() -> None:
+    assert encode_task_batch([_task(1)]) == encode_task(_task(1))
+    assert encode_result_batch([_result(1)]) == encode_result(_result(1))
+
+
+def test_a_result_batch_decodes_to_each_result_and_a_bad_entry_costs_itself_alone() -> None:
+    results = [_result(n) for n in range(3)]
+    batch = encode_result_batch(results)
+    assert decode_results(batch) == results
+    entries = split_batch(batch)
+    broken = Envelope(entries[1].message_id, "g", JSON.content_type,
+                      {**entries[1].headers, "gc-state": "exploded"}, b"")
+    decoded = decode_results(_reframe([entries[0], broken, entries[2]], batch))
+    assert decoded[0] == results[0] and decoded[2] == results[2]
+    assert isinstance(decoded[1], ProtocolError)
+
+
+def test_a_dead_lettered_batch_becomes_a_dead_letter_for_each_of_its_tasks() -> None:
+    batch = encode_task_batch([_task(1), _task(2)])
+    dead = Envelope(batch.message_id, batch.correlation_id, batch.content_type,
+                    {**batch.headers, "x-death": [{"reason": "rejected", "queue": "q"}]},
+                    batch.body)
+    decoded = decode_results(dead)
+    assert [(r.task_id, r.error.type) for r in decoded if isinstance(r, ResultMessage)
+            and r.error is not None] == [("t-1", "TaskDeadLettered"), ("t-2", "TaskDeadLettered")]
+
+
+@pytest.mark.parametrize(("count", "body", "problem"), [
+    (MAX_BATCH_TASKS + 1, b"", "must count 1 to"),
+    (True, b"", "must count 1 to"),
+    (2, None, "holds 3"),
+    (1, struct.pack(">I", 10), "past its bound"),
+    (1, b"\0\0", "cut short"),
+    (1, struct.pack(">I", 2**20) + b" " * 2**20 + b"\0\0\0\0", "past its bound"),
+    (1, struct.pack(">I", 20_000) + b"[" * 20_000 + b"\0\0\0\0", "malformed"),
+    (1, struct.pack(">I", 2) + b"[]" + b"\0\0\0\0", "malformed"),
+])
+def test_a_batch_outside_its_bounds_is_refused_whole(count: object, body: bytes | None,
+                                                     problem: str) -> None:
+    three = encode_task_batch([_task(n) for n in range(3)])
+    envelope = Envelope("b", "g", three.content_type, {**three.headers, "gc-batch": count},
+                        three.body if body is None else body)
+    with pytest.raises(ProtocolError, match=problem):
+        split_batch(envelope)
+
+
+class _Broker:
+    """What the coalescer publishes, and the confirms the test gives back."""
+
+    def __init__(self) -> None:
+        self.sent: list[tuple[list[str], ConfirmCallback]] = []
+
+    def publish(self, _key: str, envelope: Envelope, on_confirm: ConfirmCallback) -> None:
+        entries = split_batch(envelope) if is_batch(envelope) else [envelope]
+        self.sent.append(([entry.message_id for entry in entries], on_confirm))
+
+
+def test_the_first_task_goes_at_once_and_those_behind_its_confirm_go_together() -> None:
+    broker = _Broker()
+    answers: dict[str, str | None] = {}
+    coalescer: Coalescer[TaskMessage] = Coalescer(broker.publish, encode_task_batch,
+                                                  lambda task: len(task.payload))
+
+    def add(n: int) -> None:
+        coalescer.add("e", _task(n), lambda reason: answers.__setitem__(f"t-{n}", reason))
+
+    add(0)
+    assert [ids for ids, _ in broker.sent] == [["t-0"]]
+    for n in range(1, 4):
+        add(n)
+    assert len(broker.sent) == 1 and not coalescer.idle()
+    broker.sent[0][1](None)
+    assert [ids for ids, _ in broker.sent] == [["t-0"], ["t-1", "t-2", "t-3"]]
+    assert answers == {"t-0": None}
+    # a batch refused for good is sent again one task per message
+    broker.sent[1][1](Refusal("too large"))
+    assert [ids for ids, _ in broker.sent[2:]] == [["t-1"], ["t-2"], ["t-3"]]
+    assert coalescer.idle()
+    for _, confirm in broker.sent[2:]:
+        confirm(None)
+    assert answers == dict.fromkeys(("t-0", "t-1", "t-2", "t-3"))
+
+
+def _reframe(entries: list[Envelope], like: Envelope) -> Envelope:
+    """A batch of ``entries`` framed as the contract says, with ``like``'s properties."""
+    parts = []
+    for entry in entries:
+        head = (b'{"message_id":"%s","correlation_id":"%s","content_type":"%s","headers":%s}'
+                % (entry.message_id.encode(), entry.correlation_id.encode(),
+                   entry.content_type.encode(), json.dumps(entry.headers).encode()))
+        parts += [struct.pack(">I", len(head)), head, struct.pack(">I", len(entry.body)),
+                  entry.body]
+    return Envelope(like.message_id, like.correlation_id, like.content_type,
+                    {**like.headers, "gc-batch": len(entries)}, b"".join(parts))
