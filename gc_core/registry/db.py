@@ -19,6 +19,7 @@ from sqlalchemy import (
     UniqueConstraint,
     create_engine,
     event,
+    func,
     make_url,
     select,
 )
@@ -110,6 +111,12 @@ class TaskRow(Base):
     recorded: Mapped[float | None] = mapped_column(Float, index=True)
     #: Why the result's value is not kept: larger than the cap, or past its time to live.
     result_note: Mapped[str] = mapped_column(Text, default="")
+
+
+#: A user's tasks newest first, as ``GET /tasks`` pages them (``listing.py``): each row has
+#: a submission time from its manifest, or else the time its result was recorded.
+Index("ix_tasks_user_time", TaskRow.user, func.coalesce(TaskRow.submitted, TaskRow.recorded),
+      TaskRow.task_id)
 
 
 class EarlyResultRow(Base):

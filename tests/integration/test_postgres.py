@@ -46,6 +46,7 @@ def test_a_database_made_before_migrations_is_completed_and_keeps_its_rows(db_ur
                                              if t.name != "actions"])
     with engine.begin() as connection:
         connection.execute(text("DROP INDEX ix_tasks_recorded"))
+        connection.execute(text("DROP INDEX ix_tasks_user_time"))  # it came with 0006
         for column in ("recorded", "result_note"):
             connection.execute(text(f"ALTER TABLE tasks DROP COLUMN {column}"))
         connection.execute(text(
