@@ -8,7 +8,13 @@ if [ -z "${GC_HOME:-}" ]; then
   rm -rf "$GC_HOME"
 fi
 export GC_REGISTRY_URL=${GC_REGISTRY_URL:-http://127.0.0.1:8765}
-trap 'bash "$here/deploy/local-stack.sh" down' EXIT
+# An endpoint the demo configures is deleted afterwards, queues and all; one that was there
+# before stays.
+down_flag=""
+if [ ! -f "$GC_HOME/endpoints/${GC_DEMO_ENDPOINT:-demo}/config.yaml" ]; then
+  down_flag=--delete-endpoint
+fi
+trap 'bash "$here/deploy/local-stack.sh" down $down_flag' EXIT
 endpoint_id=$(bash "$here/deploy/local-stack.sh" up | tail -n 1)
 echo "endpoint: $endpoint_id"
 export GC_ENDPOINT_ID=$endpoint_id

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Bring the embedded stack up or down under GC_HOME: the registry on SQLite and one
 # local endpoint agent with a process pool. `make demo` and the README use it.
-#   deploy/local-stack.sh up      # prints the endpoint id on its last line
-#   deploy/local-stack.sh down
+#   deploy/local-stack.sh up      # prints the GC_HOME to export, and the endpoint id on its last line
+#   deploy/local-stack.sh down    # returns once everything it stopped has exited
+#   deploy/local-stack.sh down --delete-endpoint   # also deletes the endpoint and its queues
 set -euo pipefail
 here=$(cd "$(dirname "$0")/.." && pwd)
 bin="$here/.venv/bin"
@@ -13,6 +14,17 @@ port=${GC_REGISTRY_URL##*:}
 mkdir -p "$GC_HOME"
 
 registry_up() { curl -fsS "$GC_REGISTRY_URL/health" >/dev/null 2>&1; }
+
+# PID: SIGTERM, then wait until it has exited (SIGKILL after 30 s): whoever starts the stack
+# again next finds its port free.
+stop_and_wait() {
+  local pid="$1"
+  kill "$pid" 2>/dev/null || return 0
+  for _ in $(seq 1 300); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.1; done
+  echo "pid $pid did not exit within 30 s of SIGTERM; killing it" >&2
+  kill -9 "$pid" 2>/dev/null || true
+  while kill -0 "$pid" 2>/dev/null; do sleep 0.1; done
+}
 
 case "${1:-}" in
 up)
@@ -30,18 +42,26 @@ up)
   # under pipefail.
   listing=$("$bin/gc-agent" list)
   grep -q "^$endpoint .*running" <<<"$listing" || "$bin/gc-agent" start "$endpoint" --detach
+  # Without these, gc-agent and gc-client look in ~/.gc and at the default registry.
+  echo "To use this stack from your shell:"
+  echo "  export GC_HOME=$GC_HOME GC_REGISTRY_URL=$GC_REGISTRY_URL"
   "$bin/python" -c "import sys, yaml; print(yaml.safe_load(open(sys.argv[1]))['endpoint_id'])" \
     "$GC_HOME/endpoints/$endpoint/config.yaml"
   ;;
 down)
-  listing=$("$bin/gc-agent" list)
-  if grep -q "^$endpoint .*running" <<<"$listing"; then "$bin/gc-agent" stop "$endpoint"; fi
+  # gc-agent stop and delete return once the agent has exited.
+  if [ "${2:-}" = --delete-endpoint ] && [ -f "$GC_HOME/endpoints/$endpoint/config.yaml" ]; then
+    "$bin/gc-agent" delete "$endpoint" --yes --with-queues
+  else
+    listing=$("$bin/gc-agent" list)
+    if grep -q "^$endpoint .*running" <<<"$listing"; then "$bin/gc-agent" stop "$endpoint"; fi
+  fi
   if [ -f "$GC_HOME/registry.pid" ]; then
-    kill "$(cat "$GC_HOME/registry.pid")" 2>/dev/null || true
+    stop_and_wait "$(cat "$GC_HOME/registry.pid")"
     rm -f "$GC_HOME/registry.pid"
   fi
   echo "local stack stopped"
   ;;
 *)
-  echo "usage: $0 up|down" >&2; exit 2 ;;
+  echo "usage: $0 up | down [--delete-endpoint]" >&2; exit 2 ;;
 esac

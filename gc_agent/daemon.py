@@ -22,6 +22,9 @@ __all__ = ["EndpointFiles", "is_running", "spawn_detached", "stop_process"]
 #: Longest pause (seconds) between two looks at an agent starting or stopping: the
 #: command that waits for it should end soon after it does.
 _LONGEST_WAIT = 0.2
+#: Seconds to wait for a killed agent to be gone (the kernel frees it at once, unless it is
+#: stuck in uninterruptible IO).
+_KILL_WAIT = 10.0
 
 
 @dataclass(frozen=True)
@@ -122,9 +125,11 @@ def spawn_detached(files: EndpointFiles, name: str, *, timeout: float = 60.0) ->
 
 
 def stop_process(pid: int, *, timeout: float) -> bool:
-    """SIGTERM (the agent drains), then wait; SIGKILL after ``timeout``. True if it drained."""
+    """SIGTERM (the agent drains), then wait; SIGKILL after ``timeout``, and wait for that
+    too, so the caller goes on once the process is gone. True if it drained."""
     os.kill(pid, signal.SIGTERM)
     if poll(lambda: not is_running(pid), timeout=timeout, longest=_LONGEST_WAIT):
         return True
     os.kill(pid, signal.SIGKILL)
+    poll(lambda: not is_running(pid), timeout=_KILL_WAIT, longest=_LONGEST_WAIT)
     return False

@@ -21,6 +21,10 @@ from gc_core.errors import (
     TaskPending,
     WorkerLost,
 )
+from gc_core.version import VERSION as _VERSION
+
+#: The installed gc-fabric's version (its package metadata).
+__version__ = _VERSION
 
 __all__ = [
     # front ends

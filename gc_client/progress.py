@@ -1,4 +1,8 @@
-"""Progress bars over batches of futures (tqdm)."""
+"""Progress bars over batches of futures (tqdm).
+
+Bars come from ``tqdm.auto``: a widget in a Jupyter notebook (with ipywidgets), text in a
+terminal. The Executor's ``map(progress=True)`` uses the same.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,7 @@ from collections.abc import Iterable, Iterator
 from concurrent.futures import Future
 from typing import Any, TypeVar, cast
 
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 __all__ = ["as_completed"]
 

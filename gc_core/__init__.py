@@ -29,6 +29,10 @@ from gc_core.errors import (
 )
 from gc_core.protocol import ErrorInfo, ResultMessage, TaskMessage, Timings
 from gc_core.settings import FabricSettings, resolve_settings
+from gc_core.version import VERSION as _VERSION
+
+#: The installed gc-fabric's version (its package metadata).
+__version__ = _VERSION
 
 __all__ = [
     # errors

@@ -35,6 +35,12 @@ from aio_pika.robust_connection import RobustConnection
 from tenacity import AsyncRetrying, retry_if_exception, stop_after_delay, wait_exponential_jitter
 from yarl import URL
 
+from gc_core.broker_causes import (
+    connect_failure,
+    login_refusal,
+    permissions_hint,
+    vhost_refusal,
+)
 from gc_core.broker_limits import DEFAULT_MAX_MESSAGE_SIZE, oversize_refusal
 from gc_core.broker_login import (
     HEARTBEAT_SECONDS,
@@ -44,7 +50,13 @@ from gc_core.broker_login import (
     certificate_refusal,
     redact_url,
 )
-from gc_core.errors import BrokerError, BrokerUnreachable, ConnectionLost, PublishNotConfirmed
+from gc_core.errors import (
+    BrokerError,
+    BrokerRefused,
+    BrokerUnreachable,
+    ConnectionLost,
+    PublishNotConfirmed,
+)
 from gc_core.protocol import Envelope
 from gc_core.topology import QueueDeclaration, Topology
 
@@ -197,7 +209,10 @@ class AsyncBrokerSession:
         """Connect, open a confirm-mode channel and declare the topology, retrying with backoff.
 
         Raises:
-            BrokerUnreachable: no connection within ``timeout``, or the credentials were refused.
+            BrokerUnreachable: no connection within ``timeout`` (the reason says why and
+                what to do).
+            BrokerRefused: the broker refused the login or the virtual host, or the TLS
+                handshake failed: retrying would not help.
             BrokerError: the broker refused a declaration (for example mismatched arguments),
                 its certificate failed verification, or the URL's TLS settings are unusable.
         """
@@ -222,7 +237,7 @@ class AsyncBrokerSession:
                     await self._open(timeout, bare, tls)
         except _AMQP_ERRORS as exc:
             if self._login is not None and isinstance(exc, _LOGIN_REFUSALS):
-                raise BrokerUnreachable(self.url, self._login.refusal(
+                raise BrokerRefused(self._login.refusal(
                     self._url, vhost_refused=_vhost_refused(exc))) from exc
             raise _translate(exc, self.url, connecting=True) from exc
         logger.info("connection %s to %s open", self._name, self.url)
@@ -493,7 +508,16 @@ def _is_transient(exc: BaseException | None) -> bool:
     """Whether a reconnect may fix it: a lost or unready connection, not a refusal."""
     if isinstance(exc, asyncio.CancelledError):
         return True  # aiormq cancels pending confirms when their channel closes
-    return isinstance(exc, _AMQP_ERRORS) and not isinstance(exc, _FINAL_ERRORS)
+    return isinstance(exc, _AMQP_ERRORS) and not isinstance(exc, _FINAL_ERRORS) and not (
+        _refused_at_open(exc) or connect_failure(exc, "").permanent)
+
+
+def _refused_at_open(exc: BaseException) -> bool:
+    """Whether the broker closed the connection in answer to Connection.Open, which it does
+    to refuse the virtual host (NOT_ALLOWED: none of that name, or no permissions on it).
+    aiormq reports that as an unexpected frame and drops the broker's reply, so the stage
+    it names is all there is to go by (pika's ProbableAccessDeniedError goes by it too)."""
+    return isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.OpenOk" in str(exc)
 
 
 def _nacked(failure: BaseException) -> bool:
@@ -540,14 +564,20 @@ def _translate(exc: BaseException, url: str, *, connecting: bool = False,
         return PublishNotConfirmed("the broker refused it (basic.nack)")
     if isinstance(exc, (aiormq.exceptions.AuthenticationError,
                         aiormq.exceptions.ProbableAuthenticationError)):
-        return BrokerUnreachable(url, f"the broker refused the credentials or vhost: {reason}")
+        return BrokerRefused(login_refusal(url, reason))
+    if _refused_at_open(exc) or isinstance(exc, aiormq.exceptions.ConnectionNotAllowed):
+        return BrokerRefused(vhost_refusal(url))
     if isinstance(exc, aiormq.exceptions.AMQPChannelError):
         message = f"the broker at {url} refused: {reason}"
+        if isinstance(exc, aiormq.exceptions.ChannelAccessRefused) and not publishing:
+            message += f"; {permissions_hint(url)}"
         return PublishNotConfirmed(message) if publishing else BrokerError(message)
     if publishing:
         return PublishNotConfirmed(f"the broker did not confirm it: {reason}")
     if connecting:
-        return BrokerUnreachable(url, reason)
+        failure = connect_failure(exc, url)
+        return BrokerRefused(failure.reason) if failure.permanent else \
+            BrokerUnreachable(url, failure.reason)
     return ConnectionLost(f"connection to the broker at {url} lost: {reason}")
 
 

@@ -15,6 +15,12 @@ from enum import IntEnum
 import pika.exceptions
 from pika.spec import Basic
 
+from gc_core.broker_causes import (
+    connect_failure,
+    login_refusal,
+    permissions_hint,
+    vhost_refusal,
+)
 from gc_core.broker_login import TokenLogin, certificate_refusal, redact_url
 from gc_core.errors import (
     BrokerError,
@@ -102,7 +108,8 @@ def _translated(error: BaseException, where: FailureContext) -> BrokerError:
         return _open_failure(error, where, url)
     code = getattr(error, "reply_code", 0)  # a close frame's, by the broker
     if where.declaring and code in _SESSION_REFUSALS:
-        return BrokerRefused(f"the broker at {url} refused session {where.session}: {error}")
+        hint = f"; {permissions_hint(url)}" if code == _ReplyCode.ACCESS_REFUSED else ""
+        return BrokerRefused(f"the broker at {url} refused session {where.session}: {error}{hint}")
     if isinstance(error, pika.exceptions.ChannelClosedByBroker):
         same_target = _PUBLISH_REFUSALS.get(code) if where.closed_by == _PUBLISH_METHOD else None
         if same_target is not None:
@@ -117,18 +124,28 @@ def _open_failure(error: BaseException, where: FailureContext, url: str) -> Brok
     got): a refused login, a refused virtual host."""
     untrusted = certificate_refusal(where.url, error)
     if untrusted is not None:
-        # Fatal at start; a broker that was trusted before is retried, in case its
-        # certificate is being replaced.
-        return BrokerUnreachable(url, untrusted) if where.trusted_before else \
-            BrokerRefused(untrusted)
+        return _refused_unless_trusted_before(untrusted, where, url)
     refused = isinstance(error, (pika.exceptions.ProbableAuthenticationError,
                                  pika.exceptions.AuthenticationError))
-    if where.login is not None and (
-            refused or isinstance(error, pika.exceptions.ProbableAccessDeniedError)):
+    vhost_refused = isinstance(error, pika.exceptions.ProbableAccessDeniedError)
+    if where.login is not None and (refused or vhost_refused):
         return BrokerRefused(where.login.refusal(where.url, vhost_refused=not refused))
     if refused:
-        return BrokerRefused(f"the broker at {url} refused the credentials: {error}")
-    return BrokerUnreachable(url, describe(error))
+        return BrokerRefused(login_refusal(where.url, describe(error)))
+    if vhost_refused:  # NOT_ALLOWED: no such vhost, or no permissions on it
+        return _refused_unless_trusted_before(vhost_refusal(where.url, describe(error)), where,
+                                              url)
+    failure = connect_failure(error, where.url)
+    if failure.permanent:
+        return _refused_unless_trusted_before(failure.reason, where, url)
+    return BrokerUnreachable(url, failure.reason)
+
+
+def _refused_unless_trusted_before(reason: str, where: FailureContext, url: str) -> BrokerError:
+    """Fatal at start; a session that was connected before retries, in case the broker is
+    being changed under it (its certificate replaced, a cluster node still starting the
+    vhost, which refuses it meanwhile)."""
+    return BrokerUnreachable(url, reason) if where.trusted_before else BrokerRefused(reason)
 
 
 def describe(error: BaseException) -> str:

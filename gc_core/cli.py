@@ -12,6 +12,7 @@ Only click, pydantic and tenacity are imported: the client-only install has them
 from __future__ import annotations
 
 import os
+import platform
 import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
@@ -22,6 +23,7 @@ from pydantic import ValidationError
 from tenacity import Retrying, retry_if_result, stop_after_delay, wait_exponential
 
 from gc_core.errors import GCError, TaskError, TaskPending
+from gc_core.version import VERSION
 
 __all__ = [
     "EXIT_BROKEN_PIPE",
@@ -31,6 +33,7 @@ __all__ = [
     "EXIT_TASK_FAILED",
     "EXIT_TASK_PENDING",
     "EXIT_USAGE",
+    "HELP_OPTIONS",
     "CommandLine",
     "format_table",
     "poll",
@@ -56,6 +59,11 @@ EXIT_INTERRUPTED = 130
 #: Whoever read the output went away: 128 + SIGPIPE, as a shell reports it.
 EXIT_BROKEN_PIPE = 141
 
+
+#: What asks any command for its help.
+HELP_OPTIONS = ["-h", "--help"]
+#: ``--version``'s answer: the program, gc-fabric's version, and the Python that runs it.
+_VERSION_LINE = f"%(prog)s %(version)s (gc-fabric, Python {platform.python_version()})"
 
 #: First pause (seconds) between two polls; each next one is 1.5 times longer.
 FIRST_POLL_INTERVAL = 0.05
@@ -117,7 +125,14 @@ def _discard_stdout() -> None:
 
 class CommandLine(click.Group):
     """A click group whose commands, and the group's own callback, end through
-    :func:`reported_errors`."""
+    :func:`reported_errors`; it and its commands take ``-h`` for ``--help``, and it answers
+    ``--version`` (before its callback runs, so without the extras the callback checks)."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        settings = dict(kwargs.pop("context_settings", None) or {})
+        settings.setdefault("help_option_names", HELP_OPTIONS)
+        super().__init__(*args, context_settings=settings, **kwargs)
+        click.version_option(VERSION, message=_VERSION_LINE)(self)
 
     def invoke(self, ctx: click.Context) -> Any:
         with reported_errors():
