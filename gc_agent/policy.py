@@ -16,10 +16,14 @@ from gc_core.serialize import (
 __all__ = ["check_identities_verifiable", "refusal", "verifies_senders"]
 
 
-def refusal(task: TaskMessage, *, endpoint_id: str, allowed_serializers: frozenset[str]) -> ErrorInfo | None:
+def refusal(task: TaskMessage, *, endpoint_id: str, allowed_serializers: frozenset[str],
+            allowed_functions: frozenset[str] | None = None) -> ErrorInfo | None:
     """Why this endpoint refuses ``task``, or None if it may run."""
     try:
         _check(task, endpoint_id=endpoint_id, allowed_serializers=allowed_serializers)
+        if allowed_functions is not None and task.function_id not in allowed_functions:
+            raise PolicyError(f"function {task.function_id} is not in endpoint {endpoint_id}'s "
+                              "allowed_functions; its owner may add it to the config's list")
     except GCError as exc:
         return ErrorInfo(type=type(exc).__name__, message=str(exc))
     return None

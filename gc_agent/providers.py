@@ -1,8 +1,9 @@
 """Where the high-throughput engine gets its nodes: config models mapped onto Parsl's providers.
 
 An endpoint's ``engine.provider`` section says which batch system hands out the blocks
-(``local``, ``slurm``, ``pbspro``, ``lsf``, ``kubernetes``) and how the worker pools are started on a
-block's nodes (``launcher``: ``single``, ``srun``, ``mpiexec``). This module validates that
+(``local``, ``slurm``, ``pbspro``, ``torque``, ``lsf``, ``gridengine``, ``condor``, ``kubernetes``)
+and how the worker pools are started on a block's nodes (``launcher``: ``single``, ``simple``,
+``srun``, ``mpiexec``, ``mpirun``, ``aprun``, ``jsrun``, ``gnu_parallel``). This module validates that
 section and builds the matching Parsl objects; Parsl does the scheduler plumbing.
 
     >>> provider = build_provider(SlurmProviderConfig(partition="debug", walltime="00:30:00"))
@@ -33,6 +34,8 @@ if TYPE_CHECKING:
 
 __all__ = [
     "PROVIDER_TYPES",
+    "CondorProviderConfig",
+    "GridEngineProviderConfig",
     "KubernetesProviderConfig",
     "LSFProviderConfig",
     "LauncherConfig",
@@ -40,6 +43,7 @@ __all__ = [
     "PBSProProviderConfig",
     "ProviderConfig",
     "SlurmProviderConfig",
+    "TorqueProviderConfig",
     "build_launcher",
     "build_provider",
     "walltime_seconds",
@@ -51,19 +55,29 @@ WALLTIME_PATTERN = re.compile(r"^\d{1,4}:[0-5]\d:[0-5]\d$")
 MAX_BLOCKS_LIMIT = 1024
 
 
+#: Launchers that wrap the worker pool in a command taking extra options (``overrides``).
+WRAPPING_LAUNCHERS = ("srun", "mpiexec", "mpirun", "aprun", "jsrun")
+
+
 class LauncherConfig(BaseModel):
-    """How a block starts one worker pool per node: directly, under srun, or under mpiexec."""
+    """How a block starts its worker pools: directly, or under a parallel launcher."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    type: Literal["single", "srun", "mpiexec"] = "single"
-    overrides: str = Field(default="", description="Extra options for srun or mpiexec.")
+    type: Literal["single", "simple", "srun", "mpiexec", "mpirun", "aprun", "jsrun",
+                  "gnu_parallel"] = "single"
+    overrides: str = Field(default="", description="Extra options for the wrapping command.")
+    bind_cmd: str | None = Field(default=None, description="mpiexec's CPU binding option "
+                                                           "(Parsl's default: --bind-to).")
 
     @model_validator(mode="after")
-    def _overrides_need_a_wrapper(self) -> LauncherConfig:
-        if self.overrides and self.type == "single":
+    def _options_need_their_launcher(self) -> LauncherConfig:
+        if self.overrides and self.type not in WRAPPING_LAUNCHERS:
             raise ValueError(f"launcher.overrides {self.overrides!r} is only allowed with "
-                             "launcher.type srun or mpiexec")
+                             "launcher.type srun or mpiexec (or mpirun, aprun, jsrun)")
+        if self.bind_cmd is not None and self.type != "mpiexec":
+            raise ValueError(f"launcher.bind_cmd {self.bind_cmd!r} is only allowed with "
+                             "launcher.type mpiexec")
         return self
 
 
@@ -100,6 +114,10 @@ class _BatchConfig(_BlockConfig):
 
     walltime: str = Field(default="00:10:00", description="HH:MM:SS per block.")
     scheduler_options: str = Field(default="", description="Extra lines for the job script header.")
+    cmd_timeout: int | None = Field(
+        default=None, ge=1, le=3600,
+        description="Seconds a scheduler command (submit, status, cancel) may take; default "
+                    "Parsl's for the provider.")
 
     @field_validator("walltime")
     @classmethod
@@ -117,9 +135,9 @@ class _SingleLauncherConfig(_BlockConfig):
     @field_validator("launcher")
     @classmethod
     def _single_node_only(cls, value: LauncherConfig) -> LauncherConfig:
-        if value.type != "single":
+        if value.type not in ("single", "simple"):
             raise ValueError(f"launcher.type {value.type!r} is not allowed with provider "
-                             f"{cls._provider}; allowed: 'single'")
+                             f"{cls._provider}; allowed: 'single', 'simple'")
         return value
 
 
@@ -152,6 +170,10 @@ class SlurmProviderConfig(_BatchConfig):
     partition: str | None = None
     account: str | None = None
     qos: str | None = None
+    constraint: str | None = Field(default=None, description="sbatch --constraint.")
+    cores_per_node: int | None = Field(default=None, ge=1, le=4096,
+                                       description="sbatch --cpus-per-task.")
+    mem_per_node: int | None = Field(default=None, ge=1, description="sbatch --mem, in GB.")
     exclusive: bool = True
 
 
@@ -162,6 +184,33 @@ class PBSProProviderConfig(_BatchConfig):
     partition: str | None = Field(default=None, description="The PBS queue.")
     account: str | None = None
     cpus_per_node: int = Field(default=1, ge=1)
+    select_options: str = Field(default="", description="Appended to the select line, e.g. "
+                                                         "'ngpus=4'.")
+
+
+class TorqueProviderConfig(_BatchConfig):
+    """Blocks are Torque (PBS) jobs; ``partition`` is the queue."""
+
+    type: Literal["torque"]
+    partition: str | None = Field(default=None, description="The Torque queue.")
+    account: str | None = None
+
+
+class GridEngineProviderConfig(_BatchConfig):
+    """Blocks are (Sun/Univa/Son of) Grid Engine jobs; ``partition`` is the queue."""
+
+    type: Literal["gridengine"]
+    partition: str | None = Field(default=None, description="The Grid Engine queue.")
+
+
+class CondorProviderConfig(_BatchConfig):
+    """Blocks are HTCondor jobs; ``account`` is the accounting group's project."""
+
+    type: Literal["condor"]
+    account: str | None = Field(default=None, description="The HTCondor project.")
+    cores_per_slot: int | None = Field(default=None, ge=1, le=4096)
+    mem_per_slot: float | None = Field(default=None, gt=0, description="GB per slot.")
+    requirements: str = Field(default="", description="The submit file's requirements.")
 
 
 class LSFProviderConfig(_BatchConfig):
@@ -177,7 +226,8 @@ class LSFProviderConfig(_BatchConfig):
 
 
 #: Provider types: the tags pydantic also puts in an error's location after ``provider``.
-PROVIDER_TYPES = ("local", "slurm", "pbspro", "lsf", "kubernetes")
+PROVIDER_TYPES = ("local", "slurm", "pbspro", "torque", "lsf", "gridengine", "condor",
+                  "kubernetes")
 
 
 def _provider_tag(data: Any) -> str | None:
@@ -191,11 +241,14 @@ ProviderConfig = Annotated[
     Annotated[LocalProviderConfig, Tag("local")]
     | Annotated[SlurmProviderConfig, Tag("slurm")]
     | Annotated[PBSProProviderConfig, Tag("pbspro")]
+    | Annotated[TorqueProviderConfig, Tag("torque")]
     | Annotated[LSFProviderConfig, Tag("lsf")]
+    | Annotated[GridEngineProviderConfig, Tag("gridengine")]
+    | Annotated[CondorProviderConfig, Tag("condor")]
     | Annotated[KubernetesProviderConfig, Tag("kubernetes")],
     Discriminator(_provider_tag, custom_error_type="provider_type",
-                  custom_error_message="type should be 'local', 'slurm', 'pbspro', 'lsf' or "
-                                       "'kubernetes'"),
+                  custom_error_message="type should be one of 'local', 'slurm', 'pbspro', "
+                                       "'torque', 'lsf', 'gridengine', 'condor', 'kubernetes'"),
 ]
 
 
@@ -208,21 +261,32 @@ def walltime_seconds(walltime: str) -> int:
 def build_launcher(config: LauncherConfig) -> Launcher:
     """The Parsl launcher ``config`` asks for."""
     # Parsl is imported here, not at the top: loading an endpoint config must stay quick.
-    from parsl.launchers import MpiExecLauncher, SingleNodeLauncher, SrunLauncher
+    from parsl import launchers
 
-    if config.type == "srun":
-        return SrunLauncher(overrides=config.overrides)
-    if config.type == "mpiexec":
-        return MpiExecLauncher(overrides=config.overrides)
-    return SingleNodeLauncher()
+    kinds: dict[str, type[Launcher]] = {
+        "single": launchers.SingleNodeLauncher, "simple": launchers.SimpleLauncher,
+        "srun": launchers.SrunLauncher, "mpiexec": launchers.MpiExecLauncher,
+        "mpirun": launchers.MpiRunLauncher, "aprun": launchers.AprunLauncher,
+        "jsrun": launchers.JsrunLauncher, "gnu_parallel": launchers.GnuParallelLauncher}
+    options: dict[str, Any] = {}
+    if config.type in WRAPPING_LAUNCHERS:
+        options["overrides"] = config.overrides
+    if config.bind_cmd is not None:
+        options["bind_cmd"] = config.bind_cmd
+    return kinds[config.type](**options)
+
+
+#: Our provider configs whose ``partition`` Parsl calls ``queue``.
+_QUEUE_PROVIDERS = ("pbspro", "torque", "lsf", "gridengine")
 
 
 def build_provider(config: LocalProviderConfig | SlurmProviderConfig | PBSProProviderConfig
-                   | LSFProviderConfig | KubernetesProviderConfig, *,
+                   | TorqueProviderConfig | LSFProviderConfig | GridEngineProviderConfig
+                   | CondorProviderConfig | KubernetesProviderConfig, *,
                    worker_init_prefix: str = "") -> ExecutionProvider:
     """The Parsl provider ``config`` asks for, its blocks set up by ``worker_init_prefix``
     (e.g. putting the agent's Python on PATH) and then by the config's own ``worker_init``."""
-    from parsl.providers import LocalProvider, LSFProvider, PBSProProvider, SlurmProvider
+    from parsl import providers
 
     blocks: dict[str, Any] = {
         "nodes_per_block": config.nodes_per_block,
@@ -232,32 +296,55 @@ def build_provider(config: LocalProviderConfig | SlurmProviderConfig | PBSProPro
         "worker_init": "\n".join(filter(None, [worker_init_prefix, config.worker_init])),
         "launcher": build_launcher(config.launcher),
     }
-    kind: type[ExecutionProvider]
     if isinstance(config, KubernetesProviderConfig):
         return _kubernetes_provider(config, blocks)
+    kind: type[ExecutionProvider]
     if isinstance(config, LocalProviderConfig):
-        kind, options = LocalProvider, blocks
+        kind, options = providers.LocalProvider, blocks
     else:
-        options = {**blocks, "walltime": config.walltime,
-                   "scheduler_options": config.scheduler_options}
-        if isinstance(config, SlurmProviderConfig):
-            kind = SlurmProvider
-            options.update(partition=config.partition, account=config.account, qos=config.qos,
-                           exclusive=config.exclusive)
-        elif isinstance(config, PBSProProviderConfig):
-            kind = PBSProProvider
-            options.update(queue=config.partition, account=config.account,
-                           cpus_per_node=config.cpus_per_node)
-        else:
-            kind = LSFProvider
-            # bsub reads the script's #BSUB lines only from standard input.
-            options.update(queue=config.partition, project=config.account, bsub_redirection=True)
-            if config.cores_per_node is not None:
-                options.update(request_by_nodes=False, cores_per_node=config.cores_per_node,
-                               cores_per_block=config.cores_per_node * config.nodes_per_block)
+        kind, options = _batch_provider(config)
+        options.update(blocks)
     if config.status_poll_period is not None:
         kind = _polled_every(kind, config.status_poll_period)
     return kind(**options)
+
+
+def _batch_provider(config: SlurmProviderConfig | PBSProProviderConfig | TorqueProviderConfig
+                    | LSFProviderConfig | GridEngineProviderConfig | CondorProviderConfig,
+                    ) -> tuple[type[ExecutionProvider], dict[str, Any]]:
+    """The Parsl class of a batch provider and its options beyond the blocks."""
+    from parsl import providers
+
+    options: dict[str, Any] = {"walltime": config.walltime,
+                               "scheduler_options": config.scheduler_options}
+    if config.cmd_timeout is not None:
+        options["cmd_timeout"] = config.cmd_timeout
+    if config.type in _QUEUE_PROVIDERS:
+        options["queue"] = getattr(config, "partition")  # noqa: B009 - every one of them has it
+    if isinstance(config, SlurmProviderConfig):
+        options.update(partition=config.partition, account=config.account, qos=config.qos,
+                       constraint=config.constraint, cores_per_node=config.cores_per_node,
+                       mem_per_node=config.mem_per_node, exclusive=config.exclusive)
+        return providers.SlurmProvider, options
+    if isinstance(config, PBSProProviderConfig):
+        options.update(account=config.account, cpus_per_node=config.cpus_per_node,
+                       select_options=config.select_options)
+        return providers.PBSProProvider, options
+    if isinstance(config, TorqueProviderConfig):
+        options.update(account=config.account)
+        return providers.TorqueProvider, options
+    if isinstance(config, GridEngineProviderConfig):
+        return providers.GridEngineProvider, options
+    if isinstance(config, CondorProviderConfig):
+        options.update(project=config.account or "", cores_per_slot=config.cores_per_slot,
+                       mem_per_slot=config.mem_per_slot, requirements=config.requirements)
+        return providers.CondorProvider, options
+    # bsub reads the script's #BSUB lines only from standard input.
+    options.update(project=config.account, bsub_redirection=True)
+    if config.cores_per_node is not None:
+        options.update(request_by_nodes=False, cores_per_node=config.cores_per_node,
+                       cores_per_block=config.cores_per_node * config.nodes_per_block)
+    return providers.LSFProvider, options
 
 
 def _kubernetes_provider(config: KubernetesProviderConfig,

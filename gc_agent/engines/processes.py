@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import gc_agent
+from gc_agent.accelerators import device_environment, workers_for_devices
 from gc_agent.engines.base import SlotPool
 from gc_agent.execution import Job, Outcome
 from gc_agent.wire import outcome_from_wire
@@ -89,13 +90,17 @@ class WorkerLaunch:
     import_paths: tuple[str, ...] = field(
         default_factory=lambda: _agent_import_paths())  # noqa: PLW0108 - defined further down
 
-    def spawn(self, module: str) -> tuple[subprocess.Popen[bytes], socket.socket]:
-        """Start ``python -m module FD`` as this launch says, FD being its end of a socket
-        pair; returns the process and our end."""
+    def spawn(self, module: str, environment: Mapping[str, str] | None = None,
+              ) -> tuple[subprocess.Popen[bytes], socket.socket]:
+        """Start ``python -m module FD`` as this launch says, with ``environment`` added to
+        its variables, FD being its end of a socket pair; returns the process and our end."""
+        options = self.popen_options()
+        if environment:
+            options["env"] = {**options["env"], **environment}
         ours, theirs = socket.socketpair()
         try:
             process = subprocess.Popen([self.python, "-m", module, str(theirs.fileno())],
-                                       pass_fds=[theirs.fileno()], **self.popen_options())
+                                       pass_fds=[theirs.fileno()], **options)
         except BaseException:
             ours.close()
             raise
@@ -141,18 +146,22 @@ def _agent_import_paths() -> tuple[str, ...]:
 
 
 class ProcessEngine(SlotPool):
-    """Runs each task in one of ``max_workers`` worker processes."""
+    """Runs each task in one of ``max_workers`` worker processes; given ``devices``, at most
+    one per device, each worker seeing its own device only (it keeps it when replaced)."""
 
     name = "processes"
     _interruptible = True
 
-    def __init__(self, max_workers: int, launch: WorkerLaunch | None = None) -> None:
-        super().__init__(max_workers)
+    def __init__(self, max_workers: int, launch: WorkerLaunch | None = None,
+                 devices: tuple[str, ...] = ()) -> None:
+        super().__init__(workers_for_devices(max_workers, devices))
         self._launch = launch or WorkerLaunch()
+        self._devices = devices
         self._workers: dict[int, tuple[subprocess.Popen[bytes], Connection]] = {}
 
     def _start_slot(self, slot: int) -> None:
-        process, ours = self._launch.spawn("gc_agent.engines.worker")
+        pinned = device_environment(self._devices[slot]) if self._devices else None
+        process, ours = self._launch.spawn("gc_agent.engines.worker", pinned)
         self._workers[slot] = (process, Connection(ours.detach()))
 
     def _stop_slot(self, slot: int) -> None:

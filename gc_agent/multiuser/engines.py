@@ -148,7 +148,7 @@ class UserEngines(Engine):
             digest = hashlib.sha256(engine.model_dump_json().encode()).hexdigest()[:8]
             pool = RemoteEngine(engine, launch, name=f"{account.name}-{digest}")
         else:
-            pool = ProcessEngine(engine.max_workers, launch)
+            pool = ProcessEngine(engine.max_workers, launch, devices=engine.available_accelerators)
         try:
             pool.start()
         except (OSError, subprocess.SubprocessError) as exc:

@@ -77,7 +77,7 @@ class RemoteEngine(Engine):
     @property
     def capacity(self) -> int:
         provider = self._config.provider
-        return self._config.max_workers_per_node * provider.nodes_per_block * provider.max_blocks
+        return self._config.workers_per_node * provider.nodes_per_block * provider.max_blocks
 
     @property
     def busy(self) -> int:

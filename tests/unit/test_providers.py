@@ -69,17 +69,17 @@ def test_an_unknown_engine_type_names_the_key_the_value_and_all_three_types(tmp_
 
 
 def test_an_unknown_provider_type_names_the_key_the_value_and_the_allowed_ones(tmp_path: Path) -> None:
-    problem = _problem(tmp_path, "{type: htex, provider: {type: condor}}")
+    problem = _problem(tmp_path, "{type: htex, provider: {type: cobalt}}")
 
-    assert "engine.provider.type" in problem and "'condor'" in problem
+    assert "engine.provider.type" in problem and "'cobalt'" in problem
     for allowed in ("'local'", "'slurm'", "'pbspro'", "'lsf'"):
         assert allowed in problem
 
 
 def test_an_unknown_launcher_type_names_the_key_the_value_and_the_allowed_ones(tmp_path: Path) -> None:
-    problem = _problem(tmp_path, "{type: htex, provider: {type: slurm, launcher: {type: aprun}}}")
+    problem = _problem(tmp_path, "{type: htex, provider: {type: slurm, launcher: {type: wrapped}}}")
 
-    assert "engine.provider.launcher.type" in problem and "'aprun'" in problem
+    assert "engine.provider.launcher.type" in problem and "'wrapped'" in problem
     assert "'single'" in problem and "'srun'" in problem and "'mpiexec'" in problem
 
 
