@@ -68,12 +68,13 @@ class Batch:
     task_group_id: str
     serializer: Serializer = CLOUDPICKLE
     resource_specification: dict[str, Any] | None = None
+    user_endpoint_config: dict[str, Any] | None = None
     calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = field(default_factory=list)
 
-    def add(self, function_id: str, args: tuple[Any, ...] | list[Any] = (),
+    def add(self, function_id: str, args: tuple[Any, ...] | list[Any] | None = (),
             kwargs: dict[str, Any] | None = None) -> None:
         """Add one call of a registered function."""
-        self.calls.append((function_id, tuple(args), dict(kwargs or {})))
+        self.calls.append((function_id, tuple(args or ()), dict(kwargs or {})))
 
 
 class Client:
@@ -149,6 +150,20 @@ class Client:
         except TypeError:
             return None
 
+    def delete_function(self, function_id: str) -> FunctionOut:
+        """Forget a function you own at the registry (and in this client's cache, so the
+        same function registers anew); returns what it was."""
+        gone = self.registry.delete_function(function_id)
+        for cache in (self._by_hash, self._by_object):
+            for key in [key for key, cached in cache.items() if cached == function_id]:
+                del cache[key]
+        return gone
+
+    def delete_endpoint(self, endpoint_id: str) -> EndpointOut:
+        """Forget an endpoint you own and revoke its agent tokens; returns what it was.
+        Its agent keeps running until stopped (``gc-agent delete`` stops it too)."""
+        return self.registry.delete_endpoint(endpoint_id)
+
     def list_endpoints(self) -> list[EndpointOut]:
         """Every endpoint you may see: listed ones, and private ones shared with you."""
         return self.registry.list_endpoints()
@@ -184,11 +199,13 @@ class Client:
         return self.batch_run(endpoint_id, batch)[0]
 
     def create_batch(self, *, task_group_id: str | None = None, serializer: str = "cloudpickle",
-                     resource_specification: dict[str, Any] | None = None) -> Batch:
+                     resource_specification: dict[str, Any] | None = None,
+                     user_endpoint_config: dict[str, Any] | None = None) -> Batch:
         """An empty batch for :meth:`batch_run`."""
         return Batch(task_group_id=task_group_id or self.task_group_id,
                      serializer=get_serializer(serializer),
-                     resource_specification=resource_specification)
+                     resource_specification=resource_specification,
+                     user_endpoint_config=user_endpoint_config)
 
     def batch_run(self, endpoint_id: str, batch: Batch) -> list[str]:
         """Submit every call in ``batch``; returns the task ids once the broker confirmed them.
@@ -201,6 +218,7 @@ class Client:
                            user=self.settings.user, task_group_id=batch.task_group_id,
                            serializer=batch.serializer, args=args, kwargs=kwargs,
                            resource_spec=batch.resource_specification,
+                           user_endpoint_config=batch.user_endpoint_config,
                            identity=self.settings.identity, on_behalf_of=self.on_behalf_of)
                  for function_id, args, kwargs in batch.calls]
         too_large = [e for e in (oversize(t, self.max_message_size) for t in tasks) if e]

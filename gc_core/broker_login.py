@@ -18,7 +18,7 @@ from urllib.parse import parse_qsl, quote, unquote, urlencode, urlsplit, urlunsp
 from gc_core.errors import ConfigError, find_certificate_failure
 
 __all__ = ["CA_FILE_PARAMETER", "HEARTBEAT_SECONDS", "TokenLogin", "broker_tls", "broker_urls",
-           "broker_vhost", "certificate_refusal", "redact_url", "token_login"]
+           "broker_urls_on_port", "broker_vhost", "certificate_refusal", "redact_url", "token_login"]
 
 #: AMQP heartbeat (seconds) unless the URL sets one: a dead peer is noticed within ~2x this.
 HEARTBEAT_SECONDS = 20
@@ -89,6 +89,24 @@ def broker_urls(value: str) -> list[str]:
                           "hosts: they must be nodes of one cluster, reached with one login on "
                           "one vhost")
     return urls
+
+
+def broker_urls_on_port(value: str, port: int) -> str:
+    """The brokers ``value`` names (:func:`broker_urls`), each reached on ``port`` instead:
+    Globus Compute's ``amqp_port``, for a network where only that port is open.
+
+    >>> broker_urls_on_port("amqps://u:p@a:5671/v,amqps://u:p@[::1]/v", 443)
+    'amqps://u:p@a:443/v,amqps://u:p@[::1]:443/v'
+    """
+    moved = []
+    for url in broker_urls(value):
+        parts = urlsplit(url)
+        login = parts.netloc.rpartition("@")[0]
+        host = parts.hostname or "localhost"
+        host = f"[{host}]" if ":" in host else host
+        moved.append(urlunsplit(parts._replace(
+            netloc=f"{login}{'@' if login else ''}{host}:{port}")))
+    return ",".join(moved)
 
 
 def broker_vhost(url: str) -> str:

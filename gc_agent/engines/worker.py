@@ -1,15 +1,17 @@
 """A worker process: run jobs from the agent's socket until told to stop.
 
 Started by the process engine as ``python -m gc_agent.engines.worker FD``, where FD is
-its end of a socket pair; in a multi-user endpoint it starts already running as the
-mapped account. Its standard output and error are files of its own, emptied before each
-task and added to the task's captured output after it.
+its end of a socket pair (in a container: ``… worker PATH``, the agent's Unix socket to
+connect to); in a multi-user endpoint it starts already running as the mapped account.
+Its standard output and error are files of its own, emptied before each task and added
+to the task's captured output after it.
 """
 
 from __future__ import annotations
 
 import json
 import signal
+import socket
 import sys
 from dataclasses import replace
 from multiprocessing.connection import Connection
@@ -43,5 +45,14 @@ def _run(job: Job, functions: FunctionCache) -> Outcome:
     return replace(outcome, stdout=stdout, stderr=stderr)
 
 
+def connect(where: str) -> Connection:
+    """The connection to the agent: an inherited descriptor's number, or a socket path."""
+    if where.isdigit():
+        return Connection(int(where))
+    agent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    agent.connect(where)
+    return Connection(agent.detach())
+
+
 if __name__ == "__main__":
-    serve(Connection(int(sys.argv[1])))
+    serve(connect(sys.argv[1]))
