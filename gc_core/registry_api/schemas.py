@@ -80,6 +80,16 @@ class _Body(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
+#: The ids the OpenAPI examples below use (those of docs/asyncapi.yaml's examples).
+_EXAMPLE_TASK_IDS = {
+    "task_id": "5f0c2d1e-8a4b-4c3d-9e2f-1a2b3c4d5e6f",
+    "task_group_id": "1b9d6bcd-bbfd-4b2d-9b5d-ab8dfbbd4bed",
+    "endpoint_id": "0f4e2c58-52d4-4b8b-8f3e-9c6a1d2e7b44",
+    "function_id": "7d6a1c1e-3f0b-4c52-9a3e-5d1f0c2b8a11",
+    "user": "gateway",
+}
+
+
 class FunctionSharing(_Body):
     """Who may run a function besides its owner."""
 
@@ -102,15 +112,26 @@ class FunctionIn(_Body):
 
 
 class FunctionOut(_Body):
-    """A registered function."""
+    """A registered function. Every one takes JSON calls (a task whose ``content_type`` is
+    ``application/json``): how it was registered does not matter."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "function_id": _EXAMPLE_TASK_IDS["function_id"], "name": "weighted_sum",
+        "content_hash": "sha256:9b1c…", "content_type": "application/vnd.gc.cloudpickle",
+        "payload_b64": "gASV…", "source": "def weighted_sum(values, weight=1.0): ...",
+        "python_version": "3.11.7", "serializer": "cloudpickle 3.0.0", "owner": "alice",
+        "created": 1735689000.0, "sharing": {"sharing": "public", "shared_groups": []}}]})
 
     function_id: str
     name: str
     content_hash: str
-    content_type: str
+    content_type: str = Field(description="How the function itself is stored, not how it is "
+                                          "called: any function takes JSON calls.")
     payload_b64: str
     source: str | None
-    python_version: str
+    python_version: str = Field(description="The Python it was registered from: a JSON call "
+                                            "runs only on an endpoint of the same minor "
+                                            "version (else VersionMismatch).")
     serializer: str
     owner: str
     created: float
@@ -144,6 +165,14 @@ class EndpointIn(_Body):
 class EndpointOut(_Body):
     """A registered endpoint."""
 
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "endpoint_id": _EXAMPLE_TASK_IDS["endpoint_id"], "name": "lab-server", "owner": "alice",
+        "description": "the lab's 32-core server", "created": 1735680000.0,
+        "policy": {"visibility": "listed", "allowed_users": ["gateway"], "allowed_groups": [],
+                   "allowed_functions": None,
+                   "allowed_serializers": ["application/json",
+                                           "application/vnd.gc.cloudpickle"]}}]})
+
     endpoint_id: str
     name: str
     owner: str
@@ -153,7 +182,13 @@ class EndpointOut(_Body):
 
 
 class EndpointStatus(_Body):
-    """An endpoint's liveness, from its heartbeats."""
+    """An endpoint's liveness, from its heartbeats; ``details`` is the last heartbeat."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "endpoint_id": _EXAMPLE_TASK_IDS["endpoint_id"], "status": "online",
+        "last_seen": 1735689600.5,
+        "details": {"hostname": "node01", "engine": "processes", "workers": 4,
+                    "workers_busy": 1, "period": 10, "queue_depth": 0}}]})
 
     endpoint_id: str
     status: Literal["online", "offline", "never seen"]
@@ -172,6 +207,20 @@ class TaskEvent(_Body):
 
 class TaskOut(_Body):
     """A task as the ledger knows it: status, timings and, once finished, its result."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        **_EXAMPLE_TASK_IDS,
+        "status": "success", "submitted": 1735689599.9,
+        "timings": {"received": 1735689600.0, "started": 1735689600.0012,
+                    "finished": 1735689600.00135},
+        "worker": "node01:4242", "content_type": "application/json",
+        "payload_b64": "eyJzdW0iOjEzLjAsIm4iOjN9", "stdout": "", "stderr": "",
+        "history": [{"state": "waiting", "at": 1735689599.9},
+                    {"state": "success", "at": 1735689600.00135}]}, {
+        **_EXAMPLE_TASK_IDS,
+        "status": "failed", "content_type": "application/json",
+        "error": {"type": "TypeError", "message": "unsupported operand type(s)",
+                  "traceback": "Traceback (most recent call last): ..."}}]})
 
     task_id: str
     task_group_id: str
@@ -211,6 +260,10 @@ class UserOut(_Body):
 
 class WhoAmI(_Body):
     """The identity a token stands for, as the registry sees it."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "name": "gateway", "kind": "service", "admin": False, "groups": ["lab"],
+        "endpoint_id": None, "token_id": "3c5e0b9a", "auth": "tokens"}]})
 
     name: str
     kind: Literal["user", "service", "agent", "anonymous"]
@@ -256,6 +309,11 @@ class TokenOut(_Body):
 
 class IssuedToken(TokenOut):
     """A token just issued: the only time its secret is shown."""
+
+    model_config = ConfigDict(json_schema_extra={"examples": [{
+        "token_id": "7a41c2d0", "user": "gateway", "label": "nightly sweep",
+        "created": 1735689000.0, "expires": 1735775400.0, "parent": "3c5e0b9a",
+        "token": "gct_Jx9…", "principal": "gateway"}]})
 
     token: str
     principal: str = Field(description="The user name to give the broker with this token.")
