@@ -21,27 +21,34 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
 from pydantic import ValidationError
 
+from gc_agent import metrics
 from gc_agent.admission import Admission, AdmissionKey
 from gc_agent.cancels import Cancels
 from gc_agent.config import EndpointConfig
 from gc_agent.engines import Engine, make_engine
 from gc_agent.execution import Job, Outcome, checked_outcome, error_info
 from gc_agent.policy import check_identities_verifiable, refusal, verifies_senders
+from gc_agent.requeue_seal import RequeueSeal
+from gc_agent.task_batches import BatchDelivery, unfinished_in_ledger, unsplit_tasks
+from gc_core.batches import encode_result_batch, is_batch, split_batch
 from gc_core.broker import BrokerSession
 from gc_core.broker_consumers import Delivery, Settlement
 from gc_core.broker_limits import Refusal
 from gc_core.broker_login import token_login
+from gc_core.broker_publisher import ConfirmCallback
+from gc_core.coalesce import Coalescer
 from gc_core.errors import GCError, ProtocolError
 from gc_core.protocol import (
     H_GROUP,
     H_USER,
     CancelCommand,
+    Envelope,
     ErrorInfo,
     Heartbeat,
     ResultMessage,
@@ -104,6 +111,10 @@ class _Ticket:
     received: float
     #: The task, once decoding checked it: only then may a result echo what it says.
     task: TaskMessage | None = None
+    #: The batch it came in, if it shares its delivery with other tasks.
+    batch: BatchDelivery | None = None
+    #: Whether its sender is who it claims (only then may it go back to the queue alone).
+    verified: bool = False
     _claimed: bool = False
     _settled: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -129,7 +140,7 @@ class Agent:
         self.config = config
         self._on_heartbeat = on_heartbeat
         self.endpoint_id = config.endpoint_id
-        self._broker_url = config.broker_url or settings.broker_url
+        self._broker_url = config.broker_url_or(settings.broker_url)
         # On a secured broker (a URL without credentials) the agent logs in with its token.
         self._login = token_login(self._broker_url, AGENT_PREFIX + config.endpoint_id,
                                   settings.token, remedy=AGENT_TOKEN_REMEDY)
@@ -157,6 +168,13 @@ class Agent:
         #: Tasks whose results were confirmed: the IO thread's alone (tasks and confirms).
         self._done: OrderedDict[str, None] = OrderedDict()
         self._cancels = Cancels(CANCEL_MEMORY)
+        #: Seals the tasks this agent puts back alone, which the broker stamps as its own.
+        self._requeue_seal = RequeueSeal(settings.endpoints_dir / config.name / "requeue.key")
+        #: Results of batched tasks finished while one of their group's waits for its
+        #: confirm go together.
+        self._results: Coalescer[ResultMessage] = Coalescer(
+            self._publish_results, encode_result_batch,
+            lambda result: len(result.payload) + len(result.stdout) + len(result.stderr))
         self._in_flight = 0
         self._counts = {"received": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
         self._lock = threading.Lock()
@@ -168,6 +186,7 @@ class Agent:
         self.broken = threading.Event()
         self._started_at = time.time()
         self._queue_depth: int | None = None
+        self._metrics = metrics.AgentMetrics()  # none served until start()
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -176,7 +195,10 @@ class Agent:
 
         Raises:
             BrokerUnreachable: the broker did not answer within ``timeout``.
+            ConfigError: the config's ``metrics_port`` cannot be bound.
         """
+        self._metrics = metrics.serve(self.config, metrics.Readings(
+            self.heartbeat, lambda: self._in_flight, lambda: self._broker))
         self._registry = RegistryClient(self._registry_url, token=self._token)
         if self._token:
             self._admission = Admission(self._registry, self.endpoint_id)
@@ -241,11 +263,15 @@ class Agent:
         self._fetcher.shutdown(wait=False, cancel_futures=True)
         if self._registry is not None:
             self._registry.close()
+        self._metrics.close()
         logger.info("agent for endpoint %s stopped", self.endpoint_id)
 
     # -- the task path (IO thread) -------------------------------------------------------
 
     def _on_task(self, delivery: Delivery) -> None:
+        if is_batch(delivery.envelope):
+            self._on_batch(delivery)
+            return
         ticket = _Ticket(delivery, time.time())
         with self._lock:
             self._counts["received"] += 1
@@ -275,10 +301,13 @@ class Agent:
         if not self._sent_by(delivery, task.user):
             logger.warning("dropped task %s: it claims to come from %s, the broker says %r",
                            task.task_id, task.user, delivery.user_id)
+            self._metrics.count_refusal("ForgedSender")
             self._settle(ticket, Settlement.ACK)
             return
+        ticket.verified = True
         problem = refusal(task, endpoint_id=self.endpoint_id,
-                          allowed_serializers=self.config.allowed_serializers)
+                          allowed_serializers=self.config.allowed_serializers,
+                          allowed_functions=self.config.allowed_functions)
         if problem is not None:
             self._answer_error(ticket, problem)
             return
@@ -408,6 +437,7 @@ class Agent:
     def _answer_error(self, ticket: _Ticket, error: ErrorInfo) -> None:
         assert ticket.task is not None
         logger.warning("refused task %s: %s", ticket.task.task_id, error.message)
+        self._metrics.count_refusal(error.type)
         self._answer(ticket, error_result(ticket.task, error,
                                           timings=Timings(received=ticket.received)))
 
@@ -428,6 +458,7 @@ class Agent:
                 self._remember_done(result.task_id)
                 with self._lock:
                     self._counts[_COUNTER[result.state]] += 1
+                self._metrics.observe_result(result)
                 self._finish(ticket, Settlement.ACK)
             elif not isinstance(reason, Refusal):
                 logger.warning("result of task %s not confirmed (%s); requeueing the task",
@@ -445,8 +476,10 @@ class Agent:
         try:
             key = self._topology.routing_key("result", user=result.user,
                                              task_group_id=result.task_group_id)
-            self._broker.publish(self._topology.exchange("results"), key, encode_result(result),
-                                 on_confirm=confirmed)
+            if ticket.batch is None:  # a sender of single tasks gets single results
+                self._publish_results(key, encode_result(result), confirmed)
+            else:
+                self._results.add(key, result, confirmed)
         except Exception as exc:  # noqa: BLE001 - a publish that cannot even be queued never succeeds
             logger.warning("cannot publish the result of task %s (%s: %r); dead-lettering the "
                            "task", result.task_id, type(exc).__name__, str(exc)[:LOGGED_TEXT])
@@ -463,7 +496,10 @@ class Agent:
         assert self._broker is not None
         if not ticket.settle():
             return
-        self._broker.settle(ticket.delivery, how)
+        if ticket.batch is None:
+            self._broker.settle(ticket.delivery, how)
+        else:
+            self._settle_in_batch(ticket, how)
         with self._lock:
             self._in_flight -= 1
 
@@ -473,6 +509,7 @@ class Agent:
         envelope = ticket.delivery.envelope
         logger.warning("undecodable task %s (%d bytes): %r", _shown(envelope.message_id),
                        len(exc.raw), str(exc)[:LOGGED_TEXT])
+        self._metrics.count_refusal("ProtocolError")
         headers = envelope.headers if isinstance(envelope.headers, dict) else {}
         try:
             result = ResultMessage(
@@ -488,6 +525,90 @@ class Agent:
             self._settle(ticket, Settlement.DEAD_LETTER)
         else:
             self._answer(ticket, result)
+
+    # -- batches: several tasks in one delivery ------------------------------------------
+
+    def _on_batch(self, delivery: Delivery) -> None:
+        """IO thread: each task of a batch goes its own way, as if it had come alone; a
+        redelivered batch (its agent died, or a task of it could not be settled) is split
+        into single tasks instead, so that a task killing its agent is dead-lettered alone."""
+        try:
+            entries = split_batch(delivery.envelope)
+        except ProtocolError as exc:
+            logger.warning("dead-lettering a malformed batch (%d bytes) from %r: %r",
+                           len(exc.raw), delivery.user_id, str(exc)[:LOGGED_TEXT])
+            self._broker_session().settle(delivery, Settlement.DEAD_LETTER)
+            return
+        if delivery.redelivered:
+            self._split(delivery, entries)
+            return
+        batch, received = BatchDelivery(delivery, len(entries)), time.time()
+        with self._lock:
+            self._counts["received"] += len(entries)
+            self._in_flight += len(entries)
+        for entry in entries:
+            self._handling(_Ticket(replace(delivery, envelope=entry), received, batch=batch),
+                           self._take)
+
+    def _settle_in_batch(self, ticket: _Ticket, how: Settlement) -> None:
+        """One task of a batch is done: a task to requeue goes back to the queue alone (its
+        sender checked), where the broker counts its deliveries apart from its batch-mates';
+        one to dead-letter (whose sender could not be told) is dropped."""
+        batch = ticket.batch
+        assert batch is not None
+        if how is Settlement.REQUEUE and ticket.verified:
+            logger.info("task %s of a batch goes back to the queue alone",
+                        _shown(ticket.delivery.envelope.message_id))
+            self._requeue_alone(ticket.delivery.envelope, partial(self._batch_task_done, batch))
+            return
+        if how is Settlement.DEAD_LETTER:
+            logger.warning("dropped task %s of a batch from %r: it could not be answered",
+                           _shown(ticket.delivery.envelope.message_id), ticket.delivery.user_id)
+        self._batch_task_done(batch, "unsettled" if how is Settlement.REQUEUE else None)
+
+    def _batch_task_done(self, batch: BatchDelivery, reason: str | None) -> None:
+        """A task of ``batch`` is settled (``reason``: it could not be); settle the batch's
+        delivery once all are."""
+        how = batch.task_settled(settled_alone=reason is None)
+        if how is not None:
+            self._broker_session().settle(batch.delivery, how)
+
+    def _requeue_alone(self, envelope: Envelope, on_confirm: ConfirmCallback) -> None:
+        """Send a task of a batch back to our own queue as a single message."""
+        self._broker_session().publish(
+            self._topology.exchange("tasks"),
+            self._topology.routing_key("task", endpoint_id=self.endpoint_id),
+            self._requeue_seal.seal(envelope), on_confirm=on_confirm)
+
+    def _split(self, delivery: Delivery, entries: list[Envelope]) -> None:
+        """IO thread: put each task of a redelivered batch back alone, but those whose
+        sender is not who they claim, or whose result is confirmed already (here, or in the
+        ledger: asked off this thread); ack the batch once the broker has them all."""
+        waiting = unsplit_tasks(entries, lambda task: self._sent_by(delivery, task.user)
+                                and task.task_id not in self._done)
+        try:
+            self._fetcher.submit(self._split_unfinished, delivery, waiting)
+        except RuntimeError:  # the agent is stopping: the batch goes back as it came
+            self._broker_session().settle(delivery, Settlement.REQUEUE)
+
+    def _split_unfinished(self, delivery: Delivery, waiting: dict[str, Envelope]) -> None:
+        unfinished = unfinished_in_ledger(self._registry, waiting)
+        logger.info("split a redelivered batch of endpoint %s: %d of its tasks go back to the "
+                    "queue alone", self.endpoint_id, len(unfinished))
+        if not unfinished:
+            self._broker_session().settle(delivery, Settlement.ACK)
+            return
+        batch = BatchDelivery(delivery, len(unfinished))
+        for envelope in unfinished:
+            self._requeue_alone(envelope, partial(self._batch_task_done, batch))
+
+    def _publish_results(self, key: str, envelope: Envelope, on_confirm: ConfirmCallback) -> None:
+        self._broker_session().publish(self._topology.exchange("results"), key, envelope,
+                                       on_confirm=on_confirm)
+
+    def _broker_session(self) -> BrokerSession:
+        assert self._broker is not None
+        return self._broker
 
     # -- commands ------------------------------------------------------------------------
 
@@ -512,7 +633,16 @@ class Agent:
         checked must match (or be a trusted publisher's); elsewhere the claim is all there
         is."""
         return (not self._verified or delivery.user_id == user
-                or delivery.user_id in self.config.trusted_publishers)
+                or delivery.user_id in self.config.trusted_publishers
+                or self._split_by_us(delivery))
+
+    def _split_by_us(self, delivery: Delivery) -> bool:
+        """Whether we sent it: a task this agent took out of a batch, once it had checked
+        that the batch's sender sent it (:meth:`_requeue_alone`). Our account's stamp alone
+        is not enough: whoever holds our broker login has it too, but not our seal's key."""
+        own = self._broker.user_id if self._broker is not None else None
+        return (own is not None and delivery.user_id == own
+                and self._requeue_seal.sealed_by_us(delivery.envelope))
 
     def _cancel(self, task_id: str, user: str) -> None:
         step, owner = self._cancels.cancel(task_id, user)

@@ -15,26 +15,28 @@ from typing import Any
 import click
 import yaml
 
-from gc_agent.agent import AGENT_TOKEN_REMEDY, Agent
+from gc_agent.agent import Agent
 from gc_agent.config import (
     EndpointConfig,
-    EngineConfig,
     load_config,
+    parse_config,
     read_token,
     save_config,
     write_token,
 )
 from gc_agent.daemon import EndpointFiles, spawn_detached, stop_process
+from gc_agent.diagnose import collect, write_archive
+from gc_agent.globus_config import translate as translate_globus_config
+from gc_agent.sessions import agent_session, delete_endpoint_queues, endpoint_queues
 from gc_agent.systemd import ENV_DIR, PACKAGED_UNIT, UNIT_DIR, BootInstall, systemd_running
-from gc_core.broker import BrokerSession
-from gc_core.broker_login import redact_url, token_login
+from gc_core.broker_login import redact_url
 from gc_core.cli import CommandLine, format_table
-from gc_core.errors import BrokerError, GCError
+from gc_core.errors import BrokerError, ConfigError, GCError, NotFound
 from gc_core.extras import missing_extra
 from gc_core.logs import configure_logging
 from gc_core.registry_api.client import RegistryClient
 from gc_core.registry_api.schemas import TokenIn
-from gc_core.settings import AGENT_PREFIX, FabricSettings, resolve_settings
+from gc_core.settings import FabricSettings, resolve_settings
 from gc_core.topology import load_topology
 
 __all__ = ["main"]
@@ -64,16 +66,20 @@ def main(ctx: click.Context, home: str | None) -> None:
 
 @main.command()
 @click.argument("name")
-@click.option("--engine", type=click.Choice(["processes", "threads"]), default="processes",
-              show_default=True, help="Run tasks in worker processes or in threads.")
-@click.option("--workers", type=click.IntRange(1, 1024), default=os.cpu_count() or 2,
+@click.option("--engine", type=click.Choice(["processes", "threads"]), default=None,
+              show_default="processes", help="Run tasks in worker processes or in threads.")
+@click.option("--workers", type=click.IntRange(1, 1024), default=None,
               show_default="number of CPUs", help="How many tasks run at once.")
+@click.option("--from-globus-compute", "globus_config", default=None, metavar="FILE",
+              type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Take the endpoint's settings from a Globus Compute endpoint config.yaml.")
 @click.option("--description", default="", help="Shown in `gc-client endpoints`.")
 @click.option("--broker-url", default=None, help="Broker URL [default: $GC_BROKER_URL].")
 @click.option("--registry-url", default=None, help="Registry URL [default: $GC_REGISTRY_URL].")
 @click.pass_obj
-def configure(settings: FabricSettings, name: str, engine: str, workers: int, description: str,
-              broker_url: str | None, registry_url: str | None) -> None:
+def configure(settings: FabricSettings, name: str, engine: str | None, workers: int | None,
+              globus_config: Path | None, description: str, broker_url: str | None,
+              registry_url: str | None) -> None:
     """Register endpoint NAME, create its task queue, and write its config.yaml."""
     files = EndpointFiles.of(settings, name)
     if files.config.exists():
@@ -81,35 +87,55 @@ def configure(settings: FabricSettings, name: str, engine: str, workers: int, de
         raise click.ClickException(
             f"endpoint {name} is already configured (id {existing.endpoint_id}, "
             f"{files.config}); edit that file, or `gc-agent delete {name}` first")
+    sections = _endpoint_sections(engine, workers, globus_config)
+    if description:
+        sections["description"] = description
+    sections.update(name=name, broker_url=broker_url, registry_url=registry_url)
+    source = str(globus_config or "the command line")
+    parse_config({**sections, "endpoint_id": "not-yet-registered"}, source)  # before registering
     registry = RegistryClient(registry_url or settings.registry_url, token=settings.token)
-    endpoint = registry.create_endpoint(name, owner=settings.user, description=description)
+    endpoint = registry.create_endpoint(name, owner=settings.user,
+                                        description=sections.get("description", ""))
     token_file, agent_token = None, None
     if settings.token:  # logged in: the agent gets a token of its endpoint's own
         agent_token = registry.issue_token(TokenIn(label=f"agent of {name}",
                                                    endpoint_id=endpoint.endpoint_id)).token
         token_file = files.directory.resolve() / "agent.token"
         write_token(agent_token, token_file)
-    config = EndpointConfig(name=name, endpoint_id=endpoint.endpoint_id,
-                            description=description, broker_url=broker_url,
-                            registry_url=registry_url, token_file=token_file,
-                            engine=EngineConfig(type=engine, max_workers=workers))  # type: ignore[arg-type]
-    _declare_queues(config, broker_url or settings.broker_url, agent_token)
+    config = parse_config({**sections, "endpoint_id": endpoint.endpoint_id,
+                           "token_file": token_file}, source)
+    _declare_queues(config, config.broker_url_or(settings.broker_url), agent_token)
     save_config(config, files.config)
     click.echo(f"Configured endpoint {name}: {endpoint.endpoint_id}")
     click.echo(f"Config: {files.config}")
     click.echo(f"Start it with: gc-agent start {name} --detach")
 
 
+def _endpoint_sections(engine: str | None, workers: int | None,
+                       globus_config: Path | None) -> dict[str, Any]:
+    """The config's settings from --engine and --workers, or from a Globus Compute config
+    (mapped onto ours: each key honoured or refused, saying why)."""
+    if globus_config is None:
+        return {"engine": {"type": engine or "processes",
+                           "max_workers": workers or os.cpu_count() or 2}}
+    if engine is not None or workers is not None:
+        raise click.UsageError("--engine and --workers cannot be given with "
+                               "--from-globus-compute: its engine section says both")
+    try:
+        data = yaml.safe_load(globus_config.read_text())
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"cannot read {globus_config}: {exc}") from exc
+    try:
+        return translate_globus_config(data)
+    except ConfigError as exc:
+        raise ConfigError(f"{globus_config}: {exc}") from exc
+
+
 def _declare_queues(config: EndpointConfig, broker_url: str, token: str | None) -> None:
     """Create the endpoint's queues now, so tasks sent before its first start wait there
     (as the agent: on a secured broker only it may)."""
-    topology = load_topology()
-    login = token_login(broker_url, AGENT_PREFIX + config.endpoint_id, token,
-                        remedy=AGENT_TOKEN_REMEDY)
-    session = BrokerSession(broker_url, name=f"gc-agent-configure:{config.endpoint_id}",
-                            topology=topology, login=login, queues=[
-                                topology.queue("endpoint_tasks", endpoint_id=config.endpoint_id),
-                                topology.queue("endpoint_commands", endpoint_id=config.endpoint_id)])
+    session = agent_session(config, broker_url, token, purpose="configure",
+                            queues=endpoint_queues(config, load_topology()))
     session.start()
     session.close()
 
@@ -142,7 +168,7 @@ def start(settings: FabricSettings, name: str, detach: bool, log_file: Path | No
                    f"log: {files.log}")
         return
     configure_logging(log_level, log_file=log_file)
-    broker_url = redact_url(config.broker_url or settings.broker_url)
+    broker_url = redact_url(config.broker_url_or(settings.broker_url))
     agent = Agent(config, settings, on_heartbeat=lambda heartbeat, problem:
                   files.write_status(heartbeat, problem, broker_url))
     _serve(agent, files)
@@ -257,7 +283,7 @@ def render_config(settings: FabricSettings, name: str) -> None:
     config = load_config(_configured(settings, name).config)
     effective = config.model_dump(mode="json")
     effective["allowed_serializers"] = sorted(effective["allowed_serializers"])
-    effective["broker_url"] = redact_url(config.broker_url or settings.broker_url)
+    effective["broker_url"] = redact_url(config.broker_url_or(settings.broker_url))
     effective["registry_url"] = config.registry_url or settings.registry_url
     click.echo(yaml.safe_dump(effective, sort_keys=False), nl=False)
 
@@ -286,20 +312,80 @@ def logs(settings: FabricSettings, name: str, lines: int, follow: bool) -> None:
 
 @main.command()
 @click.argument("name")
-@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--output", "-o", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Where to write the archive [default: gc-diagnose-NAME-<UTC time>.tar.gz].")
+@click.option("--log-lines", type=click.IntRange(0), default=200, show_default=True,
+              help="Lines of the agent's log to include.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), default=10.0, show_default=True,
+              help="Seconds to wait for the broker.")
 @click.pass_obj
-def delete(settings: FabricSettings, name: str, yes: bool) -> None:
-    """Delete NAME's local configuration (stopping its agent first).
+def diagnose(settings: FabricSettings, name: str, output: Path | None, log_lines: int,
+             timeout: float) -> None:
+    """Collect what a bug report about NAME needs into one archive: versions, the config,
+    broker and registry reachability, queue depth, engine status and the log's tail.
 
-    The endpoint stays registered and its queue keeps any waiting tasks, so configuring
-    a new endpoint does not take them over.
+    Secrets (tokens, passwords, broker URL credentials) are masked in every file.
+    """
+    configure_logging("CRITICAL")  # what fails is the diagnosis's finding, in the archive
+    found = collect(settings, name, log_lines=log_lines, timeout=timeout)
+    path = output or Path(f"gc-diagnose-{name}-{time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}"
+                          ".tar.gz")
+    write_archive(found, path)
+    click.echo(found.members["summary.txt"].decode(), nl=False)
+    click.echo(f"\nWrote {path}: attach it to your bug report.")
+
+
+@main.command()
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do not ask for confirmation.")
+@click.option("--with-queues", is_flag=True,
+              help="Also delete its queues on the broker, with any tasks waiting there.")
+@click.option("--local-only", is_flag=True,
+              help="Do not ask the registry: only stop the agent and remove the local files "
+                   "(of an endpoint the registry no longer has).")
+@click.pass_obj
+def delete(settings: FabricSettings, name: str, yes: bool, with_queues: bool,
+           local_only: bool) -> None:
+    """Delete endpoint NAME: stop its agent, remove it from the registry (revoking its
+    agent token) and remove its local files.
+
+    Its queue keeps any tasks still waiting (no new endpoint takes them over) unless
+    --with-queues deletes it, and the ledger keeps its tasks' results.
     """
     files = _configured(settings, name)
+    config = load_config(files.config)
+    registry_url = config.registry_url or settings.registry_url
     if not yes:
-        click.confirm(f"Delete endpoint {name} ({files.directory})?", abort=True)
+        registry_part = "" if local_only else (f", remove it from the registry at {registry_url}"
+                                               " and revoke its agent token")
+        click.confirm(f"Delete endpoint {name} ({config.endpoint_id}): stop its agent"
+                      f"{registry_part}, and remove {files.directory}?", abort=True)
     _stop_agent(files, name, 60.0)
+    if with_queues:  # before the registry revokes the agent's token, which may log in here
+        token = read_token(config.token_file) if config.token_file else settings.token
+        deleted = delete_endpoint_queues(config, config.broker_url_or(settings.broker_url), token)
+        click.echo(f"Deleted its queues {', '.join(deleted)}.")
+    if not local_only:
+        _unregister(RegistryClient(registry_url, token=settings.token), name, config.endpoint_id)
     shutil.rmtree(files.directory)
     click.echo(f"Endpoint {name} deleted.")
+
+
+def _unregister(registry: RegistryClient, name: str, endpoint_id: str) -> None:
+    """Remove an endpoint from the registry, which revokes its agent tokens.
+
+    Raises:
+        NotFound: the registry has no such endpoint that the caller may see; nothing is
+            deleted (it may be someone else's, or another registry's), and it says what to do.
+    """
+    try:
+        registry.delete_endpoint(endpoint_id)
+    except NotFound as exc:
+        raise NotFound(f"{exc}; nothing was deleted. If the endpoint was removed from the "
+                       f"registry already, `gc-agent delete {name} --local-only` removes its "
+                       "local files") from exc
+    finally:
+        registry.close()
 
 
 @main.command(name="enable-on-boot")

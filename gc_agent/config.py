@@ -18,23 +18,44 @@ from pydantic import (
     model_validator,
 )
 
+from gc_agent.accelerators import AcceleratorIds, workers_for_devices
+from gc_agent.addresses import AddressLookup
+from gc_agent.containers import ContainerSettings
 from gc_agent.providers import PROVIDER_TYPES, LocalProviderConfig, ProviderConfig, walltime_seconds
+from gc_core.broker_login import broker_urls_on_port
 from gc_core.errors import ConfigError
 
 __all__ = ["EndpointConfig", "EngineConfig", "HtexEngineConfig", "IdentityRule", "MultiUserConfig",
-           "load_config", "read_token", "save_config", "write_token"]
+           "load_config", "parse_config", "read_token", "save_config", "write_token"]
 
 
-class EngineConfig(BaseModel):
+class EngineConfig(ContainerSettings):
     """Where tasks run: a thread pool or a pool of worker processes on this machine."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     type: Literal["threads", "processes"] = "processes"
     max_workers: int = Field(default=2, ge=1, le=1024)
+    available_accelerators: AcceleratorIds = Field(
+        default=(), description="A device count or the devices' ids: each worker process "
+                                "sees one device only, and there are no more workers than "
+                                "devices (processes engine).")
+
+    @model_validator(mode="after")
+    def _threads_cannot_be_pinned(self) -> EngineConfig:
+        if self.available_accelerators and self.type == "threads":
+            raise ValueError("available_accelerators needs engine.type 'processes' (or 'htex'): "
+                             "threads share one process and so one set of visible devices, "
+                             "so no thread can be pinned to its own")
+        return self
+
+    @property
+    def workers(self) -> int:
+        """Workers started: ``max_workers``, at most one per listed device."""
+        return workers_for_devices(self.max_workers, self.available_accelerators)
 
 
-class HtexEngineConfig(BaseModel):
+class HtexEngineConfig(ContainerSettings):
     """Parsl's HighThroughputExecutor: an interchange here, worker pools on the provider's blocks."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -46,8 +67,21 @@ class HtexEngineConfig(BaseModel):
         default=0, ge=0, le=100,
         description="Times a task whose worker or node was lost runs again before it fails "
                     "with WorkerLost (0, as in Globus Compute: it fails at once).")
-    address: str = Field(default="127.0.0.1", description="Address the workers reach the "
-                                                          "interchange on.")
+    address: str | AddressLookup = Field(
+        default="127.0.0.1", description="Address the workers reach the interchange on, or "
+                                         "how to find it when the engine starts.")
+    available_accelerators: AcceleratorIds = Field(
+        default=(), description="A device count or the devices' ids of each node: each worker "
+                                "sees one device only, and a node runs no more workers than "
+                                "devices.")
+    cores_per_worker: float = Field(default=1.0, gt=0, le=4096,
+                                    description="CPU cores each worker takes on its node.")
+    mem_per_worker: float | None = Field(default=None, gt=0,
+                                         description="GB of memory each worker takes.")
+    prefetch_capacity: int = Field(default=0, ge=0, le=10_000,
+                                   description="Tasks each worker pool fetches beyond its idle "
+                                               "workers.")
+    worker_debug: bool = Field(default=False, description="Worker pools log at DEBUG level.")
     encrypted: bool = Field(default=True, description="CurveZMQ between interchange and workers.")
     parsl_tasks_per_worker: int = Field(
         default=2, ge=1, le=100,
@@ -86,6 +120,11 @@ class HtexEngineConfig(BaseModel):
                              f"walltime {walltime!r} ({walltime_seconds(walltime)} s); allowed: a "
                              "margin shorter than the walltime, or null for no draining")
         return self
+
+    @property
+    def workers_per_node(self) -> int:
+        """Workers on each node: ``max_workers_per_node``, at most one per listed device."""
+        return workers_for_devices(self.max_workers_per_node, self.available_accelerators)
 
     @property
     def drain_period(self) -> int | None:
@@ -172,6 +211,10 @@ class EndpointConfig(BaseModel):
         description="The broker, or a cluster's nodes: a list of URLs, or one string of URLs "
                     "separated by commas. The agent connects to the first that answers and "
                     "fails over to the next when its node dies.")
+    amqp_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="Reach the broker on this port: it replaces the port of every URL of "
+                    "broker_url (or of GC_BROKER_URL), e.g. 443 where only that port is open.")
     registry_url: str | None = None
     token_file: Path | None = Field(
         default=None,
@@ -192,6 +235,9 @@ class EndpointConfig(BaseModel):
     multi_user: MultiUserConfig | None = None
     allowed_serializers: frozenset[Literal["cloudpickle", "json"]] = frozenset(
         {"cloudpickle", "json"})
+    allowed_functions: frozenset[str] | None = Field(
+        default=None, description="Function ids this endpoint runs; any other is refused "
+                                  "(None: any the registry's policy allows).")
     trusted_publishers: frozenset[str] = Field(
         default=frozenset({"gc-registry"}),
         description="On a secured broker: accounts whose tasks may name another user as their "
@@ -215,6 +261,15 @@ class EndpointConfig(BaseModel):
     drain_timeout: float = Field(
         default=30.0, ge=0,
         description="Seconds a stopping agent lets running tasks finish before requeueing them.")
+    metrics_port: int | None = Field(
+        default=None, ge=1, le=65_535,
+        description="Serve Prometheus metrics at http://<metrics_address>:<port>/metrics; None "
+                    "(the default) serves none.")
+    metrics_address: str = Field(
+        default="127.0.0.1",
+        description="Where the metrics listener binds: 127.0.0.1 lets only this host scrape it; "
+                    "0.0.0.0 any host that reaches this one (the metrics carry no task ids or "
+                    "user names, but do show the endpoint's load).")
 
     @field_validator("broker_url", mode="before")
     @classmethod
@@ -222,6 +277,13 @@ class EndpointConfig(BaseModel):
         """A YAML list of a cluster's node URLs, as the one comma-separated string the
         sessions take (gc_core.broker_login.broker_urls)."""
         return ",".join(map(str, value)) if isinstance(value, list) else value
+
+    def broker_url_or(self, default: str) -> str:
+        """The broker URLs this agent uses: its own, else ``default``, on ``amqp_port`` if set."""
+        urls = self.broker_url or default
+        if self.amqp_port is None:
+            return urls
+        return broker_urls_on_port(urls, self.amqp_port)
 
 
 def load_config(path: Path) -> EndpointConfig:
@@ -236,11 +298,27 @@ def load_config(path: Path) -> EndpointConfig:
         raise ConfigError(f"no endpoint config at {path}; run `gc-agent configure NAME` first") from exc
     except (OSError, yaml.YAMLError) as exc:
         raise ConfigError(f"cannot read {path}: {exc}") from exc
+    return parse_config(data, str(path))
+
+
+def parse_config(data: object, source: str) -> EndpointConfig:
+    """Validate a loaded config, in our vocabulary or in Globus Compute's (mapped onto ours
+    by ``gc_agent.globus_config``); ``source`` names it in errors.
+
+    Raises:
+        ConfigError: a bad key or value, or a Globus Compute key that cannot be honoured.
+    """
+    from gc_agent import globus_config  # it reads these models' fields: imported late
+
     try:
+        if globus_config.is_globus_compute_config(data):
+            data = globus_config.translate(data, agent_keys=EndpointConfig.model_fields)
         return EndpointConfig.model_validate(data)
+    except ConfigError as exc:
+        raise ConfigError(f"invalid endpoint config {source}: {exc}") from exc
     except ValidationError as exc:
         problems = "; ".join(_describe(error) for error in exc.errors())
-        raise ConfigError(f"invalid endpoint config {path}: {problems}") from exc
+        raise ConfigError(f"invalid endpoint config {source}: {problems}") from exc
 
 
 def _describe(error: Any) -> str:
@@ -260,6 +338,8 @@ def save_config(config: EndpointConfig, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     data = config.model_dump(mode="json", exclude_none=True)
     data["allowed_serializers"] = sorted(data["allowed_serializers"])
+    if "allowed_functions" in data:
+        data["allowed_functions"] = sorted(data["allowed_functions"])
     _write_private(path, yaml.safe_dump(data, sort_keys=False))
 
 

@@ -8,6 +8,7 @@ import json
 import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -19,6 +20,8 @@ from gc_client.client import Client
 from gc_client.functions import MPIFunction, ShellFunction
 from gc_core.cli import CommandLine, format_table, poll
 from gc_core.errors import TaskPending
+from gc_core.protocol import Timings
+from gc_core.registry_api.listing import DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE
 
 __all__ = ["main"]
 
@@ -316,20 +319,79 @@ def status(lazy: _Lazy, endpoint_id: str | None) -> None:
 
 
 @main.command()
-@click.option("--group", "task_group_id", required=True, help="Task group id (Executor.task_group_id).")
+@click.option("--group", "task_group_id", default=None,
+              help="Only this task group (Executor.task_group_id); alone, it lists the whole "
+                   "group with a count by state.")
+@click.option("--state", type=click.Choice(["waiting", "success", "failed", "cancelled"]),
+              default=None, help="Only tasks in this state.")
+@click.option("--endpoint", "endpoint_id", default=None, help="Only tasks sent to this endpoint.")
+@click.option("--limit", type=click.IntRange(1, MAX_PAGE_SIZE), default=DEFAULT_PAGE_SIZE,
+              show_default=True, help="Tasks per page.")
+@click.option("--cursor", default=None, help="Where the page before ended (each page prints "
+                                               "the command for the next).")
 @click.pass_obj
-def tasks(lazy: _Lazy, task_group_id: str) -> None:
-    """List a task group's tasks with their states, pending ones included."""
-    listed = lazy.client.registry.list_group_tasks(task_group_id)
+def tasks(lazy: _Lazy, task_group_id: str | None, state: str | None, endpoint_id: str | None,
+          limit: int, cursor: str | None) -> None:
+    """List your tasks, newest first, a page at a time (or a whole task group's)."""
+    if task_group_id is not None and not (state or endpoint_id or cursor):
+        _print_group(lazy.client, task_group_id)
+        return
+    page = lazy.client.registry.list_tasks(state=state, endpoint_id=endpoint_id,
+                                           task_group_id=task_group_id, cursor=cursor,
+                                           limit=limit)
+    if not page.tasks:
+        click.echo("No tasks to list." if cursor is None else "No more tasks.")
+        return
+    click.echo(format_table(
+        ["TASK ID", "STATUS", "SUBMITTED (UTC)", "SECONDS", "ENDPOINT ID", "TASK GROUP ID"],
+        [[task.task_id, task.status, _utc(task.submitted), _run_seconds(task.timings),
+          task.endpoint_id, task.task_group_id] for task in page.tasks]))
+    if page.next_cursor:
+        given = [("--group", task_group_id), ("--state", state), ("--endpoint", endpoint_id)]
+        options = "".join(f" {flag} {value}" for flag, value in given if value)
+        click.echo(f"More: gc-client tasks{options} --limit {limit} --cursor {page.next_cursor}")
+
+
+@main.command()
+@click.option("--limit", type=click.IntRange(1, MAX_PAGE_SIZE), default=DEFAULT_PAGE_SIZE,
+              show_default=True, help="Functions per page.")
+@click.option("--cursor", default=None, help="Where the page before ended.")
+@click.pass_obj
+def functions(lazy: _Lazy, limit: int, cursor: str | None) -> None:
+    """List the functions you may run (yours, your groups', public ones), newest first."""
+    page = lazy.client.registry.list_functions(cursor=cursor, limit=limit)
+    if not page.functions:
+        click.echo("No functions to list; register one with `gc-client register FILE.py:FUNCTION`."
+                   if cursor is None else "No more functions.")
+        return
+    click.echo(format_table(
+        ["FUNCTION ID", "NAME", "OWNER", "SHARING", "REGISTERED (UTC)"],
+        [[f.function_id, f.name, f.owner, f.sharing.sharing, _utc(f.created)]
+         for f in page.functions]))
+    if page.next_cursor:
+        click.echo(f"More: gc-client functions --limit {limit} --cursor {page.next_cursor}")
+
+
+def _utc(timestamp: float | None) -> str | None:
+    if timestamp is None:
+        return None
+    return datetime.fromtimestamp(timestamp, timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _run_seconds(timings: Timings) -> float | None:
+    if timings.finished is None or timings.started is None:
+        return None
+    return timings.finished - timings.started
+
+
+def _print_group(client: Client, task_group_id: str) -> None:
+    """Every task of a group with its state, pending ones included, and a count by state."""
+    listed = client.registry.list_group_tasks(task_group_id)
     if not listed:
         click.echo(f"The ledger knows no tasks in group {task_group_id}.")
         return
-    rows = []
-    for task in listed:
-        timings = task.timings
-        took = (timings.finished - timings.started
-                if timings.finished and timings.started else None)
-        rows.append([task.task_id, task.status, took, task.worker or None])
+    rows = [[task.task_id, task.status, _run_seconds(task.timings), task.worker or None]
+            for task in listed]
     click.echo(format_table(["TASK ID", "STATUS", "SECONDS", "WORKER"], rows))
     by_status: dict[str, int] = {}
     for task in listed:

@@ -29,7 +29,7 @@ from functools import partial
 from itertools import islice
 from typing import Any
 
-from tqdm import tqdm
+from tqdm.auto import tqdm
 
 from gc_client.client import Client
 from gc_client.taskgroup import (
@@ -39,10 +39,13 @@ from gc_client.taskgroup import (
     TaskGroupOptions,
 )
 from gc_client.tasks import Outgoing, new_id
+from gc_core.batches import encode_task_batch
 from gc_core.broker import FLUSH_BATCH, BrokerSession
 from gc_core.broker_consumers import Delivery
+from gc_core.broker_publisher import ConfirmCallback
+from gc_core.coalesce import Coalescer
 from gc_core.errors import GCError
-from gc_core.protocol import TaskMessage
+from gc_core.protocol import Envelope, TaskMessage
 from gc_core.serialize import get_serializer
 from gc_core.topology import safe_name_part
 
@@ -282,6 +285,10 @@ class _Wire:
         self._linger = linger
         self._confirm_timeout = confirm_timeout
         self._session: BrokerSession | None = None
+        #: Tasks submitted while one of ours waits for its confirm go together, in one message.
+        self._tasks: Coalescer[TaskMessage] = Coalescer(
+            self._publish_tasks, encode_task_batch, lambda task: len(task.payload),
+            max_items=batch_size)
         self._manifest_ids: list[str] = []
         self._lock = threading.Lock()
         self._closing = False
@@ -312,8 +319,8 @@ class _Wire:
         with self._lock:
             self._manifest_ids.append(task.task_id)
             first_of_batch = len(self._manifest_ids) == 1
-        self._publish(session, self._group.task_message(task),
-                      on_confirm=partial(self._group.confirmed, task.task_id, future))
+        self._tasks.add(self._client.topology.routing_key("task", endpoint_id=task.endpoint_id),
+                        task, partial(self._group.confirmed, task.task_id, future))
         if first_of_batch:
             # After the batch's first task, not before: the ledger copes with either order,
             # and the task should not queue behind the manifest's write to the ledger.
@@ -347,7 +354,11 @@ class _Wire:
         session = self._session
         if session is None or session.on_io_thread:  # collected there: it cannot wait on itself
             return
-        session.wait_settled(self._confirm_timeout)
+        deadline = time.monotonic() + self._confirm_timeout
+        # Tasks waiting in the coalescer are not the session's yet: wait for both.
+        while not (session.wait_settled(max(0.0, deadline - time.monotonic()))
+                   and self._tasks.idle()) and time.monotonic() < deadline:
+            time.sleep(0.005)
         unconfirmed = self._group.unconfirmed()
         if unconfirmed:
             _tell(f"the broker did not confirm {len(unconfirmed)} tasks of task group "
@@ -386,6 +397,14 @@ class _Wire:
                  on_confirm: Callable[[str | None], None] | None = None) -> None:
         session.publish(message.exchange, message.routing_key, message.envelope,
                         mandatory=message.mandatory, on_confirm=on_confirm)
+
+    def _publish_tasks(self, routing_key: str, envelope: Envelope,
+                       on_confirm: ConfirmCallback) -> None:
+        """Publish one task or a batch of them: mandatory, so that tasks for an endpoint
+        without a queue fail instead of vanishing."""
+        assert self._session is not None
+        self._session.publish(self._client.topology.exchange("tasks"), routing_key, envelope,
+                              mandatory=True, on_confirm=on_confirm)
 
     def _publish_manifest(self) -> None:
         """IO thread, after a batch's first task: tell the ledger the batch's task ids."""

@@ -158,6 +158,8 @@ class BrokerSession:
         username = urlsplit(self._nodes[0]).username
         user_id = login.username if login is not None else (
             unquote(username) if stamp_user_id and username else None)
+        #: The ``user_id`` stamped on every publish (None: none is).
+        self.user_id = user_id
         self._name = name
         self._topology = topology
         self._prefetch = prefetch
@@ -183,6 +185,8 @@ class BrokerSession:
         self._io_thread_id: int | None = None
         #: How often the IO loop died of an unexpected error and was started again.
         self.io_loop_restarts = 0
+        #: How often the session was ready again after losing its connection (a metric).
+        self.reconnects = 0
         # -- set by start() before the IO thread exists --
         self._thread: threading.Thread | None = None
         self._start_waits = False
@@ -627,6 +631,7 @@ class BrokerSession:
             self._io_check_confirms(self._connection)
         self._io_start_consumers()
         if self._ever_ready:
+            self.reconnects += 1
             logger.info("connection %s to %s restored", self._name, self.url)
         self._ever_ready = True
         self._ready.set()

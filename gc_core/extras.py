@@ -14,8 +14,9 @@ __all__ = ["EXTRA_MODULES", "missing_extra"]
 
 #: The modules, by import name, each extra brings (pyproject.toml names their distributions).
 EXTRA_MODULES: dict[str, tuple[str, ...]] = {
-    "agent": ("jinja2", "jsonschema"),
-    "registry": ("fastapi", "uvicorn", "sqlalchemy", "alembic"),
+    "agent": ("jinja2", "jsonschema", "prometheus_client"),
+    "registry": ("fastapi", "uvicorn", "sqlalchemy", "alembic", "prometheus_client",
+                 "jinja2"),
     "htex": ("parsl",),
     "postgres": ("psycopg",),
 }
@@ -25,7 +26,7 @@ def missing_extra(extra: str) -> str | None:
     """What to install when a module of ``extra`` is missing; None when all are there.
 
     >>> missing_extra("registry")  # in a client-only install
-    "needs the 'registry' extra (fastapi, uvicorn, sqlalchemy, alembic are missing): pip install 'gc-fabric[registry]'"
+    "needs the 'registry' extra (fastapi, uvicorn, sqlalchemy, alembic, prometheus_client, jinja2 are missing): pip install 'gc-fabric[registry]'"
     """
     missing = [module for module in EXTRA_MODULES[extra] if find_spec(module) is None]
     if not missing:

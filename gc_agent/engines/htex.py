@@ -134,7 +134,7 @@ class HtexEngine(Engine):
     @property
     def capacity(self) -> int:
         provider = self._config.provider
-        return self._config.max_workers_per_node * provider.nodes_per_block * max(1, provider.max_blocks)
+        return self._config.workers_per_node * provider.nodes_per_block * max(1, provider.max_blocks)
 
     @property
     def _parsl_limit(self) -> int:
@@ -165,7 +165,7 @@ class HtexEngine(Engine):
         self._poller.poll()
         logger.info("htex engine started: %d workers per node, provider %s, interchange on %s "
                     "(%s), run dir %s", self._config.max_workers_per_node,
-                    self._config.provider.type, self._config.address,
+                    self._config.provider.type, self._executor.address,
                     "CurveZMQ" if self._config.encrypted else "unencrypted", self._run_dir)
 
     def status(self) -> dict[str, Any]:
@@ -189,7 +189,9 @@ class HtexEngine(Engine):
         workers = sum(int(m["worker_count"]) for m in managers)
         busy = sum(min(int(m["tasks"]), int(m["worker_count"])) for m in managers)
         states = collections.Counter(blocks.values())
+        # Every state seen (a metric's label), pending and running even at 0 (the heartbeat's).
         self._snapshot = {"provider": self._config.provider.type,
+                          **{f"blocks_{state}": count for state, count in states.items()},
                           "blocks_pending": states["pending"], "blocks_running": states["running"],
                           "managers": len(managers), "workers": workers, "workers_busy": busy,
                           "workers_idle": workers - busy}
@@ -350,6 +352,8 @@ def _build_executor(config: HtexEngineConfig, run_dir: Path) -> Any:
     from parsl.executors import HighThroughputExecutor
     from parsl.executors.high_throughput.executor import DEFAULT_LAUNCH_CMD
 
+    from gc_agent.addresses import resolve_address
+    from gc_agent.containers import containerized_launch_cmd
     from gc_agent.providers import build_provider
 
     # Parsl starts interchange.py and process_worker_pool.py by name from PATH, which lacks
@@ -363,13 +367,20 @@ def _build_executor(config: HtexEngineConfig, run_dir: Path) -> Any:
     if not (bin_dir / "process_worker_pool.py").exists():
         launch_cmd = launch_cmd.replace("process_worker_pool.py", f"{shlex.quote(sys.executable)} "
                                         "-m parsl.executors.high_throughput.process_worker_pool", 1)
+    if config.container is not None:
+        launch_cmd = containerized_launch_cmd(config.container, DEFAULT_LAUNCH_CMD, str(run_dir))
     provider = build_provider(config.provider, worker_init_prefix="\n".join([
         _SCRUB_FABRIC_VARIABLES, f"export PATH={shlex.quote(str(bin_dir))}:$PATH"]))
     executor = HighThroughputExecutor(
         label=config.label,
-        address=config.address,
+        address=resolve_address(config.address),
         provider=provider,
         max_workers_per_node=config.max_workers_per_node,
+        available_accelerators=list(config.available_accelerators),
+        cores_per_worker=config.cores_per_worker,
+        mem_per_worker=config.mem_per_worker,
+        prefetch_capacity=config.prefetch_capacity,
+        worker_debug=config.worker_debug,
         launch_cmd=launch_cmd,
         interchange_launch_cmd=_interchange_command(),
         heartbeat_period=config.heartbeat_period,

@@ -14,11 +14,12 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 
 from gc_core.errors import RegistryError
-from gc_core.registry import actions, broker_auth, identity, store
+from gc_core.registry import actions, broker_auth, identity, listing_api, store, ui
 from gc_core.registry.db import open_database
 from gc_core.registry.deps import Caller, Db
 from gc_core.registry.identity import Principal
 from gc_core.registry.ledger import Ledger, Retention
+from gc_core.registry.metrics import instrument
 from gc_core.registry.vhost_claim import DatabaseClaim
 from gc_core.registry_api.schemas import (
     EndpointIn,
@@ -207,6 +208,10 @@ def create_app(settings: RegistrySettings) -> FastAPI:
     def get_function(function_id: str, session: Db, caller: Caller) -> FunctionOut:
         return store.get_function(session, function_id, caller)
 
+    @app.delete("/functions/{function_id}", response_model=FunctionOut)
+    def delete_function(function_id: str, session: Db, caller: Caller) -> FunctionOut:
+        return store.delete_function(session, function_id, caller)
+
     @app.put("/functions/{function_id}/sharing", response_model=FunctionOut)
     def share_function(function_id: str, body: FunctionSharing, session: Db,
                        caller: Caller) -> FunctionOut:
@@ -223,6 +228,10 @@ def create_app(settings: RegistrySettings) -> FastAPI:
     @app.get("/endpoints/{endpoint_id}", response_model=EndpointOut)
     def get_endpoint(endpoint_id: str, session: Db, caller: Caller) -> EndpointOut:
         return store.get_endpoint(session, endpoint_id, caller)
+
+    @app.delete("/endpoints/{endpoint_id}", response_model=EndpointOut)
+    def delete_endpoint(endpoint_id: str, session: Db, caller: Caller) -> EndpointOut:
+        return store.delete_endpoint(session, endpoint_id, caller)
 
     @app.put("/endpoints/{endpoint_id}/policy", response_model=EndpointOut)
     def set_endpoint_policy(endpoint_id: str, body: EndpointPolicy, session: Db,
@@ -264,4 +273,7 @@ def create_app(settings: RegistrySettings) -> FastAPI:
 
     app.include_router(actions.router)
     app.include_router(broker_auth.router)
+    instrument(app)  # /metrics, and every request timed
+    app.include_router(listing_api.router)
+    app.include_router(ui.router)
     return app

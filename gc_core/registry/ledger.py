@@ -65,6 +65,7 @@ from urllib.parse import urlsplit
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
+from gc_core.batches import decode_results
 from gc_core.broker import BrokerSession
 from gc_core.broker_consumers import Delivery
 from gc_core.protocol import (
@@ -73,7 +74,6 @@ from gc_core.protocol import (
     Heartbeat,
     ResultMessage,
     decode_event,
-    decode_result,
 )
 from gc_core.registry import store, vhost_claim
 from gc_core.registry.dead_letters import republish
@@ -85,6 +85,7 @@ from gc_core.registry.ledger_rules import (
     message_fault,
     result_refusal,
 )
+from gc_core.registry.metrics import observe_commit
 from gc_core.registry.store import ReceivedResult
 from gc_core.registry.vhost_claim import DatabaseClaim
 from gc_core.topology import Topology
@@ -177,6 +178,11 @@ class Ledger:
         return self._broker.connected
 
     @property
+    def reconnects(self) -> int:
+        """Times the ledger's broker session was ready again after losing its connection."""
+        return self._broker.reconnects
+
+    @property
     def writing(self) -> bool:
         """Whether the writer thread runs: without it nothing is recorded or acked."""
         return self._writer is not None and self._writer.is_alive()
@@ -264,7 +270,7 @@ class Ledger:
             self._requeue(batch)
 
     def _commit(self, batch: list[Delivery]) -> None:
-        received = [self._decode(delivery) for delivery in batch]
+        received = [item for delivery in batch for item in self._decode(delivery)]
         retry: list[Delivery] = []
         try:
             dead_letters = self._write(received)
@@ -287,6 +293,8 @@ class Ledger:
             self._broker.ack(batch[-1], multiple=True)
         else:
             self._settle_each(batch, retry)
+        # Those to retry are the batch's tail (_write_each): the rest were committed.
+        observe_commit([item.message for item in received[:len(received) - len(retry)]])
         self._named += [task_id for item in received if isinstance(item.message, GroupManifest)
                         for task_id in item.message.task_ids]
         logger.debug("ledger committed %d messages", len(batch) - len(retry))
@@ -470,19 +478,27 @@ class Ledger:
             else:
                 self._broker.ack(delivery)
 
-    def _decode(self, delivery: Delivery) -> _Received:
+    def _decode(self, delivery: Delivery) -> list[_Received]:
+        """What a delivery holds: one message, or each result of a batch (a batch's
+        malformed entry costs that entry alone)."""
         dead = delivery.exchange == self._topology.exchange("dead")
         try:
             if delivery.exchange == self._topology.exchange("events"):
                 event = decode_event(delivery.envelope)
-                return _Received(delivery, None if isinstance(event, CancelCommand) else event,
-                                 dead)
-            return _Received(delivery, decode_result(delivery.envelope), dead)
+                return [_Received(delivery, None if isinstance(event, CancelCommand) else event,
+                                  dead)]
+            decoded: list[ResultMessage | Exception] = [*decode_results(delivery.envelope)]
         except Exception as exc:  # noqa: BLE001  # decoders promise ProtocolError; a slip costs one message too
-            logger.warning("ledger dropped an undecodable message from %r (%s %r, %d bytes): "
-                           "%s", delivery.user_id, delivery.exchange, delivery.routing_key,
-                           len(delivery.envelope.body), describe(exc))
-        return _Received(delivery, None, dead)
+            decoded = [exc]
+        received = []
+        for item in decoded:
+            if isinstance(item, Exception):
+                logger.warning("ledger dropped an undecodable message from %r (%s %r, %d "
+                               "bytes): %s", delivery.user_id, delivery.exchange,
+                               delivery.routing_key, len(delivery.envelope.body), describe(item))
+            else:
+                received.append(_Received(delivery, item, dead))
+        return received or [_Received(delivery, None, dead)]
 
 
 def _kind(item: ReceivedResult) -> str:

@@ -22,8 +22,8 @@ from sqlalchemy.orm import Session
 from gc_core.errors import Forbidden, NotFound
 from gc_core.protocol import ErrorInfo, GroupManifest, Heartbeat, ResultMessage, Timings
 from gc_core.registry import policy
-from gc_core.registry.db import EarlyResultRow, EndpointRow, FunctionRow, TaskRow
-from gc_core.registry.identity import ANONYMOUS, Principal
+from gc_core.registry.db import EarlyResultRow, EndpointRow, FunctionRow, TaskRow, TokenRow
+from gc_core.registry.identity import ANONYMOUS, Principal, revoke_token
 from gc_core.registry_api.schemas import (
     EndpointIn,
     EndpointOut,
@@ -44,6 +44,7 @@ __all__ = [
     "any_early_results",
     "authorize_task",
     "create_endpoint",
+    "delete_endpoint",
     "early_result_counts",
     "endpoint_status",
     "expire_early_results",
@@ -126,14 +127,32 @@ def get_function(db: Session, function_id: str, principal: Principal = ANONYMOUS
 def set_function_sharing(db: Session, function_id: str, sharing: FunctionSharing,
                          principal: Principal = ANONYMOUS) -> FunctionOut:
     """Change who may run a function; only its owner (or an admin) may."""
+    row = _owned_function(db, function_id, principal, "share")
+    row.sharing, row.shared_groups = sharing.sharing, sharing.shared_groups
+    db.commit()
+    return _function_out(row)
+
+
+def delete_function(db: Session, function_id: str,
+                    principal: Principal = ANONYMOUS) -> FunctionOut:
+    """Forget a function; only its owner (or an admin) may. Its tasks stay in the ledger;
+    a task naming it that an agent has not loaded yet fails, since no agent can fetch it."""
+    row = _owned_function(db, function_id, principal, "delete")
+    gone = _function_out(row)
+    db.delete(row)
+    db.commit()
+    return gone
+
+
+def _owned_function(db: Session, function_id: str, principal: Principal,
+                    doing: str) -> FunctionRow:
+    """The function, if ``principal`` owns it (or is an admin)."""
     row = db.get(FunctionRow, function_id)
     if row is None or not policy.may_use_function(principal, row):
         raise NotFound(f"no function {function_id} is registered (or it is not shared with you)")
     if not (principal.admin or principal.name == row.owner):
-        raise Forbidden(f"only {row.owner}, who owns function {function_id}, may share it")
-    row.sharing, row.shared_groups = sharing.sharing, sharing.shared_groups
-    db.commit()
-    return _function_out(row)
+        raise Forbidden(f"only {row.owner}, who owns function {function_id}, may {doing} it")
+    return row
 
 
 def create_endpoint(db: Session, body: EndpointIn, *, owner: str | None = None) -> EndpointOut:
@@ -165,6 +184,27 @@ def set_endpoint_policy(db: Session, endpoint_id: str, new: EndpointPolicy,
     _apply_policy(row, new)
     db.commit()
     return _endpoint_out(row)
+
+
+def delete_endpoint(db: Session, endpoint_id: str,
+                    principal: Principal = ANONYMOUS) -> EndpointOut:
+    """Forget an endpoint and revoke its agent tokens; only its owner (or an admin) may.
+
+    Its tasks stay in the ledger: their submitters may still read their results.
+    """
+    row = policy.endpoint_or_404(db, principal, endpoint_id)
+    if principal.is_agent:
+        raise Forbidden(f"an agent token cannot delete endpoint {endpoint_id}; its owner "
+                        f"{row.owner} deletes it with a token of their own")
+    policy.require_endpoint_owner(principal, row)
+    gone = _endpoint_out(row)
+    live = select(TokenRow.token_id).where(TokenRow.endpoint_id == endpoint_id,
+                                            TokenRow.revoked.is_(None))
+    for token_id in db.scalars(live).all():
+        revoke_token(db, token_id)
+    db.delete(row)
+    db.commit()
+    return gone
 
 
 def allowed_functions(db: Session, endpoint_id: str,

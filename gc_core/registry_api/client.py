@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 from typing import Any, TypeVar
+from urllib.parse import urlencode
 
 import httpx
 from pydantic import BaseModel, TypeAdapter, ValidationError
@@ -18,6 +19,7 @@ from gc_core.errors import (
     RegistryError,
     find_certificate_failure,
 )
+from gc_core.registry_api.listing import DEFAULT_PAGE_SIZE, FunctionPage, TaskPage
 from gc_core.registry_api.schemas import (
     EndpointIn,
     EndpointOut,
@@ -86,6 +88,10 @@ class RegistryClient:
         """Revoke one of the caller's tokens."""
         return self._call("DELETE", f"/tokens/{token_id}", TokenOut)
 
+    def delete_function(self, function_id: str) -> FunctionOut:
+        """Forget a function (its owner only); returns what it was."""
+        return self._call("DELETE", f"/functions/{function_id}", FunctionOut)
+
     def share_function(self, function_id: str, sharing: FunctionSharing) -> FunctionOut:
         """Change who may run a function the caller owns."""
         return self._call("PUT", f"/functions/{function_id}/sharing", FunctionOut, json=sharing)
@@ -115,6 +121,10 @@ class RegistryClient:
         """One endpoint."""
         return self._call("GET", f"/endpoints/{endpoint_id}", EndpointOut)
 
+    def delete_endpoint(self, endpoint_id: str) -> EndpointOut:
+        """Forget an endpoint (its owner only) and revoke its agent tokens; returns what it was."""
+        return self._call("DELETE", f"/endpoints/{endpoint_id}", EndpointOut)
+
     def list_endpoints(self) -> list[EndpointOut]:
         """All endpoints."""
         return self._call_list("GET", "/endpoints", EndpointOut)
@@ -135,6 +145,22 @@ class RegistryClient:
     def list_group_tasks(self, task_group_id: str) -> list[TaskOut]:
         """Every task the ledger knows in a task group."""
         return self._call_list("GET", f"/task-groups/{task_group_id}/tasks", TaskOut)
+
+    def list_tasks(self, *, state: str | None = None, endpoint_id: str | None = None,
+                   task_group_id: str | None = None, cursor: str | None = None,
+                   limit: int = DEFAULT_PAGE_SIZE) -> TaskPage:
+        """A page of the tasks the caller may see, newest first; pass its ``next_cursor``
+        back for the next one."""
+        query = {"state": state, "endpoint": endpoint_id, "group": task_group_id,
+                 "cursor": cursor, "limit": limit}
+        return self._call("GET", _with_query("/tasks", query), TaskPage)
+
+    def list_functions(self, *, cursor: str | None = None,
+                       limit: int = DEFAULT_PAGE_SIZE) -> FunctionPage:
+        """A page of the functions the caller may run (theirs, their groups', public ones),
+        newest first."""
+        return self._call("GET", _with_query("/functions", {"cursor": cursor, "limit": limit}),
+                          FunctionPage)
 
     def _call(self, method: str, path: str, model: type[_Model], *,
               json: BaseModel | None = None) -> _Model:
@@ -188,6 +214,12 @@ class RegistryClient:
             raise RegistryError(f"registry refused {method} {path}: {_detail(response)}",
                                 status=response.status_code)
         return response.json()
+
+
+def _with_query(path: str, values: dict[str, Any]) -> str:
+    """``path`` with the values that are set as its query string."""
+    query = urlencode({key: value for key, value in values.items() if value is not None})
+    return f"{path}?{query}" if query else path
 
 
 def _detail(response: httpx.Response) -> str:
