@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from pydantic import BaseModel, ConfigDict
 
-from gc_core.protocol import Timings
-from gc_core.registry_api.schemas import FunctionSharing, TaskStatus
+from gc_core.registry_api.schemas import FunctionSharing, TaskBasics
 
 __all__ = [
     "DEFAULT_PAGE_SIZE",
@@ -35,20 +34,10 @@ class _Out(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
 
-class TaskSummary(_Out):
+class TaskSummary(TaskBasics):
     """A task in a listing: where it went, its state and timings; no value nor output
     (``GET /tasks/{id}`` has them)."""
 
-    task_id: str
-    task_group_id: str
-    endpoint_id: str
-    function_id: str
-    user: str
-    on_behalf_of: str = ""
-    status: TaskStatus
-    submitted: float | None = None
-    timings: Timings = Timings()
-    worker: str = ""
     #: The class name of the failure, for a failed task.
     error_type: str = ""
 

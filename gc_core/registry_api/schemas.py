@@ -205,7 +205,22 @@ class TaskEvent(_Body):
     detail: str = ""
 
 
-class TaskOut(_Body):
+class TaskBasics(_Body):
+    """Where a task went, its state and timings: what a listing shows of it."""
+
+    task_id: str
+    task_group_id: str
+    endpoint_id: str
+    function_id: str
+    user: str
+    on_behalf_of: str = ""
+    status: TaskStatus
+    submitted: float | None = None
+    timings: Timings = Timings()
+    worker: str = ""
+
+
+class TaskOut(TaskBasics):
     """A task as the ledger knows it: status, timings and, once finished, its result."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
@@ -222,16 +237,6 @@ class TaskOut(_Body):
         "error": {"type": "TypeError", "message": "unsupported operand type(s)",
                   "traceback": "Traceback (most recent call last): ..."}}]})
 
-    task_id: str
-    task_group_id: str
-    endpoint_id: str
-    function_id: str
-    user: str
-    on_behalf_of: str = ""
-    status: TaskStatus
-    submitted: float | None = None
-    timings: Timings = Timings()
-    worker: str = ""
     content_type: str = ""
     payload_b64: str = ""
     error: ErrorInfo | None = None

@@ -17,6 +17,7 @@ from dataclasses import replace
 
 import pika
 import pytest
+from pika.adapters.blocking_connection import BlockingChannel
 
 from gc_agent.requeue_seal import SEAL_HEADER
 from gc_client import Executor, TaskDeadLettered
@@ -61,10 +62,9 @@ def _task(task_id: str, group: str, endpoint_id: str, function_id: str, user: st
                        payload=JSON.dumps({"args": [x], "kwargs": {}}))
 
 
-def test_a_task_in_alices_batch_that_claims_to_be_bobs_is_dropped_alone(
-        secured: Secured, alices_endpoint: Endpoint) -> None:
-    # Given alice's result queue for a group of hers
-    ep = alices_endpoint.endpoint_id
+def _alices_result_queue(secured: Secured) -> tuple[str, str, str, BlockingChannel]:
+    """``double`` registered by alice, a new group of hers, its result queue's name, and a
+    channel of hers on which that queue is declared and bound."""
     with secured.client("alice") as client:
         function_id = client.register_function(double)
     group = f"g-{uuid.uuid4().hex[:8]}"
@@ -72,6 +72,14 @@ def test_a_task_in_alices_batch_that_claims_to_be_bobs_is_dropped_alone(
     channel = secured.channel("alice")
     channel.queue_declare(queue.name, durable=True, arguments=queue.arguments)
     channel.queue_bind(queue.name, "gc.results", f"alice.{group}")
+    return function_id, group, queue.name, channel
+
+
+def test_a_task_in_alices_batch_that_claims_to_be_bobs_is_dropped_alone(
+        secured: Secured, alices_endpoint: Endpoint) -> None:
+    # Given alice's result queue for a group of hers
+    ep = alices_endpoint.endpoint_id
+    function_id, group, queue, channel = _alices_result_queue(secured)
     # When alice sends one batch whose middle task claims to be bob's
     forged = f"forged-{uuid.uuid4().hex[:8]}"
     batch = encode_task_batch([_task("t-first", group, ep, function_id, "alice", 1),
@@ -81,7 +89,7 @@ def test_a_task_in_alices_batch_that_claims_to_be_bobs_is_dropped_alone(
     try:
         # Then her own tasks run, and the forged one is dropped, unanswered
         answered: dict[str, ResultMessage] = {}
-        eventually(lambda: answered.update({r.task_id: r for r in results_in(channel, queue.name)})
+        eventually(lambda: answered.update({r.task_id: r for r in results_in(channel, queue)})
                    or len(answered) >= 2, 60, "alice's two results")
         eventually(lambda: f"dropped task {forged}" in alices_endpoint.read_logs(), 30,
                    "the agent to drop the forged task")
@@ -132,13 +140,7 @@ def test_a_task_put_on_the_queue_with_the_agents_login_but_without_its_seal_is_d
     ep = alices_endpoint.endpoint_id
     agent_login = f"endpoint-{ep}"
     agent_token = (alices_endpoint.directory / "agent.token").read_text().strip()
-    with secured.client("alice") as client:
-        function_id = client.register_function(double)
-    group = f"g-{uuid.uuid4().hex[:8]}"
-    queue = TOPOLOGY.queue("results", user="alice", task_group_id=group)
-    channel = secured.channel("alice")
-    channel.queue_declare(queue.name, durable=True, arguments=queue.arguments)
-    channel.queue_bind(queue.name, "gc.results", f"alice.{group}")
+    function_id, group, queue, channel = _alices_result_queue(secured)
     # When its holder puts a task claiming to be alice's on her endpoint's queue, unsealed or
     # with a seal of its own making
     injected = f"injected-{uuid.uuid4().hex[:8]}"
@@ -156,7 +158,7 @@ def test_a_task_put_on_the_queue_with_the_agents_login_but_without_its_seal_is_d
         # Then the agent drops it: it never runs as alice, and nothing answers it
         eventually(lambda: f"dropped task {injected}" in alices_endpoint.read_logs(), 60,
                    "the agent to drop the injected task")
-        assert [r.task_id for r in results_in(channel, queue.name)] == []
+        assert [r.task_id for r in results_in(channel, queue)] == []
     except BaseException:
         print(alices_endpoint.read_logs(), node_log(secured.node))
         raise
