@@ -34,6 +34,7 @@ __all__ = [
     "EXIT_TASK_PENDING",
     "EXIT_USAGE",
     "HELP_OPTIONS",
+    "VERSION_LINE",
     "CommandLine",
     "format_table",
     "poll",
@@ -63,7 +64,7 @@ EXIT_BROKEN_PIPE = 141
 #: What asks any command for its help.
 HELP_OPTIONS = ["-h", "--help"]
 #: ``--version``'s answer: the program, gc-fabric's version, and the Python that runs it.
-_VERSION_LINE = f"%(prog)s %(version)s (gc-fabric, Python {platform.python_version()})"
+VERSION_LINE = f"%(prog)s %(version)s (gc-fabric, Python {platform.python_version()})"
 
 #: First pause (seconds) between two polls; each next one is 1.5 times longer.
 FIRST_POLL_INTERVAL = 0.05
@@ -132,7 +133,7 @@ class CommandLine(click.Group):
         settings = dict(kwargs.pop("context_settings", None) or {})
         settings.setdefault("help_option_names", HELP_OPTIONS)
         super().__init__(*args, context_settings=settings, **kwargs)
-        click.version_option(VERSION, message=_VERSION_LINE)(self)
+        click.version_option(VERSION, message=VERSION_LINE)(self)
 
     def invoke(self, ctx: click.Context) -> Any:
         with reported_errors():

@@ -79,6 +79,9 @@ from pathlib import Path
 from gc_agent.systemd import render_unit
 sys.stdout.write(render_unit(gc_agent=sys.argv[1], user=sys.argv[2], env_dir=Path(sys.argv[3])))
 ' "$PREFIX/bin/gc-agent" "$SERVICE_USER" "$ENV_DIR" > "$ROOT/lib/systemd/system/gc-agent@.service"
+# An endpoint config for a service, metrics on: what an admin copies to start from.
+install -D -m 0644 "$WORK/src/deploy/systemd/config.example.yaml" \
+  "$ROOT/usr/share/doc/gc-fabric-agent/examples/config.example.yaml"
 
 "$PYTHON" -I - "$VENV" "$PREFIX" <<'PY'
 import sys

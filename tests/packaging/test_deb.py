@@ -25,6 +25,7 @@ COMMAND = Path("/usr/bin/gc-agent")
 UNIT = Path("/lib/systemd/system/gc-agent@.service")
 ENV_DIR = Path("/etc/gc-fabric")
 STATE_DIR = Path("/var/lib/gc-fabric")
+DOC_DIR = Path("/usr/share/doc/gc-fabric-agent")
 #: Held from install to purge, so two suites on one machine do not install over each other.
 LOCK = Path("/run/lock/gc-fabric-agent-test.lock")
 #: Seconds for the build: about 70 on an idle 2-core machine.
@@ -137,6 +138,14 @@ def test_the_agent_deb_builds_installs_runs_and_purges_without_a_trace(tmp_path:
             verify = _verify_unit_instance(tmp_path)
             assert verify.returncode == 0, verify.stderr
 
+            # and the example config for a service, metrics on, is there and valid
+            example = DOC_DIR / "examples" / "config.example.yaml"
+            checked = _run(PREFIX / "bin" / "python", "-c",
+                           "import sys, yaml; from gc_agent.config import parse_config; "
+                           "print(parse_config(yaml.safe_load(open(sys.argv[1])), sys.argv[1])"
+                           ".metrics_port)", example)
+            assert checked.returncode == 0 and checked.stdout == "9465\n", checked.stderr
+
             # and installing again changes nothing (the maintainer scripts are idempotent)
             again = (_apt("install", "--reinstall", deb.resolve()) if shutil.which("apt-get")
                      else _run("dpkg", "-i", deb, timeout=APT_TIMEOUT))
@@ -147,7 +156,7 @@ def test_the_agent_deb_builds_installs_runs_and_purges_without_a_trace(tmp_path:
     # Then: the purge leaves nothing behind
     assert purged is not None and purged.returncode == 0, purged and purged.stderr
     assert not _installed()
-    for path in (PREFIX, COMMAND, UNIT, ENV_DIR, STATE_DIR):
+    for path in (PREFIX, COMMAND, UNIT, ENV_DIR, STATE_DIR, DOC_DIR):
         assert not os.path.lexists(path), f"{path} survived the purge"
     assert _run("getent", "passwd", "gc-agent").returncode == 2
     assert _run("getent", "group", "gc-agent").returncode == 2

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from importlib.metadata import metadata
+from importlib.metadata import metadata, version
 from pathlib import Path
 
 import pytest
@@ -46,3 +46,16 @@ def test_gc_registry_without_its_extra_says_which_to_install_in_one_line() -> No
     assert ran.returncode == 1
     assert ran.stderr == ("gc-registry needs the 'registry' extra (gc_no_such_module is missing): "
                           "pip install 'gc-fabric[registry]'\n")
+
+
+def test_gc_registry_without_its_extra_still_tells_its_version() -> None:
+    script = ("import sys, gc_core.extras as extras; "
+              "extras.EXTRA_MODULES['registry'] = ('fastapi', 'gc_no_such_module'); "
+              "sys.argv = ['gc-registry', '--version']; "
+              "from gc_core.registry.entry_point import main; main()")
+
+    ran = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True,
+                         cwd=ROOT, timeout=60, check=False)
+
+    assert ran.returncode == 0, ran.stderr
+    assert ran.stdout.startswith(f"gc-registry {version('gc-fabric')} (gc-fabric, Python ")
