@@ -96,11 +96,19 @@ def test_a_task_still_pending_exits_3_from_run_wait_and_from_result(
     assert _one_error_line(asked) == f"Error: task {task_id} is not finished (status: waiting)"
 
 
+#: Runs argv[1:] with SIGINT's default disposition, whatever this process's is.
+INTERRUPTIBLE = ("import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+                 "os.execv(sys.argv[1], sys.argv[1:])")
+
+
 def test_ctrl_c_ends_a_command_with_exit_130_and_no_traceback(fabric: Fabric,
                                                               make_endpoint: Any) -> None:
     ep: Endpoint = make_endpoint()
     (ep.directory / "agent.log").write_text("an old line\n")
-    follow = subprocess.Popen([str(BIN / "gc-agent"), "logs", ep.name, "-f"], env=fabric.env,
+    # (through a shim that lets SIGINT in again: a suite started in the background, as
+    # `make test &` is, hands its children SIGINT ignored, and a terminal's Ctrl-C is the case)
+    follow = subprocess.Popen([sys.executable, "-c", INTERRUPTIBLE, str(BIN / "gc-agent"), "logs",
+                               ep.name, "-f"], env=fabric.env,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         assert follow.stdout is not None and follow.stdout.readline() == "an old line\n"
