@@ -59,6 +59,9 @@ down)
   if [ -f "$GC_HOME/registry.pid" ]; then
     stop_and_wait "$(cat "$GC_HOME/registry.pid")"
     rm -f "$GC_HOME/registry.pid"
+    # The vhost's ledger belonged to this stack's throwaway database; let it go, so that
+    # the next stack (another clone, or this one after `make clean`) may take the vhost.
+    "$bin/gc-registry" release-vhost >/dev/null
   fi
   echo "local stack stopped"
   ;;

@@ -84,11 +84,18 @@ def test_up_says_what_to_export_and_down_waits_for_what_it_stopped_and_deletes_q
         assert all(_queue_exists(broker_url, queue) for queue in queues)
 
         # When it goes down deleting its endpoint (as the demo does for the one it made)
+        assert _queue_exists(broker_url, load_topology().queue("registry_database", database_id="").name)
         _stack(env, "down", "--delete-endpoint")
         # Then what it stopped is gone by the time `down` returns
         assert not _running(registry_pid) and not _running(agent_pid)
         # and so are the endpoint's queues on the broker, and its files
         assert not any(_queue_exists(broker_url, queue) for queue in queues)
         assert not (home / "endpoints" / "demo").exists()
+        # and its throwaway database lets the vhost go, so that another stack may take it
+        assert not _queue_exists(broker_url, load_topology().queue("registry_database", database_id="").name)
+        assert _stack({**env, "GC_HOME": str(tmp_path / "another")}, "up").stdout
     finally:
+        subprocess.run(["bash", str(SCRIPT), "down"],
+                       env={**env, "GC_HOME": str(tmp_path / "another")}, capture_output=True,
+                       timeout=240)
         subprocess.run(["bash", str(SCRIPT), "down"], env=env, capture_output=True, timeout=240)
