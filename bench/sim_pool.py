@@ -5,8 +5,9 @@ script of that name first on the pool's PATH). The manager is Parsl's own — re
 heartbeats, task and result traffic with the interchange are unchanged, and it reports
 every slot of ``--max_workers_per_node`` — but each worker is a thread of this process
 instead of a spawned Python process, so 1,000 of them fit in one process's memory. A thread
-runs each task as Parsl's worker does (``execute_task``, results pickled the same way): it
-really runs the agent's job, in this process, under the GIL.
+runs each task as Parsl's worker does (the context's ``task_executor`` or ``execute_task``,
+results pickled the same way): it really runs the agent's job, in this process, under the
+GIL.
 
 What it measures is the agent, the interchange and the manager with that many slots to
 feed, not 1,000 CPUs: on two cores the tasks must be no-ops.
@@ -14,6 +15,7 @@ feed, not 1,000 CPUs: on two cores the tasks must be no-ops.
 
 from __future__ import annotations
 
+import importlib
 import pickle
 import queue
 import sys
@@ -33,14 +35,23 @@ def run_request(request: dict[str, Any]) -> bytes:
     """Run one task the interchange sent and return its pickled result package."""
     task_id = request["task_id"]
     try:
-        if request.get("context", {}).get("task_executor"):
-            raise NotImplementedError("the simulated pool runs only Parsl's default task executor")
-        result = serialize(execute_task(request["buffer"]), buffer_threshold=BUFFER_THRESHOLD)
+        result = serialize(run_buffer(request), buffer_threshold=BUFFER_THRESHOLD)
         package = {"type": "result", "task_id": task_id, "result": result}
     except Exception:  # noqa: BLE001 - the task's failure goes back as its result, as Parsl's worker does
         package = {"type": "result", "task_id": task_id,
                    "exception": serialize(RemoteExceptionWrapper(*sys.exc_info()))}
     return pickle.dumps(package)
+
+
+def run_buffer(request: dict[str, Any]) -> Any:
+    """Run a task's buffer as Parsl's worker does: with the context's ``task_executor`` (the
+    htex engine's), else with Parsl's ``execute_task``."""
+    named = request.get("context", {}).get("task_executor")
+    if not named:
+        return execute_task(request["buffer"])
+    module, _, name = named["f"].rpartition(".")
+    run = getattr(importlib.import_module(module), name)
+    return run(request["buffer"], *named.get("a", ()), **named.get("k", {}))
 
 
 class SlotThread(threading.Thread):

@@ -3,7 +3,9 @@
 The asyncio front end beside :class:`gc_client.executor.Executor`, sharing everything
 but the I/O with it (:class:`gc_client.taskgroup.TaskGroup`): one task group and one
 durable result queue per executor; tasks published ``mandatory`` with publisher
-confirms, each batch behind a group manifest for the ledger; results decoded, turned
+confirms, coalesced as the Executor's are (``gc_core.coalesce``: what is submitted while
+a publish awaits its confirm shares the next message), with group manifests for the
+ledger; results decoded, turned
 into values or exceptions, and acked after their future resolved. A duplicate result
 (a task redelivered after an agent died) is dropped, so a future resolves exactly once.
 ``await submit(...)`` returns once the broker has confirmed the task, so nothing
@@ -35,10 +37,14 @@ from gc_client.taskgroup import (
     TaskGroupOptions,
 )
 from gc_client.tasks import Outgoing, new_id
+from gc_core.batches import encode_task_batch
 from gc_core.broker import FLUSH_BATCH
 from gc_core.broker_async import AsyncBrokerSession
+from gc_core.broker_limits import Refusal
+from gc_core.broker_publisher import ConfirmCallback
+from gc_core.coalesce import Coalescer
 from gc_core.errors import BrokerError, GCError
-from gc_core.protocol import TaskMessage
+from gc_core.protocol import Envelope, TaskMessage
 from gc_core.serialize import get_serializer
 from gc_core.topology import QueueDeclaration, safe_name_part
 
@@ -77,10 +83,10 @@ class AsyncComputeFuture(asyncio.Future[Any]):
 class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
     """Run Python functions on an endpoint and await their results.
 
-    ``await submit(...)`` returns once the broker has the task. Submissions made
-    together (``asyncio.gather``, ``map``) are published together, in batches of at
-    most ``batch_size`` tasks, each behind its group manifest, with their confirms
-    pipelined; one ``await submit`` after another waits for each confirm in turn.
+    ``await submit(...)`` returns once the broker has the task. A lone submission goes at
+    once, as a single-task message; submissions made while one waits for its confirm
+    (``asyncio.gather``, ``map``) share the next message, at most ``batch_size`` tasks to
+    one; one ``await submit`` after another waits for each confirm in turn.
 
     Example:
         >>> async with AsyncExecutor(endpoint_id=ENDPOINT_ID) as ex:
@@ -112,8 +118,12 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
             user_endpoint_config=user_endpoint_config, on_behalf_of=on_behalf_of),
             self._new_future)
         self.batch_size = batch_size
-        self._outbox: list[tuple[TaskMessage, AsyncComputeFuture]] = []
-        self._outbox_sent: asyncio.Future[None] | None = None
+        #: Tasks submitted while one of ours waits for its confirm go together, in one message.
+        self._tasks: Coalescer[TaskMessage] = Coalescer(
+            self._publish_tasks, encode_task_batch, lambda task: len(task.payload),
+            max_items=batch_size)
+        #: Tasks submitted this loop turn, for the ledger's manifest.
+        self._manifest_ids: list[str] = []
         self._publishing: set[asyncio.Task[None]] = set()
         self._registering: dict[int, asyncio.Future[str]] = {}
         self._session: AsyncBrokerSession | None = None
@@ -245,7 +255,7 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
         pending = self._group.pending()
         if cancel_futures:
             self._cancel(pending)
-        if self._publishing:
+        while self._publishing:  # a confirm may send the tasks queued behind it: wait again
             await asyncio.gather(*self._publishing, return_exceptions=True)
         pending = [f for f in pending if not f.done()]
         if wait and pending:
@@ -313,38 +323,31 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
         return await asyncio.shield(in_flight)
 
     async def _sent(self, task: TaskMessage, future: AsyncComputeFuture) -> None:
-        """Queue ``task`` for this loop turn's publishing; return once it is over."""
-        self._outbox.append((task, future))
-        if self._outbox_sent is None:
-            self._outbox_sent = asyncio.get_running_loop().create_future()
-            asyncio.get_running_loop().call_soon(self._flush)
-        await asyncio.shield(self._outbox_sent)
+        """Hand ``task`` to the coalescer; return once the broker confirmed it. The first
+        task of a loop turn also schedules the manifest of the turn's tasks."""
+        loop = asyncio.get_running_loop()
+        confirmed: asyncio.Future[None] = loop.create_future()
 
-    def _flush(self) -> None:
-        """Publish what was submitted this loop turn: per batch its manifest and its
-        tasks, all at once so that their confirms pipeline."""
-        outbox, self._outbox = [entry for entry in self._outbox if not entry[1].cancelled()], []
-        sent, self._outbox_sent = self._outbox_sent, None
+        def on_confirm(reason: str | None) -> None:
+            self._group.confirmed(task.task_id, future, reason)
+            if not confirmed.done():
+                confirmed.set_result(None)
+
+        self._manifest_ids.append(task.task_id)
+        if len(self._manifest_ids) == 1:
+            loop.call_soon(self._flush_manifests)
+        self._tasks.add(self.client.topology.routing_key("task", endpoint_id=task.endpoint_id),
+                        task, on_confirm)
+        await asyncio.shield(confirmed)
+
+    def _flush_manifests(self) -> None:
+        """Tell the ledger the task ids submitted this loop turn, ``batch_size`` a manifest."""
+        task_ids, self._manifest_ids = self._manifest_ids, []
         session = self._session
-        assert sent is not None and session is not None
-        batches = [outbox[start:start + self.batch_size]
-                   for start in range(0, len(outbox), self.batch_size)]
-        self._spawn(self._publish_batches(session, batches, sent))
-
-    async def _publish_batches(self, session: AsyncBrokerSession,
-                               batches: list[list[tuple[TaskMessage, AsyncComputeFuture]]],
-                               sent: asyncio.Future[None]) -> None:
-        try:
-            await asyncio.gather(*(self._publish_batch(session, batch) for batch in batches))
-        finally:
-            if not sent.done():
-                sent.set_result(None)
-
-    async def _publish_batch(self, session: AsyncBrokerSession,
-                             batch: list[tuple[TaskMessage, AsyncComputeFuture]]) -> None:
-        manifest = self._group.manifest([task.task_id for task, _ in batch])
-        await asyncio.gather(self._publish_manifest(session, manifest),
-                             *(self._publish_task(session, task, future) for task, future in batch))
+        assert session is not None
+        for start in range(0, len(task_ids), self.batch_size):
+            manifest = self._group.manifest(task_ids[start:start + self.batch_size])
+            self._spawn(self._publish_manifest(session, manifest))
 
     async def _publish_manifest(self, session: AsyncBrokerSession, manifest: Outgoing) -> None:
         try:
@@ -352,14 +355,25 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
         except BrokerError as exc:  # the ledger waits for it a while, then takes the results
             logger.warning("manifest of task group %s not confirmed: %s", self.task_group_id, exc)
 
-    async def _publish_task(self, session: AsyncBrokerSession, task: TaskMessage,
-                            future: AsyncComputeFuture) -> None:
+    def _publish_tasks(self, routing_key: str, envelope: Envelope,
+                       on_confirm: ConfirmCallback) -> None:
+        """The coalescer's publish (on the event loop): one task or a batch, confirmed in
+        the background."""
+        session = self._session
+        assert session is not None
+        self._spawn(self._publish_confirmed(session, routing_key, envelope, on_confirm))
+
+    async def _publish_confirmed(self, session: AsyncBrokerSession, routing_key: str,
+                                 envelope: Envelope, on_confirm: ConfirmCallback) -> None:
+        """Publish tasks ``mandatory`` (so that tasks for an endpoint without a queue fail
+        instead of vanishing), then tell the coalescer what the broker said."""
         try:
-            await _publish(session, self._group.task_message(task))
+            await session.publish(self.client.topology.exchange("tasks"), routing_key, envelope,
+                                  mandatory=True)
         except BrokerError as exc:
-            self._group.confirmed(task.task_id, future, exc)
+            on_confirm(_reason(exc))
         else:
-            self._group.confirmed(task.task_id, future, None)
+            on_confirm(None)
 
     async def _follow_up_in_ledger(self) -> None:
         """Until every reloaded task is done, ask the ledger about the pending ones now
@@ -422,6 +436,13 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
             await session.close()
         if self._owns_client:
             self.client.close()
+
+
+def _reason(exc: BrokerError) -> str:
+    """Why the broker did not take a publish, kept a :class:`Refusal` when it is one (then
+    the coalescer sends a batch's tasks again one by one, and only the one at fault fails)."""
+    first = exc.args[0] if exc.args else None
+    return first if isinstance(first, Refusal) else str(exc)
 
 
 async def _publish(session: AsyncBrokerSession, message: Outgoing) -> None:

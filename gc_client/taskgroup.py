@@ -32,7 +32,6 @@ from gc_client.tasks import (
     not_accepted,
     oversize,
     result_value,
-    task_message,
     task_out_value,
 )
 from gc_core.batches import decode_results
@@ -144,10 +143,6 @@ class TaskGroup(Generic[F]):
             self._unconfirmed.add(task.task_id)
         future.add_done_callback(self._forget)
         return task, future
-
-    def task_message(self, task: TaskMessage) -> Outgoing:
-        """``task`` for the broker: an unroutable one fails its future."""
-        return task_message(self.client.topology, task)
 
     def manifest(self, task_ids: list[str]) -> Outgoing:
         """Tell the ledger which tasks the group holds before their results exist."""
