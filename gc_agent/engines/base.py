@@ -6,7 +6,9 @@ import logging
 import queue
 import threading
 from abc import ABC, abstractmethod
+from collections import deque
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any, Literal
 
 from gc_agent.execution import Job, Outcome, error_info
@@ -73,18 +75,30 @@ class Engine(ABC):
 
 
 class SlotPool(Engine):
-    """A fixed number of slots, each a thread that takes jobs from one shared queue.
+    """A fixed number of slots, each a thread that takes jobs from one shared backlog, a
+    batch at a time, or is handed them when it is idle.
 
-    Subclasses say what a slot does with a job (run it in the thread, or hand it to a
-    worker process and wait) and whether a running job can be interrupted.
+    Subclasses say what a slot does with a batch (run it in the thread, or hand it to a
+    worker process and wait), whether a job handed to an idle slot can be sent on by the
+    submitting thread itself, and whether a running job can be interrupted.
     """
 
     def __init__(self, max_workers: int) -> None:
         self._max_workers = max_workers
-        self._order: queue.SimpleQueue[str | None] = queue.SimpleQueue()
+        #: Ids of waiting jobs in their order (a cancelled or taken job's id stays until met).
+        self._backlog: deque[str] = deque()
+        #: Slots whose thread waits on its inbox for work; the rest take from the backlog.
+        self._idle: list[int] = []
+        #: Per slot: a batch handed to it while idle (and whether it was sent already), or
+        #: None to look at the backlog again.
+        self._inboxes: list[queue.SimpleQueue[_Handed | None]] = [
+            queue.SimpleQueue() for _ in range(max_workers)]
         self._waiting: dict[str, tuple[Job, OnDone]] = {}
         self._running: dict[str, tuple[int, OnDone]] = {}
         self._cancelled_running: set[str] = set()
+        #: Jobs put back after their worker went away with several of them unanswered: each
+        #: runs in a batch of its own next time, so that one that kills its worker is known.
+        self._alone: set[str] = set()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._closing = False
@@ -95,7 +109,8 @@ class SlotPool(Engine):
 
     @property
     def busy(self) -> int:
-        return len(self._running)
+        with self._lock:  # a slot handed a batch is one busy worker
+            return len({slot for slot, _ in self._running.values()})
 
     def start(self) -> None:
         for slot in range(self._max_workers):
@@ -108,11 +123,18 @@ class SlotPool(Engine):
     def submit(self, job: Job, on_done: OnDone) -> None:
         with self._lock:
             self._waiting[job.task_id] = (job, on_done)
-        self._order.put(job.task_id)
+            self._backlog.append(job.task_id)
+            if not self._idle:
+                return  # a busy slot takes it from the backlog
+            slot = self._idle.pop()
+            jobs = self._claim(slot)
+        # An idle slot's worker gets the job from this thread, while the slot's thread wakes
+        # to read the answer: the wake-up is off the job's way.
+        self._inboxes[slot].put(_Handed(jobs, bool(jobs) and self._send_now(slot, jobs)))
 
     def cancel(self, task_id: str) -> CancelResult:
         # Under the lock the slot cannot finish this job and start another, so an
-        # interrupt hits this job and no other.
+        # interrupt hits this job's worker (its batch-mates run again) and no other.
         with self._lock:
             waiting = self._waiting.pop(task_id, None)
             running = self._running.get(task_id)
@@ -137,48 +159,111 @@ class SlotPool(Engine):
 
     def shutdown(self) -> None:
         self._closing = True
-        for _ in self._threads:
-            self._order.put(None)
+        for inbox in self._inboxes:
+            inbox.put(None)
         for slot in range(self._max_workers):
             self._stop_slot(slot)
         for thread in self._threads:
             thread.join(timeout=5)
 
     def _serve(self, slot: int) -> None:
-        while (task_id := self._order.get()) is not None:
+        while not self._closing:
             with self._lock:
-                item = self._waiting.pop(task_id, None)
-                if item is None:
-                    continue  # cancelled or taken back while it waited
-                job, on_done = item
-                self._running[task_id] = (slot, on_done)
-            outcome = self._outcome(slot, job)
-            with self._lock:
-                del self._running[task_id]
-                cancelled = task_id in self._cancelled_running
-                self._cancelled_running.discard(task_id)
-            if cancelled and self._interruptible:
-                outcome = cancelled_outcome(task_id, "while running; its worker was stopped")
-            elif cancelled:
-                continue  # the cancelled outcome went out already; drop the late result
-            try:
-                on_done(outcome)
-            except Exception:
-                logger.exception("handling the outcome of task %s failed", task_id)
+                jobs = self._claim(slot)
+                if not jobs:
+                    self._idle.append(slot)
+            if jobs:
+                self._run_safely(slot, jobs, sent=False)
+            elif (handed := self._inboxes[slot].get()) is not None and handed.jobs:
+                self._run_safely(slot, handed.jobs, sent=handed.sent)
 
-    def _outcome(self, slot: int, job: Job) -> Outcome:
-        """Run a job; whatever goes wrong fails that job and never ends the slot's thread."""
+    def _claim(self, slot: int) -> list[Job]:
+        """Under the lock: the next waiting job and, while more wait than one per slot, a
+        fair share of those after it (at most ``_batch_limit``), now running in ``slot``.
+        A job to run alone goes in a batch of its own."""
+        jobs: list[Job] = []
+        share = min(self._batch_limit, 1 + len(self._backlog) // self._max_workers)
+        while self._backlog and len(jobs) < share:
+            alone = self._backlog[0] in self._alone
+            if alone and jobs:
+                break
+            item = self._waiting.pop(self._backlog.popleft(), None)
+            if item is None:
+                continue  # cancelled or taken back while it waited
+            self._running[item[0].task_id] = (slot, item[1])
+            jobs.append(item[0])
+            if alone:
+                break
+        return jobs
+
+    def _wake_idle(self) -> None:
+        """Have the idle slots look at the backlog again."""
+        with self._lock:
+            idle, self._idle = self._idle, []
+        for slot in idle:
+            self._inboxes[slot].put(None)
+
+    def _run_safely(self, slot: int, jobs: list[Job], *, sent: bool) -> None:
+        """Run a batch; whatever goes wrong fails its jobs still unanswered and never ends
+        the slot's thread."""
         try:
-            return self._run(slot, job)
-        except Exception as exc:  # noqa: BLE001 - a failing slot fails its task, not the engine
-            logger.warning("slot %d of the %s engine failed running task %s: %s: %r", slot,
-                           self.name, job.task_id, type(exc).__name__, str(exc)[:300])
-            return Outcome(job.task_id, "failed", error=error_info(
-                "EngineError", f"the {self.name} engine failed running task {job.task_id}: "
-                               f"{type(exc).__name__}: {exc}"))
+            self._run_batch(slot, jobs, sent=sent)
+        except Exception as exc:  # noqa: BLE001 - a failing slot fails its tasks, not the engine
+            logger.warning("slot %d of the %s engine failed running %d tasks: %s: %r", slot,
+                           self.name, len(jobs), type(exc).__name__, str(exc)[:300])
+            with self._lock:
+                unanswered = [job.task_id for job in jobs
+                              if self._running.get(job.task_id, (None,))[0] == slot]
+            for task_id in unanswered:
+                self._report(task_id, Outcome(task_id, "failed", error=error_info(
+                    "EngineError", f"the {self.name} engine failed running task {task_id}: "
+                                   f"{type(exc).__name__}: {exc}")))
+
+    def _report(self, task_id: str, outcome: Outcome) -> None:
+        """Hand on the outcome of a job that ran: one cancelled meanwhile is answered
+        cancelled if its worker was stopped, and not again if it ran on in its thread."""
+        with self._lock:
+            _, on_done = self._running.pop(task_id)
+            cancelled = task_id in self._cancelled_running
+            self._cancelled_running.discard(task_id)
+            self._alone.discard(task_id)
+        if cancelled and self._interruptible:
+            outcome = cancelled_outcome(task_id, "while running; its worker was stopped")
+        elif cancelled:
+            return  # the cancelled outcome went out already; drop the late result
+        try:
+            on_done(outcome)
+        except Exception:
+            logger.exception("handling the outcome of task %s failed", task_id)
+
+    def _run_again(self, jobs: list[Job], *, alone: bool) -> None:
+        """Put running jobs back to wait, their worker gone before it answered them
+        (``alone``: each to run in a batch of its own); one cancelled meanwhile is answered
+        cancelled instead, since its worker was stopped."""
+        cancelled = []
+        with self._lock:
+            for job in reversed(jobs):  # first in the backlog, in their order
+                if job.task_id in self._cancelled_running:
+                    cancelled.append(job.task_id)
+                    continue
+                _, on_done = self._running.pop(job.task_id)
+                self._waiting[job.task_id] = (job, on_done)
+                self._backlog.appendleft(job.task_id)
+                if alone:
+                    self._alone.add(job.task_id)
+        self._wake_idle()
+        for task_id in cancelled:
+            self._report(task_id, Outcome(task_id, "cancelled"))  # made the cancelled outcome
+
+    def _interrupted(self, jobs: list[Job]) -> bool:
+        """Whether one of ``jobs`` was cancelled while it ran (so its worker was stopped)."""
+        with self._lock:
+            return any(job.task_id in self._cancelled_running for job in jobs)
 
     #: Whether ``_interrupt`` can stop a running job (a process can be killed, a thread not).
     _interruptible = False
+    #: Most jobs a slot takes at once, when more wait than there are slots.
+    _batch_limit = 1
 
     def _interrupt(self, slot: int) -> bool:
         """Stop the job running in ``slot``; False if this engine cannot."""
@@ -190,6 +275,20 @@ class SlotPool(Engine):
     def _stop_slot(self, slot: int) -> None:
         """Release what a slot holds."""
 
+    def _send_now(self, slot: int, jobs: list[Job]) -> bool:
+        """Start ``jobs`` in idle ``slot`` from the submitting thread; False if this engine
+        leaves that to the slot's thread."""
+        return False
+
     @abstractmethod
-    def _run(self, slot: int, job: Job) -> Outcome:
-        """Run one job in ``slot`` and return its outcome."""
+    def _run_batch(self, slot: int, jobs: list[Job], *, sent: bool) -> None:
+        """Run ``jobs`` in ``slot`` (``sent``: ``_send_now`` started them) and ``_report``
+        each one's outcome (or ``_run_again`` those it cannot answer)."""
+
+
+@dataclass(frozen=True, slots=True)
+class _Handed:
+    """A batch handed to an idle slot; ``sent``: already on its way to the slot's worker."""
+
+    jobs: list[Job]
+    sent: bool

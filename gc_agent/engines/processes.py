@@ -1,8 +1,11 @@
 """Process engine: each slot owns one worker process, fed over a socket.
 
-A task that crashes its worker (a segfault, ``os._exit``, the OOM killer) costs only
-that worker: the slot reports the task lost, so the agent returns it to the broker,
-and a fresh worker takes the slot. Workers are started with ``subprocess`` so that a
+A backlog goes to a worker several jobs per write, and a job handed to an idle slot is
+written by the submitting thread (the agent's IO thread) itself; the worker answers each
+job as it ends. A task that crashes its worker (a segfault, ``os._exit``, the OOM killer)
+costs only that worker: the slot reports the task lost, so the agent returns it to the
+broker, and a fresh worker takes the slot. Its batch-mates still unanswered run again,
+each alone, so that the one to blame is found and reported alone. Workers are started with ``subprocess`` so that a
 multi-user endpoint can start them as another account (see ``WorkerLaunch``).
 
 A worker runs other people's code, which can write anything to the socket the worker
@@ -46,6 +49,9 @@ WORKER_EXIT_WAIT = 1.0
 #: length prefix included; RabbitMQ refuses messages over 128 MiB by default and base64 makes
 #: a result a third larger, so no longer answer could ever become a result.
 MAX_ANSWER_BYTES = 256 * 2**20
+#: Most bytes of jobs the submitting thread (the agent's IO thread) writes to an idle
+#: worker itself; more, and the slot's thread writes them, as a backlog's.
+DIRECT_SEND_BYTES = 64 * 2**10
 #: Longest part of a decoding error quoted back to the task's submitter, in characters.
 MAX_PROBLEM_TEXT = 500
 #: PATH of a worker started as another account: nothing inherited from the agent.
@@ -151,6 +157,8 @@ class ProcessEngine(SlotPool):
 
     name = "processes"
     _interruptible = True
+    #: A backlog reaches each worker several jobs per write (it answers each as it ends).
+    _batch_limit = 8
 
     def __init__(self, max_workers: int, launch: WorkerLaunch | None = None,
                  devices: tuple[str, ...] = ()) -> None:
@@ -186,36 +194,70 @@ class ProcessEngine(SlotPool):
             worker[0].kill()  # the slot sees the socket close, reports the job, starts a new worker
         return True
 
-    def _run(self, slot: int, job: Job) -> Outcome:
+    def _send_now(self, slot: int, jobs: list[Job]) -> bool:
+        worker = self._workers.get(slot)
+        if worker is None or sum(len(job.payload) + len(job.function_payload)
+                                 for job in jobs) > DIRECT_SEND_BYTES:
+            return False  # a worker to start, or a long write: the slot's thread does it
+        try:
+            worker[1].send(jobs)
+        except OSError:
+            pass  # the worker is gone: the slot's read finds out, as after any send
+        return True
+
+    def _run_batch(self, slot: int, jobs: list[Job], *, sent: bool) -> None:
+        """Hand ``jobs`` to the slot's worker in one write (unless ``sent``) and report each
+        outcome as it comes back; if the worker breaks or dies first, see ``_worker_failed``."""
         try:
             process, conn = self._worker(slot)
-        except Exception as exc:  # noqa: BLE001 - whatever stops a worker fails this task
-            return Outcome(job.task_id, "failed", error=ErrorInfo(
-                type="WorkerStartFailed",
-                message=f"no worker process could be started to run task {job.task_id}: {exc}; "
-                        "the endpoint's owner should check its worker Python, the account it "
-                        "runs as and the machine's process and memory limits"))
+        except Exception as exc:  # noqa: BLE001 - whatever stops a worker fails these tasks
+            for job in jobs:
+                self._report(job.task_id, Outcome(job.task_id, "failed", error=ErrorInfo(
+                    type="WorkerStartFailed",
+                    message=f"no worker process could be started to run task {job.task_id}: "
+                            f"{exc}; the endpoint's owner should check its worker Python, the "
+                            "account it runs as and the machine's process and memory limits")))
+            return
+        unanswered = {job.task_id: job for job in jobs}
+        problem: str | None
         try:
-            conn.send(job)
-            answer = conn.recv_bytes(MAX_ANSWER_BYTES)
+            if not sent:
+                conn.send(jobs)
+            for job in jobs:  # the worker answers them in order
+                outcome = _decode_outcome(conn.recv_bytes(MAX_ANSWER_BYTES), job.task_id)
+                del unanswered[job.task_id]
+                self._report(job.task_id, outcome)
+            return
         except (EOFError, OSError) as exc:
-            if _has_exited(process):
-                return self._lost(slot, job, process)
-            problem = f"its answer could not be read ({str(exc) or 'the socket was closed'})"
+            problem = None if _has_exited(process) else \
+                f"its answer could not be read ({str(exc) or 'the socket was closed'})"
+        except _Malformed as exc:
+            problem = str(exc)
+        self._worker_failed(slot, process, list(unanswered.values()), problem)
+
+    def _worker_failed(self, slot: int, process: subprocess.Popen[bytes], unanswered: list[Job],
+                       problem: str | None) -> None:
+        """The slot's worker died (``problem`` None) or broke the protocol before answering
+        ``unanswered``. Stopped for a cancel, it is the cancelled job's doing: the others run
+        again. Otherwise one job alone is to blame: reported lost (the agent requeues it) or
+        failed; of several, nobody knows which, so each runs again alone."""
+        interrupted = self._interrupted(unanswered)
+        if (interrupted or len(unanswered) > 1) and not self._closing:
+            logger.warning("worker process %d %s with %d tasks of its batch unanswered; they "
+                           "run again%s", process.pid, "died" if problem is None else "broke",
+                           len(unanswered), "" if interrupted else ", each alone")
+            self._run_again(unanswered, alone=not interrupted)
+        elif problem is None:
+            for job in unanswered:
+                self._report(job.task_id, self._lost(job, process))
         else:
-            try:
-                return _decode_outcome(answer, job.task_id)
-            except Exception as exc:  # noqa: BLE001 - see below
-                # Task code can write anything to this socket: deep JSON (RecursionError),
-                # bytes that are no JSON, a stranger's task id. Whatever does not decode is
-                # the worker's failure, never the slot's.
-                problem = f"{type(exc).__name__}: {exc}"[:MAX_PROBLEM_TEXT]
-        logger.warning("worker process %d sent a malformed outcome for task %s; replacing it",
-                       process.pid, job.task_id)
+            logger.warning("worker process %d sent a malformed outcome for task %s; replacing "
+                           "it", process.pid, unanswered[0].task_id)
+            for job in unanswered:
+                self._report(job.task_id, Outcome(job.task_id, "failed", error=ErrorInfo(
+                    type="WorkerError", message=f"the worker sent a malformed outcome for task "
+                                                f"{job.task_id}: {problem}")))
         self._replace(slot)
-        return Outcome(job.task_id, "failed", error=ErrorInfo(
-            type="WorkerError", message=f"the worker sent a malformed outcome for task "
-                                        f"{job.task_id}: {problem}"))
 
     def _worker(self, slot: int) -> tuple[subprocess.Popen[bytes], Connection]:
         """The slot's worker, started now if its last restart failed."""
@@ -223,12 +265,11 @@ class ProcessEngine(SlotPool):
             self._start_slot(slot)
         return self._workers[slot]
 
-    def _lost(self, slot: int, job: Job, process: subprocess.Popen[bytes]) -> Outcome:
+    def _lost(self, job: Job, process: subprocess.Popen[bytes]) -> Outcome:
         message = (f"worker process {process.pid} exited with code {process.returncode} "
                    f"while running task {job.task_id}")
         if not self._closing:
             logger.warning("%s; starting a new worker", message)
-        self._replace(slot)
         return Outcome(job.task_id, "failed", error=ErrorInfo(type="WorkerLost", message=message),
                        lost=True)
 
@@ -258,13 +299,23 @@ def _has_exited(process: subprocess.Popen[bytes]) -> bool:
     return True
 
 
+class _Malformed(Exception):
+    """A worker's answer that is no outcome of a job it was given; says what is wrong."""
+
+
 def _decode_outcome(answer: bytes, task_id: str) -> Outcome:
     """The outcome a worker sent for ``task_id``.
 
     Raises:
-        ValueError: not a well-formed outcome, or one for another task.
+        _Malformed: not a well-formed outcome, or one for another task.
     """
-    outcome = outcome_from_wire(json.loads(answer))
+    try:
+        # Task code can write anything to this socket: deep JSON (RecursionError), bytes
+        # that are no JSON, a stranger's task id. Whatever does not decode is the worker's
+        # failure, never the slot's.
+        outcome = outcome_from_wire(json.loads(answer))
+    except Exception as exc:  # noqa: BLE001 - see above
+        raise _Malformed(f"{type(exc).__name__}: {exc}"[:MAX_PROBLEM_TEXT]) from None
     if outcome.task_id != task_id:
-        raise ValueError(f"it answered for task {outcome.task_id[:80]!r}")
+        raise _Malformed(f"it answered for task {outcome.task_id[:80]!r}")
     return outcome

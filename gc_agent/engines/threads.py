@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from gc_agent.engines.base import SlotPool
-from gc_agent.execution import FunctionCache, Job, Outcome, run_job
+from gc_agent.execution import FunctionCache, Job, run_job
 
 __all__ = ["ThreadEngine"]
 
@@ -17,5 +17,6 @@ class ThreadEngine(SlotPool):
         super().__init__(max_workers)
         self._functions: FunctionCache = {}
 
-    def _run(self, slot: int, job: Job) -> Outcome:
-        return run_job(job, self._functions)
+    def _run_batch(self, slot: int, jobs: list[Job], *, sent: bool) -> None:
+        for job in jobs:  # one, since a thread takes one job at a time (_batch_limit)
+            self._report(job.task_id, run_job(job, self._functions))

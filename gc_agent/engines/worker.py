@@ -1,5 +1,8 @@
 """A worker process: run jobs from the agent's socket until told to stop.
 
+The agent sends a list of jobs at a time (a backlog goes several per write); the worker
+runs them in order and answers each one as soon as it ends.
+
 Started by the process engine as ``python -m gc_agent.engines.worker FD``, where FD is
 its end of a socket pair (in a container: ``… worker PATH``, the agent's Unix socket to
 connect to); in a multi-user endpoint it starts already running as the mapped account.
@@ -28,20 +31,25 @@ def serve(conn: Connection) -> None:
     functions: FunctionCache = {}
     while True:
         try:
-            job = conn.recv()
+            jobs: list[Job] | None = conn.recv()
         except (EOFError, OSError):
             return  # the agent died: nothing left to serve
-        if job is None:
+        if jobs is None:
             return
-        # JSON, not pickle: on a multi-user endpoint root reads this from the user's process.
-        conn.send_bytes(json.dumps(outcome_to_wire(_run(job, functions))).encode())
+        for job in jobs:
+            # JSON, not pickle: on a multi-user endpoint root reads this from the user's process.
+            conn.send_bytes(json.dumps(outcome_to_wire(_run(job, functions))).encode())
 
 
 def _run(job: Job, functions: FunctionCache) -> Outcome:
-    """Run ``job``; its output includes what reached this process's descriptors meanwhile."""
+    """Run ``job``; its output includes what reached this process's descriptors meanwhile.
+    They are emptied first: what a thread an earlier job left behind wrote since is not this
+    job's to see (the jobs of one batch may be different users')."""
     clear_descriptors()
     outcome = run_job(job, functions)
     stdout, stderr = with_descriptor_output(outcome.stdout, outcome.stderr, job.output_limit)
+    if (stdout, stderr) == (outcome.stdout, outcome.stderr):
+        return outcome  # nothing reached the descriptors: most tasks
     return replace(outcome, stdout=stdout, stderr=stderr)
 
 

@@ -1,0 +1,166 @@
+"""The process engine hands a backlog to each worker several jobs per write: every
+guarantee still holds per job, on real worker processes.
+
+Jobs submitted before the engine starts are all waiting when its one slot takes its
+first job, so they reach the worker as one batch.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cloudpickle
+import pytest
+
+from gc_agent.engines.processes import ProcessEngine
+from gc_agent.execution import Job, Outcome
+from gc_core.serialize import CLOUDPICKLE, PYTHON_VERSION
+from tests.fabric import eventually
+from tests.security.test_worker_isolation import garble_the_workers_socket
+
+#: Seconds to wait for every outcome of a batch.
+OUTCOME_TIMEOUT = 60
+
+
+def echo(word: str) -> str:
+    print(f"said {word}")
+    return word
+
+
+def crash_the_worker() -> None:
+    os._exit(13)
+
+
+def wait_for_cancel(marker: str) -> None:
+    import pathlib
+    import time
+
+    pathlib.Path(marker).write_text("running")
+    time.sleep(600)  # until its worker is killed
+
+
+def forge_the_answer_of(task_id: str) -> str:
+    """Write a well-formed outcome for another task to the worker's socket."""
+    import json
+    import struct
+    import sys
+
+    from gc_agent.execution import Outcome
+    from gc_agent.wire import outcome_to_wire
+    from gc_core.serialize import CLOUDPICKLE
+
+    forged = json.dumps(outcome_to_wire(Outcome(
+        task_id, "success", CLOUDPICKLE.content_type, CLOUDPICKLE.dumps("forged")))).encode()
+    os.write(int(sys.argv[1]), struct.pack("!i", len(forged)) + forged)
+    return "forged"
+
+
+def _job(function: Callable[..., Any], *args: Any, task_id: str = "") -> Job:
+    return Job(task_id=task_id or str(uuid.uuid4()), function_id=f"fn-{function.__name__}",
+               function_payload=cloudpickle.dumps(function), function_python=PYTHON_VERSION,
+               content_type=CLOUDPICKLE.content_type, payload=CLOUDPICKLE.dumps((args, {})),
+               sender_python=PYTHON_VERSION, sender_serializer=CLOUDPICKLE.label)
+
+
+class _Outcomes:
+    """Every outcome reported, with how many times each task was reported."""
+
+    def __init__(self) -> None:
+        self.by_task: dict[str, list[Outcome]] = {}
+        self._lock = threading.Lock()
+
+    def on_done(self, outcome: Outcome) -> None:
+        with self._lock:
+            self.by_task.setdefault(outcome.task_id, []).append(outcome)
+
+    def each_once(self, jobs: list[Job]) -> dict[str, Outcome]:
+        eventually(lambda: all(job.task_id in self.by_task for job in jobs), OUTCOME_TIMEOUT,
+                   "an outcome for every job")
+        assert all(len(self.by_task[job.task_id]) == 1 for job in jobs), self.by_task
+        return {job.task_id: self.by_task[job.task_id][0] for job in jobs}
+
+
+@pytest.fixture
+def engine() -> Iterator[ProcessEngine]:
+    engine = ProcessEngine(1)
+    yield engine
+    engine.shutdown()
+
+
+def _start_with(engine: ProcessEngine, jobs: list[Job]) -> _Outcomes:
+    outcomes = _Outcomes()
+    for job in jobs:
+        engine.submit(job, outcomes.on_done)
+    engine.start()
+    return outcomes
+
+
+def _value(outcome: Outcome) -> Any:
+    assert outcome.state == "success", outcome
+    return CLOUDPICKLE.loads(outcome.payload)
+
+
+def test_a_batch_runs_in_one_worker_each_job_with_its_own_output(engine: ProcessEngine) -> None:
+    jobs = [_job(echo, word) for word in ("one", "two", "three")]
+    got = _start_with(engine, jobs).each_once(jobs)
+    assert [_value(got[job.task_id]) for job in jobs] == ["one", "two", "three"]
+    assert [got[job.task_id].stdout for job in jobs] == ["said one\n", "said two\n",
+                                                         "said three\n"]
+    assert len({got[job.task_id].worker for job in jobs}) == 1
+    assert engine.busy == 0
+
+
+@pytest.mark.parametrize("where", [0, 1, 3])
+def test_a_job_that_kills_its_worker_is_lost_alone_and_its_batch_mates_succeed(
+        engine: ProcessEngine, where: int) -> None:
+    jobs = [_job(echo, str(n)) for n in range(4)]
+    jobs.insert(where, _job(crash_the_worker))
+    got = _start_with(engine, jobs).each_once(jobs)
+    poison = jobs[where]
+    assert got[poison.task_id].lost and got[poison.task_id].error is not None
+    assert got[poison.task_id].error.type == "WorkerLost"
+    others = [job for job in jobs if job is not poison]
+    assert [_value(got[job.task_id]) for job in others] == [str(n) for n in range(4)]
+    assert not any(got[job.task_id].lost for job in others)
+    assert engine.busy == 0
+
+
+def test_garbage_from_one_job_of_a_batch_fails_that_job_alone(engine: ProcessEngine) -> None:
+    jobs = [_job(echo, "before"), _job(garble_the_workers_socket, "raw"), _job(echo, "after")]
+    got = _start_with(engine, jobs).each_once(jobs)
+    garbled = got[jobs[1].task_id]
+    assert garbled.state == "failed" and garbled.error is not None
+    assert garbled.error.type == "WorkerError" and "malformed outcome" in garbled.error.message
+    assert _value(got[jobs[0].task_id]) == "before"
+    assert _value(got[jobs[2].task_id]) == "after"
+
+
+def test_cancelling_a_running_job_of_a_batch_stops_it_and_its_batch_mates_run(
+        engine: ProcessEngine, tmp_path: Path) -> None:
+    marker = tmp_path / "running"
+    jobs = [_job(echo, "first"), _job(wait_for_cancel, str(marker)), _job(echo, "last")]
+    outcomes = _start_with(engine, jobs)
+    eventually(marker.exists, OUTCOME_TIMEOUT, "the job to be cancelled to start")
+    assert engine.cancel(jobs[1].task_id) == "interrupted"
+    got = outcomes.each_once(jobs)
+    assert got[jobs[1].task_id].state == "cancelled"
+    assert _value(got[jobs[0].task_id]) == "first"
+    assert _value(got[jobs[2].task_id]) == "last"
+    assert engine.busy == 0
+
+
+def test_a_job_answering_for_its_batch_mate_fails_alone_and_the_mate_runs_for_real(
+        engine: ProcessEngine) -> None:
+    mate = str(uuid.uuid4())
+    jobs = [_job(echo, "first"), _job(forge_the_answer_of, mate), _job(echo, "mate", task_id=mate)]
+    got = _start_with(engine, jobs).each_once(jobs)
+    forger = got[jobs[1].task_id]
+    assert forger.state == "failed" and forger.error is not None
+    assert forger.error.type == "WorkerError" and "malformed outcome" in forger.error.message
+    assert _value(got[mate]) == "mate"
+    assert _value(got[jobs[0].task_id]) == "first"
