@@ -5,9 +5,9 @@ but the I/O with it (:class:`gc_client.taskgroup.TaskGroup`): one task group and
 durable result queue per executor; tasks published ``mandatory`` with publisher
 confirms, coalesced as the Executor's are (``gc_core.coalesce``: what is submitted while
 a publish awaits its confirm shares the next message), with group manifests for the
-ledger; results decoded, turned
-into values or exceptions, and acked after their future resolved. A duplicate result
-(a task redelivered after an agent died) is dropped, so a future resolves exactly once.
+ledger; results decoded, turned into values or exceptions, and acked after their future
+resolved. A duplicate result (a task redelivered after an agent died) is dropped, so a
+future resolves exactly once.
 ``await submit(...)`` returns once the broker has confirmed the task, so nothing
 submitted is lost when the program ends. The broker side is
 :class:`gc_core.broker_async.AsyncBrokerSession` (aio-pika).
@@ -36,7 +36,7 @@ from gc_client.taskgroup import (
     TaskGroupFront,
     TaskGroupOptions,
 )
-from gc_client.tasks import Outgoing, new_id
+from gc_client.tasks import Outgoing, new_id, task_routing_key, tasks_message
 from gc_core.batches import encode_task_batch
 from gc_core.broker import FLUSH_BATCH
 from gc_core.broker_async import AsyncBrokerSession
@@ -336,8 +336,7 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
         self._manifest_ids.append(task.task_id)
         if len(self._manifest_ids) == 1:
             loop.call_soon(self._flush_manifests)
-        self._tasks.add(self.client.topology.routing_key("task", endpoint_id=task.endpoint_id),
-                        task, on_confirm)
+        self._tasks.add(task_routing_key(self.client.topology, task), task, on_confirm)
         await asyncio.shield(confirmed)
 
     def _flush_manifests(self) -> None:
@@ -365,11 +364,9 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
 
     async def _publish_confirmed(self, session: AsyncBrokerSession, routing_key: str,
                                  envelope: Envelope, on_confirm: ConfirmCallback) -> None:
-        """Publish tasks ``mandatory`` (so that tasks for an endpoint without a queue fail
-        instead of vanishing), then tell the coalescer what the broker said."""
+        """Publish tasks, then tell the coalescer what the broker said."""
         try:
-            await session.publish(self.client.topology.exchange("tasks"), routing_key, envelope,
-                                  mandatory=True)
+            await _publish(session, tasks_message(self.client.topology, routing_key, envelope))
         except BrokerError as exc:
             on_confirm(_reason(exc))
         else:

@@ -38,7 +38,7 @@ from gc_client.taskgroup import (
     TaskGroupFront,
     TaskGroupOptions,
 )
-from gc_client.tasks import Outgoing, new_id
+from gc_client.tasks import Outgoing, new_id, task_routing_key, tasks_message
 from gc_core.batches import encode_task_batch
 from gc_core.broker import FLUSH_BATCH, BrokerSession
 from gc_core.broker_consumers import Delivery
@@ -319,8 +319,8 @@ class _Wire:
         with self._lock:
             self._manifest_ids.append(task.task_id)
             first_of_batch = len(self._manifest_ids) == 1
-        self._tasks.add(self._client.topology.routing_key("task", endpoint_id=task.endpoint_id),
-                        task, partial(self._group.confirmed, task.task_id, future))
+        self._tasks.add(task_routing_key(self._client.topology, task), task,
+                        partial(self._group.confirmed, task.task_id, future))
         if first_of_batch:
             # After the batch's first task, not before: the ledger copes with either order,
             # and the task should not queue behind the manifest's write to the ledger.
@@ -400,11 +400,10 @@ class _Wire:
 
     def _publish_tasks(self, routing_key: str, envelope: Envelope,
                        on_confirm: ConfirmCallback) -> None:
-        """Publish one task or a batch of them: mandatory, so that tasks for an endpoint
-        without a queue fail instead of vanishing."""
+        """Publish one task or a batch of them (the coalescer's publish)."""
         assert self._session is not None
-        self._session.publish(self._client.topology.exchange("tasks"), routing_key, envelope,
-                              mandatory=True, on_confirm=on_confirm)
+        self._publish(self._session, tasks_message(self._client.topology, routing_key, envelope),
+                      on_confirm=on_confirm)
 
     def _publish_manifest(self) -> None:
         """IO thread, after a batch's first task: tell the ledger the batch's task ids."""

@@ -35,7 +35,8 @@ from gc_core.topology import Topology
 
 __all__ = ["Outgoing", "cancel_message", "error_to_exception", "make_manifest",
            "make_task", "manifest_message", "new_id", "not_accepted", "oversize",
-           "result_value", "task_message", "task_out_value", "untrusted_sender"]
+           "result_value", "task_message", "task_out_value", "task_routing_key",
+           "tasks_message", "untrusted_sender"]
 
 
 @dataclass(frozen=True)
@@ -84,11 +85,19 @@ def make_manifest(task_ids: list[str], *, task_group_id: str, endpoint_id: str,
 
 
 def task_message(topology: Topology, task: TaskMessage) -> Outgoing:
-    """``task`` for the broker: mandatory, so that a task for an endpoint without a queue
-    fails instead of vanishing."""
-    return Outgoing(topology.exchange("tasks"),
-                    topology.routing_key("task", endpoint_id=task.endpoint_id),
-                    encode_task(task), mandatory=True)
+    """``task`` for the broker, alone."""
+    return tasks_message(topology, task_routing_key(topology, task), encode_task(task))
+
+
+def task_routing_key(topology: Topology, task: TaskMessage) -> str:
+    """Where ``task`` goes: its endpoint's queue."""
+    return topology.routing_key("task", endpoint_id=task.endpoint_id)
+
+
+def tasks_message(topology: Topology, routing_key: str, envelope: Envelope) -> Outgoing:
+    """A task, or a batch of tasks, for the endpoint ``routing_key`` names: mandatory, so
+    that a task for an endpoint without a queue fails instead of vanishing."""
+    return Outgoing(topology.exchange("tasks"), routing_key, envelope, mandatory=True)
 
 
 def manifest_message(topology: Topology, task_ids: list[str], *, task_group_id: str,

@@ -2,7 +2,8 @@
 
 A :class:`Coalescer` sends the first item for a routing key at once, so a lone call waits
 for nothing; items added while that publish waits for the broker's confirm collect and go
-as one batch when it comes (or as soon as ``max_items`` or ``max_bytes`` are waiting). The client coalesces its tasks for an endpoint, the agent its results for a
+as one batch when it comes (or as soon as ``max_items`` or ``max_bytes`` are
+waiting). The client coalesces its tasks for an endpoint, the agent its results for a
 task group. Each item keeps its own confirm callback: a confirmed batch confirms each of
 its items, and a batch the broker refuses for good (too large, say) is sent again one item
 per message, so that only the item at fault fails.
@@ -69,7 +70,7 @@ class Coalescer(Generic[T]):
             full = len(waiting.items) >= self._max_items or waiting.size >= self._max_bytes
             batch = self._take(waiting) if full or not waiting.in_flight else []
         if batch:
-            self._send(key, batch)
+            self._send_batch(key, batch)
 
     def idle(self) -> bool:
         """Whether nothing waits here, neither to be sent nor for a confirm."""
@@ -82,21 +83,18 @@ class Coalescer(Generic[T]):
         waiting.in_flight += 1
         return batch
 
-    def _send(self, key: str, batch: list[tuple[T, ConfirmCallback]]) -> None:
+    def _send(self, key: str, items: list[T], on_confirm: ConfirmCallback) -> None:
+        """Publish ``items`` as one message; one that cannot be encoded is refused as the
+        broker would refuse it."""
         try:
-            envelope = self._encode([item for item, _ in batch])
-        except Exception as exc:  # noqa: BLE001 - one item that cannot be encoded fails alone
-            self._confirmed(key, batch, Refusal(f"it cannot be encoded: {exc}"))
-            return
-        self._publish(key, envelope, partial(self._confirmed, key, batch))
-
-    def _send_alone(self, key: str, item: T, on_confirm: ConfirmCallback) -> None:
-        try:
-            envelope = self._encode([item])
-        except Exception as exc:  # noqa: BLE001 - its publisher is told, as of any refusal
+            envelope = self._encode(items)
+        except Exception as exc:  # noqa: BLE001 - told to its publisher, as any refusal
             on_confirm(Refusal(f"it cannot be encoded: {exc}"))
             return
         self._publish(key, envelope, on_confirm)
+
+    def _send_batch(self, key: str, batch: list[tuple[T, ConfirmCallback]]) -> None:
+        self._send(key, [item for item, _ in batch], partial(self._confirmed, key, batch))
 
     def _confirmed(self, key: str, batch: list[tuple[T, ConfirmCallback]],
                    reason: str | None) -> None:
@@ -109,10 +107,10 @@ class Coalescer(Generic[T]):
             if not waiting.in_flight and not following:
                 del self._waiting[key]
         if following:
-            self._send(key, following)
+            self._send_batch(key, following)
         if isinstance(reason, Refusal) and len(batch) > 1:
             for item, on_confirm in batch:  # alone, only the item at fault is refused
-                self._send_alone(key, item, on_confirm)
+                self._send(key, [item], on_confirm)
             return
         for _, on_confirm in batch:
             on_confirm(reason)

@@ -5,8 +5,9 @@ written by the submitting thread (the agent's IO thread) itself; the worker answ
 job as it ends. A task that crashes its worker (a segfault, ``os._exit``, the OOM killer)
 costs only that worker: the slot reports the task lost, so the agent returns it to the
 broker, and a fresh worker takes the slot. Its batch-mates still unanswered run again,
-each alone, so that the one to blame is found and reported alone. Workers are started with ``subprocess`` so that a
-multi-user endpoint can start them as another account (see ``WorkerLaunch``).
+each alone, so that the one to blame is found and reported alone. Workers are started
+with ``subprocess`` so that a multi-user endpoint can start them as another account (see
+``WorkerLaunch``).
 
 A worker runs other people's code, which can write anything to the socket the worker
 answers on: whatever the slot cannot read or decode fails that task and costs that
