@@ -6,6 +6,7 @@ process and never raises: whatever goes wrong becomes a failed ``Outcome``.
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 import time
@@ -86,7 +87,7 @@ def run_job(job: Job, functions: FunctionCache) -> Outcome:
 
 def _run_job(job: Job, functions: FunctionCache) -> Outcome:
     started = time.time()
-    worker = f"{socket.gethostname()}:{os.getpid()}"
+    worker = _worker_name(os.getpid())
     try:
         function = _load_function(job, functions)
         serializer = get_serializer(job.content_type)
@@ -107,6 +108,14 @@ def _run_job(job: Job, functions: FunctionCache) -> Outcome:
         return replace(failed, stdout=out.text(), stderr=err.text())
     return Outcome(job.task_id, "success", serializer.content_type, payload, None, started,
                    time.time(), worker, stdout=out.text(), stderr=err.text())
+
+
+@functools.cache
+def _worker_name(pid: int) -> str:
+    """The worker's name in results, host and pid, looked up once per process: asking the
+    host name lets go of the GIL, and a job's thread then waited for the agent's other
+    threads to get it back."""
+    return f"{socket.gethostname()}:{pid}"
 
 
 def _load_function(job: Job, functions: FunctionCache) -> Callable[..., Any]:

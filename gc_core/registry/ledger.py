@@ -400,9 +400,12 @@ class Ledger:
                 logger.warning("ledger dropped a %s for task %r from %r: %s",
                                _kind(item), result.task_id, item.sender, refusal)
                 continue
-            accepted.append(ReceivedResult(result.model_copy(update={
-                "user": owner.user, "task_group_id": owner.task_group_id,
-                "endpoint_id": owner.endpoint_id}), item.sender, item.dead, item.dropped_size))
+            accepted.append(item if (result.user, result.task_group_id, result.endpoint_id)
+                            == (owner.user, owner.task_group_id, owner.endpoint_id)
+                            else ReceivedResult(result.model_copy(update={
+                                "user": owner.user, "task_group_id": owner.task_group_id,
+                                "endpoint_id": owner.endpoint_id}), item.sender, item.dead,
+                                item.dropped_size))
         if early:
             self._set_aside(db, early)
         return accepted

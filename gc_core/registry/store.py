@@ -7,6 +7,7 @@ around these.
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import json
 import time
@@ -15,7 +16,17 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
 
-from sqlalchemy import ColumnElement, Table, delete, func, insert, or_, select, update
+from sqlalchemy import (
+    ColumnElement,
+    Table,
+    bindparam,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    update,
+)
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
@@ -268,14 +279,8 @@ def record_manifest(db: Session, manifest: GroupManifest) -> list[str]:
              "endpoint_id": manifest.endpoint_id, "user": manifest.user, "status": "waiting",
              "submitted": manifest.submitted} for t in sorted(task_ids) if t not in taken]
     if rows:
-        statement = _insert(db)
-        columns = TaskRow.__table__.c
-        # Rows in task id order (_insert says why); and a row another registry recorded for
-        # another user or endpoint since task_owners looked stays as it is.
-        db.connection().execute(statement.on_conflict_do_update(
-            index_elements=["task_id"], set_={"submitted": statement.excluded.submitted},
-            where=(columns.user == statement.excluded.user)
-            & (columns.endpoint_id == statement.excluded.endpoint_id)), rows)
+        # Rows in task id order (_upserts says why).
+        db.connection().execute(_upserts(_dialect(db)).manifest, rows)
     return sorted(taken)
 
 
@@ -284,9 +289,7 @@ def task_owners(db: Session, task_ids: Iterable[str]) -> dict[str, TaskOwner]:
     unique = list(dict.fromkeys(task_ids))
     owners: dict[str, TaskOwner] = {}
     for start in range(0, len(unique), LOOKUP_CHUNK):
-        rows = db.execute(select(TaskRow.task_id, TaskRow.user, TaskRow.task_group_id,
-                                 TaskRow.endpoint_id)
-                          .where(TaskRow.task_id.in_(unique[start:start + LOOKUP_CHUNK])))
+        rows = db.execute(_OWNERS, {"task_ids": unique[start:start + LOOKUP_CHUNK]})
         owners.update({task_id: TaskOwner(user, group, endpoint)
                        for task_id, user, group, endpoint in rows})
     return owners
@@ -306,11 +309,7 @@ def record_results(db: Session, results: Iterable[ResultMessage], *,
     dropped = dropped_sizes or {}
     rows = [_result_row(first[t], size_limit, recorded, dropped.get(t)) for t in sorted(first)]
     if rows:
-        statement = _insert(db)
-        update = {c: statement.excluded[c] for c in rows[0] if c not in ("task_id", "submitted")}
-        db.connection().execute(statement.on_conflict_do_update(
-            index_elements=["task_id"], set_=update,
-            where=TaskRow.__table__.c.status == "waiting"), rows)
+        db.connection().execute(_upserts(_dialect(db)).results, rows)
 
 
 def expire_results(db: Session, older_than: float, ttl_text: str) -> int:
@@ -415,16 +414,56 @@ def _may_see_task(principal: Principal, row: TaskRow) -> bool:
     return principal.admin or row.user == principal.name or row.endpoint_id == principal.endpoint_id
 
 
-def _insert(db: Session) -> Any:
-    """A one-row upsert on the tasks table, run with executemany: compiled once, cached,
-    and never near a database's bound-variable limit however many rows come.
+#: Whose each of some tasks is (``task_ids``: a list, expanded into the IN clause).
+_OWNERS = (select(TaskRow.task_id, TaskRow.user, TaskRow.task_group_id, TaskRow.endpoint_id)
+           .where(TaskRow.task_id.in_(bindparam("task_ids", expanding=True))))
+
+#: The columns of a result's row (_result_row) a later result may not change.
+_KEPT_ON_RESULT = ("task_id", "submitted")
+
+
+@dataclass(frozen=True)
+class _Upserts:
+    """The ledger's two upserts on the tasks table for one dialect, each a one-row statement
+    run with executemany: compiled once, cached, and never near a database's bound-variable
+    limit however many rows come. Built once per dialect (:func:`_upserts`): building one
+    (its ``excluded`` columns, its cache key) cost more than running it for a batch.
 
     Callers give the rows in task id order: registries sharing a database then lock the
     rows two of them write in one order, and PostgreSQL never has to abort one of them
     to break a deadlock (taking the rows in opposite orders, each would wait for the other)."""
-    dialect = db.get_bind().dialect.name
+
+    #: A task a manifest names, as waiting; a row another registry recorded for another
+    #: user or endpoint since task_owners looked stays as it is.
+    manifest: Any
+    #: A finished task; only a waiting row takes it (the first result wins).
+    results: Any
+
+
+def _dialect(db: Session) -> str:
+    return db.get_bind().dialect.name
+
+
+@functools.cache
+def _upserts(dialect: str) -> _Upserts:
     table = cast(Table, TaskRow.__table__)
-    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    new = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+    columns, excluded = table.c, new.excluded
+    manifest = new.on_conflict_do_update(
+        index_elements=["task_id"], set_={"submitted": excluded.submitted},
+        where=(columns.user == excluded.user) & (columns.endpoint_id == excluded.endpoint_id))
+    results = new.on_conflict_do_update(
+        index_elements=["task_id"],
+        set_={name: excluded[name] for name in _RESULT_COLUMNS if name not in _KEPT_ON_RESULT},
+        where=columns.status == "waiting")
+    return _Upserts(manifest, results)
+
+
+#: The columns of a result's row, as _result_row gives them.
+_RESULT_COLUMNS = ("task_id", "task_group_id", "endpoint_id", "function_id", "user",
+                   "on_behalf_of", "status", "submitted", "received", "started", "finished",
+                   "worker", "content_type", "result", "error_json", "stdout", "stderr",
+                   "recorded", "result_note")
 
 
 def _result_row(result: ResultMessage, size_limit: int | None, recorded: float,

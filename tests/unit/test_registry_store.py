@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from gc_core.errors import NotFound
 from gc_core.protocol import ErrorInfo, GroupManifest, Heartbeat, ResultMessage, Timings
 from gc_core.registry import store
-from gc_core.registry.db import open_database
+from gc_core.registry.db import TaskRow, open_database
 from gc_core.registry_api.schemas import EndpointIn, FunctionIn
 
 
@@ -121,6 +121,24 @@ def test_a_manifest_then_a_result_gives_success_with_the_results_value(db: Sessi
     assert t1.timings == Timings(received=101.0, started=102.0, finished=103.0)
     assert t1.worker == "node1:7"
     assert t2.status == "waiting"
+
+
+def test_a_result_after_its_manifest_writes_every_column_of_its_row(db: Session) -> None:
+    # The result's upsert is built once and lists the columns it updates: none may be left
+    # out, or a task recorded as waiting first would keep that column empty.
+    result = a_result("t1").model_copy(update={"stdout": "out", "stderr": "err",
+                                               "on_behalf_of": "carol"})
+    store.record_manifest(db, a_manifest(["t1"], submitted=100.0))
+    store.record_results(db, [result], now=200.0)
+    db.commit()
+
+    row = db.get(TaskRow, "t1")
+    expected = store._result_row(result, None, 200.0)
+
+    assert set(expected) == set(store._RESULT_COLUMNS)
+    assert {column: getattr(row, column) for column in expected if column != "submitted"} == \
+        {column: value for column, value in expected.items() if column != "submitted"}
+    assert row is not None and row.submitted == 100.0
 
 
 def test_a_failed_result_is_recorded_with_its_error(db: Session) -> None:
