@@ -29,10 +29,12 @@ test: install broker
 	$(BIN)/pytest -n $(TEST_WORKERS)
 
 ## bench: throughput, latency and CPU per task beside raw AMQP, Celery, Dramatiq (Redis results) and
-## Parsl, with issue 14's targets (writes bench/RESULTS.md)
+## Parsl, with issue 14's targets; where a lone call's time goes; memory on long sweeps (all in
+## bench/RESULTS.md)
 bench: install broker
 	$(BIN)/pip install -q -e '.[agent,registry,htex,bench]'
 	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.legs
 	$(BIN)/python -m bench.memory
 
 ## bench-memory: client, agent and registry RSS through long sweeps (a section of bench/RESULTS.md);
