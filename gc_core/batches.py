@@ -29,6 +29,7 @@ from gc_core.protocol import (
     H_USER,
     MAX_OUTPUT_HEADER,
     PROTOCOL_VERSION,
+    STRICT_JSON,
     Envelope,
     ResultMessage,
     TaskMessage,
@@ -51,6 +52,8 @@ MAX_BATCH_TASKS = 1_000
 #: ``gc-stdout``/``gc-stderr`` headers at their bound, plus room for the rest).
 MAX_ENTRY_HEAD = 2 * MAX_OUTPUT_HEADER + 64 * 1024
 _LENGTH = struct.Struct(">I")
+#: Writes entry heads (one encoder: ``json.dumps`` with an argument builds one per call).
+_HEAD_JSON = json.JSONEncoder(separators=(",", ":"))
 #: Properties and headers copied from a dead-lettered batch into each of its entries, so
 #: each decodes as the dead letter it is.
 _DEATH_HEADERS = ("x-death", "x-delivery-count", "x-first-death-reason", "x-first-death-queue")
@@ -123,9 +126,10 @@ def decode_results(envelope: Envelope) -> list[ResultMessage | ProtocolError]:
 def _frame(entries: list[Envelope], shared: dict[str, Any], correlation_id: str) -> Envelope:
     parts: list[bytes] = []
     for entry in entries:
-        head = json.dumps({"message_id": entry.message_id, "correlation_id": entry.correlation_id,
-                           "content_type": entry.content_type, "headers": entry.headers},
-                          separators=(",", ":")).encode()
+        head = _HEAD_JSON.encode({"message_id": entry.message_id,
+                                  "correlation_id": entry.correlation_id,
+                                  "content_type": entry.content_type,
+                                  "headers": entry.headers}).encode()
         parts += (_LENGTH.pack(len(head)), head, _LENGTH.pack(len(entry.body)), entry.body)
     headers = {H_PROTOCOL: PROTOCOL_VERSION, H_BATCH: len(entries), **shared}
     return Envelope(str(uuid.uuid4()), correlation_id, BATCH_CONTENT_TYPE, headers,
@@ -161,7 +165,7 @@ def _entry(head: bytes, body: bytes, death: dict[str, Any], raw: bytes) -> Envel
     text properties and text-or-integer headers is refused (a deeply nested one stops the
     parser with a RecursionError, refused likewise)."""
     try:
-        fields = json.loads(head, parse_constant=_no_constant)
+        fields = STRICT_JSON.decode(head.decode())
         headers = fields["headers"]
         if not isinstance(headers, dict) or not all(
                 isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))
@@ -175,7 +179,3 @@ def _entry(head: bytes, body: bytes, death: dict[str, Any], raw: bytes) -> Envel
         raise ProtocolError(f"a batch entry's head is malformed: {str(exc)[:200]}",
                             raw=raw) from exc
     return Envelope(message_id, correlation_id, content_type, {**headers, **death}, body)
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
