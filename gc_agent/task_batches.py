@@ -29,10 +29,24 @@ class BatchDelivery:
 
     delivery: Delivery
     remaining: int
+    #: Its tasks with no result on the way yet (see :meth:`answered`).
+    unanswered: int = -1
     #: Whether some task of it could be neither answered nor sent back alone: then the
     #: whole batch goes back to the queue, and is split when it comes again.
     requeue: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.unanswered < 0:
+            self.unanswered = self.remaining
+
+    def answered(self) -> int:
+        """One more of its tasks has its result on the way; how many have none yet. (A task
+        settled without a result never counts: its batch-mates' results are then held a
+        little longer than they need be, never lost.)"""
+        with self._lock:
+            self.unanswered -= 1
+            return self.unanswered
 
     def task_settled(self, *, settled_alone: bool = True) -> Settlement | None:
         """One task of the batch is settled (``settled_alone`` False: it could not be);

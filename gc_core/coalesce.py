@@ -7,11 +7,19 @@ waiting). The client coalesces its tasks for an endpoint, the agent its results 
 task group. Each item keeps its own confirm callback: a confirmed batch confirms each of
 its items, and a batch the broker refuses for good (too large, say) is sent again one item
 per message, so that only the item at fault fails.
+
+An item added with ``more_coming`` (its sender knows more items of its key follow soon: the
+agent, for a result whose batch-mates still run) is held up to ``linger`` for them instead
+of going at once; the last of them sends what was held. At a few hundred results a second
+a confirm comes back before the next result is ready, so without holding nearly every
+result went alone, and each message costs the broker, the ledger and the client far more
+than the few bytes it carries.
 """
 
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from functools import partial
@@ -50,25 +58,38 @@ class Coalescer(Generic[T]):
 
     def __init__(self, publish: Publish, encode: Callable[[Sequence[T]], Envelope],
                  size: Callable[[T], int], *, max_items: int = MAX_BATCH_TASKS,
-                 max_bytes: int = MAX_BATCH_BYTES) -> None:
+                 max_bytes: int = MAX_BATCH_BYTES, linger: float = 0.0) -> None:
         self._publish = publish
         self._encode = encode
         self._size = size
         #: Items one batch may hold: at most what the wire allows.
         self._max_items = min(max_items, MAX_BATCH_TASKS)
         self._max_bytes = max_bytes
+        #: Seconds an item added with ``more_coming`` may wait for more (0: it never does).
+        self._linger = linger
         self._waiting: dict[str, _Waiting[T]] = {}
         self._lock = threading.Lock()
+        #: When what is held for each key must go (monotonic seconds): the flusher's work.
+        self._deadlines: dict[str, float] = {}
+        self._held = threading.Condition(self._lock)
+        self._flusher: threading.Thread | None = None
 
-    def add(self, key: str, item: T, on_confirm: ConfirmCallback) -> None:
+    def add(self, key: str, item: T, on_confirm: ConfirmCallback, *,
+            more_coming: bool = False) -> None:
         """Send ``item`` now if nothing of ``key`` waits for a confirm, else with the next
-        batch of ``key``."""
+        batch of ``key``; with ``more_coming``, hold it up to ``linger`` for the items
+        that follow (the first item added without it sends what is held)."""
         with self._lock:
             waiting = self._waiting.setdefault(key, _Waiting())
             waiting.items.append((item, on_confirm))
             waiting.size += self._size(item)
             full = len(waiting.items) >= self._max_items or waiting.size >= self._max_bytes
-            batch = self._take(waiting) if full or not waiting.in_flight else []
+            if not (more_coming and self._linger) or full:
+                self._deadlines.pop(key, None)
+            elif key not in self._deadlines:
+                self._hold(key)
+            held = key in self._deadlines
+            batch = self._take(key, waiting) if full or not (waiting.in_flight or held) else []
         if batch:
             self._send_batch(key, batch)
 
@@ -77,11 +98,41 @@ class Coalescer(Generic[T]):
         with self._lock:
             return not self._waiting
 
-    def _take(self, waiting: _Waiting[T]) -> list[tuple[T, ConfirmCallback]]:
-        """Under the lock: what waits for ``key``, now in flight."""
+    def _take(self, key: str, waiting: _Waiting[T]) -> list[tuple[T, ConfirmCallback]]:
+        """Under the lock: what waits for ``key``, now in flight (held no longer)."""
         batch, waiting.items, waiting.size = waiting.items, [], 0
         waiting.in_flight += 1
+        self._deadlines.pop(key, None)
         return batch
+
+    def _hold(self, key: str) -> None:
+        """Under the lock: hold what waits for ``key`` until ``linger`` from now."""
+        self._deadlines[key] = time.monotonic() + self._linger
+        if self._flusher is None:
+            self._flusher = threading.Thread(target=self._flush_held, name="gc-coalescer-linger",
+                                             daemon=True)
+            self._flusher.start()
+        self._held.notify()
+
+    def _flush_held(self) -> None:
+        """The flusher thread: send what was held for each key once its time is up (what
+        waits for a confirm too is sent by that confirm)."""
+        while True:
+            with self._held:
+                now = time.monotonic()
+                due = [key for key, when in self._deadlines.items() if when <= now]
+                if not due:
+                    self._held.wait(min(self._deadlines.values()) - now if self._deadlines
+                                    else None)
+                    continue
+                batches = []
+                for key in due:
+                    del self._deadlines[key]
+                    waiting = self._waiting[key]
+                    if not waiting.in_flight:
+                        batches.append((key, self._take(key, waiting)))
+            for key, batch in batches:
+                self._send_batch(key, batch)
 
     def _send(self, key: str, items: list[T], on_confirm: ConfirmCallback) -> None:
         """Publish ``items`` as one message; one that cannot be encoded is refused as the
@@ -103,8 +154,10 @@ class Coalescer(Generic[T]):
         with self._lock:
             waiting = self._waiting[key]
             waiting.in_flight -= 1
-            following = self._take(waiting) if waiting.items else []
-            if not waiting.in_flight and not following:
+            # What is held waits for its time, or for the last item of its key.
+            following = self._take(key, waiting) \
+                if waiting.items and key not in self._deadlines else []
+            if not waiting.in_flight and not waiting.items and not following:
                 del self._waiting[key]
         if following:
             self._send_batch(key, following)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import struct
+import time
 
 import pytest
 
@@ -131,6 +132,65 @@ def test_the_first_task_goes_at_once_and_those_behind_its_confirm_go_together() 
     for _, confirm in broker.sent[2:]:
         confirm(None)
     assert answers == dict.fromkeys(("t-0", "t-1", "t-2", "t-3"))
+
+
+def _holding(linger: float) -> tuple[_Broker, Coalescer[TaskMessage]]:
+    broker = _Broker()
+    return broker, Coalescer(broker.publish, encode_task_batch, lambda task: len(task.payload),
+                             linger=linger)
+
+
+def _sent_eventually(broker: _Broker, count: int) -> list[list[str]]:
+    """The ids of each message sent, once ``count`` were (a liveness bound, not a timing)."""
+    deadline = time.monotonic() + 10
+    while len(broker.sent) < count and time.monotonic() < deadline:
+        time.sleep(0.005)
+    return [ids for ids, _ in broker.sent]
+
+
+def test_items_with_more_coming_are_held_until_the_last_of_them_comes() -> None:
+    broker, coalescer = _holding(linger=3600)
+    for n in range(3):
+        coalescer.add("g", _task(n), lambda _reason: None, more_coming=True)
+    assert broker.sent == [] and not coalescer.idle()
+
+    coalescer.add("g", _task(3), lambda _reason: None)
+
+    assert [ids for ids, _ in broker.sent] == [["t-0", "t-1", "t-2", "t-3"]]
+
+
+def test_what_is_held_goes_when_its_linger_is_up_though_no_last_item_comes() -> None:
+    broker, coalescer = _holding(linger=0.05)
+    for n in range(3):
+        coalescer.add("g", _task(n), lambda _reason: None, more_coming=True)
+
+    assert _sent_eventually(broker, 1) == [["t-0", "t-1", "t-2"]]
+    broker.sent[0][1](None)
+    assert coalescer.idle()
+
+
+def test_what_is_held_behind_an_unconfirmed_publish_goes_after_both() -> None:
+    broker, coalescer = _holding(linger=0.05)
+    coalescer.add("g", _task(0), lambda _reason: None)
+    coalescer.add("g", _task(1), lambda _reason: None, more_coming=True)
+    coalescer.add("g", _task(2), lambda _reason: None, more_coming=True)
+    time.sleep(0.1)  # the linger is up while t-0 is unconfirmed: its confirm sends them
+    assert [ids for ids, _ in broker.sent] == [["t-0"]]
+
+    broker.sent[0][1](None)
+
+    assert _sent_eventually(broker, 2) == [["t-0"], ["t-1", "t-2"]]
+
+
+def test_held_items_go_at_once_when_a_batch_is_full() -> None:
+    broker = _Broker()
+    coalescer: Coalescer[TaskMessage] = Coalescer(
+        broker.publish, encode_task_batch, lambda task: len(task.payload), max_items=2,
+        linger=3600)
+    for n in range(4):
+        coalescer.add("g", _task(n), lambda _reason: None, more_coming=True)
+
+    assert [ids for ids, _ in broker.sent] == [["t-0", "t-1"], ["t-2", "t-3"]]
 
 
 def _reframe(entries: list[Envelope], like: Envelope) -> Envelope:
