@@ -71,9 +71,6 @@ logger = logging.getLogger(__name__)
 
 #: Unacked tasks per worker when the config does not say: enough to cover confirm round trips.
 PREFETCH_PER_WORKER = 16
-#: Seconds a result of a batch may wait for its batch-mates' results, to go with them in one
-#: message (gc_core.coalesce says why); a batch's last result goes at once.
-RESULT_LINGER = 0.01
 #: Task ids whose results were confirmed, remembered to ack their redeliveries without rerunning.
 DONE_MEMORY = 20_000
 #: Cancelled task ids not yet delivered here, remembered so they are answered, not run.
@@ -176,9 +173,10 @@ class Agent:
         #: Results of batched tasks finished while one of their group's waits for its
         #: confirm go together.
         self._results: Coalescer[ResultMessage] = Coalescer(
-            self._publish_results, encode_result_batch,
+            lambda key, _results, envelope, on_confirm:
+                self._publish_results(key, envelope, on_confirm), encode_result_batch,
             lambda result: len(result.payload) + len(result.stdout) + len(result.stderr),
-            linger=RESULT_LINGER)
+            linger=config.result_linger)
         self._in_flight = 0
         self._counts = {"received": 0, "succeeded": 0, "failed": 0, "cancelled": 0}
         self._lock = threading.Lock()
@@ -482,9 +480,11 @@ class Agent:
                                              task_group_id=result.task_group_id)
             if ticket.batch is None:  # a sender of single tasks gets single results
                 self._publish_results(key, encode_result(result), confirmed)
+            elif last_try:
+                self._results.add(key, result, confirmed)
             else:
-                self._results.add(key, result, confirmed,
-                                  more_coming=not last_try and ticket.batch.answered() > 0)
+                ticket.batch.answer(lambda more_coming: self._results.add(
+                    key, result, confirmed, more_coming=more_coming))
         except Exception as exc:  # noqa: BLE001 - a publish that cannot even be queued never succeeds
             logger.warning("cannot publish the result of task %s (%s: %r); dead-lettering the "
                            "task", result.task_id, type(exc).__name__, str(exc)[:LOGGED_TEXT])

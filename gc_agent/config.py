@@ -232,6 +232,12 @@ class EndpointConfig(BaseModel):
     prefetch: int | None = Field(
         default=None, ge=1,
         description="Unacked tasks the agent holds; default 16 per worker.")
+    result_linger: float = Field(
+        default=0.02, ge=0, le=1,
+        description="Seconds a result of a batch of tasks may wait for its batch-mates' "
+                    "results, to travel with them in one message (fewer messages cost the "
+                    "broker, the ledger and the client less); 0 sends each at once. A "
+                    "batch's last result, and that of a task sent alone, never wait.")
     multi_user: MultiUserConfig | None = None
     allowed_serializers: frozenset[Literal["cloudpickle", "json"]] = frozenset(
         {"cloudpickle", "json"})

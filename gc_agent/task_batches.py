@@ -40,13 +40,14 @@ class BatchDelivery:
         if self.unanswered < 0:
             self.unanswered = self.remaining
 
-    def answered(self) -> int:
-        """One more of its tasks has its result on the way; how many have none yet. (A task
-        settled without a result never counts: its batch-mates' results are then held a
-        little longer than they need be, never lost.)"""
+    def answer(self, send: Callable[[bool], None]) -> None:
+        """One more of its tasks has its result: ``send`` it, told whether some of its
+        batch-mates have none yet. The batch's answers are sent one at a time, so the last
+        is sent after all the others. (A task settled without a result never counts: its
+        batch-mates' results are then held a little longer than they need be, never lost.)"""
         with self._lock:
             self.unanswered -= 1
-            return self.unanswered
+            send(self.unanswered > 0)
 
     def task_settled(self, *, settled_alone: bool = True) -> Settlement | None:
         """One task of the batch is settled (``settled_alone`` False: it could not be);

@@ -24,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterable
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from itertools import islice
 from typing import Any
 
@@ -122,8 +122,6 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
         self._tasks: Coalescer[TaskMessage] = Coalescer(
             self._publish_tasks, encode_task_batch, lambda task: len(task.payload),
             max_items=batch_size)
-        #: Tasks submitted this loop turn, for the ledger's manifest.
-        self._manifest_ids: list[str] = []
         self._publishing: set[asyncio.Task[None]] = set()
         self._registering: dict[int, asyncio.Future[str]] = {}
         self._session: AsyncBrokerSession | None = None
@@ -323,8 +321,7 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
         return await asyncio.shield(in_flight)
 
     async def _sent(self, task: TaskMessage, future: AsyncComputeFuture) -> None:
-        """Hand ``task`` to the coalescer; return once the broker confirmed it. The first
-        task of a loop turn also schedules the manifest of the turn's tasks."""
+        """Hand ``task`` to the coalescer; return once the broker confirmed it."""
         loop = asyncio.get_running_loop()
         confirmed: asyncio.Future[None] = loop.create_future()
 
@@ -333,20 +330,8 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
             if not confirmed.done():
                 confirmed.set_result(None)
 
-        self._manifest_ids.append(task.task_id)
-        if len(self._manifest_ids) == 1:
-            loop.call_soon(self._flush_manifests)
         self._tasks.add(task_routing_key(self.client.topology, task), task, on_confirm)
         await asyncio.shield(confirmed)
-
-    def _flush_manifests(self) -> None:
-        """Tell the ledger the task ids submitted this loop turn, ``batch_size`` a manifest."""
-        task_ids, self._manifest_ids = self._manifest_ids, []
-        session = self._session
-        assert session is not None
-        for start in range(0, len(task_ids), self.batch_size):
-            manifest = self._group.manifest(task_ids[start:start + self.batch_size])
-            self._spawn(self._publish_manifest(session, manifest))
 
     async def _publish_manifest(self, session: AsyncBrokerSession, manifest: Outgoing) -> None:
         try:
@@ -354,13 +339,15 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
         except BrokerError as exc:  # the ledger waits for it a while, then takes the results
             logger.warning("manifest of task group %s not confirmed: %s", self.task_group_id, exc)
 
-    def _publish_tasks(self, routing_key: str, envelope: Envelope,
+    def _publish_tasks(self, routing_key: str, tasks: Sequence[TaskMessage], envelope: Envelope,
                        on_confirm: ConfirmCallback) -> None:
         """The coalescer's publish (on the event loop): one task or a batch, confirmed in
-        the background."""
+        the background, then their manifest for the ledger."""
         session = self._session
         assert session is not None
         self._spawn(self._publish_confirmed(session, routing_key, envelope, on_confirm))
+        self._spawn(self._publish_manifest(
+            session, self._group.manifest([task.task_id for task in tasks])))
 
     async def _publish_confirmed(self, session: AsyncBrokerSession, routing_key: str,
                                  envelope: Envelope, on_confirm: ConfirmCallback) -> None:

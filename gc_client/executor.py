@@ -22,7 +22,7 @@ import threading
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor as _BaseExecutor
 from concurrent.futures import Future
 from functools import partial
@@ -289,7 +289,6 @@ class _Wire:
         self._tasks: Coalescer[TaskMessage] = Coalescer(
             self._publish_tasks, encode_task_batch, lambda task: len(task.payload),
             max_items=batch_size)
-        self._manifest_ids: list[str] = []
         self._lock = threading.Lock()
         self._closing = False
         self._closed = False
@@ -314,17 +313,10 @@ class _Wire:
             return self._session
 
     def send(self, task: TaskMessage, future: ComputeFuture) -> None:
-        """Publish ``task``; the first task of a batch also schedules the batch's manifest."""
-        session = self.connected()
-        with self._lock:
-            self._manifest_ids.append(task.task_id)
-            first_of_batch = len(self._manifest_ids) == 1
+        """Publish ``task``, alone or with those submitted close to it (_publish_tasks)."""
+        self.connected()
         self._tasks.add(task_routing_key(self._client.topology, task), task,
                         partial(self._group.confirmed, task.task_id, future))
-        if first_of_batch:
-            # After the batch's first task, not before: the ledger copes with either order,
-            # and the task should not queue behind the manifest's write to the ledger.
-            session.call_soon(self._publish_manifest)
 
     def follow_up_in_ledger(self) -> None:
         """Until every reloaded task is done, ask the ledger about the pending ones now and
@@ -398,19 +390,15 @@ class _Wire:
         session.publish(message.exchange, message.routing_key, message.envelope,
                         mandatory=message.mandatory, on_confirm=on_confirm)
 
-    def _publish_tasks(self, routing_key: str, envelope: Envelope,
+    def _publish_tasks(self, routing_key: str, tasks: Sequence[TaskMessage], envelope: Envelope,
                        on_confirm: ConfirmCallback) -> None:
-        """Publish one task or a batch of them (the coalescer's publish)."""
+        """Publish one task or a batch of them (the coalescer's publish), then their manifest
+        for the ledger: after the tasks, so that they do not queue behind its write to the
+        ledger (which copes with either order)."""
         assert self._session is not None
         self._publish(self._session, tasks_message(self._client.topology, routing_key, envelope),
                       on_confirm=on_confirm)
-
-    def _publish_manifest(self) -> None:
-        """IO thread, after a batch's first task: tell the ledger the batch's task ids."""
-        with self._lock:
-            task_ids, self._manifest_ids = self._manifest_ids, []
-        if task_ids and self._session is not None:
-            self._publish(self._session, self._group.manifest(task_ids))
+        self._publish(self._session, self._group.manifest([task.task_id for task in tasks]))
 
     def _on_result(self, delivery: Delivery) -> None:
         """IO thread: resolve the future this result belongs to, then ack it."""

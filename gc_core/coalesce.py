@@ -37,8 +37,9 @@ MAX_BATCH_BYTES = 4 * 2**20
 
 T = TypeVar("T")
 
-#: Publishes one message with a routing key; the callback gets the broker's answer.
-Publish = Callable[[str, Envelope, ConfirmCallback], None]
+#: Publishes one message with a routing key: the items it carries, encoded; the callback
+#: gets the broker's answer.
+Publish = Callable[[str, Sequence[T], Envelope, ConfirmCallback], None]
 
 
 @dataclass(slots=True)
@@ -56,7 +57,7 @@ class Coalescer(Generic[T]):
     ``publish`` is never called under the lock (a refused publish calls back at once).
     """
 
-    def __init__(self, publish: Publish, encode: Callable[[Sequence[T]], Envelope],
+    def __init__(self, publish: Publish[T], encode: Callable[[Sequence[T]], Envelope],
                  size: Callable[[T], int], *, max_items: int = MAX_BATCH_TASKS,
                  max_bytes: int = MAX_BATCH_BYTES, linger: float = 0.0) -> None:
         self._publish = publish
@@ -142,7 +143,7 @@ class Coalescer(Generic[T]):
         except Exception as exc:  # noqa: BLE001 - told to its publisher, as any refusal
             on_confirm(Refusal(f"it cannot be encoded: {exc}"))
             return
-        self._publish(key, envelope, on_confirm)
+        self._publish(key, items, envelope, on_confirm)
 
     def _send_batch(self, key: str, batch: list[tuple[T, ConfirmCallback]]) -> None:
         self._send(key, [item for item, _ in batch], partial(self._confirmed, key, batch))

@@ -172,3 +172,23 @@ def test_a_task_cancelled_inside_a_batch_never_runs_and_its_batch_mates_do(
     # (it did share its message with others)
     assert any(victim.task_id in message and len(message) > 1
                for message in tasks_tap.messages())
+
+
+def test_the_results_of_a_batch_wait_for_each_other_and_travel_in_one_message(
+        client: Client, make_endpoint: Any, channel: BlockingChannel) -> None:
+    # Given an endpoint whose results of a batch may wait a whole second for their mates
+    endpoint: Endpoint = make_endpoint(engine="threads", workers=4, result_linger=1.0)
+    endpoint.start()
+    group, tasks_tap, results_tap = _tapped_group(channel, client, endpoint)
+    # When a few tasks are submitted at once (the first goes alone, the rest behind it)
+    with Executor(endpoint_id=endpoint.endpoint_id, client=client, task_group_id=group) as ex:
+        futures = [ex.submit(square, x) for x in range(40)]
+        assert [f.result(timeout=RESULT_TIMEOUT) for f in futures] == [x * x for x in range(40)]
+    # Then each batch's results came back together, in one message (the last of them sent
+    # what was held)
+    results = [set(message) for message in results_tap.messages()]
+    batches = [set(message) for message in tasks_tap.messages() if len(message) > 1]
+    assert batches, "the tasks went in no batch: nothing to check"
+    for batch in batches:
+        assert batch in results, \
+            f"the results of a batch of {len(batch)} came in messages of {[len(r) for r in results]}"

@@ -103,7 +103,8 @@ class _Broker:
     def __init__(self) -> None:
         self.sent: list[tuple[list[str], ConfirmCallback]] = []
 
-    def publish(self, _key: str, envelope: Envelope, on_confirm: ConfirmCallback) -> None:
+    def publish(self, _key: str, _items: object, envelope: Envelope,
+                on_confirm: ConfirmCallback) -> None:
         entries = split_batch(envelope) if is_batch(envelope) else [envelope]
         self.sent.append(([entry.message_id for entry in entries], on_confirm))
 
