@@ -21,7 +21,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -552,7 +552,7 @@ class Agent:
             self._counts["received"] += len(entries)
             self._in_flight += len(entries)
         for entry in entries:
-            self._handling(_Ticket(replace(delivery, envelope=entry), received, batch=batch),
+            self._handling(_Ticket(delivery.carrying(entry), received, batch=batch),
                            self._take)
 
     def _settle_in_batch(self, ticket: _Ticket, how: Settlement) -> None:

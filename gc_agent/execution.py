@@ -201,7 +201,8 @@ def error_info(kind: str, message: str, traceback: str = "") -> ErrorInfo:
 
 def _label(text: str) -> str:
     """``text`` as a wire label: escaped if it holds control characters, cut to the bound."""
-    if any(ord(char) < 0x20 or ord(char) == 0x7F for char in text):
+    # (isprintable() is False for every control character, and quick.)
+    if not text.isprintable() and any(ord(char) < 0x20 or ord(char) == 0x7F for char in text):
         text = repr(text)
     return _head(text, MAX_LABEL_LENGTH)
 
@@ -209,7 +210,9 @@ def _label(text: str) -> str:
 def checked_outcome(outcome: Outcome, result_size_limit: int) -> Outcome:
     """An outcome fit to become a result: what a worker (maybe the user's own process) sent
     back is checked, and a value too large to send inline fails, saying both sizes."""
-    outcome = replace(outcome, worker=_label(outcome.worker))
+    worker = _label(outcome.worker)
+    if worker != outcome.worker:
+        outcome = replace(outcome, worker=worker)
     if outcome.state != "success":
         return replace(outcome, content_type=JSON.content_type, payload=b"",
                        error=outcome.error or error_info(

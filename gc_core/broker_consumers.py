@@ -37,6 +37,12 @@ class Delivery:
     #: The AMQP ``user_id`` the publisher set; a secured broker has checked it is theirs.
     user_id: str = ""
 
+    def carrying(self, envelope: Envelope) -> Delivery:
+        """This delivery as one entry of it (a batch's task) is settled: the same tag, with
+        ``envelope``. (``dataclasses.replace`` cost more than the rest of a task's split.)"""
+        return Delivery(envelope, self.exchange, self.routing_key, self.redelivered,
+                        self.generation, self.tag, self.user_id)
+
 
 class Settlement(Enum):
     """What becomes of a delivery its consumer is done with."""
