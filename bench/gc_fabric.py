@@ -21,7 +21,7 @@ from typing import Any
 from bench.cpu import ProcessRoot
 from bench.harness import TASK_TIMEOUT_S, System, throughput_timeout
 from bench.peers import _process
-from bench.peers._amqp import create_vhost, delete_vhost, rabbitmqctl, vhost_url
+from bench.peers._amqp import create_vhost, delete_vhost, vhost_url
 
 logger = logging.getLogger(__name__)
 
@@ -156,14 +156,12 @@ class GcFabricSystem(System):
                                                      self._env))
         _wait_for(pid_file.exists, "the agent to start")
 
-    def queued_tasks(self) -> int:
-        """Return how many messages wait in the endpoint's task queue (rabbitmqctl)."""
-        assert self._executor is not None and self._vhost is not None
-        queue = self._executor.client.topology.queue("endpoint_tasks",
-                                                     endpoint_id=self._executor.endpoint_id).name
-        listing = rabbitmqctl("list_queues", "-p", self._vhost, "name", "messages")
-        counts = dict(line.split("\t") for line in listing.splitlines() if "\t" in line)
-        return int(counts.get(queue, 0))
+    def unconfirmed_tasks(self) -> int:
+        """How many tasks submitted so far the broker has not confirmed (taken into the
+        endpoint's queue) yet. (The queue's message count says nothing here: one message
+        may carry a batch of tasks.)"""
+        assert self._executor is not None
+        return len(self._executor._group.unconfirmed())
 
 
 def _use_htex(path: Path, workers: int, pool_bin: Path | None = None) -> None:

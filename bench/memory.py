@@ -217,9 +217,9 @@ def run_backlog(system: GcFabricSystem, plan: Plan) -> Sampler:
             futures.append(system.executor.submit(noop))
             bar.update()
     deadline = time.monotonic() + throughput_timeout(plan.tasks)
-    while (queued := system.queued_tasks()) < plan.tasks:
+    while unconfirmed := system.unconfirmed_tasks():
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only {queued} of {plan.tasks} tasks reached the queue")
+            raise TimeoutError(f"the broker has not taken {unconfirmed} of {plan.tasks} tasks")
         time.sleep(QUEUE_POLL_S)
     system.start_agent()
     sampler = _sampler(system, plan.tasks)
