@@ -349,8 +349,8 @@ PAIRS_INTRO = (
 
 #: Sections of RESULTS.md that other commands write (``bench.memory``, ``bench.scale``): a run of
 #: ``bench.run`` keeps them.
-KEPT_SECTIONS = ("## Where the time goes (issue 14)", "## Memory on long sweeps",
-                 "## Scale (issue 13)")
+KEPT_SECTIONS = ("## Where the time goes (issue 14)", "## Before and after (issue 14)",
+                 "## Memory on long sweeps", "## Scale (issue 13)")
 
 
 def write_results(path: Path, text: str) -> None:
