@@ -18,6 +18,7 @@ than the few bytes it carries.
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -31,6 +32,8 @@ from gc_core.broker_publisher import ConfirmCallback
 from gc_core.protocol import Envelope
 
 __all__ = ["MAX_BATCH_BYTES", "Coalescer"]
+
+logger = logging.getLogger(__name__)
 
 #: Bytes of payload one batch collects before it goes without waiting for a confirm.
 MAX_BATCH_BYTES = 4 * 2**20
@@ -133,7 +136,14 @@ class Coalescer(Generic[T]):
                     if not waiting.in_flight:
                         batches.append((key, self._take(key, waiting)))
             for key, batch in batches:
-                self._send_batch(key, batch)
+                try:
+                    self._send_batch(key, batch)
+                except Exception as exc:  # noqa: BLE001 - the flusher must outlive it
+                    # Unconfirmed, each item's sender handles it as a nack (the agent puts
+                    # the task back); the flusher goes on holding the others.
+                    logger.warning("could not publish %d held items of %r: %s", len(batch),
+                                   key, exc)
+                    self._confirmed(key, batch, f"it could not be published: {exc}")
 
     def _send(self, key: str, items: list[T], on_confirm: ConfirmCallback) -> None:
         """Publish ``items`` as one message; one that cannot be encoded is refused as the

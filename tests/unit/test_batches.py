@@ -183,6 +183,32 @@ def test_what_is_held_behind_an_unconfirmed_publish_goes_after_both() -> None:
     assert _sent_eventually(broker, 2) == [["t-0"], ["t-1", "t-2"]]
 
 
+def test_a_held_batch_whose_publish_fails_is_answered_and_the_flusher_goes_on() -> None:
+    broker = _Broker()
+    failures = iter([RuntimeError("the session is gone")])
+
+    def publish(key: str, items: object, envelope: Envelope, on_confirm: ConfirmCallback) -> None:
+        failure = next(failures, None)
+        if failure is not None:
+            raise failure
+        broker.publish(key, items, envelope, on_confirm)
+
+    coalescer: Coalescer[TaskMessage] = Coalescer(publish, encode_task_batch,
+                                                  lambda task: len(task.payload), linger=0.05)
+    answers: dict[str, str | None] = {}
+    for n in range(2):
+        coalescer.add("g", _task(n), lambda reason, n=n: answers.__setitem__(f"t-{n}", reason),
+                      more_coming=True)
+    deadline = time.monotonic() + 10
+    while len(answers) < 2 and time.monotonic() < deadline:
+        time.sleep(0.005)
+    # The failed publish answers each of its items (the agent requeues their tasks) ...
+    assert answers == dict.fromkeys(("t-0", "t-1"), "it could not be published: the session is gone")
+    # ... and what is held next still goes
+    coalescer.add("g", _task(2), lambda _reason: None, more_coming=True)
+    assert _sent_eventually(broker, 1) == [["t-2"]]
+
+
 def test_held_items_go_at_once_when_a_batch_is_full() -> None:
     broker = _Broker()
     coalescer: Coalescer[TaskMessage] = Coalescer(
