@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -46,10 +47,25 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+#: Ports tests choose for listeners of their own: below the kernel's ephemeral range
+#: (32768-60999 here), from which outgoing connections take their local ports, and clear of
+#: the fixed ports tests use (5672-5673, 5701.., 25672-25673, 25701..).
+TEST_PORTS = range(30000, 32768)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    """A port nothing listens on now, for a listener a test starts soon after. Not one the
+    kernel hands out (binding port 0): until the listener binds it, any outgoing connection
+    may take it as its local port (a secured node once failed to start so, its
+    distribution port 'already used' by something that was no Erlang node)."""
+    for port in random.sample(TEST_PORTS, 100):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port among 100 tried in {TEST_PORTS}")
 
 
 def rabbitmqctl(*args: str, timeout: float = 60) -> str:
