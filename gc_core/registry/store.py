@@ -279,8 +279,8 @@ def record_manifest(db: Session, manifest: GroupManifest) -> list[str]:
              "endpoint_id": manifest.endpoint_id, "user": manifest.user, "status": "waiting",
              "submitted": manifest.submitted} for t in sorted(task_ids) if t not in taken]
     if rows:
-        # Rows in task id order (_upserts says why).
-        db.connection().execute(_upserts(_dialect(db)).manifest, rows)
+        # Rows in task id order (the note above _manifest_upsert says why).
+        db.connection().execute(_manifest_upsert(_dialect(db)), rows)
     return sorted(taken)
 
 
@@ -309,7 +309,7 @@ def record_results(db: Session, results: Iterable[ResultMessage], *,
     dropped = dropped_sizes or {}
     rows = [_result_row(first[t], size_limit, recorded, dropped.get(t)) for t in sorted(first)]
     if rows:
-        db.connection().execute(_upserts(_dialect(db)).results, rows)
+        db.connection().execute(_results_upsert(_dialect(db), tuple(rows[0])), rows)
 
 
 def expire_results(db: Session, older_than: float, ttl_text: str) -> int:
@@ -421,49 +421,46 @@ _OWNERS = (select(TaskRow.task_id, TaskRow.user, TaskRow.task_group_id, TaskRow.
 #: The columns of a result's row (_result_row) a later result may not change.
 _KEPT_ON_RESULT = ("task_id", "submitted")
 
-
-@dataclass(frozen=True)
-class _Upserts:
-    """The ledger's two upserts on the tasks table for one dialect, each a one-row statement
-    run with executemany: compiled once, cached, and never near a database's bound-variable
-    limit however many rows come. Built once per dialect (:func:`_upserts`): building one
-    (its ``excluded`` columns, its cache key) cost more than running it for a batch.
-
-    Callers give the rows in task id order: registries sharing a database then lock the
-    rows two of them write in one order, and PostgreSQL never has to abort one of them
-    to break a deadlock (taking the rows in opposite orders, each would wait for the other)."""
-
-    #: A task a manifest names, as waiting; a row another registry recorded for another
-    #: user or endpoint since task_owners looked stays as it is.
-    manifest: Any
-    #: A finished task; only a waiting row takes it (the first result wins).
-    results: Any
+# The ledger's upserts on the tasks table are one-row statements run with executemany:
+# compiled once, cached, and never near a database's bound-variable limit however many rows
+# come. Each is built once per dialect (functools.cache): building one (its ``excluded``
+# columns, its cache key) cost more than running it for a batch.
+#
+# Callers give the rows in task id order: registries sharing a database then lock the rows
+# two of them write in one order, and PostgreSQL never has to abort one of them to break a
+# deadlock (taking the rows in opposite orders, each would wait for the other).
 
 
 def _dialect(db: Session) -> str:
     return db.get_bind().dialect.name
 
 
-@functools.cache
-def _upserts(dialect: str) -> _Upserts:
+def _insert(dialect: str) -> Any:
     table = cast(Table, TaskRow.__table__)
-    new = (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
-    columns, excluded = table.c, new.excluded
-    manifest = new.on_conflict_do_update(
-        index_elements=["task_id"], set_={"submitted": excluded.submitted},
-        where=(columns.user == excluded.user) & (columns.endpoint_id == excluded.endpoint_id))
-    results = new.on_conflict_do_update(
+    return (postgresql.insert if dialect == "postgresql" else sqlite.insert)(table)
+
+
+@functools.cache
+def _manifest_upsert(dialect: str) -> Any:
+    """Tasks a manifest names, as waiting; a row another registry recorded for another user
+    or endpoint since task_owners looked stays as it is."""
+    new = _insert(dialect)
+    columns = TaskRow.__table__.c
+    return new.on_conflict_do_update(
+        index_elements=["task_id"], set_={"submitted": new.excluded.submitted},
+        where=(columns.user == new.excluded.user)
+        & (columns.endpoint_id == new.excluded.endpoint_id))
+
+
+@functools.cache
+def _results_upsert(dialect: str, row_columns: tuple[str, ...]) -> Any:
+    """Finished tasks, as rows of ``row_columns`` (_result_row's): only a waiting row takes
+    one (the first result wins)."""
+    new = _insert(dialect)
+    return new.on_conflict_do_update(
         index_elements=["task_id"],
-        set_={name: excluded[name] for name in _RESULT_COLUMNS if name not in _KEPT_ON_RESULT},
-        where=columns.status == "waiting")
-    return _Upserts(manifest, results)
-
-
-#: The columns of a result's row, as _result_row gives them.
-_RESULT_COLUMNS = ("task_id", "task_group_id", "endpoint_id", "function_id", "user",
-                   "on_behalf_of", "status", "submitted", "received", "started", "finished",
-                   "worker", "content_type", "result", "error_json", "stdout", "stderr",
-                   "recorded", "result_note")
+        set_={name: new.excluded[name] for name in row_columns if name not in _KEPT_ON_RESULT},
+        where=TaskRow.__table__.c.status == "waiting")
 
 
 def _result_row(result: ResultMessage, size_limit: int | None, recorded: float,
