@@ -29,16 +29,15 @@ class BatchDelivery:
 
     delivery: Delivery
     remaining: int
-    #: Its tasks with no result on the way yet (see :meth:`answered`).
-    unanswered: int = -1
+    #: Its tasks with no result on the way yet (see :meth:`answer`); all of them at first.
+    unanswered: int = field(init=False)
     #: Whether some task of it could be neither answered nor sent back alone: then the
     #: whole batch goes back to the queue, and is split when it comes again.
     requeue: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     def __post_init__(self) -> None:
-        if self.unanswered < 0:
-            self.unanswered = self.remaining
+        self.unanswered = self.remaining
 
     def answer(self, send: Callable[[bool], None]) -> None:
         """One more of its tasks has its result: ``send`` it, told whether some of its

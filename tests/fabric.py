@@ -56,8 +56,8 @@ TEST_PORTS = range(30000, 32768)
 def free_port() -> int:
     """A port nothing listens on now, for a listener a test starts soon after. Not one the
     kernel hands out (binding port 0): until the listener binds it, any outgoing connection
-    may take it as its local port (a secured node once failed to start so, its
-    distribution port 'already used' by something that was no Erlang node)."""
+    may take it as its local port (the likely reason a secured node once failed to start,
+    its distribution port 'already used' by something that was no Erlang node)."""
     for port in random.sample(TEST_PORTS, 100):
         with socket.socket() as sock:
             try:
