@@ -87,6 +87,7 @@ def test_a_dead_lettered_batch_becomes_a_dead_letter_for_each_of_its_tasks() -> 
     (1, struct.pack(">I", 2**20) + b" " * 2**20 + b"\0\0\0\0", "past its bound"),
     (1, struct.pack(">I", 20_000) + b"[" * 20_000 + b"\0\0\0\0", "malformed"),
     (1, struct.pack(">I", 2) + b"[]" + b"\0\0\0\0", "malformed"),
+    (1, struct.pack(">I", 2) + b"\xff\xfe" + b"\0\0\0\0", "malformed"),  # no UTF-8
 ])
 def test_a_batch_outside_its_bounds_is_refused_whole(count: object, body: bytes | None,
                                                      problem: str) -> None:
