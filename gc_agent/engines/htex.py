@@ -197,16 +197,17 @@ class HtexEngine(Engine):
 
     def _on_poll(self, executor: Any) -> None:
         """After each scaling pass: log block state changes, note what status reports."""
-        blocks = {block_id: status.state.name.lower()
-                  for block_id, status in executor.status_facade.items()}
+        managers = executor.connected_managers()
+        self._manager_blocks.update((m["manager"], m["block_id"]) for m in managers)
+        managers = [m for m in managers if m["active"]]
+        blocks = block_states({block_id: status.state.name.lower()
+                               for block_id, status in executor.status_facade.items()},
+                              {str(m["block_id"]) for m in managers})
         for block_id, state in blocks.items():
             if self._blocks.get(block_id) != state:
                 logger.info("htex block %s (job %s): %s", block_id,
                             executor.blocks_to_job_id.get(block_id, "?"), state)
         self._blocks = blocks
-        managers = executor.connected_managers()
-        self._manager_blocks.update((m["manager"], m["block_id"]) for m in managers)
-        managers = [m for m in managers if m["active"]]
         workers = sum(int(m["worker_count"]) for m in managers)
         busy = sum(min(int(m["tasks"]), int(m["worker_count"])) for m in managers)
         states = collections.Counter(blocks.values())
@@ -452,6 +453,17 @@ def _cancel_blocks(executor: Any) -> None:
     except Exception:
         logger.warning("cancelling the htex blocks (jobs %s) failed", ", ".join(live),
                        exc_info=True)
+
+
+def block_states(polled: dict[str, str], with_managers: set[str]) -> dict[str, str]:
+    """Each block's state: the provider's, but running once a manager of it has connected.
+
+    Parsl asks the provider for its jobs' states only every few seconds (5 for a local
+    block), and a block stays "pending" until then; its workers may be connected, and
+    running tasks, well before.
+    """
+    return {block_id: "running" if state == "pending" and block_id in with_managers else state
+            for block_id, state in polled.items()}
 
 
 def _make_poller(config: HtexEngineConfig, on_poll: Callable[[Any], None]) -> Any:
