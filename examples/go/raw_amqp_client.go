@@ -93,18 +93,24 @@ func callAll(brokerURL, endpointID, functionID string, calls []string, timeout t
 					"gc-python": "", "gc-serializer": "json 1"}})
 		})
 	}
+	// Each publish is confirmed before the next goes: amqp091-go before 1.8.0 (Debian 12 has
+	// 1.5.0) can lose a confirm that arrives out of order, as a returned task's does ahead of
+	// the manifest's, while the next publish is under way (its issue 182).
+	deadline := time.After(timeout)
 	for _, send := range publish {
 		if err = send(); err != nil {
 			return nil, err
 		}
-	}
-	for range publish {
-		confirmed, open := <-confirms
-		if !open { // e.g. 403 ACCESS_REFUSED: an endpoint this login may not use
-			return nil, fmt.Errorf("the broker closed the channel: %v", <-closed)
-		}
-		if !confirmed.Ack {
-			return nil, fmt.Errorf("the broker refused publish %d (basic.nack)", confirmed.DeliveryTag)
+		select {
+		case confirmed, open := <-confirms:
+			if !open { // e.g. 403 ACCESS_REFUSED: an endpoint this login may not use
+				return nil, fmt.Errorf("the broker closed the channel: %v", <-closed)
+			}
+			if !confirmed.Ack {
+				return nil, fmt.Errorf("the broker refused publish %d (basic.nack)", confirmed.DeliveryTag)
+			}
+		case <-deadline:
+			return nil, fmt.Errorf("the broker confirmed no publish within %s", timeout)
 		}
 	}
 	outcomes := map[string]outcome{}
