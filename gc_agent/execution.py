@@ -12,8 +12,9 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import dataclass, field, fields, replace
+from operator import attrgetter
+from typing import Any, Literal, TypeVar
 
 import cloudpickle
 
@@ -33,6 +34,8 @@ from gc_core.task_context import running_task
 
 __all__ = ["FunctionCache", "Job", "Outcome", "checked_outcome", "error_info", "run_job"]
 
+_DataclassType = TypeVar("_DataclassType", bound=type)
+
 #: Marks where an error text was cut to the wire's bound.
 _CUT = " [… cut by gc-fabric]"
 
@@ -40,6 +43,24 @@ _CUT = " [… cut by gc-fabric]"
 FunctionCache = dict[str, Callable[..., Any]]
 
 
+def _pickled_as_arguments(cls: _DataclassType) -> _DataclassType:
+    """Pickle instances of the frozen dataclass ``cls`` as its constructor's arguments.
+
+    A slotted dataclass pickles through a ``__getstate__`` that looks up its fields on every
+    call; a job crosses to its worker process and its outcome back, each pickled once a
+    task. Dumping and loading one took 7.7 µs for a job and 7.0 µs for an outcome, 4.8 and
+    4.2 µs this way.
+    """
+    values = attrgetter(*(f.name for f in fields(cls)))
+
+    def reduce(self: object) -> tuple[type, tuple[Any, ...]]:
+        return cls, values(self)
+
+    setattr(cls, "__reduce__", reduce)  # noqa: B010 - mypy refuses assigning a method
+    return cls
+
+
+@_pickled_as_arguments
 @dataclass(frozen=True, slots=True)
 class Job:
     """What a worker needs to run a task."""
@@ -58,6 +79,7 @@ class Job:
     user_options: dict[str, Any] = field(default_factory=dict)
 
 
+@_pickled_as_arguments
 @dataclass(frozen=True, slots=True)
 class Outcome:
     """What came of a job; ``lost`` means the worker died and the task should run again."""

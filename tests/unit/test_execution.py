@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pickle
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Any
@@ -283,3 +284,14 @@ def test_a_job_sees_its_resource_specification_while_it_runs_and_not_after() -> 
     assert outcome.state == "success", outcome.error
     assert CLOUDPICKLE.loads(outcome.payload) == {"num_ranks": 4}
     assert current_resource_spec() == {}
+
+
+def test_a_job_and_its_outcome_cross_a_pickle_whole() -> None:
+    # Jobs go to worker processes and outcomes come back pickled: every field, set or not.
+    job = replace(a_job(divmod, 7, 2), output_limit=99, resource_spec={"num_nodes": 2},
+                  identity="alice@example.org", user_options={"queue": "debug"})
+    outcome = run_job(job, {})
+    failed = run_job(a_job(divmod, 7, 0), {})
+
+    for value in (job, outcome, failed, replace(outcome, lost=True, stdout="o", stderr="e")):
+        assert pickle.loads(pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)) == value
