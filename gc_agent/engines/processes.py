@@ -17,7 +17,6 @@ agent's log), its terminal session, or the fabric's credentials from its environ
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import socket
@@ -311,10 +310,10 @@ def _decode_outcome(answer: bytes, task_id: str) -> Outcome:
         _Malformed: not a well-formed outcome, or one for another task.
     """
     try:
-        # Task code can write anything to this socket: deep JSON (RecursionError), bytes
-        # that are no JSON, a stranger's task id. Whatever does not decode is the worker's
-        # failure, never the slot's.
-        outcome = outcome_from_wire(json.loads(answer))
+        # Task code can write anything to this socket: deep JSON, bytes that are no JSON, a
+        # stranger's task id. Whatever does not decode is the worker's failure, never the
+        # slot's.
+        outcome = outcome_from_wire(answer)
     except Exception as exc:  # noqa: BLE001 - see above
         raise _Malformed(f"{type(exc).__name__}: {exc}"[:MAX_PROBLEM_TEXT]) from None
     if outcome.task_id != task_id:

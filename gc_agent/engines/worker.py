@@ -12,7 +12,6 @@ to the task's captured output after it.
 
 from __future__ import annotations
 
-import json
 import signal
 import socket
 import sys
@@ -38,7 +37,7 @@ def serve(conn: Connection) -> None:
             return
         for job in jobs:
             # JSON, not pickle: on a multi-user endpoint root reads this from the user's process.
-            conn.send_bytes(json.dumps(outcome_to_wire(_run(job, functions))).encode())
+            conn.send_bytes(outcome_to_wire(_run(job, functions)))
 
 
 def _run(job: Job, functions: FunctionCache) -> Outcome:

@@ -46,7 +46,6 @@ def wait_for_cancel(marker: str) -> None:
 
 def forge_the_answer_of(task_id: str) -> str:
     """Write a well-formed outcome for another task to the worker's socket."""
-    import json
     import struct
     import sys
 
@@ -54,8 +53,8 @@ def forge_the_answer_of(task_id: str) -> str:
     from gc_agent.wire import outcome_to_wire
     from gc_core.serialize import CLOUDPICKLE
 
-    forged = json.dumps(outcome_to_wire(Outcome(
-        task_id, "success", CLOUDPICKLE.content_type, CLOUDPICKLE.dumps("forged")))).encode()
+    forged = outcome_to_wire(Outcome(
+        task_id, "success", CLOUDPICKLE.content_type, CLOUDPICKLE.dumps("forged")))
     os.write(int(sys.argv[1]), struct.pack("!i", len(forged)) + forged)
     return "forged"
 

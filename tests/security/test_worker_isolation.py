@@ -7,6 +7,7 @@ task code tries from inside its worker, and what the agent and the next task sti
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -228,8 +229,8 @@ def test_a_slot_whose_worker_cannot_be_restarted_fails_the_task_and_serves_on(
 def test_a_user_engine_that_sends_garbage_loses_no_task_of_its_user(tmp_path: Path) -> None:
     # Given a user's engine process (here a stand-in, a real process) that answers each task
     # first with a line nested too deep for JSON, then with the task's real outcome
-    outcome = outcome_to_wire(Outcome("TASK", "success", CLOUDPICKLE.content_type,
-                                      CLOUDPICKLE.dumps(7)))
+    outcome = json.loads(outcome_to_wire(Outcome("TASK", "success", CLOUDPICKLE.content_type,
+                                                 CLOUDPICKLE.dumps(7))))
     fake = tmp_path / "python"
     fake.write_text(f"""#!{sys.executable}
 import json, os, sys

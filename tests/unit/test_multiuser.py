@@ -130,8 +130,12 @@ def test_a_workers_outcome_crosses_as_json_and_bad_outcomes_are_refused() -> Non
     outcome = Outcome("t1", "failed", payload=b"\x00", error=ErrorInfo(type="E", message="m"),
                       started=1.0, worker="n1:2 block 0 slurm job 7")
 
-    assert outcome_from_wire(json.loads(json.dumps(outcome_to_wire(outcome)))) == outcome
-    for bad in ({**outcome_to_wire(outcome), "state": "pwned"}, {"task_id": "t1"}, "not a dict",
-                {**outcome_to_wire(outcome), "payload": "%%%"}):
+    assert outcome_from_wire(outcome_to_wire(outcome)) == outcome
+    fields = json.loads(outcome_to_wire(outcome))
+    for bad in ({**fields, "state": "pwned"}, {"task_id": "t1"}, "not a dict",
+                {**fields, "payload": "%%%"}):
         with pytest.raises(ValueError):
-            outcome_from_wire(bad)
+            outcome_from_wire(json.dumps(bad).encode())
+    for not_json in (b"[" * 5000, b"\xff\xfe", b""):
+        with pytest.raises(ValueError):
+            outcome_from_wire(not_json)
