@@ -141,31 +141,34 @@ def redirect_descriptors() -> None:
 def clear_descriptors() -> None:
     """Forget what reached descriptors 1 and 2 so far (output of no task's, between tasks)."""
     for descriptor in _DESCRIPTORS:
-        # Emptying an empty file still costs ~3 µs, looking at its size ~1: most tasks print
-        # nothing, and a worker process clears both files before and after each task.
+        # Emptying an empty file still costs ~3 µs, looking at its size ~1, and most tasks
+        # print nothing (a worker process clears both files before each task).
         if os.fstat(descriptor).st_size:
             os.ftruncate(descriptor, 0)
 
 
 def with_descriptor_output(stdout: str, stderr: str, limit: int) -> tuple[str, str]:
     """What a task printed, each followed by what reached descriptors 1 and 2 since they were
-    cleared; each stream's whole kept within ``limit`` bytes, the rest counted and marked."""
+    cleared (they are emptied again); each stream's whole kept within ``limit`` bytes, the
+    rest counted and marked."""
     for stream in (sys.stdout, sys.stderr):
         # What other threads wrote through Python's own buffers; a task may have closed them.
         with suppress(ValueError, OSError):
             stream.flush()
     out, err = (_followed_by(text, descriptor, limit)
                 for text, descriptor in zip((stdout, stderr), _DESCRIPTORS))
-    clear_descriptors()
     return out, err
 
 
 def _followed_by(text: str, descriptor: int, limit: int) -> str:
+    """``text`` followed by what reached ``descriptor``, which is emptied after it is read
+    (one look at its size serves both: most tasks print nothing)."""
     size = os.fstat(descriptor).st_size
     if size == 0:
         return text
     room = max(limit - len(text.encode("utf-8", "replace")), 0)
     data = os.pread(descriptor, min(size, room), 0)
+    os.ftruncate(descriptor, 0)
     kept = BoundedText(room)
     kept.write(data.decode("utf-8", "replace"))
     kept.skip(size - len(data))
