@@ -124,8 +124,9 @@ def test_a_manifest_then_a_result_gives_success_with_the_results_value(db: Sessi
 
 
 def test_a_result_after_its_manifest_writes_every_column_of_its_row(db: Session) -> None:
-    # The result's upsert is built once and updates the columns of the rows it is given:
-    # none may be left out, or a task recorded as waiting first would keep that column empty.
+    # The result's upsert names every column of the table and updates all but the task id
+    # and submission time: a row that left one out would not be written, one with a column
+    # the table lacks would have it dropped unseen.
     result = a_result("t1").model_copy(update={"stdout": "out", "stderr": "err",
                                                "on_behalf_of": "carol"})
     store.record_manifest(db, a_manifest(["t1"], submitted=100.0))
@@ -135,6 +136,7 @@ def test_a_result_after_its_manifest_writes_every_column_of_its_row(db: Session)
     row = db.get(TaskRow, "t1")
     expected = store._result_row(result, None, 200.0)
 
+    assert set(expected) == {column.name for column in TaskRow.__table__.columns}
     assert {column: getattr(row, column) for column in expected if column != "submitted"} == \
         {column: value for column, value in expected.items() if column != "submitted"}
     assert row is not None and row.submitted == 100.0
