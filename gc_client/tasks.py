@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,6 +17,7 @@ from gc_core.errors import (
     TaskError,
     remote_error,
 )
+from gc_core.ids import random_id
 from gc_core.protocol import (
     CancelCommand,
     Envelope,
@@ -51,7 +51,7 @@ class Outgoing:
 
 def new_id() -> str:
     """A fresh task or task group id."""
-    return str(uuid.uuid4())
+    return random_id()
 
 
 def make_task(*, endpoint_id: str, function_id: str, user: str, task_group_id: str,

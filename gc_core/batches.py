@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import json
 import struct
-import uuid
 from collections.abc import Iterator, Sequence
 from typing import Any
 
 from gc_core.errors import ProtocolError
+from gc_core.ids import random_id
 from gc_core.protocol import (
     H_ENDPOINT,
     H_GROUP,
@@ -132,7 +132,7 @@ def _frame(entries: list[Envelope], shared: dict[str, Any], correlation_id: str)
                                   "headers": entry.headers}).encode()
         parts += (_LENGTH.pack(len(head)), head, _LENGTH.pack(len(entry.body)), entry.body)
     headers = {H_PROTOCOL: PROTOCOL_VERSION, H_BATCH: len(entries), **shared}
-    return Envelope(str(uuid.uuid4()), correlation_id, BATCH_CONTENT_TYPE, headers,
+    return Envelope(random_id(), correlation_id, BATCH_CONTENT_TYPE, headers,
                     b"".join(parts))
 
 
