@@ -32,6 +32,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from gc_client.client import Client
+from gc_client.lean_condition import LeanCondition
 from gc_client.taskgroup import (
     LEDGER_FOLLOW_UP,
     TaskGroup,
@@ -71,6 +72,7 @@ class ComputeFuture(Future[Any]):
     def __init__(self, task_id: str, on_cancel: Callable[[list[str]], None] | None = None, *,
                  endpoint_id: str = "") -> None:
         super().__init__()
+        self._condition = LeanCondition()  # one a task: see lean_condition
         self.task_id = task_id
         #: The endpoint the task was sent to: on a secured broker only its agent (or the
         #: registry) may send the result.
@@ -292,6 +294,8 @@ class _Wire:
         self._lock = threading.Lock()
         self._closing = False
         self._closed = False
+        #: Bound once: every future holds it, and a method bound anew is an object a future.
+        self._cancel_for_future = self.cancel
 
     def connected(self) -> BrokerSession:
         """The session, connected and consuming the group's result queue."""
@@ -409,7 +413,7 @@ class _Wire:
             self._close_on(in_background=True)  # closing waits for this IO thread to settle
 
     def _new_future(self, task_id: str, endpoint_id: str) -> ComputeFuture:
-        return ComputeFuture(task_id, self.cancel, endpoint_id=endpoint_id)
+        return ComputeFuture(task_id, self._cancel_for_future, endpoint_id=endpoint_id)
 
     def _close_on(self, in_background: bool) -> None:
         if in_background:

@@ -118,6 +118,8 @@ class TaskGroup(Generic[F]):
         #: Results dropped because their future had already resolved (a redelivered task)
         #: or had been cancelled.
         self.duplicates_dropped = 0
+        #: Bound once: every future holds it, and a method bound anew is an object a future.
+        self._forget_when_done = self._forget
 
     # -- building messages ---------------------------------------------------------------
 
@@ -141,7 +143,7 @@ class TaskGroup(Generic[F]):
         with self._lock:
             self._pending[task.task_id] = future
             self._unconfirmed.add(task.task_id)
-        future.add_done_callback(self._forget)
+        future.add_done_callback(self._forget_when_done)
         return task, future
 
     def manifest(self, task_ids: list[str]) -> Outgoing:
@@ -207,7 +209,7 @@ class TaskGroup(Generic[F]):
                     self._reloaded.add(task.task_id)
                 held = self._take_held(task.task_id)
             if adopted:
-                future.add_done_callback(self._forget)
+                future.add_done_callback(self._forget_when_done)
             futures.append(future)
             for result, sender in held:
                 self._accept(future, result, sender)
