@@ -31,6 +31,7 @@ from gc_agent.sessions import agent_session, delete_endpoint_queues, endpoint_qu
 from gc_agent.systemd import ENV_DIR, PACKAGED_UNIT, UNIT_DIR, BootInstall, systemd_running
 from gc_core.broker_login import redact_url
 from gc_core.cli import CommandLine, format_table
+from gc_core.collector import freeze_startup_heap
 from gc_core.errors import BrokerError, ConfigError, GCError, NotFound
 from gc_core.extras import missing_extra
 from gc_core.logs import configure_logging
@@ -183,6 +184,7 @@ def _serve(agent: Agent, files: EndpointFiles) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    freeze_startup_heap()
     agent.start(timeout=agent.config.connect_timeout)
     files.pid.write_text(str(os.getpid()))
     try:

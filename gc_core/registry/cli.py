@@ -20,6 +20,7 @@ from sqlalchemy.orm import Session
 
 from gc_core.broker_login import broker_vhost, redact_url
 from gc_core.cli import CommandLine, format_table
+from gc_core.collector import freeze_startup_heap
 from gc_core.errors import RegistryError
 from gc_core.logs import configure_logging
 from gc_core.registry import identity, vhost_claim
@@ -149,7 +150,9 @@ def serve(db_url: str | None, host: str, port: int, broker_url: str | None,
                        "--auth tokens anywhere but a single-user demo")
     if settings.ledger:
         _claim_vhost(settings)
-    uvicorn.run(create_app(settings), host=host, port=port, log_level=log_level.lower(),
+    app = create_app(settings)
+    freeze_startup_heap()
+    uvicorn.run(app, host=host, port=port, log_level=log_level.lower(),
                 access_log=False, ssl_certfile=ssl_certfile, ssl_keyfile=ssl_keyfile)
 
 
