@@ -25,6 +25,7 @@ from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import Executor as _BaseExecutor
 from concurrent.futures import Future
+from concurrent.futures._base import PENDING
 from functools import partial
 from itertools import islice
 from typing import Any
@@ -71,8 +72,14 @@ class ComputeFuture(Future[Any]):
 
     def __init__(self, task_id: str, on_cancel: Callable[[list[str]], None] | None = None, *,
                  endpoint_id: str = "") -> None:
-        super().__init__()
-        self._condition = LeanCondition()  # one a task: see lean_condition
+        # what Future.__init__ sets, but a LeanCondition for its threading.Condition (see
+        # lean_condition), not built and then dropped; a test checks that nothing is missing
+        self._condition = LeanCondition()
+        self._state = PENDING
+        self._result: Any = None
+        self._exception: BaseException | None = None
+        self._waiters: list[Any] = []
+        self._done_callbacks: list[Callable[[Future[Any]], object]] = []
         self.task_id = task_id
         #: The endpoint the task was sent to: on a secured broker only its agent (or the
         #: registry) may send the result.
