@@ -7,7 +7,10 @@ or result (its properties and headers as a JSON head, then its body), length-pre
 
     entry := u32 head length | head (UTF-8 JSON) | u32 body length | body
 
-so every entry decodes with the single-message decoders (:func:`~gc_core.protocol.decode_task`,
+A header every entry carries with the same value travels once, among the batch's own
+headers, and an entry's ``correlation_id`` equal to the batch's is left out: both come back
+into each entry on the way in (the batch's headers under the entry's own), so every entry
+decodes with the single-message decoders (:func:`~gc_core.protocol.decode_task`,
 :func:`~gc_core.protocol.decode_result`) and every per-task check holds for it. Framing is
 bounded (:data:`MAX_BATCH_TASKS`, :data:`MAX_ENTRY_HEAD`) and checked before anything is
 decoded: a malformed batch is refused whole, a malformed entry costs that entry alone.
@@ -23,10 +26,7 @@ from typing import Any
 from gc_core.errors import ProtocolError
 from gc_core.ids import random_id
 from gc_core.protocol import (
-    H_ENDPOINT,
-    H_GROUP,
     H_PROTOCOL,
-    H_USER,
     MAX_OUTPUT_HEADER,
     PROTOCOL_VERSION,
     STRICT_JSON,
@@ -69,19 +69,14 @@ def encode_task_batch(tasks: Sequence[TaskMessage]) -> Envelope:
     plain single-task message)."""
     if len(tasks) == 1:
         return encode_task(tasks[0])
-    first = tasks[0]
-    return _frame([encode_task(task) for task in tasks], {
-        H_USER: first.user, H_ENDPOINT: first.endpoint_id, H_GROUP: first.task_group_id},
-        first.task_group_id)
+    return _frame([encode_task(task) for task in tasks], tasks[0].task_group_id)
 
 
 def encode_result_batch(results: Sequence[ResultMessage]) -> Envelope:
     """Results for one user's task group, as one message (one result: the plain message)."""
     if len(results) == 1:
         return encode_result(results[0])
-    first = results[0]
-    return _frame([encode_result(result) for result in results],
-                  {H_USER: first.user, H_GROUP: first.task_group_id}, first.task_group_id)
+    return _frame([encode_result(result) for result in results], results[0].task_group_id)
 
 
 def split_batch(envelope: Envelope) -> list[Envelope]:
@@ -96,8 +91,9 @@ def split_batch(envelope: Envelope) -> list[Envelope]:
     if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_BATCH_TASKS:
         raise ProtocolError(f"a batch's {H_BATCH} header must count 1 to {MAX_BATCH_TASKS:,} "
                             f"entries, not {str(count)[:40]!r}", raw=envelope.body)
+    shared = {name: value for name, value in headers.items() if name != H_BATCH}
     death = {name: headers[name] for name in _DEATH_HEADERS if name in headers}
-    entries = [_entry(head, body, death, envelope.body)
+    entries = [_entry(head, body, shared, death, envelope)
                for head, body in _frames(envelope.body, count)]
     if len(entries) != count:
         raise ProtocolError(f"the batch says it holds {count} entries but holds "
@@ -123,15 +119,23 @@ def decode_results(envelope: Envelope) -> list[ResultMessage | ProtocolError]:
     return decoded
 
 
-def _frame(entries: list[Envelope], shared: dict[str, Any], correlation_id: str) -> Envelope:
+def _frame(entries: list[Envelope], correlation_id: str) -> Envelope:
+    """``entries`` as one batch; the headers they all share go once, as the batch's."""
+    shared = set(entries[0].headers.items())
+    for entry in entries[1:]:
+        shared.intersection_update(entry.headers.items())
+    common = dict(shared)
     parts: list[bytes] = []
     for entry in entries:
-        head = _HEAD_JSON.encode({"message_id": entry.message_id,
-                                  "correlation_id": entry.correlation_id,
-                                  "content_type": entry.content_type,
-                                  "headers": entry.headers}).encode()
-        parts += (_LENGTH.pack(len(head)), head, _LENGTH.pack(len(entry.body)), entry.body)
-    headers = {H_PROTOCOL: PROTOCOL_VERSION, H_BATCH: len(entries), **shared}
+        head: dict[str, Any] = {"message_id": entry.message_id,
+                                "content_type": entry.content_type,
+                                "headers": {name: value for name, value in entry.headers.items()
+                                            if name not in common}}
+        if entry.correlation_id != correlation_id:
+            head["correlation_id"] = entry.correlation_id
+        encoded = _HEAD_JSON.encode(head).encode()
+        parts += (_LENGTH.pack(len(encoded)), encoded, _LENGTH.pack(len(entry.body)), entry.body)
+    headers = {H_PROTOCOL: PROTOCOL_VERSION, **common, H_BATCH: len(entries)}
     return Envelope(random_id(), correlation_id, BATCH_CONTENT_TYPE, headers,
                     b"".join(parts))
 
@@ -160,22 +164,24 @@ def _take(view: memoryview, offset: int, bound: int, raw: bytes) -> bytes:
     return bytes(view[start:start + length])
 
 
-def _entry(head: bytes, body: bytes, death: dict[str, Any], raw: bytes) -> Envelope:
-    """One entry as the message it stands for; a head that is not a flat JSON object of
-    text properties and text-or-integer headers is refused (a deeply nested one stops the
-    parser with a RecursionError, refused likewise)."""
+def _entry(head: bytes, body: bytes, shared: dict[str, Any], death: dict[str, Any],
+           batch: Envelope) -> Envelope:
+    """One entry as the message it stands for: its own headers over the batch's ``shared``
+    ones, under the batch's ``death`` headers; no ``correlation_id``: the batch's. A head
+    that is not a flat JSON object of text properties and text-or-integer headers is
+    refused (a deeply nested one stops the parser with a RecursionError, refused likewise)."""
     try:
         fields = STRICT_JSON.decode(head.decode())
         headers = fields["headers"]
         if not isinstance(headers, dict) or not all(
-                isinstance(v, str) or (isinstance(v, int) and not isinstance(v, bool))
-                for v in headers.values()):
+                type(value) is str or type(value) is int for value in headers.values()):
             raise TypeError("headers must map names to text or integers")
-        message_id, correlation_id, content_type = (
-            fields["message_id"], fields["correlation_id"], fields["content_type"])
+        message_id, content_type = fields["message_id"], fields["content_type"]
+        correlation_id = fields.get("correlation_id", batch.correlation_id)
         if not all(isinstance(value, str) for value in (message_id, correlation_id, content_type)):
             raise TypeError("message_id, correlation_id and content_type must be text")
     except (ValueError, TypeError, KeyError, RecursionError) as exc:
         raise ProtocolError(f"a batch entry's head is malformed: {str(exc)[:200]}",
-                            raw=raw) from exc
-    return Envelope(message_id, correlation_id, content_type, {**headers, **death}, body)
+                            raw=batch.body) from exc
+    return Envelope(message_id, correlation_id, content_type, {**shared, **headers, **death},
+                    body)

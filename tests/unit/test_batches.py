@@ -78,6 +78,55 @@ def test_a_dead_lettered_batch_becomes_a_dead_letter_for_each_of_its_tasks() -> 
             and r.error is not None] == [("t-1", "TaskDeadLettered"), ("t-2", "TaskDeadLettered")]
 
 
+def test_what_every_entry_shares_travels_once_as_the_batch_s_headers() -> None:
+    tasks = [_task(n, task_group_id="g") for n in range(3)]
+    batch = encode_task_batch(tasks)
+    heads = [json.loads(head) for head, _body in _heads_and_bodies(batch)]
+    assert {"gc-user": "u", "gc-endpoint-id": "e", "gc-function-id": "f", "gc-task-group": "g",
+            "gc-protocol": 1}.items() <= batch.headers.items()
+    assert all(head["headers"] == {} and "correlation_id" not in head for head in heads)
+    assert [head["message_id"] for head in heads] == ["t-0", "t-1", "t-2"]
+    # what differs stays with its entry, and every entry comes back whole
+    mixed = [_task(0), _task(1, function_id="other")]
+    entries = split_batch(encode_task_batch(mixed))
+    assert [decode_task(entry) for entry in entries] == mixed
+    assert "gc-batch" not in entries[0].headers
+
+
+def test_an_entry_s_own_header_wins_over_the_batch_s_and_its_sender_is_checked_on_it() -> None:
+    batch = encode_task_batch([_task(1), _task(2)])
+    entries = split_batch(batch)
+    forged = Envelope("t-2", "g", JSON.content_type, {"gc-user": "mallory"}, entries[1].body)
+    taken = [decode_task(entry) for entry in split_batch(_reframe([entries[0], forged], batch))]
+    assert [task.user for task in taken] == ["u", "mallory"]  # the agent's sender check sees it
+
+
+def test_a_batch_header_no_entry_could_carry_costs_its_entries_their_decoding() -> None:
+    batch = encode_task_batch([_task(1), _task(2)])
+    odd = Envelope(batch.message_id, batch.correlation_id, batch.content_type,
+                   {**batch.headers, "gc-function-id": 3.5}, batch.body)
+    for entry in split_batch(odd):
+        with pytest.raises(ProtocolError, match="malformed task message"):
+            decode_task(entry)
+
+
+def test_an_entry_with_a_correlation_id_of_its_own_keeps_it() -> None:
+    batch = encode_task_batch([_task(1), _task(2)])
+    entries = split_batch(batch)
+    own = Envelope("t-2", "other-group", JSON.content_type, {}, entries[1].body)
+    framed = _reframe([entries[0], own], batch)
+    assert [entry.correlation_id for entry in split_batch(framed)] == ["g", "other-group"]
+
+
+def test_a_batch_with_every_header_in_its_entries_decodes_as_before() -> None:
+    # the form earlier releases sent: whole heads, only user, endpoint and group shared
+    tasks = [_task(n) for n in range(3)]
+    whole = _reframe([encode_task(task) for task in tasks], Envelope(
+        "b", "g", "application/vnd.gc-fabric.batch",
+        {"gc-protocol": 1, "gc-user": "u", "gc-endpoint-id": "e", "gc-task-group": "g"}, b""))
+    assert [decode_task(entry) for entry in split_batch(whole)] == tasks
+
+
 @pytest.mark.parametrize(("count", "body", "problem"), [
     (MAX_BATCH_TASKS + 1, b"", "must count 1 to"),
     (True, b"", "must count 1 to"),
@@ -232,3 +281,16 @@ def _reframe(entries: list[Envelope], like: Envelope) -> Envelope:
                   entry.body]
     return Envelope(like.message_id, like.correlation_id, like.content_type,
                     {**like.headers, "gc-batch": len(entries)}, b"".join(parts))
+
+
+def _heads_and_bodies(batch: Envelope) -> list[tuple[bytes, bytes]]:
+    """The raw heads and bodies of a batch's entries, as the contract frames them."""
+    found, offset = [], 0
+    while offset < len(batch.body):
+        parts = []
+        for _ in range(2):
+            (length,) = struct.unpack_from(">I", batch.body, offset)
+            parts.append(batch.body[offset + 4:offset + 4 + length])
+            offset += 4 + length
+        found.append((parts[0], parts[1]))
+    return found
