@@ -11,6 +11,7 @@ timings.
 
 from __future__ import annotations
 
+import collections
 import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING
@@ -69,9 +70,10 @@ def observe_commit(messages: Sequence[object]) -> None:
     that decoded to nothing to record)."""
     now = time.time()
     LEDGER_COMMIT_BATCH.observe(len(messages))
+    for kind, count in collections.Counter(map(_kind, messages)).items():  # labels() a kind
+        LEDGER_MESSAGES.labels(kind).inc(count)
     for message in messages:
         sent = _sent(message)
-        LEDGER_MESSAGES.labels(_kind(message)).inc()
         if sent is not None:
             LEDGER_LAG_SECONDS.observe(max(0.0, now - sent))
 
