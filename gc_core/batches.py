@@ -80,8 +80,9 @@ def encode_result_batch(results: Sequence[ResultMessage]) -> Envelope:
 
 
 def split_batch(envelope: Envelope) -> list[Envelope]:
-    """The entries of a batch, each as the single message it stands for (a dead-lettered
-    batch's entries carry its death headers). Nothing in them is checked yet.
+    """The entries of a batch, each as the single message it stands for: the batch's
+    headers (but ``gc-batch``) under the entry's own, a dead-lettered batch's death headers
+    over both. Nothing in them is checked yet.
 
     Raises:
         ProtocolError: the batch's count or framing is wrong or out of bounds.
