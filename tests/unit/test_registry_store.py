@@ -107,6 +107,21 @@ def test_a_task_in_a_manifest_waits_until_its_result_arrives(db: Session) -> Non
     assert store.get_tasks(db, ["t1"])[0].status == "waiting"
 
 
+def test_a_manifests_rows_hold_each_columns_default_where_it_says_nothing(db: Session) -> None:
+    # The manifest's statement writes the columns it has no value for as constants: each
+    # must be what the table's own default would have written.
+    store.record_manifest(db, a_manifest(["t1"], submitted=100.0))
+    db.commit()
+
+    row = db.get(TaskRow, "t1")
+    assert row is not None
+    given = {"task_id": "t1", "task_group_id": "group-1", "endpoint_id": "ep-1",
+             "user": "alice", "submitted": 100.0, "status": "waiting"}
+    for column in TaskRow.__table__.columns:
+        expected = given.get(column.name, getattr(column.default, "arg", None))
+        assert getattr(row, column.name) == expected, column.name
+
+
 def test_a_manifest_then_a_result_gives_success_with_the_results_value(db: Session) -> None:
     store.record_manifest(db, a_manifest(["t1", "t2"], submitted=100.0))
     db.commit()
