@@ -7,8 +7,8 @@ and every other thread writes through to the original stream.
 
 Output written to the file descriptors directly (by a subprocess, C code, or a thread the
 task started) is captured only in a process worker, which runs one task at a time: it
-points descriptors 1 and 2 at files of its own (``redirect_descriptors``) and adds what
-reached them to the task's output (``with_descriptor_output``). So nothing a task writes
+points descriptors 1 and 2 at files of its own and adds what reached them to the task's
+output (``DescriptorOutput``). So nothing a task writes
 ever reaches the agent's log, which a worker would otherwise inherit as its descriptors.
 """
 
@@ -24,8 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import TextIO
 
-__all__ = ["BoundedText", "captured_output", "clear_descriptors", "redirect_descriptors",
-           "with_descriptor_output"]
+__all__ = ["BoundedText", "DescriptorOutput", "captured_output"]
 
 
 class BoundedText:
@@ -125,50 +124,63 @@ def captured_output(limit: int) -> Iterator[tuple[BoundedText, BoundedText]]:
 _DESCRIPTORS = (1, 2)
 
 
-def redirect_descriptors() -> None:
-    """Point descriptors 1 and 2 at unnamed files of this process's own, append-only.
+class DescriptorOutput:
+    """A process worker's descriptors 1 and 2, pointed at unnamed append-only files of its
+    own, and what reached them during each task.
 
-    Append-only because a task's subprocesses share these descriptors (and their offset):
-    after ``with_descriptor_output`` empties a file, their next write lands at its start.
+    The worker keeps descriptors of its own to those files and reads and empties them only
+    through these: whatever a task does to descriptors 1 and 2 (closes them, points them at a
+    pipe, or opens a file of its own that takes number 1), it costs that task its descriptor
+    output at most, never the worker (a read of a closed descriptor would end it, and the task
+    would be retried as lost until dead-lettered), and never the task's own file (emptied as
+    if it were the worker's). Before each task both are pointed at the worker's files again.
+    Append-only because a task's subprocesses share these files (and their offset): after
+    they are emptied, their next write lands at the start.
     """
-    for descriptor in _DESCRIPTORS:
-        with tempfile.TemporaryFile() as file:
-            flags = fcntl.fcntl(file.fileno(), fcntl.F_GETFL)
-            fcntl.fcntl(file.fileno(), fcntl.F_SETFL, flags | os.O_APPEND)
-            os.dup2(file.fileno(), descriptor)
+
+    def __init__(self) -> None:
+        self._files = tuple(_append_only_file() for _ in _DESCRIPTORS)
+        self.clear()
+
+    def clear(self) -> None:
+        """Point descriptors 1 and 2 at the worker's files again and forget what reached them
+        so far (output of no task's, between tasks)."""
+        for file, descriptor in zip(self._files, _DESCRIPTORS):
+            os.dup2(file, descriptor)
+            # The end's offset is the file's size: a third of the cost of os.fstat's, and
+            # most tasks print nothing (this runs before and after each of them).
+            if os.lseek(file, 0, os.SEEK_END):
+                os.ftruncate(file, 0)
+
+    def following(self, stdout: str, stderr: str, limit: int) -> tuple[str, str]:
+        """What a task printed, each followed by what reached descriptors 1 and 2 since
+        :meth:`clear` (the files are emptied again); each stream's whole kept within
+        ``limit`` bytes, the rest counted and marked."""
+        for stream in (sys.stdout, sys.stderr):
+            # What other threads wrote through Python's own buffers; a task may have closed them.
+            with suppress(ValueError, OSError):
+                stream.flush()
+        out, err = (_followed_by(text, file, limit) for text, file in zip((stdout, stderr),
+                                                                        self._files))
+        return out, err
 
 
-def clear_descriptors() -> None:
-    """Forget what reached descriptors 1 and 2 so far (output of no task's, between tasks)."""
-    for descriptor in _DESCRIPTORS:
-        # Emptying an empty file still costs ~3 µs, looking at its size ~1, and most tasks
-        # print nothing (a worker process clears both files before each task).
-        if os.fstat(descriptor).st_size:
-            os.ftruncate(descriptor, 0)
+def _append_only_file() -> int:
+    """A descriptor of a new unnamed file, opened for appending; not inherited."""
+    with tempfile.TemporaryFile() as file:
+        flags = fcntl.fcntl(file.fileno(), fcntl.F_GETFL)
+        fcntl.fcntl(file.fileno(), fcntl.F_SETFL, flags | os.O_APPEND)
+        return os.dup(file.fileno())
 
 
-def with_descriptor_output(stdout: str, stderr: str, limit: int) -> tuple[str, str]:
-    """What a task printed, each followed by what reached descriptors 1 and 2 since they were
-    cleared (they are emptied again); each stream's whole kept within ``limit`` bytes, the
-    rest counted and marked."""
-    for stream in (sys.stdout, sys.stderr):
-        # What other threads wrote through Python's own buffers; a task may have closed them.
-        with suppress(ValueError, OSError):
-            stream.flush()
-    out, err = (_followed_by(text, descriptor, limit)
-                for text, descriptor in zip((stdout, stderr), _DESCRIPTORS))
-    return out, err
-
-
-def _followed_by(text: str, descriptor: int, limit: int) -> str:
-    """``text`` followed by what reached ``descriptor``, which is emptied after it is read
-    (one look at its size serves both: most tasks print nothing)."""
-    size = os.fstat(descriptor).st_size
+def _followed_by(text: str, file: int, limit: int) -> str:
+    """``text`` followed by what reached ``file``, which is emptied after it is read."""
+    size = os.lseek(file, 0, os.SEEK_END)
     if size == 0:
         return text
     room = max(limit - len(text.encode("utf-8", "replace")), 0)
-    data = os.pread(descriptor, min(size, room), 0)
-    os.ftruncate(descriptor, 0)
+    data = os.pread(file, min(size, room), 0)
+    os.ftruncate(file, 0)
     kept = BoundedText(room)
     kept.write(data.decode("utf-8", "replace"))
     kept.skip(size - len(data))

@@ -59,6 +59,34 @@ def forge_the_answer_of(task_id: str) -> str:
     return "forged"
 
 
+def echo_on_descriptors(word: str) -> str:
+    print(f"said {word}")
+    os.write(1, f"{word} on 1\n".encode())
+    os.write(2, f"{word} on 2\n".encode())
+    return word
+
+
+def close_the_descriptors() -> str:
+    os.close(1)
+    os.close(2)
+    return "closed"
+
+
+def keep_a_file_on_descriptor_1(path: str) -> str:
+    """Close standard output and open a file of one's own, which takes descriptor 1."""
+    os.close(1)
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    os.write(descriptor, b"precious")
+    return str(descriptor)
+
+
+def point_descriptor_2_at_a_pipe() -> str:
+    _, write_end = os.pipe()
+    os.dup2(write_end, 2)
+    os.write(2, b"into the pipe")
+    return "piped"
+
+
 def _job(function: Callable[..., Any], *args: Any, task_id: str = "") -> Job:
     return Job(task_id=task_id or str(uuid.uuid4()), function_id=f"fn-{function.__name__}",
                function_payload=cloudpickle.dumps(function), function_python=PYTHON_VERSION,
@@ -163,3 +191,35 @@ def test_a_job_answering_for_its_batch_mate_fails_alone_and_the_mate_runs_for_re
     assert forger.error.type == "WorkerError" and "malformed outcome" in forger.error.message
     assert _value(got[mate]) == "mate"
     assert _value(got[jobs[0].task_id]) == "first"
+
+
+def test_a_job_that_closes_its_descriptors_succeeds_and_the_next_job_prints_as_ever(
+        engine: ProcessEngine) -> None:
+    jobs = [_job(close_the_descriptors), _job(echo_on_descriptors, "next")]
+    got = _start_with(engine, jobs).each_once(jobs)
+    assert _value(got[jobs[0].task_id]) == "closed"
+    assert _value(got[jobs[1].task_id]) == "next"
+    assert got[jobs[1].task_id].stdout == "said next\nnext on 1\n"
+    assert got[jobs[1].task_id].stderr == "next on 2\n"
+    assert got[jobs[0].task_id].worker == got[jobs[1].task_id].worker  # no worker was lost
+
+
+def test_a_file_a_job_opens_on_descriptor_1_keeps_what_it_wrote(
+        engine: ProcessEngine, tmp_path: Path) -> None:
+    # The worker empties its own output files after each job; never a file the job opened.
+    kept = tmp_path / "kept.txt"
+    jobs = [_job(keep_a_file_on_descriptor_1, str(kept)), _job(echo_on_descriptors, "next")]
+    got = _start_with(engine, jobs).each_once(jobs)
+    assert _value(got[jobs[0].task_id]) == "1"
+    assert kept.read_bytes() == b"precious"
+    assert got[jobs[0].task_id].stdout == ""
+    assert got[jobs[1].task_id].stdout == "said next\nnext on 1\n"
+
+
+def test_a_job_that_points_a_descriptor_at_a_pipe_succeeds_and_the_next_job_prints_as_ever(
+        engine: ProcessEngine) -> None:
+    jobs = [_job(point_descriptor_2_at_a_pipe), _job(echo_on_descriptors, "next")]
+    got = _start_with(engine, jobs).each_once(jobs)
+    assert _value(got[jobs[0].task_id]) == "piped"
+    assert got[jobs[1].task_id].stderr == "next on 2\n"
+    assert got[jobs[0].task_id].worker == got[jobs[1].task_id].worker
