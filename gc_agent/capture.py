@@ -8,7 +8,7 @@ and every other thread writes through to the original stream.
 Output written to the file descriptors directly (by a subprocess, C code, or a thread the
 task started) is captured only in a process worker, which runs one task at a time: it
 points descriptors 1 and 2 at files of its own and adds what reached them to the task's
-output (``DescriptorOutput``). So nothing a task writes
+output (``WorkerOutput``). So nothing a task writes
 ever reaches the agent's log, which a worker would otherwise inherit as its descriptors.
 """
 
@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import TextIO
 
-__all__ = ["BoundedText", "DescriptorOutput", "captured_output"]
+__all__ = ["BoundedText", "WorkerOutput", "captured_output"]
 
 
 class BoundedText:
@@ -124,27 +124,29 @@ def captured_output(limit: int) -> Iterator[tuple[BoundedText, BoundedText]]:
 _DESCRIPTORS = (1, 2)
 
 
-class DescriptorOutput:
-    """A process worker's descriptors 1 and 2, pointed at unnamed append-only files of its
-    own, and what reached them during each task.
+class WorkerOutput:
+    """A process worker's standard output and error, captured per task.
 
-    The worker keeps descriptors of its own to those files and reads and empties them only
-    through these: whatever a task does to descriptors 1 and 2 (closes them, points them at a
-    pipe, or opens a file of its own that takes number 1), it costs that task its descriptor
-    output at most, never the worker (a read of a closed descriptor would end it, and the task
-    would be retried as lost until dead-lettered), and never the task's own file (emptied as
-    if it were the worker's). Before each task both are pointed at the worker's files again.
-    Append-only because a task's subprocesses share these files (and their offset): after
-    they are emptied, their next write lands at the start.
+    Descriptors 1 and 2 point at unnamed append-only files of the worker's own, which it
+    reads and empties only through descriptors of its own; ``sys.stdout`` and
+    ``sys.stderr`` are the per-thread dispatchers. Task code may undo either (close a
+    descriptor, point it at a pipe, open a file that takes number 1; set ``sys.stdout`` to
+    None to silence a library): before each task both are put back, and what the last task
+    did costs it its descriptor output at most, never the worker (which would end it, the
+    task then retried as lost until dead-lettered) nor the task's own file (emptied as if it
+    were the worker's). Append-only because a task's subprocesses share these files (and
+    their offset): after they are emptied, their next write lands at the start.
     """
 
     def __init__(self) -> None:
         self._files = tuple(_append_only_file() for _ in _DESCRIPTORS)
+        self._streams = (_dispatcher("stdout"), _dispatcher("stderr"))
         self.clear()
 
     def clear(self) -> None:
-        """Point descriptors 1 and 2 at the worker's files again and forget what reached them
-        so far (output of no task's, between tasks)."""
+        """Put the descriptors and streams back and forget what reached the descriptors so
+        far (output of no task's, between tasks)."""
+        sys.stdout, sys.stderr = self._streams
         for file, descriptor in zip(self._files, _DESCRIPTORS):
             os.dup2(file, descriptor)
             # The end's offset is the file's size: a third of the cost of os.fstat's, and
@@ -156,7 +158,7 @@ class DescriptorOutput:
         """What a task printed, each followed by what reached descriptors 1 and 2 since
         :meth:`clear` (the files are emptied again); each stream's whole kept within
         ``limit`` bytes, the rest counted and marked."""
-        for stream in (sys.stdout, sys.stderr):
+        for stream in self._streams:
             # What other threads wrote through Python's own buffers; a task may have closed them.
             with suppress(ValueError, OSError):
                 stream.flush()

@@ -6,8 +6,8 @@ runs them in order and answers each one as soon as it ends.
 Started by the process engine as ``python -m gc_agent.engines.worker FD``, where FD is
 its end of a socket pair (in a container: ``… worker PATH``, the agent's Unix socket to
 connect to); in a multi-user endpoint it starts already running as the mapped account.
-Its standard output and error are files of its own (``DescriptorOutput``), pointed at
-again and emptied before each task, and added to the task's captured output after it.
+Its standard output and error are files of its own (``WorkerOutput``), put back and
+emptied before each task, and added to the task's captured output after it.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from dataclasses import replace
 from multiprocessing.connection import Connection
 
-from gc_agent.capture import DescriptorOutput
+from gc_agent.capture import WorkerOutput
 from gc_agent.execution import FunctionCache, Job, Outcome, run_job
 from gc_agent.wire import outcome_to_wire
 
@@ -26,7 +26,7 @@ from gc_agent.wire import outcome_to_wire
 def serve(conn: Connection) -> None:
     """Run jobs until the agent sends None or goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the agent's to handle
-    descriptors = DescriptorOutput()
+    output = WorkerOutput()
     functions: FunctionCache = {}
     while True:
         try:
@@ -37,16 +37,16 @@ def serve(conn: Connection) -> None:
             return
         for job in jobs:
             # JSON, not pickle: on a multi-user endpoint root reads this from the user's process.
-            conn.send_bytes(outcome_to_wire(_run(job, functions, descriptors)))
+            conn.send_bytes(outcome_to_wire(_run(job, functions, output)))
 
 
-def _run(job: Job, functions: FunctionCache, descriptors: DescriptorOutput) -> Outcome:
+def _run(job: Job, functions: FunctionCache, output: WorkerOutput) -> Outcome:
     """Run ``job``; its output includes what reached this process's descriptors meanwhile.
     They are emptied first: what a thread an earlier job left behind wrote since is not this
     job's to see (the jobs of one batch may be different users')."""
-    descriptors.clear()
+    output.clear()
     outcome = run_job(job, functions)
-    stdout, stderr = descriptors.following(outcome.stdout, outcome.stderr, job.output_limit)
+    stdout, stderr = output.following(outcome.stdout, outcome.stderr, job.output_limit)
     if (stdout, stderr) == (outcome.stdout, outcome.stderr):
         return outcome  # nothing reached the descriptors: most tasks
     return replace(outcome, stdout=stdout, stderr=stderr)

@@ -87,6 +87,15 @@ def point_descriptor_2_at_a_pipe() -> str:
     return "piped"
 
 
+def silence_the_streams() -> str:
+    """Set sys.stdout and sys.stderr to None, a common way to silence a library."""
+    import sys
+
+    sys.stdout = None
+    sys.stderr = None
+    return "silenced"
+
+
 def _job(function: Callable[..., Any], *args: Any, task_id: str = "") -> Job:
     return Job(task_id=task_id or str(uuid.uuid4()), function_id=f"fn-{function.__name__}",
                function_payload=cloudpickle.dumps(function), function_python=PYTHON_VERSION,
@@ -222,4 +231,14 @@ def test_a_job_that_points_a_descriptor_at_a_pipe_succeeds_and_the_next_job_prin
     got = _start_with(engine, jobs).each_once(jobs)
     assert _value(got[jobs[0].task_id]) == "piped"
     assert got[jobs[1].task_id].stderr == "next on 2\n"
+    assert got[jobs[0].task_id].worker == got[jobs[1].task_id].worker
+
+
+def test_a_job_that_sets_its_streams_to_none_succeeds_and_the_next_job_prints_as_ever(
+        engine: ProcessEngine) -> None:
+    jobs = [_job(silence_the_streams), _job(echo_on_descriptors, "next")]
+    got = _start_with(engine, jobs).each_once(jobs)
+    assert _value(got[jobs[0].task_id]) == "silenced"
+    assert _value(got[jobs[1].task_id]) == "next"
+    assert got[jobs[1].task_id].stdout == "said next\nnext on 1\n"
     assert got[jobs[0].task_id].worker == got[jobs[1].task_id].worker
