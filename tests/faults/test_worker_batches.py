@@ -202,11 +202,14 @@ def test_a_job_answering_for_its_batch_mate_fails_alone_and_the_mate_runs_for_re
     assert _value(got[jobs[0].task_id]) == "first"
 
 
-def test_a_job_that_closes_its_descriptors_succeeds_and_the_next_job_prints_as_ever(
-        engine: ProcessEngine) -> None:
-    jobs = [_job(close_the_descriptors), _job(echo_on_descriptors, "next")]
+@pytest.mark.parametrize(("undo", "value"), [(close_the_descriptors, "closed"),
+                                             (point_descriptor_2_at_a_pipe, "piped"),
+                                             (silence_the_streams, "silenced")])
+def test_a_job_that_undoes_its_output_succeeds_and_the_next_job_prints_as_ever(
+        engine: ProcessEngine, undo: Callable[[], str], value: str) -> None:
+    jobs = [_job(undo), _job(echo_on_descriptors, "next")]
     got = _start_with(engine, jobs).each_once(jobs)
-    assert _value(got[jobs[0].task_id]) == "closed"
+    assert _value(got[jobs[0].task_id]) == value
     assert _value(got[jobs[1].task_id]) == "next"
     assert got[jobs[1].task_id].stdout == "said next\nnext on 1\n"
     assert got[jobs[1].task_id].stderr == "next on 2\n"
@@ -223,22 +226,3 @@ def test_a_file_a_job_opens_on_descriptor_1_keeps_what_it_wrote(
     assert kept.read_bytes() == b"precious"
     assert got[jobs[0].task_id].stdout == ""
     assert got[jobs[1].task_id].stdout == "said next\nnext on 1\n"
-
-
-def test_a_job_that_points_a_descriptor_at_a_pipe_succeeds_and_the_next_job_prints_as_ever(
-        engine: ProcessEngine) -> None:
-    jobs = [_job(point_descriptor_2_at_a_pipe), _job(echo_on_descriptors, "next")]
-    got = _start_with(engine, jobs).each_once(jobs)
-    assert _value(got[jobs[0].task_id]) == "piped"
-    assert got[jobs[1].task_id].stderr == "next on 2\n"
-    assert got[jobs[0].task_id].worker == got[jobs[1].task_id].worker
-
-
-def test_a_job_that_sets_its_streams_to_none_succeeds_and_the_next_job_prints_as_ever(
-        engine: ProcessEngine) -> None:
-    jobs = [_job(silence_the_streams), _job(echo_on_descriptors, "next")]
-    got = _start_with(engine, jobs).each_once(jobs)
-    assert _value(got[jobs[0].task_id]) == "silenced"
-    assert _value(got[jobs[1].task_id]) == "next"
-    assert got[jobs[1].task_id].stdout == "said next\nnext on 1\n"
-    assert got[jobs[0].task_id].worker == got[jobs[1].task_id].worker
