@@ -101,10 +101,16 @@ def run_job(job: Job, functions: FunctionCache) -> Outcome:
     """Run ``job``; every failure is reported in the outcome, never raised.
 
     While it runs, ``gc_core.task_context.current_resource_spec()`` is the job's (MPIFunction
-    sizes its launch with it).
+    sizes its launch with it). A child process the job's code forks and lets return from it
+    ends here (status 0): it shares the engine's sockets (to the agent, to the broker) and
+    holds a copy of the engine's jobs, and going on as the engine it would answer for them.
     """
+    runner = os.getpid()
     with running_task(job.resource_spec):
-        return _run_job(job, functions)
+        outcome = _run_job(job, functions)
+    if os.getpid() != runner:
+        os._exit(0)
+    return outcome
 
 
 def _run_job(job: Job, functions: FunctionCache) -> Outcome:

@@ -96,6 +96,11 @@ def silence_the_streams() -> str:
     return "silenced"
 
 
+def fork_and_return_in_both() -> str:
+    """Fork, and let the child return from the task too (forgetting its os._exit)."""
+    return "parent" if os.fork() else "child"
+
+
 def _job(function: Callable[..., Any], *args: Any, task_id: str = "") -> Job:
     return Job(task_id=task_id or str(uuid.uuid4()), function_id=f"fn-{function.__name__}",
                function_payload=cloudpickle.dumps(function), function_python=PYTHON_VERSION,
@@ -226,3 +231,16 @@ def test_a_file_a_job_opens_on_descriptor_1_keeps_what_it_wrote(
     assert kept.read_bytes() == b"precious"
     assert got[jobs[0].task_id].stdout == ""
     assert got[jobs[1].task_id].stdout == "said next\nnext on 1\n"
+
+
+def test_a_child_a_job_forks_that_returns_from_it_never_answers_nor_runs_the_batch_mates(
+        engine: ProcessEngine) -> None:
+    # The child shares the worker's socket to the agent and holds a copy of the batch: were
+    # it to go on as the worker, its answers would fail the batch-mates (other users' tasks,
+    # maybe) and it would take jobs meant for the worker.
+    jobs = [_job(fork_and_return_in_both), _job(echo, "after"), _job(echo, "last")]
+    got = _start_with(engine, jobs).each_once(jobs)
+    assert _value(got[jobs[0].task_id]) == "parent"
+    assert _value(got[jobs[1].task_id]) == "after"
+    assert _value(got[jobs[2].task_id]) == "last"
+    assert len({got[job.task_id].worker for job in jobs}) == 1  # the worker was never replaced
