@@ -4,10 +4,27 @@ from __future__ import annotations
 
 import json
 import time
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from gc_client import Client, Executor, MPIFunction, ShellFunction, ShellResult, as_completed
 from tests.fabric import Endpoint, Fabric
+
+#: The exit status of a shell command killed by SIGPIPE (128 + 13).
+SIGPIPE_STATUS = 141
+
+T = TypeVar("T")
+
+
+def _past_mpiexec_flakes(run: Callable[[], T], status: Callable[[T], int]) -> T:
+    """``run()``, tried again (three times in all) while it exits 141: MPICH's mpiexec itself,
+    run plainly on this machine, exits 141 (SIGPIPE) with no output in about one of 150 runs
+    of ``mpiexec -n 2 echo hi``."""
+    for _ in range(2):
+        done = run()
+        if status(done) != SIGPIPE_STATUS:
+            return done
+    return run()
 
 
 def double(x: int) -> int:
@@ -31,7 +48,9 @@ def test_an_mpi_function_runs_under_the_launcher_with_the_tasks_ranks(
     spec = {"num_nodes": 1, "ranks_per_node": 3}
     with Executor(endpoint_id=endpoint.endpoint_id, client=client,
                   resource_specification=spec) as ex:
-        result = ex.submit(MPIFunction("echo rank-of-{n}"), n=3).result(timeout=120)
+        result = _past_mpiexec_flakes(
+            lambda: ex.submit(MPIFunction("echo rank-of-{n}"), n=3).result(timeout=120),
+            lambda result: result.returncode)
     assert result.returncode == 0, result.stderr
     assert result.cmd.startswith("mpiexec -n 3 ")
     assert result.stdout.splitlines() == ["rank-of-3"] * 3
@@ -49,8 +68,11 @@ def test_shell_and_mpi_functions_through_the_cli(fabric: Fabric, endpoint: Endpo
     out = fabric.cli("gc-client", "shell", "--endpoint", endpoint.endpoint_id, "echo {x}",
                      "--kwargs", '{"x": 42}', "--wait")
     assert out.stdout == "42\n"
-    out = fabric.cli("gc-client", "shell", "--endpoint", endpoint.endpoint_id, "echo hi",
-                     "--mpi-ranks", "2", "--wait")
+    out = _past_mpiexec_flakes(
+        lambda: fabric.cli("gc-client", "shell", "--endpoint", endpoint.endpoint_id, "echo hi",
+                           "--mpi-ranks", "2", "--wait", check=False),
+        lambda done: done.returncode)
+    assert out.returncode == 0, out.stderr
     assert out.stdout == "hi\nhi\n"
     done = fabric.cli("gc-client", "shell", "--endpoint", endpoint.endpoint_id, "exit 7", "--wait",
                       check=False)
