@@ -107,15 +107,15 @@ def run_job(job: Job, functions: FunctionCache) -> Outcome:
     """
     runner = os.getpid()
     with running_task(job.resource_spec):
-        outcome = _run_job(job, functions)
+        outcome = _run_job(job, functions, runner)
     if os.getpid() != runner:
         os._exit(0)
     return outcome
 
 
-def _run_job(job: Job, functions: FunctionCache) -> Outcome:
+def _run_job(job: Job, functions: FunctionCache, pid: int) -> Outcome:
     started = time.time()
-    worker = _worker_name(os.getpid())
+    worker = _worker_name(pid)
     try:
         function = _load_function(job, functions)
         serializer = get_serializer(job.content_type)
