@@ -1,5 +1,6 @@
 """Two Executors, one task group: a later one adds to the group a first one started."""
 import os
+import time
 import uuid
 
 from gc_client.globus_compute import Client, Executor
@@ -20,5 +21,11 @@ with Executor(endpoint_id=ENDPOINT_ID, task_group_id=uuid.UUID(TASK_GROUP)) as s
     print("same group:", second.task_group_id == TASK_GROUP)
     futures.append(second.submit(tag, "c"))
     print(futures[-1].result())
-results = gcc.get_batch_result([f.task_id for f in futures])
+# The ledger records a result a moment after its future has it: ask until none is pending.
+task_ids = [f.task_id for f in futures]
+while True:
+    results = gcc.get_batch_result(task_ids)
+    if not any(r["pending"] for r in results.values()):
+        break
+    time.sleep(0.2)
 print("group holds:", sorted(r["result"] for r in results.values()))
