@@ -10,7 +10,9 @@ Two measurements, one after the other on a quiet machine:
 - A lone call, leg by leg: one no-op task at a time through the whole stack (as
   ``bench.run``'s latency runs), split by the times the agent stamps on the result and the
   ledger keeps (received, started, finished) and the client's own clock on each side.
-  Every process runs on this machine, so one clock serves all.
+  Every process runs on this machine, so one clock serves all. On the htex engine the
+  legs to and from the worker include Parsl's way each way: the interchange and the
+  pool's manager.
 """
 
 from __future__ import annotations
@@ -158,7 +160,7 @@ def render_section(hops: Sequence[Hop], legs: Sequence[Legs], command: str,
 
 @click.command()
 @click.option("--samples", default=300, show_default=True, help="Round trips per measurement.")
-@click.option("--engines", default="threads,processes", show_default=True,
+@click.option("--engines", default="threads,processes,htex", show_default=True,
               help="Comma list of the agent's engines to split a lone call on.")
 @click.option("--output", default="bench/RESULTS.md", show_default=True,
               type=click.Path(dir_okay=False, path_type=Path), help="Markdown file to update.")
