@@ -123,7 +123,11 @@ def test_a_cancel_without_the_sessions_csrf_secret_is_refused(site: Site) -> Non
         bare = client.post(f"/ui/tasks/{site.task_id}/cancel")
 
     assert forged.status_code == bare.status_code == 403
-    assert "this form is stale or came from another site" in forged.text
+    # a page of the dashboard that says what to do, not the API's JSON
+    for refused in (forged, bare):
+        assert refused.headers["content-type"].startswith("text/html")
+        assert "This form is stale or came from another site" in refused.text
+        assert 'action="/ui/logout"' in refused.text  # the dashboard's own page, signed in
 
 
 def test_bob_can_neither_see_nor_cancel_alices_task(site: Site) -> None:

@@ -21,7 +21,7 @@ from gc_core.registry.deps import Db
 from gc_core.registry.ui.cancel import cancel_task
 from gc_core.registry.ui.render import SECURITY_HEADERS, render
 from gc_core.registry.ui.sessions import LOGIN_COOKIE, SESSION_COOKIE, same_secret
-from gc_core.registry.ui.viewer import Form, Viewer, ViewerOf, require_csrf, sessions_lifespan, sessions_of
+from gc_core.registry.ui.viewer import Form, Viewer, ViewerOf, sessions_lifespan, sessions_of
 from gc_core.registry_api.listing import ID_PATTERN
 
 __all__ = ["router"]
@@ -45,6 +45,15 @@ def _cookie(response: Response, request: Request, name: str, value: str) -> None
 def _page(template: str, viewer: Viewer, status_code: int = 200, **context: Any) -> Response:
     return render(template, status_code, viewer=viewer.principal, csrf=viewer.session.csrf,
                   refresh=REFRESH_SECONDS, **context)
+
+
+def _refused_form(form: dict[str, str], viewer: Viewer) -> Response | None:
+    """The page refusing a form without the session's CSRF secret (another site's page can
+    make a browser post, but cannot read the secret), or None for a form that has it."""
+    if same_secret(form.get("csrf"), viewer.session.csrf):
+        return None
+    return _page("error.html", viewer, 403, message="This form is stale or came from another "
+                                                    "site: reload the page and try again.")
 
 
 def _safe_next(target: str | None) -> str:
@@ -111,7 +120,8 @@ def login(request: Request, form: Form, db: Db) -> Response:
 
 @router.post("/logout")
 def logout(request: Request, viewer: ViewerOf, form: Form) -> Response:
-    require_csrf(form, viewer.session.csrf)
+    if (refused := _refused_form(form, viewer)) is not None:
+        return refused
     sessions_of(request).close(viewer.session_id)
     response = RedirectResponse("/ui/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/ui")
@@ -176,7 +186,8 @@ def task(viewer: ViewerOf, db: Db, task_id: str, cancel: str = "") -> Response:
 
 @router.post("/tasks/{task_id}/cancel")
 def cancel(request: Request, viewer: ViewerOf, form: Form, db: Db, task_id: str) -> Response:
-    require_csrf(form, viewer.session.csrf)
+    if (refused := _refused_form(form, viewer)) is not None:
+        return refused
     if not _is_id(task_id):
         return _page("error.html", viewer, 404, message="No such task.")
     try:

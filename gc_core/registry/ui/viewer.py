@@ -1,5 +1,5 @@
 """Who is looking at the dashboard: the session behind a request, its principal, and the
-checks every form passes (a CSRF secret, a bounded body)."""
+bound on every form's body (the pages check each form's CSRF secret)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from gc_core.errors import NotAuthenticated
 from gc_core.registry import identity
 from gc_core.registry.deps import Db
 from gc_core.registry.identity import ANONYMOUS, Principal
-from gc_core.registry.ui.sessions import SESSION_COOKIE, SessionStore, UiSession, same_secret
+from gc_core.registry.ui.sessions import SESSION_COOKIE, SessionStore, UiSession
 
-__all__ = ["Form", "Viewer", "ViewerOf", "require_csrf", "sessions_lifespan", "sessions_of"]
+__all__ = ["Form", "Viewer", "ViewerOf", "sessions_lifespan", "sessions_of"]
 
 #: Largest form body read, in bytes: a token and a CSRF secret fit many times over.
 MAX_FORM_BYTES = 16 * 1024
@@ -86,10 +86,3 @@ async def _form(request: Request) -> dict[str, str]:
 #: The fields of a posted form.
 Form = Annotated[dict[str, str], Depends(_form)]
 
-
-def require_csrf(form: dict[str, str], expected: str) -> None:
-    """Refuse a form that does not carry the session's CSRF secret: another site's page can
-    make a browser post, but it cannot read the secret."""
-    if not same_secret(form.get("csrf"), expected):
-        raise HTTPException(status_code=403, detail="this form is stale or came from another "
-                                                    "site; reload the page and try again")
