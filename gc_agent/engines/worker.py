@@ -7,14 +7,17 @@ Started by the process engine as ``python -m gc_agent.engines.worker FD``, where
 its end of a socket pair (in a container: ``… worker PATH``, the agent's Unix socket to
 connect to); in a multi-user endpoint it starts already running as the mapped account.
 Its standard output and error are files of its own (``WorkerOutput``), put back and
-emptied before each task, and added to the task's captured output after it.
+emptied before each task, and added to the task's captured output after it. Each task
+starts in the working directory the worker started in, wherever the one before moved to.
 """
 
 from __future__ import annotations
 
+import os
 import signal
 import socket
 import sys
+from contextlib import suppress
 from dataclasses import replace
 from multiprocessing.connection import Connection
 
@@ -27,6 +30,7 @@ def serve(conn: Connection) -> None:
     """Run jobs until the agent sends None or goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the agent's to handle
     output = WorkerOutput()
+    home = os.getcwd()
     functions: FunctionCache = {}
     while True:
         try:
@@ -37,6 +41,7 @@ def serve(conn: Connection) -> None:
             return
         for job in jobs:
             # JSON, not pickle: on a multi-user endpoint root reads this from the user's process.
+            _move_back(home)
             conn.send_bytes(outcome_to_wire(_run(job, functions, output)))
 
 
@@ -50,6 +55,18 @@ def _run(job: Job, functions: FunctionCache, output: WorkerOutput) -> Outcome:
     if (stdout, stderr) == (outcome.stdout, outcome.stderr):
         return outcome  # nothing reached the descriptors: most tasks
     return replace(outcome, stdout=stdout, stderr=stderr)
+
+
+def _move_back(home: str) -> None:
+    """Back to the worker's own working directory: a task that moved elsewhere (maybe into
+    a directory it then deleted) leaves nothing there for the next, maybe another user's."""
+    try:
+        moved = os.getcwd() != home
+    except FileNotFoundError:  # the directory a task moved into is gone
+        moved = True
+    if moved:
+        with suppress(OSError):  # the worker's own directory is gone: the task runs where it is
+            os.chdir(home)
 
 
 def connect(where: str) -> Connection:

@@ -101,6 +101,21 @@ def fork_and_return_in_both() -> str:
     return "parent" if os.fork() else "child"
 
 
+def move_into_a_directory(path: str, delete: bool) -> str:
+    """Leave the worker in another working directory, one that is gone if ``delete``."""
+    import shutil
+
+    os.makedirs(path)
+    os.chdir(path)
+    if delete:
+        shutil.rmtree(path)
+    return "moved"
+
+
+def working_directory() -> str:
+    return os.getcwd()
+
+
 def _job(function: Callable[..., Any], *args: Any, task_id: str = "") -> Job:
     return Job(task_id=task_id or str(uuid.uuid4()), function_id=f"fn-{function.__name__}",
                function_payload=cloudpickle.dumps(function), function_python=PYTHON_VERSION,
@@ -244,3 +259,19 @@ def test_a_child_a_job_forks_that_returns_from_it_never_answers_nor_runs_the_bat
     assert _value(got[jobs[1].task_id]) == "after"
     assert _value(got[jobs[2].task_id]) == "last"
     assert len({got[job.task_id].worker for job in jobs}) == 1  # the worker was never replaced
+
+
+@pytest.mark.parametrize("delete", [False, True], ids=["kept", "deleted"])
+def test_the_next_job_runs_where_its_worker_started(engine: ProcessEngine, tmp_path: Path,
+                                                    delete: bool) -> None:
+    # A worker runs the jobs of many tasks (of different users on a shared endpoint): one
+    # that moves into another directory leaves the next running there, or, if it deleted
+    # it, failing with FileNotFoundError at its first relative path
+    jobs = [_job(working_directory), _job(move_into_a_directory, str(tmp_path / "elsewhere"),
+                                          delete), _job(working_directory)]
+    got = _start_with(engine, jobs).each_once(jobs)
+    before, after = (got[job.task_id] for job in (jobs[0], jobs[2]))
+    assert _value(got[jobs[1].task_id]) == "moved"
+    assert after.state == "success", after.error
+    assert _value(after) == _value(before)
+    assert len({got[job.task_id].worker for job in jobs}) == 1
