@@ -12,6 +12,7 @@ import socket
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass, field, fields, replace
 from operator import attrgetter
 from typing import Any, Literal, TypeVar
@@ -32,7 +33,7 @@ from gc_core.serialize import (
 )
 from gc_core.task_context import running_task
 
-__all__ = ["FunctionCache", "Job", "Outcome", "checked_outcome", "error_info", "run_job"]
+__all__ = ["FunctionCache", "Job", "Outcome", "checked_outcome", "error_info", "return_to", "run_job"]
 
 _DataclassType = TypeVar("_DataclassType", bound=type)
 
@@ -111,6 +112,19 @@ def run_job(job: Job, functions: FunctionCache) -> Outcome:
     if os.getpid() != runner:
         os._exit(0)
     return outcome
+
+
+def return_to(home: str) -> None:
+    """Back to ``home``, the working directory of a worker process that runs one task at a
+    time: a task that moved elsewhere (maybe into a directory it then deleted) leaves
+    nothing there for the next, maybe another user's."""
+    try:
+        moved = os.getcwd() != home
+    except FileNotFoundError:  # the directory a task moved into is gone
+        moved = True
+    if moved:
+        with suppress(OSError):  # the worker's own directory is gone: the task runs where it is
+            os.chdir(home)
 
 
 def _run_job(job: Job, functions: FunctionCache, pid: int) -> Outcome:

@@ -17,12 +17,11 @@ import os
 import signal
 import socket
 import sys
-from contextlib import suppress
 from dataclasses import replace
 from multiprocessing.connection import Connection
 
 from gc_agent.capture import WorkerOutput
-from gc_agent.execution import FunctionCache, Job, Outcome, run_job
+from gc_agent.execution import FunctionCache, Job, Outcome, return_to, run_job
 from gc_agent.wire import outcome_to_wire
 
 
@@ -41,7 +40,7 @@ def serve(conn: Connection) -> None:
             return
         for job in jobs:
             # JSON, not pickle: on a multi-user endpoint root reads this from the user's process.
-            _move_back(home)
+            return_to(home)
             conn.send_bytes(outcome_to_wire(_run(job, functions, output)))
 
 
@@ -55,18 +54,6 @@ def _run(job: Job, functions: FunctionCache, output: WorkerOutput) -> Outcome:
     if (stdout, stderr) == (outcome.stdout, outcome.stderr):
         return outcome  # nothing reached the descriptors: most tasks
     return replace(outcome, stdout=stdout, stderr=stderr)
-
-
-def _move_back(home: str) -> None:
-    """Back to the worker's own working directory: a task that moved elsewhere (maybe into
-    a directory it then deleted) leaves nothing there for the next, maybe another user's."""
-    try:
-        moved = os.getcwd() != home
-    except FileNotFoundError:  # the directory a task moved into is gone
-        moved = True
-    if moved:
-        with suppress(OSError):  # the worker's own directory is gone: the task runs where it is
-            os.chdir(home)
 
 
 def connect(where: str) -> Connection:

@@ -73,6 +73,22 @@ def kill_own_worker() -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
+def move_into_a_directory_it_deletes(path: str) -> int:
+    import os
+    import shutil
+
+    os.makedirs(path)
+    os.chdir(path)
+    shutil.rmtree(path)
+    return os.getpid()
+
+
+def where_this_worker_runs() -> tuple[int, str]:
+    import os
+
+    return os.getpid(), os.getcwd()
+
+
 @pytest.fixture(scope="module")
 def htex_endpoint(fabric: Fabric) -> Iterator[Endpoint]:
     """An endpoint whose engine is HTEX on one local block of two workers."""
@@ -130,6 +146,25 @@ def test_htex_task_code_never_sees_the_agents_fabric_settings(client: Client,
         seen = ex.submit(fabric_variables).result(timeout=RESULT_TIMEOUT)
 
     assert seen == []
+
+
+def test_each_htex_task_starts_in_its_workers_own_directory(client: Client, htex_endpoint: Endpoint,
+                                                             tmp_path: Path) -> None:
+    # One task at a time, so each lands on whichever worker is free: a worker that ran a
+    # task that moved into a directory and deleted it runs a later task where it started.
+    with Executor(endpoint_id=htex_endpoint.endpoint_id, client=client) as ex:
+        _, home = ex.submit(where_this_worker_runs).result(timeout=RESULT_TIMEOUT)
+        moved: set[int] = set()
+        checked = 0
+        for n in range(6):
+            moved.add(ex.submit(move_into_a_directory_it_deletes, str(tmp_path / f"d{n}"))
+                      .result(timeout=RESULT_TIMEOUT))
+            for _ in range(2):  # the pool may hand tasks to its workers in turn
+                pid, where = ex.submit(where_this_worker_runs).result(timeout=RESULT_TIMEOUT)
+                assert where == home  # the pool's workers all start where its manager does
+                checked += pid in moved
+
+    assert checked >= 3  # enough tasks followed a move on their worker to mean something
 
 
 def test_a_task_whose_htex_worker_is_killed_runs_again_and_succeeds(
