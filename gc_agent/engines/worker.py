@@ -40,15 +40,16 @@ def serve(conn: Connection) -> None:
             return
         for job in jobs:
             # JSON, not pickle: on a multi-user endpoint root reads this from the user's process.
-            return_to(home)
-            conn.send_bytes(outcome_to_wire(_run(job, functions, output)))
+            conn.send_bytes(outcome_to_wire(_run(job, functions, output, home)))
 
 
-def _run(job: Job, functions: FunctionCache, output: WorkerOutput) -> Outcome:
-    """Run ``job``; its output includes what reached this process's descriptors meanwhile.
-    They are emptied first: what a thread an earlier job left behind wrote since is not this
-    job's to see (the jobs of one batch may be different users')."""
+def _run(job: Job, functions: FunctionCache, output: WorkerOutput, home: str) -> Outcome:
+    """Run ``job`` in the worker's ``home`` directory; its output includes what reached this
+    process's descriptors meanwhile. They are emptied first: what a thread an earlier job
+    left behind wrote since is not this job's to see (the jobs of one batch may be different
+    users')."""
     output.clear()
+    return_to(home)
     outcome = run_job(job, functions)
     stdout, stderr = output.following(outcome.stdout, outcome.stderr, job.output_limit)
     if (stdout, stderr) == (outcome.stdout, outcome.stderr):
