@@ -56,6 +56,8 @@ PAIRS = [(f"gc-fabric-htex-{w}w", f"parsl-htex-{w}w") for w in HTEX_WORKERS]
 SYSTEMS: list[SystemSpec] = [
     SystemSpec("raw-amqp-reliable", "bench.peers.raw_amqp:RawAmqpSystem", {"reliable": True}),
     SystemSpec("raw-amqp-transient", "bench.peers.raw_amqp:RawAmqpSystem", {"reliable": False}),
+    SystemSpec("raw-amqp-quorum", "bench.peers.raw_amqp:RawAmqpSystem",
+               {"reliable": True, "quorum": True}),
     SystemSpec("celery-threads", "bench.peers.celery_peer:CelerySystem", {"pool": "threads"}),
     SystemSpec("celery-prefork", "bench.peers.celery_peer:CelerySystem", {"pool": "prefork"}),
     SystemSpec("parsl-htex", "bench.peers.parsl_htex:ParslHtexSystem"),

@@ -14,6 +14,8 @@ from bench.harness import BASELINE_SYSTEM, Measurement
 
 #: The rows the targets compare (names from ``bench.systems``).
 PROCESSES, THREADS, DRAMATIQ = "gc-fabric-processes", "gc-fabric-threads", "dramatiq"
+#: Raw AMQP through quorum queues, as every gc-fabric queue is: context, not a target.
+RAW_QUORUM = "raw-amqp-quorum"
 ENGINES = (PROCESSES, THREADS)
 HTEX_PAIRS = tuple((f"gc-fabric-htex-{w}w", f"parsl-htex-{w}w") for w in (1, 2, 4))
 SIMULATED_MANY, SIMULATED_REFERENCE = "gc-fabric-htex-sim-1000w", "gc-fabric-htex-sim-64w"
@@ -83,17 +85,26 @@ def _engine_rows(run: _Run) -> list[_Row]:
         ratio = run.ratio(engine, BASELINE_SYSTEM, _rate)
         rows.append(_Row(f"sweep throughput, {label} engine, vs {BASELINE_SYSTEM}", _times(ratio),
                          "≥ 1.0×", None if ratio is None else ratio >= 1.0))
-    vs_dramatiq = [(e.removeprefix("gc-fabric-"), run.ratio(e, DRAMATIQ, _rate)) for e in ENGINES]
+    vs_dramatiq = _per_engine(run, DRAMATIQ, _rate)
     rows.append(_Row("sweep throughput vs Dramatiq (same run)", _labelled(vs_dramatiq, _times),
                      "≥ 4×", _all([v for _, v in vs_dramatiq], lambda v: v >= 4.0)))
-    p50s = [(e.removeprefix("gc-fabric-"), run.ratio(e, BASELINE_SYSTEM, _p50)) for e in ENGINES]
+    p50s = _per_engine(run, BASELINE_SYSTEM, _p50)
     dramatiq_p50 = run.ratio(DRAMATIQ, BASELINE_SYSTEM, _p50)  # same denominator: comparable
     rows.append(_Row(f"single-call p50 vs {BASELINE_SYSTEM}",
                      f"{_labelled(p50s, _times)}; Dramatiq {_times(dramatiq_p50)}",
                      "≤ 1.5× (and below Dramatiq's)",
                      None if dramatiq_p50 is None else
                      _all([v for _, v in p50s], lambda v: v <= 1.5 and v < dramatiq_p50)))
+    for what, figure in (("sweep throughput", _rate), ("single-call p50", _p50)):
+        rows.append(_Row(f"{what} vs {RAW_QUORUM} (the same wire through quorum queues, as ours)",
+                         _labelled(_per_engine(run, RAW_QUORUM, figure), _times),
+                         "context: no target", None))
     return rows
+
+
+def _per_engine(run: _Run, theirs: str, figure: Figure) -> list[tuple[str, float | None]]:
+    """``figure`` of each engine's row over that of ``theirs``, labelled by engine."""
+    return [(e.removeprefix("gc-fabric-"), run.ratio(e, theirs, figure)) for e in ENGINES]
 
 
 def _htex_rows(run: _Run) -> list[_Row]:

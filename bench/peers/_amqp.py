@@ -17,6 +17,11 @@ AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/%2F"
 NAME_PREFIX = "bench."
 
 
+def queue_arguments(quorum: bool) -> dict[str, str] | None:
+    """The arguments declaring a quorum queue, or None for a classic one."""
+    return {"x-queue-type": "quorum"} if quorum else None
+
+
 def unique_name(kind: str) -> str:
     """Return a fresh broker object name under NAME_PREFIX, e.g. ``bench.raw.3f2a9c1e``."""
     return f"{NAME_PREFIX}{kind}.{uuid.uuid4().hex[:8]}"

@@ -3,7 +3,9 @@
 Reliable mode is the baseline every other system is compared with: persistent messages on
 durable queues, publisher confirms on the client's task publishes and on the worker's result
 publishes, and the worker acks a task only after its result is confirmed. Transient mode
-drops persistence, confirms and acks, and is the upper bound.
+drops persistence, confirms and acks, and is the upper bound. Quorum mode is reliable mode
+on quorum queues, the queue type of every gc-fabric queue: what the same wire costs with
+the queues gc-fabric's guarantees need (a delivery limit, a queue that outlives its node).
 
 Confirms pipeline only on an asynchronous connection: BlockingConnection waits for each one.
 """
@@ -27,7 +29,7 @@ from pika.spec import Basic, BasicProperties
 from bench.cpu import ProcessRoot
 from bench.harness import TASK_TIMEOUT_S, System, throughput_timeout
 from bench.peers import _process
-from bench.peers._amqp import AMQP_URL, delete_broker_objects, unique_name
+from bench.peers._amqp import AMQP_URL, delete_broker_objects, queue_arguments, unique_name
 from bench.peers._confirms import ConfirmTracker
 from bench.peers.raw_amqp_worker import READY_MARKER
 
@@ -50,11 +52,13 @@ WORKER_START_TIMEOUT_S = 30.0
 class RawAmqpClient:
     """Submits tasks and collects results on one channel, running pika's I/O loop on demand."""
 
-    def __init__(self, url: str, task_queue: str, reply_queue: str, reliable: bool) -> None:
+    def __init__(self, url: str, task_queue: str, reply_queue: str, reliable: bool,
+                 quorum: bool = False) -> None:
         self.url = url
         self.task_queue = task_queue
         self.reply_queue = reply_queue
         self.reliable = reliable
+        self.quorum = quorum
         self._connection: SelectConnection | None = None
         self._channel: Channel | None = None
         self._unconfirmed = ConfirmTracker[None]()
@@ -177,12 +181,14 @@ class RawAmqpClient:
 
     def _declare_queues(self) -> None:
         assert self._channel is not None
-        channel = self._channel
+        channel, arguments = self._channel, queue_arguments(self.quorum)
         channel.queue_declare(
             self.task_queue,
             durable=self.reliable,
+            arguments=arguments,
             callback=lambda _: channel.queue_declare(
-                self.reply_queue, durable=self.reliable, callback=self._on_queues_declared
+                self.reply_queue, durable=self.reliable, arguments=arguments,
+                callback=self._on_queues_declared,
             ),
         )
 
@@ -237,11 +243,16 @@ class RawAmqpClient:
 
 
 class RawAmqpSystem(System):
-    """Raw pika client plus one raw pika worker process, reliable or transient."""
+    """Raw pika client plus one raw pika worker process: reliable or transient, on classic
+    queues or (reliable only) quorum queues."""
 
-    def __init__(self, reliable: bool) -> None:
+    def __init__(self, reliable: bool, quorum: bool = False) -> None:
+        if quorum and not reliable:
+            raise ValueError("a quorum queue is durable: quorum mode is reliable mode")
         self.reliable = reliable
-        self.name = "raw-amqp-reliable" if reliable else "raw-amqp-transient"
+        self.quorum = quorum
+        self.name = "raw-amqp-quorum" if quorum else \
+            "raw-amqp-reliable" if reliable else "raw-amqp-transient"
         self._client: RawAmqpClient | None = None
         self._worker: subprocess.Popen[bytes] | None = None
         self._queues: list[str] = []
@@ -253,11 +264,14 @@ class RawAmqpSystem(System):
         task_queue, reply_queue = f"{base}.tasks", f"{base}.results"
         self._queues = [task_queue, reply_queue]
         self._workdir = tempfile.TemporaryDirectory(prefix="bench-raw-")
-        self._client = RawAmqpClient(AMQP_URL, task_queue, reply_queue, self.reliable)
+        self._client = RawAmqpClient(AMQP_URL, task_queue, reply_queue, self.reliable,
+                                     self.quorum)
         self._client.connect()
         args = [sys.executable, "-m", "bench.peers.raw_amqp_worker", "--queue", task_queue]
         if not self.reliable:
             args.append("--transient")
+        if self.quorum:
+            args.append("--quorum")
         log_path = Path(self._workdir.name) / "worker.log"
         self._worker = _process.start_worker(args, log_path)
         _process.wait_for_line(self._worker, READY_MARKER, WORKER_START_TIMEOUT_S, log_path)

@@ -1,10 +1,11 @@
 """Raw pika worker for the raw AMQP peer: run no-op tasks and publish one result per task.
 
 Reliable mode: results are persistent and published with confirms, and a task is acked only
-after the broker has confirmed its result. Transient mode: no confirms, no acks.
+after the broker has confirmed its result. Transient mode: no confirms, no acks. With
+``--quorum`` it declares its task queue as the client did, a quorum queue.
 
-Run as ``python -m bench.peers.raw_amqp_worker --queue bench.raw.x [--transient]``; it prints
-``ready`` on stdout once it consumes.
+Run as ``python -m bench.peers.raw_amqp_worker --queue bench.raw.x [--transient | --quorum]``;
+it prints ``ready`` on stdout once it consumes.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from pika.channel import Channel
 from pika.frame import Method
 from pika.spec import Basic, BasicProperties
 
-from bench.peers._amqp import AMQP_URL
+from bench.peers._amqp import AMQP_URL, queue_arguments
 from bench.peers._confirms import ConfirmTracker
 
 logger = logging.getLogger(__name__)
@@ -40,6 +41,7 @@ class WorkerSettings:
     url: str
     task_queue: str
     reliable: bool
+    quorum: bool = False
 
 
 class RawWorker:
@@ -82,7 +84,8 @@ class RawWorker:
     def _declare(self) -> None:
         assert self._channel is not None
         self._channel.queue_declare(
-            self.settings.task_queue, durable=self.settings.reliable, callback=self._on_declared
+            self.settings.task_queue, durable=self.settings.reliable,
+            arguments=queue_arguments(self.settings.quorum), callback=self._on_declared
         )
 
     def _on_declared(self, _frame: Method) -> None:
@@ -137,11 +140,14 @@ def main(argv: list[str] | None = None) -> None:
     """Parse the command line and run the worker until it is killed."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--queue", required=True, help="task queue to consume")
-    parser.add_argument("--transient", action="store_true", help="no persistence, confirms or acks")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--transient", action="store_true", help="no persistence, confirms or acks")
+    mode.add_argument("--quorum", action="store_true", help="the task queue is a quorum queue")
     parser.add_argument("--url", default=AMQP_URL)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
-    RawWorker(WorkerSettings(url=args.url, task_queue=args.queue, reliable=not args.transient)).run()
+    RawWorker(WorkerSettings(url=args.url, task_queue=args.queue, reliable=not args.transient,
+                             quorum=args.quorum)).run()
 
 
 if __name__ == "__main__":

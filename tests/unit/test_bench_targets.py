@@ -14,6 +14,7 @@ def _row(table: str, figure: str) -> list[str]:
 def _run(threads_p50: float) -> list[Measurement]:
     return [
         Measurement("raw-amqp-reliable", tasks_per_s=1000, p50_ms=1.0),
+        Measurement("raw-amqp-quorum", tasks_per_s=1500, p50_ms=2.0),
         Measurement("dramatiq", tasks_per_s=250, p50_ms=1.2),
         Measurement("gc-fabric-processes", tasks_per_s=1200, p50_ms=1.1,
                     cpu_per_task_s={"client": 100e-6, "agent": 150e-6}),
@@ -40,6 +41,15 @@ def test_a_p50_must_be_low_against_the_wire_and_below_dramatiqs() -> None:
     assert _row(below, "single-call p50")[-1] == "yes"
     assert _row(above_dramatiq, "single-call p50")[1:] == [
         "1.10× (processes), 1.30× (threads); Dramatiq 1.20×", "≤ 1.5× (and below Dramatiq's)", "no"]
+
+
+def test_the_quorum_wire_is_context_without_a_verdict() -> None:
+    table = render_targets(_run(threads_p50=1.1))
+
+    assert _row(table, "sweep throughput vs raw-amqp-quorum")[1:] == [
+        "0.80× (processes), 0.60× (threads)", "context: no target", "–"]
+    assert _row(table, "single-call p50 vs raw-amqp-quorum")[1:] == [
+        "0.55× (processes), 0.55× (threads)", "context: no target", "–"]
 
 
 def test_a_missing_or_failed_row_gives_no_verdict() -> None:
