@@ -206,6 +206,23 @@ class TokenRow(Base):
     parent: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
 
 
+class UiSessionRow(Base):
+    """A signed-in dashboard browser, kept here so that every registry of this database
+    knows it (several behind one address) and a restart keeps it."""
+
+    __tablename__ = "ui_sessions"
+
+    #: The SHA-256 of the session id the browser's cookie holds: the id itself is not kept.
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    #: The token it signed in with, checked again on every request; None on an open
+    #: registry, where nobody proves anything.
+    token_id: Mapped[str | None] = mapped_column(
+        ForeignKey("tokens.token_id", ondelete="CASCADE"), nullable=True)
+    #: What every form of the session must send back (the cookie alone is not enough).
+    csrf: Mapped[str] = mapped_column(String(64))
+    last_used: Mapped[float] = mapped_column(Float, index=True)
+
+
 class GroupRow(Base):
     """A named set of users that policies can name."""
 

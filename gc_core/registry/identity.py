@@ -29,6 +29,7 @@ __all__ = [
     "Principal",
     "add_member",
     "authenticate",
+    "authenticate_token_id",
     "create_group",
     "create_user",
     "get_user",
@@ -213,6 +214,19 @@ def authenticate(db: Session, token: str, *, now: float | None = None) -> Princi
     if row is None:
         raise NotAuthenticated("the registry does not know this token; log in again with "
                                "`gc-client login` and a token your administrator issued")
+    return _principal_of_token(db, row, now)
+
+
+def authenticate_token_id(db: Session, token_id: str) -> Principal:
+    """The principal the token ``token_id`` stands for, checked as :func:`authenticate`
+    checks a token (a dashboard session keeps the id, never the token)."""
+    row = db.get(TokenRow, token_id)
+    if row is None:
+        raise NotAuthenticated(f"token {token_id} no longer exists; sign in again")
+    return _principal_of_token(db, row, None)
+
+
+def _principal_of_token(db: Session, row: TokenRow, now: float | None) -> Principal:
     if row.revoked is not None:
         raise NotAuthenticated(f"token {row.token_id} was revoked at {_when(row.revoked)}; ask "
                                "your administrator for a new one and run `gc-client login`")

@@ -32,6 +32,7 @@ class Site:
     tokens: dict[str, str]
     task_id: str
     endpoint_id: str
+    db_url: str
 
     def browser(self) -> httpx.Client:
         return httpx.Client(base_url=self.url, follow_redirects=False, timeout=30)
@@ -71,7 +72,7 @@ def site(own_registry: OwnRegistry, tmp_path_factory: pytest.TempPathFactory) ->
                                                 user="alice", task_ids=["alices-task"],
                                                 submitted=1.0))
         db.commit()
-        yield Site(server.url, db, tokens, "alices-task", endpoint)
+        yield Site(server.url, db, tokens, "alices-task", endpoint, db_url)
 
 
 def test_a_page_without_a_session_sends_the_browser_to_sign_in_and_back(site: Site) -> None:
@@ -153,7 +154,8 @@ def test_an_agent_token_cannot_sign_in(site: Site) -> None:
 def test_revoking_the_token_ends_its_sessions_and_signing_out_ends_one(site: Site) -> None:
     token = identity.issue_token(site.db, "alice", label="revoked soon")
     site.db.commit()
-    holder = Site(site.url, site.db, {"alice": token.token}, site.task_id, site.endpoint_id)
+    holder = Site(site.url, site.db, {"alice": token.token}, site.task_id, site.endpoint_id,
+                  site.db_url)
     with holder.signed_in("alice") as (revoked, _), site.signed_in("alice") as (leaving, csrf):
         identity.revoke_token(site.db, token.token_id, by=identity.ANONYMOUS)
         after_revoke = revoked.get("/ui/tasks")
@@ -165,6 +167,24 @@ def test_revoking_the_token_ends_its_sessions_and_signing_out_ends_one(site: Sit
     assert after_revoke.status_code == 303 and after_revoke.headers["location"].startswith("/ui/login")
     assert signed_out.status_code == 303
     assert after_sign_out.status_code == 303
+
+
+def test_a_session_holds_on_every_registry_of_its_database(
+        site: Site, own_registry: OwnRegistry) -> None:
+    # Several registries behind one address: the next request may reach any of them.
+    other, _ = own_registry(site.db_url, "tokens")
+    with site.signed_in("alice") as (client, csrf):
+        session = client.cookies["gc_ui_session"]
+        client.base_url = httpx.URL(other.url)
+        page = client.get("/ui/tasks")
+        signed_out = client.post("/ui/logout", data={"csrf": csrf})
+        client.base_url = httpx.URL(site.url)
+        client.cookies.set("gc_ui_session", session, path="/ui")  # a copy kept elsewhere
+        after = client.get("/ui/tasks")
+
+    assert page.status_code == 200 and site.task_id in page.text
+    assert signed_out.status_code == 303 and signed_out.headers["location"] == "/ui/login"
+    assert after.status_code == 303 and after.headers["location"].startswith("/ui/login")
 
 
 def test_what_users_named_is_escaped_not_run(site: Site) -> None:

@@ -1,43 +1,79 @@
-"""The dashboard's pure parts: sessions, where sign-in may lead, listing cursors."""
+"""The dashboard's parts below its pages: sessions (on a real SQLite database), where
+sign-in may lead, listing cursors."""
 
 from __future__ import annotations
 
-import pytest
+from collections.abc import Iterator
+from pathlib import Path
 
-from gc_core.registry import listing
+import pytest
+from sqlalchemy import select, update
+from sqlalchemy.orm import Session
+
+from gc_core.registry import identity, listing
+from gc_core.registry.db import UiSessionRow, open_database
 from gc_core.registry.ui import sessions
 from gc_core.registry.ui.pages import _safe_next
-from gc_core.registry.ui.sessions import SessionStore, same_secret
+from gc_core.registry.ui.sessions import same_secret
 
 
-def test_a_session_is_found_by_its_id_alone_and_gone_once_closed() -> None:
-    store = SessionStore()
-    session_id, session = store.open("gct_secret")
-
-    assert store.find(session_id) is session
-    assert store.find(session_id + "x") is None and store.find("") is None
-    store.close(session_id)
-    assert store.find(session_id) is None
-
-
-def test_an_idle_session_expires() -> None:
-    store = SessionStore()
-    session_id, session = store.open(None)
-    session.last_used -= sessions.SESSION_IDLE_SECONDS + 1
-
-    assert store.find(session_id) is None
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Session]:
+    """A fresh registry database (SQLite), with alice and a token of hers."""
+    with open_database(f"sqlite:///{tmp_path / 'registry.db'}")() as session:
+        identity.create_user(session, "alice")
+        session.commit()
+        yield session
 
 
-def test_the_least_recently_used_session_makes_room(monkeypatch: pytest.MonkeyPatch) -> None:
+def _token_id(db: Session) -> str:
+    token_id = identity.issue_token(db, "alice").token_id
+    db.commit()
+    return token_id
+
+
+def test_a_session_is_found_by_its_id_alone_and_gone_once_closed(db: Session) -> None:
+    token_id = _token_id(db)
+    session_id, session = sessions.open_session(db, token_id)
+
+    assert sessions.find_session(db, session_id) == session
+    assert session.token_id == token_id
+    assert sessions.find_session(db, session_id + "x") is None
+    assert sessions.find_session(db, "") is None
+    sessions.close_session(db, session_id)
+    assert sessions.find_session(db, session_id) is None
+
+
+def test_the_database_keeps_neither_the_session_id_nor_a_token(db: Session) -> None:
+    session_id, _ = sessions.open_session(db, _token_id(db))
+
+    (key,) = db.scalars(select(UiSessionRow.key)).all()
+    assert key != session_id and session_id not in key
+
+
+def test_an_idle_session_expires(db: Session) -> None:
+    session_id, _ = sessions.open_session(db, None)
+    db.execute(update(UiSessionRow).values(
+        last_used=UiSessionRow.last_used - sessions.SESSION_IDLE_SECONDS - 1))
+    db.commit()
+
+    assert sessions.find_session(db, session_id) is None
+    assert db.scalars(select(UiSessionRow)).all() == []
+
+
+def test_the_least_recently_used_session_makes_room(db: Session,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sessions, "MAX_SESSIONS", 2)
-    store = SessionStore()
-    oldest, first = store.open("a")
-    newer, _ = store.open("b")
-    first.last_used -= 10
-    newest, _ = store.open("c")
+    oldest, _ = sessions.open_session(db, None)
+    newer, _ = sessions.open_session(db, None)
+    db.execute(update(UiSessionRow).where(UiSessionRow.key == sessions._key(oldest))
+               .values(last_used=UiSessionRow.last_used - 10))
+    db.commit()
+    newest, _ = sessions.open_session(db, None)
 
-    assert store.find(oldest) is None
-    assert store.find(newer) is not None and store.find(newest) is not None
+    assert sessions.find_session(db, oldest) is None
+    assert sessions.find_session(db, newer) is not None
+    assert sessions.find_session(db, newest) is not None
 
 
 def test_csrf_secrets_must_match_exactly_and_be_present() -> None:

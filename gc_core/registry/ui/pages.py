@@ -20,8 +20,14 @@ from gc_core.registry.db import FunctionRow
 from gc_core.registry.deps import Db
 from gc_core.registry.ui.cancel import cancel_task
 from gc_core.registry.ui.render import SECURITY_HEADERS, render
-from gc_core.registry.ui.sessions import LOGIN_COOKIE, SESSION_COOKIE, same_secret
-from gc_core.registry.ui.viewer import Form, Viewer, ViewerOf, sessions_lifespan, sessions_of
+from gc_core.registry.ui.sessions import (
+    LOGIN_COOKIE,
+    SESSION_COOKIE,
+    close_session,
+    open_session,
+    same_secret,
+)
+from gc_core.registry.ui.viewer import Form, Viewer, ViewerOf
 from gc_core.registry_api.listing import ID_PATTERN
 
 __all__ = ["router"]
@@ -34,7 +40,7 @@ REFRESH_SECONDS = 2
 STATES = ("waiting", "success", "failed", "cancelled")
 _STATIC = {"style.css": "text/css", "live.js": "text/javascript"}
 
-router = APIRouter(prefix="/ui", include_in_schema=False, lifespan=sessions_lifespan)
+router = APIRouter(prefix="/ui", include_in_schema=False)
 
 
 def _cookie(response: Response, request: Request, name: str, value: str) -> None:
@@ -104,6 +110,7 @@ def login(request: Request, form: Form, db: Db) -> Response:
     token = form.get("token", "").strip() or None
     if token is None and not open_registry:
         return refused("Paste your token: the one `gc-client login` takes.")
+    token_id = None
     if token is not None:
         try:
             principal = identity.authenticate(db, token)
@@ -111,7 +118,8 @@ def login(request: Request, form: Form, db: Db) -> Response:
             return refused(f"The registry refused this token: {exc}")
         if principal.is_agent:
             return refused("This is an endpoint's agent token; sign in with your own.")
-    session_id, _session = sessions_of(request).open(token)
+        token_id = principal.token_id
+    session_id, _session = open_session(db, token_id)
     response = RedirectResponse(target, status_code=303)
     _cookie(response, request, SESSION_COOKIE, session_id)
     response.delete_cookie(LOGIN_COOKIE, path="/ui")
@@ -119,10 +127,10 @@ def login(request: Request, form: Form, db: Db) -> Response:
 
 
 @router.post("/logout")
-def logout(request: Request, viewer: ViewerOf, form: Form) -> Response:
+def logout(viewer: ViewerOf, form: Form, db: Db) -> Response:
     if (refused := _refused_form(form, viewer)) is not None:
         return refused
-    sessions_of(request).close(viewer.session_id)
+    close_session(db, viewer.session_id)
     response = RedirectResponse("/ui/login", status_code=303)
     response.delete_cookie(SESSION_COOKIE, path="/ui")
     return response

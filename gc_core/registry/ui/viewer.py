@@ -3,21 +3,19 @@ bound on every form's body (the pages check each form's CSRF secret)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from typing import Annotated
 from urllib.parse import parse_qs, quote
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, HTTPException, Request
 
 from gc_core.errors import NotAuthenticated
 from gc_core.registry import identity
 from gc_core.registry.deps import Db
 from gc_core.registry.identity import ANONYMOUS, Principal
-from gc_core.registry.ui.sessions import SESSION_COOKIE, SessionStore, UiSession
+from gc_core.registry.ui.sessions import SESSION_COOKIE, UiSession, close_session, find_session
 
-__all__ = ["Form", "Viewer", "ViewerOf", "sessions_lifespan", "sessions_of"]
+__all__ = ["Form", "Viewer", "ViewerOf"]
 
 #: Largest form body read, in bytes: a token and a CSRF secret fit many times over.
 MAX_FORM_BYTES = 16 * 1024
@@ -32,18 +30,6 @@ class Viewer:
     session_id: str
 
 
-@asynccontextmanager
-async def sessions_lifespan(app: FastAPI) -> AsyncIterator[None]:
-    app.state.ui_sessions = SessionStore()
-    yield
-
-
-def sessions_of(request: Request) -> SessionStore:
-    """The app's session store."""
-    store: SessionStore = request.app.state.ui_sessions
-    return store
-
-
 def _to_login(request: Request) -> HTTPException:
     """Send the browser to the sign-in page, and back here afterwards."""
     target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
@@ -52,20 +38,19 @@ def _to_login(request: Request) -> HTTPException:
 
 
 def _viewer(request: Request, db: Db) -> Viewer:
-    sessions = sessions_of(request)
     session_id = request.cookies.get(SESSION_COOKIE, "")
-    session = sessions.find(session_id)
+    session = find_session(db, session_id)
     if session is None:
         raise _to_login(request)
-    if session.token is None:
+    if session.token_id is None:
         if request.app.state.settings.auth != "open":
-            sessions.close(session_id)
+            close_session(db, session_id)
             raise _to_login(request)
         return Viewer(ANONYMOUS, session, session_id)
     try:
-        principal = identity.authenticate(db, session.token)
+        principal = identity.authenticate_token_id(db, session.token_id)
     except NotAuthenticated:  # revoked or expired since sign-in: the session ends with it
-        sessions.close(session_id)
+        close_session(db, session_id)
         raise _to_login(request) from None
     return Viewer(principal, session, session_id)
 
