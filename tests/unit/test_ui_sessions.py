@@ -61,6 +61,21 @@ def test_an_idle_session_expires(db: Session) -> None:
     assert db.scalars(select(UiSessionRow)).all() == []
 
 
+def test_a_sessions_use_is_written_down_at_most_once_a_minute(db: Session) -> None:
+    session_id, _ = sessions.open_session(db, None)
+
+    def last_used() -> float:
+        return db.scalars(select(UiSessionRow.last_used)).one()
+
+    opened = last_used()
+    sessions.find_session(db, session_id)
+    assert last_used() == opened
+    db.execute(update(UiSessionRow).values(last_used=opened - sessions.TOUCH_SECONDS - 1))
+    db.commit()
+    sessions.find_session(db, session_id)
+    assert last_used() >= opened
+
+
 def test_the_least_recently_used_session_makes_room(db: Session,
                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(sessions, "MAX_SESSIONS", 2)
