@@ -139,3 +139,70 @@ def test_a_workers_outcome_crosses_as_json_and_bad_outcomes_are_refused() -> Non
     for not_json in (b"[" * 5000, b"\xff\xfe", b""):
         with pytest.raises(ValueError):
             outcome_from_wire(not_json)
+
+
+#: A user endpoint template as a Globus Compute multi-user endpoint's administrator writes it:
+#: a whole endpoint config, the engine in Globus Compute's words.
+GLOBUS_TEMPLATE = """\
+endpoint_setup: {{ endpoint_setup | default() }}
+engine:
+  type: GlobusComputeEngine
+  max_workers_per_node: {{ workers | default(2) }}
+  provider:
+    type: SlurmProvider
+    partition: {{ partition | default("debug") | tojson }}
+    account: {{ account | tojson }}
+    walltime: "01:00:00"
+    nodes_per_block: 1
+    init_blocks: 0
+    max_blocks: 2
+    launcher: {type: SrunLauncher}
+"""
+
+
+def test_a_globus_compute_user_template_renders_its_engine_in_our_words() -> None:
+    from gc_agent.config import HtexEngineConfig
+
+    engine = render_user_engine(GLOBUS_TEMPLATE, {}, {"partition": "gpu", "workers": 4},
+                                account="alice")
+
+    assert isinstance(engine, HtexEngineConfig) and engine.max_workers_per_node == 4
+    provider = engine.provider.model_dump()
+    assert (provider["type"], provider["partition"], provider["account"]) == (
+        "slurm", "gpu", "alice")
+    assert provider["launcher"]["type"] == "srun"
+
+
+@pytest.mark.parametrize(("extra", "named"), [
+    ("idle_heartbeats_soft: 10\n", "idle_heartbeats_soft"),
+    ("display_name: Alice's endpoint\n", "display_name"),
+    ("endpoint_setup: module load python\n", "endpoint_setup"),
+])
+def test_what_a_users_engine_cannot_take_from_such_a_template_is_refused_by_name(
+        extra: str, named: str) -> None:
+    template = GLOBUS_TEMPLATE.replace("endpoint_setup: {{ endpoint_setup | default() }}\n",
+                                       extra)
+
+    with pytest.raises(ConfigError, match=f"{named}.*user_idle_timeout"):
+        render_user_engine(template, {}, {}, account="alice")
+
+
+def test_a_globus_compute_engine_key_we_cannot_honour_is_refused_with_its_reason() -> None:
+    template = GLOBUS_TEMPLATE.replace("    nodes_per_block: 1\n", "    gres: gpu:4\n")
+
+    with pytest.raises(ConfigError, match=r"engine.provider.gres: cannot be honoured"):
+        render_user_engine(template, {}, {}, account="alice")
+
+
+def test_globus_computes_own_template_variables_are_named_as_missing_here() -> None:
+    template = "{% set rt = _GC.user_runtime %}" + GLOBUS_TEMPLATE
+
+    with pytest.raises(ConfigError, match=r"_GC.*Globus Compute's own"):
+        render_user_engine(template, {}, {}, account="alice")
+
+
+def test_a_user_option_cannot_take_the_name_of_the_local_account() -> None:
+    # A schema that lets anything through (as Globus Compute's default one does).
+    with pytest.raises(PolicyError, match=r"account.*the local account"):
+        render_user_engine("type: processes\nmax_workers: 1", {}, {"account": "proj-42"},
+                           account="alice")
