@@ -8,6 +8,7 @@ import pwd
 import subprocess
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,12 @@ SCHEMA = {
     "properties": {"workers": {"type": "integer", "minimum": 1, "maximum": 2, "default": 1}},
     "additionalProperties": False,
 }
+#: The same, as a Globus Compute multi-user endpoint's template would have it.
+GLOBUS_TEMPLATE = """\
+engine:
+  type: ProcessPoolEngine
+  max_workers: {{ workers | default(1) }}
+"""
 
 
 def who_am_i() -> dict[str, Any]:
@@ -73,12 +80,12 @@ def _import_paths() -> tuple[str, ...]:
     return WorkerLaunch().import_paths
 
 
-@pytest.fixture(scope="module")
-def multi_user_endpoint(fabric: Fabric, accounts: dict[str, pwd.struct_passwd],
-                        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
-    folder = tmp_path_factory.mktemp("multi-user")
-    (folder / "user-config.yaml.j2").write_text(TEMPLATE)
-    (folder / "user-config.schema.json").write_text(json.dumps(SCHEMA))
+@contextmanager
+def _started(fabric: Fabric, accounts: dict[str, pwd.struct_passwd], folder: Path,
+             template: str, schema: dict[str, Any]) -> Iterator[Endpoint]:
+    """A running multi-user endpoint whose users' engines ``template`` makes."""
+    (folder / "user-config.yaml.j2").write_text(template)
+    (folder / "user-config.schema.json").write_text(json.dumps(schema))
     suffix = accounts["alice"].pw_name[3:]
     multi_user = MultiUserConfig(
         identity_mapping=[IdentityRule(match=r"(alice|bob)@uni\.edu", output="gc{0[0]}" + suffix),
@@ -90,8 +97,18 @@ def multi_user_endpoint(fabric: Fabric, accounts: dict[str, pwd.struct_passwd],
         insecure_trust_claimed_identities=True)
     ep = fabric.configure_endpoint(f"mu-{uuid.uuid4().hex[:6]}", multi_user=multi_user)
     ep.start()
-    yield ep
-    ep.stop_all()
+    try:
+        yield ep
+    finally:
+        ep.stop_all()
+
+
+@pytest.fixture(scope="module")
+def multi_user_endpoint(fabric: Fabric, accounts: dict[str, pwd.struct_passwd],
+                        tmp_path_factory: pytest.TempPathFactory) -> Iterator[Endpoint]:
+    with _started(fabric, accounts, tmp_path_factory.mktemp("multi-user"), TEMPLATE,
+                  SCHEMA) as ep:
+        yield ep
 
 
 def _client(fabric: Fabric, identity: str) -> Client:
@@ -170,3 +187,13 @@ def test_idle_user_workers_stop_and_restart_on_demand(
         assert time.monotonic() < deadline, "idle user workers were not stopped"
         time.sleep(0.2)
     assert _run_as(fabric, multi_user_endpoint, "alice@uni.edu")["uid"] == uid
+
+
+def test_a_globus_compute_template_runs_each_task_as_its_submitter(
+        fabric: Fabric, accounts: dict[str, pwd.struct_passwd],
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    with _started(fabric, accounts, tmp_path_factory.mktemp("globus-template"),
+                  GLOBUS_TEMPLATE, {"type": "object"}) as endpoint:
+        seen = _run_as(fabric, endpoint, "alice@uni.edu", workers=2)
+
+    assert (seen["uid"], seen["user"]) == (accounts["alice"].pw_uid, accounts["alice"].pw_name)
