@@ -301,8 +301,8 @@ class Agent:
             self._settle(ticket, Settlement.ACK)
             return
         if not self._sent_by(delivery, task.user):
-            logger.warning("dropped task %s: it claims to come from %s, the broker says %r",
-                           task.task_id, task.user, delivery.user_id)
+            logger.warning("dropped task %s: it claims to come from %s, the broker says %r%s",
+                           task.task_id, task.user, delivery.user_id, self._own_stamp_note(delivery))
             self._metrics.count_refusal("ForgedSender")
             self._settle(ticket, Settlement.ACK)
             return
@@ -648,6 +648,16 @@ class Agent:
         own = self._broker.user_id if self._broker is not None else None
         return (own is not None and delivery.user_id == own
                 and self._requeue_seal.sealed_by_us(delivery.envelope))
+
+    def _own_stamp_note(self, delivery: Delivery) -> str:
+        """What else drops a task with our own account's stamp than someone holding our
+        login: an agent of this endpoint on another host, which seals with its own key."""
+        if self._broker is None or delivery.user_id != self._broker.user_id:
+            return ""
+        return ("; it is stamped with this agent's own account but not sealed with this "
+                "agent's requeue.key: if another host runs this endpoint's agent too, give "
+                "every host the same requeue.key (from the endpoint's folder), or its split "
+                "batches are dropped here")
 
     def _cancel(self, task_id: str, user: str) -> None:
         step, owner = self._cancels.cancel(task_id, user)

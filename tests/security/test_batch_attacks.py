@@ -155,10 +155,15 @@ def test_a_task_put_on_the_queue_with_the_agents_login_but_without_its_seal_is_d
         delivery_mode=2), mandatory=True)
     injector.connection.close()
     try:
-        # Then the agent drops it: it never runs as alice, and nothing answers it
+        # Then the agent drops it: it never runs as alice, and nothing answers it; its log
+        # line says what else drops such a task (another host's agent with another key)
         eventually(lambda: f"dropped task {injected}" in alices_endpoint.read_logs(), 60,
                    "the agent to drop the injected task")
         assert [r.task_id for r in results_in(channel, queue)] == []
+        (line,) = [line for line in alices_endpoint.read_logs().splitlines()
+                   if f"dropped task {injected}" in line]
+        assert "not sealed with this agent's requeue.key" in line
+        assert "another host" in line
     except BaseException:
         print(alices_endpoint.read_logs(), node_log(secured.node))
         raise
