@@ -84,4 +84,7 @@ def _globus_engine(config: dict[str, Any]) -> Any:
     if config.get("engine") is None:
         raise ConfigError("the endpoint's user config template renders a Globus Compute "
                           "endpoint config without an engine: give it one")
-    return translate({"engine": config["engine"]})["engine"]
+    try:
+        return translate({"engine": config["engine"]})["engine"]
+    except ConfigError as exc:
+        raise ConfigError(f"the endpoint's user config template: {exc}") from None
