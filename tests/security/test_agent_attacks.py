@@ -23,7 +23,7 @@ from pika.adapters.blocking_connection import BlockingChannel
 
 from gc_agent.config import IdentityRule, MultiUserConfig, load_config, save_config
 from gc_client import Client, Executor, TaskExecutionFailed
-from gc_core.errors import EndpointError, WorkerError
+from gc_core.errors import PolicyError, WorkerError
 from gc_core.protocol import MAX_ERROR_MESSAGE, MAX_ID_LENGTH, Envelope, decode_result
 from gc_core.registry import identity, store
 from gc_core.registry_api.schemas import EndpointPolicy, FunctionSharing
@@ -382,9 +382,9 @@ def test_an_option_named_account_fails_its_task_and_the_endpoint_keeps_serving(
             # When alice's task sets an option named like the template's own account value
             with Executor(endpoint_id=endpoint.endpoint_id, client=client,
                           user_endpoint_config={"account": "root"}) as ex, \
-                    pytest.raises(EndpointError):  # the template's TypeError: an AgentError
+                    pytest.raises(PolicyError, match="refused at account"):
                 ex.submit(who_am_i).result(timeout=RESULT_TIMEOUT)
-            # Then her task fails, and her next one runs as her
+            # Then her task fails saying why, and her next one runs as her
             with Executor(endpoint_id=endpoint.endpoint_id, client=client) as ex:
                 assert ex.submit(who_am_i).result(timeout=RESULT_TIMEOUT)["uid"] == \
                     accounts["alice"].pw_uid
