@@ -27,7 +27,7 @@ from gc_agent.engines.processes import Account, ProcessEngine, WorkerLaunch
 from gc_agent.execution import Job, Outcome
 from gc_agent.multiuser.mapping import lookup_account, map_identity
 from gc_agent.multiuser.remote import RemoteEngine
-from gc_agent.multiuser.templates import render_user_engine
+from gc_agent.multiuser.templates import render_user_engine, template_problem
 from gc_core.errors import ConfigError, GCError
 from gc_core.protocol import ErrorInfo
 
@@ -83,6 +83,11 @@ class UserEngines(Engine):
                 self._schema = json.loads(Path(self._config.user_config_schema).read_text())
         except (OSError, ValueError) as exc:
             raise ConfigError(f"cannot read the multi-user template or schema: {exc}") from exc
+        problem = template_problem(self._template, self._schema)
+        if problem is not None:
+            logger.warning("%s (tried with the schema's defaults and no option: until the "
+                           "template is mended, a user's task that gives no option fails "
+                           "with this)", problem)
         threading.Thread(target=self._reap_idle, name="user-pool-reaper", daemon=True).start()
 
     def submit(self, job: Job, on_done: OnDone) -> None:
@@ -126,10 +131,6 @@ class UserEngines(Engine):
             allowed=frozenset(self._config.allowed_privileged_accounts))
         engine = render_user_engine(self._template, self._schema, job.user_options,
                                     account=account.name)
-        if engine.type == "threads":
-            raise ConfigError("a multi-user endpoint runs each user's tasks in that user's own "
-                              "processes: the template gives engine type 'threads'; allowed: "
-                              "'processes', 'htex'")
         key = (account.name, engine.model_dump_json())
         with self._lock:
             pool = self._pools.get(key)

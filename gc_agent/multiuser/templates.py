@@ -28,11 +28,13 @@ from gc_agent.config import AnyEngineConfig, EngineConfig, HtexEngineConfig
 from gc_agent.globus_config import is_globus_compute_config, translate
 from gc_core.errors import ConfigError, PolicyError
 
-__all__ = ["render_user_engine"]
+__all__ = ["render_user_engine", "template_problem"]
 
 _ENVIRONMENT = SandboxedEnvironment(undefined=StrictUndefined, autoescape=False)
 #: A rendered template is any engine section: processes, or htex with its provider.
 _ENGINE: TypeAdapter[EngineConfig | HtexEngineConfig] = TypeAdapter(AnyEngineConfig)
+#: The account a template is tried with before any task names a real one.
+TRIAL_ACCOUNT = "nobody"
 
 
 def render_user_engine(template: str, schema: dict[str, Any], options: dict[str, Any], *,
@@ -41,7 +43,8 @@ def render_user_engine(template: str, schema: dict[str, Any], options: dict[str,
 
     Raises:
         PolicyError: the options break the schema (the message says which and why).
-        ConfigError: the administrator's template does not render to a valid engine config.
+        ConfigError: the administrator's template does not render to a valid engine config,
+            or renders the threads engine (a user's tasks run in their own processes).
     """
     try:
         jsonschema.validate(options, schema)
@@ -58,13 +61,31 @@ def render_user_engine(template: str, schema: dict[str, Any], options: dict[str,
     try:
         text = _ENVIRONMENT.from_string(template).render(**values, account=account)
         data = yaml.safe_load(text)
-        return _ENGINE.validate_python(_globus_engine(data) if is_globus_compute_config(data)
-                                       else data)
+        engine = _ENGINE.validate_python(_globus_engine(data) if is_globus_compute_config(data)
+                                         else data)
     except (TemplateError, yaml.YAMLError, ValidationError) as exc:
         hint = (" (Globus Compute's own template variables, such as _GC.user_runtime, do not "
                 "exist here)" if "'_GC'" in str(exc) else "")
         raise ConfigError(f"the endpoint's user config template does not render to a valid "
                           f"engine config: {exc}{hint}") from exc
+    if engine.type == "threads":
+        raise ConfigError("a multi-user endpoint runs each user's tasks in that user's own "
+                          "processes: the template gives engine type 'threads'; allowed: "
+                          "'processes', 'htex'")
+    return engine
+
+
+def template_problem(template: str, schema: dict[str, Any]) -> str | None:
+    """Why the template fails every user: it does not render to a user's engine with the
+    schema's defaults and no option. None when it does, and when the schema wants options
+    first (then only users' tasks can tell)."""
+    try:
+        render_user_engine(template, schema, {}, account=TRIAL_ACCOUNT)
+    except PolicyError:
+        return None
+    except ConfigError as exc:
+        return str(exc)
+    return None
 
 
 def _globus_engine(config: dict[str, Any]) -> Any:

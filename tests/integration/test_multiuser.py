@@ -16,7 +16,7 @@ import pytest
 
 from gc_agent.config import IdentityRule, MultiUserConfig
 from gc_client import Client, Executor
-from gc_core.errors import PolicyError
+from gc_core.errors import ConfigError, PolicyError
 from tests.fabric import Endpoint, Fabric
 
 #: Debian's interpreter: user workers must run a Python every account can read.
@@ -197,3 +197,18 @@ def test_a_globus_compute_template_runs_each_task_as_its_submitter(
         seen = _run_as(fabric, endpoint, "alice@uni.edu", workers=2)
 
     assert (seen["uid"], seen["user"]) == (accounts["alice"].pw_uid, accounts["alice"].pw_name)
+
+
+def test_a_template_failing_every_user_is_named_when_the_agent_starts(
+        fabric: Fabric, accounts: dict[str, pwd.struct_passwd],
+        tmp_path_factory: pytest.TempPathFactory) -> None:
+    broken = "idle_heartbeats_soft: 10\n" + GLOBUS_TEMPLATE
+    with _started(fabric, accounts, tmp_path_factory.mktemp("broken-template"), broken,
+                  {"type": "object"}) as endpoint:
+        logged_at_start = endpoint.read_logs()
+        with pytest.raises(ConfigError) as caught:
+            _run_as(fabric, endpoint, "alice@uni.edu")
+
+    assert "idle_heartbeats_soft" in logged_at_start
+    assert "tried with the schema's defaults" in logged_at_start
+    assert "idle_heartbeats_soft" in caught.value.remote_message

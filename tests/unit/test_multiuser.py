@@ -206,3 +206,18 @@ def test_a_user_option_cannot_take_the_name_of_the_local_account() -> None:
     with pytest.raises(PolicyError, match=r"account.*the local account"):
         render_user_engine("type: processes\nmax_workers: 1", {}, {"account": "proj-42"},
                            account="alice")
+
+
+def test_a_template_that_fails_every_user_is_found_before_any_task_comes() -> None:
+    from gc_agent.multiuser.templates import template_problem
+
+    broken = GLOBUS_TEMPLATE.replace("endpoint_setup: {{ endpoint_setup | default() }}\n",
+                                     "idle_heartbeats_soft: 10\n")
+    needs_an_option = {"type": "object", "required": ["partition"],
+                       "properties": {"partition": {"type": "string"}}}
+
+    assert "idle_heartbeats_soft" in (template_problem(broken, {}) or "")
+    assert "'threads'" in (template_problem("type: threads\nmax_workers: 1", {}) or "")
+    assert template_problem(GLOBUS_TEMPLATE, {}) is None
+    # Users must give an option first: only their tasks can tell.
+    assert template_problem(GLOBUS_TEMPLATE, needs_an_option) is None
