@@ -57,6 +57,8 @@ TOPOLOGY = load_topology()
 GC_REGISTRY = Path(sys.executable).parent / "gc-registry"
 #: Tasks in each sweep.
 SWEEP = 2000
+#: Results in when a sweep's ``midway`` step (a registry killed, say) runs.
+MIDWAY = 300
 #: Seconds a sweep's futures, or the ledger, may take before the test fails.
 SWEEP_TIMEOUT = 300.0
 
@@ -271,27 +273,44 @@ def _secured_replicas(db_url: str, tmp: Path, home: Path) -> Iterator[Replicas]:
 
 
 def _sweep(replicas: Replicas, midway: Callable[[], None] | None = None) -> tuple[set[str], int]:
-    """Run a SWEEP-task sweep through a real agent, calling ``midway`` once 300 results are
-    in; return the task ids and how many had finished by then."""
+    """Run a SWEEP-task sweep through a real agent, calling ``midway`` (on a thread of its
+    own, while tasks are still being submitted if need be) as soon as MIDWAY results are in;
+    return the task ids and how many had finished when ``midway`` returned. Polling for the
+    count instead let a fast machine finish the whole sweep between two looks."""
     endpoint = replicas.fabric.configure_endpoint("sweep", workers=4)
     endpoint.start()
+    reached, lock = threading.Event(), threading.Lock()
+    done = [0, 0]  # results in so far, and by the time midway returned
+    futures: list[Any] = []
+
+    def count(_future: object) -> None:
+        with lock:
+            done[0] += 1
+            if done[0] == MIDWAY:
+                reached.set()
+
+    def at_midway() -> None:
+        if reached.wait(SWEEP_TIMEOUT) and midway is not None:
+            midway()
+            with lock:
+                done[1] = done[0]
+
+    caller = threading.Thread(target=at_midway, name="midway", daemon=True)
     try:
         with replicas.client() as client, \
                 Executor(endpoint_id=endpoint.endpoint_id, client=client) as ex:
-            futures = [ex.submit(triple, x) for x in range(SWEEP)]
-            done_midway = 0
-            if midway is not None:
-                eventually(lambda: sum(f.done() for f in futures) >= 300, SWEEP_TIMEOUT,
-                           "300 results")
-                midway()
-                done_midway = sum(f.done() for f in futures)
+            caller.start()
+            for x in range(SWEEP):
+                futures.append(ex.submit(triple, x))
+                futures[-1].add_done_callback(count)
             values = [f.result(timeout=SWEEP_TIMEOUT) for f in futures]
             task_ids = {f.task_id for f in futures}
+            caller.join(SWEEP_TIMEOUT)
     finally:
         endpoint.stop_all()
     assert values == [3 * x for x in range(SWEEP)]
     assert len(task_ids) == SWEEP
-    return task_ids, done_midway
+    return task_ids, done[1]
 
 
 def _assert_each_task_once(db_url: str, task_ids: set[str]) -> None:
