@@ -645,14 +645,18 @@ class Agent:
         """Whether we sent it: a task this agent took out of a batch, once it had checked
         that the batch's sender sent it (:meth:`_requeue_alone`). Our account's stamp alone
         is not enough: whoever holds our broker login has it too, but not our seal's key."""
-        own = self._broker.user_id if self._broker is not None else None
-        return (own is not None and delivery.user_id == own
+        return (self._stamped_by_us(delivery)
                 and self._requeue_seal.sealed_by_us(delivery.envelope))
+
+    def _stamped_by_us(self, delivery: Delivery) -> bool:
+        """Whether the broker stamped it with our own account's ``user_id``."""
+        own = self._broker.user_id if self._broker is not None else None
+        return own is not None and delivery.user_id == own
 
     def _own_stamp_note(self, delivery: Delivery) -> str:
         """What else drops a task with our own account's stamp than someone holding our
         login: an agent of this endpoint on another host, which seals with its own key."""
-        if self._broker is None or delivery.user_id != self._broker.user_id:
+        if not self._stamped_by_us(delivery):
             return ""
         return ("; it is stamped with this agent's own account but not sealed with this "
                 "agent's requeue.key: if another host runs this endpoint's agent too, give "
