@@ -70,4 +70,3 @@ async def _form(request: Request) -> dict[str, str]:
 
 #: The fields of a posted form.
 Form = Annotated[dict[str, str], Depends(_form)]
-
