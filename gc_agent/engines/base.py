@@ -23,7 +23,7 @@ OnDone = Callable[[Outcome], None]
 
 #: What cancelling a job did: it had not started (removed), its worker was stopped
 #: (interrupted), it runs on but its outcome is dropped (abandoned), or it is not here.
-CancelResult = Literal["removed", "interrupted", "abandoned", "unknown"]
+CancelResult = Literal["removed", "interrupted", "abandoned", "already", "unknown"]
 
 
 def cancelled_outcome(task_id: str, how: str) -> Outcome:
@@ -136,6 +136,8 @@ class SlotPool(Engine):
         # Under the lock the slot cannot finish this job and start another, so an
         # interrupt hits this job's worker (its batch-mates run again) and no other.
         with self._lock:
+            if task_id in self._cancelled_running:
+                return "already"  # a cancel came twice: its job is answered once
             waiting = self._waiting.pop(task_id, None)
             running = self._running.get(task_id)
             if running is not None:
