@@ -18,6 +18,7 @@ import os
 import socket
 import threading
 import time
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -86,6 +87,7 @@ _CANCEL_SHOWN = {
     # not here yet: still queued at the broker, or its function is being fetched
     "remembered": "remembered until it arrives", "unknown": "remembered until it arrives",
     "deferred": "cancelled as soon as it reaches the engine",
+    "already": "already being cancelled",
 }
 #: Which heartbeat counter a result state counts in.
 _COUNTER = {"success": "succeeded", "failed": "failed", "cancelled": "cancelled"}
@@ -207,12 +209,17 @@ class Agent:
         self._engine.start()
         tasks_queue = self._topology.queue("endpoint_tasks", endpoint_id=self.endpoint_id)
         commands_queue = self._topology.queue("endpoint_commands", endpoint_id=self.endpoint_id)
+        # Every command reaches this agent through its own queue, and maybe once more through
+        # the shared one (a cancel is answered the same however often it comes).
+        own_commands = self._topology.queue("agent_commands", endpoint_id=self.endpoint_id,
+                                            agent_id=uuid.uuid4().hex)
         prefetch = self.config.prefetch or PREFETCH_PER_WORKER * self._engine.capacity
         self._broker = BrokerSession(
             self._broker_url, name=f"gc-agent:{self.endpoint_id}", topology=self._topology,
-            queues=[tasks_queue, commands_queue], prefetch=prefetch, login=self._login,
-            stamp_user_id=self._verified)
+            queues=[tasks_queue, commands_queue, own_commands], prefetch=prefetch,
+            login=self._login, stamp_user_id=self._verified)
         self._broker.consume(commands_queue.name, self._on_command)
+        self._broker.consume(own_commands.name, self._on_command)
         try:
             self._broker.start(timeout=timeout)
         except GCError:

@@ -619,7 +619,8 @@ class BrokerSession:
             # Logged in with a token we may not create exchanges: only check they exist.
             channel.exchange_declare(name, kind, durable=True, passive=self._login is not None)
         for queue in self._queues:
-            channel.queue_declare(queue.name, durable=True, arguments=queue.arguments)
+            channel.queue_declare(queue.name, durable=queue.durable,
+                                  auto_delete=queue.auto_delete, arguments=queue.arguments)
             for binding in queue.bindings:
                 channel.queue_bind(queue.name, binding.exchange, binding.routing_key,
                                    arguments=binding.arguments or None)

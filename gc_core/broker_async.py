@@ -402,8 +402,9 @@ class AsyncBrokerSession:
                     name, kind, durable=True, passive=self._login is not None)
             queues: dict[str, AbstractRobustQueue] = {}
             for declaration in self._queue_declarations:
-                queue = await channel.declare_queue(declaration.name, durable=True,
-                                                    arguments=declaration.arguments)
+                queue = await channel.declare_queue(
+                    declaration.name, durable=declaration.durable,
+                    auto_delete=declaration.auto_delete, arguments=declaration.arguments)
                 for binding in declaration.bindings:
                     await queue.bind(exchanges.get(binding.exchange, binding.exchange),
                                      binding.routing_key, arguments=binding.arguments or None)

@@ -47,6 +47,8 @@ class _BindingSpec(BaseModel):
 class _QueueSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     name: str
+    durable: bool = True
+    auto_delete: bool = False
     arguments: dict[str, Any] = {}
     bindings: list[_BindingSpec] = []
 
@@ -75,6 +77,9 @@ class QueueDeclaration:
     name: str
     arguments: dict[str, Any]
     bindings: tuple[Binding, ...]
+    #: Whether it outlives a broker restart, and whether it goes with its last consumer.
+    durable: bool = True
+    auto_delete: bool = False
 
 
 def safe_name_part(value: str, what: str) -> str:
@@ -126,6 +131,8 @@ class Topology:
                         _fill(b.arguments, values))
                 for b in spec.bindings
             ),
+            durable=spec.durable,
+            auto_delete=spec.auto_delete,
         )
 
 

@@ -139,7 +139,7 @@ def _exchange_rights(who: Principal) -> frozenset[tuple[str | None, str]]:
 def _own_queues(who: Principal, topology: Topology) -> list[re.Pattern[str]]:
     if who.kind == "agent" and who.endpoint_id is not None:
         return [topology.queue_name_pattern(kind, endpoint_id=who.endpoint_id)
-                for kind in ("endpoint_tasks", "endpoint_commands")]
+                for kind in ("endpoint_tasks", "endpoint_commands", "agent_commands")]
     if who.kind in ("user", "service"):
         return [topology.queue_name_pattern("results", user=who.name)]
     return []

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -10,7 +12,7 @@ import pytest
 
 from gc_client import Client, Executor, TaskExecutionFailed
 from gc_core.errors import ResultTooLarge
-from tests.fabric import Endpoint, Fabric, eventually, pid_alive
+from tests.fabric import Endpoint, Fabric, eventually, pid_alive, rabbitmqctl
 
 
 def mark_and_sleep(marker: str, seconds: float) -> int:
@@ -139,6 +141,46 @@ def test_gc_client_cancel_stops_a_running_task(fabric: Fabric, client: Client, m
     out = fabric.cli("gc-client", "cancel", task_id)
     assert "cancel sent" in out.stdout
     eventually(lambda: client.get_task(task_id).status == "cancelled", 60, "cancelled")
+
+
+def test_a_cancel_reaches_every_agent_of_an_endpoint_on_several_hosts(
+        fabric: Fabric, client: Client, make_endpoint: Any, tmp_path: Path) -> None:
+    # Given one endpoint served by two agents, as on two login nodes (the second host's
+    # endpoint folder a copy of the first's), each running one task of the same user
+    ep_a: Endpoint = make_endpoint(workers=1, prefetch=1)
+    host_b = Fabric(fabric.broker_url, fabric.registry_url, tmp_path / "host-b", fabric.vhost)
+    shutil.copytree(ep_a.directory, host_b.home / "endpoints" / ep_a.name)
+    ep_b = Endpoint(host_b, ep_a.name, ep_a.endpoint_id)
+    ep_a.start()
+    ep_b.start()
+    try:
+        markers = [tmp_path / "first", tmp_path / "second"]
+        with Executor(endpoint_id=ep_a.endpoint_id, client=client) as ex:
+            futures = []
+            for marker in markers:  # one at a time: the second goes to the idle agent
+                futures.append(ex.submit(mark_and_sleep, str(marker), 120))
+                eventually(marker.exists, 60, f"task {marker.name} to start")
+            workers = [int(marker.read_text()) for marker in markers]
+            # When the user cancels both in one command
+            client.cancel([f.task_id for f in futures], endpoint_id=ep_a.endpoint_id)
+            # Then both stop, whichever agent took the command off the endpoint's queue
+            for future in futures:
+                eventually(lambda f=future: client.get_task(f.task_id).status == "cancelled",
+                           60, "each task cancelled")
+            for worker in workers:
+                eventually(lambda w=worker: not pid_alive(w), 30, "each worker to be stopped")
+        # Each agent's own commands queue goes with it, however it ends
+        assert len(_agent_command_queues(fabric, ep_a.endpoint_id)) == 2
+        ep_b.kill(signal.SIGKILL)
+        eventually(lambda: len(_agent_command_queues(fabric, ep_a.endpoint_id)) == 1, 30,
+                   "the killed agent's own queue to go")
+    finally:
+        ep_b.stop_all()
+
+
+def _agent_command_queues(fabric: Fabric, endpoint_id: str) -> list[str]:
+    listed = rabbitmqctl("list_queues", "-q", "-p", fabric.vhost, "name").split()
+    return [name for name in listed if name.startswith(f"gc.ep.{endpoint_id}.commands.")]
 
 
 def test_stdout_and_stderr_are_captured_on_the_future_and_in_the_ledger(

@@ -46,6 +46,17 @@ def test_the_endpoint_commands_queue_is_bound_to_the_commands_exchange() -> None
     assert queue.bindings == (Binding("gc.commands", "ep-7", {}),)
 
 
+def test_each_agent_hears_its_endpoints_commands_on_a_queue_that_goes_with_it() -> None:
+    queue = load_topology().queue("agent_commands", endpoint_id="ep-7", agent_id="a1")
+
+    assert queue.name == "gc.ep.ep-7.commands.a1"
+    assert queue.bindings == (Binding("gc.commands", "ep-7", {}),)
+    # transient and auto-delete: no replicas to keep per agent, nothing left when it dies
+    assert (queue.durable, queue.auto_delete) == (False, True)
+    assert queue.arguments == {"x-queue-type": "classic"}
+    assert load_topology().queue("endpoint_commands", endpoint_id="ep-7").durable
+
+
 def test_a_results_queue_binds_only_to_its_own_results() -> None:
     # Not to gc.dead: a headers binding escapes topic authorization (the ledger relays them).
     queue = load_topology().queue("results", user="alice", task_group_id="g-1")
