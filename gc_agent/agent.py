@@ -399,7 +399,7 @@ class Agent:
         job = Job(task.task_id, task.function_id, function.payload, function.python,
                   task.content_type, task.payload, task.sender_python, task.sender_serializer,
                   self.config.output_limit, task.resource_spec, self._identity_of(task),
-                  task.user_endpoint_config)
+                  task.user_endpoint_config, self.config.result_size_limit)
         self._engine.submit(job, lambda outcome: self._handling(
             ticket, partial(self._on_outcome, outcome=outcome)))
         if self._cancels.submitted(task.task_id):  # cancelled while it was being submitted

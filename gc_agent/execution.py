@@ -78,6 +78,9 @@ class Job:
     resource_spec: dict[str, Any] = field(default_factory=dict)
     identity: str = ""
     user_options: dict[str, Any] = field(default_factory=dict)
+    #: The endpoint's result_size_limit: a larger value fails where it is made, rather than
+    #: travelling to the agent to be refused there (or past what a worker's socket carries).
+    result_limit: int = 10 * 2**20
 
 
 @_pickled_as_arguments
@@ -111,7 +114,7 @@ def run_job(job: Job, functions: FunctionCache) -> Outcome:
         outcome = _run_job(job, functions, runner)
     if os.getpid() != runner:
         os._exit(0)
-    return outcome
+    return _within_result_limit(outcome, job.result_limit)
 
 
 def return_to(home: str) -> None:
@@ -264,6 +267,12 @@ def checked_outcome(outcome: Outcome, result_size_limit: int) -> Outcome:
         return _refused(outcome, "WorkerError", f"the worker answered task {outcome.task_id} "
                                                 f"with a value of unknown content type "
                                                 f"{_label(outcome.content_type)}")
+    return _within_result_limit(outcome, result_size_limit)
+
+
+def _within_result_limit(outcome: Outcome, result_size_limit: int) -> Outcome:
+    """``outcome``, or, its value being over ``result_size_limit`` bytes, its failure
+    saying both sizes."""
     if len(outcome.payload) <= result_size_limit:
         return outcome
     return _refused(outcome, "ResultTooLarge", (

@@ -218,3 +218,14 @@ def test_a_result_over_the_size_limit_is_refused_with_both_sizes(client: Client,
         assert ex.submit(big_result, 100).result(timeout=60) == b"x" * 100
     assert caught.value.remote_type == "ResultTooLarge"
     assert "4,096" in caught.value.remote_message and "result_size_limit" in caught.value.remote_message
+
+
+def test_a_result_too_large_even_for_the_workers_socket_is_refused_as_too_large(
+        client: Client, endpoint: Endpoint) -> None:
+    # 200 MiB: past the endpoint's limit, and past what a worker process may write back
+    with Executor(endpoint_id=endpoint.endpoint_id, client=client) as ex:
+        with pytest.raises(ResultTooLarge) as caught:
+            ex.submit(big_result, 200 * 2**20).result(timeout=120)
+        assert ex.submit(big_result, 100).result(timeout=60) == b"x" * 100
+    assert "result_size_limit" in caught.value.remote_message
+    assert "209,715,2" in caught.value.remote_message  # its size, in bytes
