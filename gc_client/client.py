@@ -356,7 +356,8 @@ class Client:
 
     def _connected_publisher(self) -> BrokerSession:
         with self._lock:
-            if self._publisher is None:
+            # A forked child cannot use its parent's connection: it opens its own.
+            if self._publisher is None or self._publisher.forked_away:
                 session = self.broker_session(f"gc-client:{self.settings.user}")
                 session.start()
                 self._publisher = session

@@ -17,6 +17,7 @@ from __future__ import annotations
 import atexit
 import logging
 import operator
+import os
 import sys
 import threading
 import time
@@ -193,6 +194,8 @@ class Executor(TaskGroupFront[ComputeFuture], _BaseExecutor):
         picks them up later.
         """
         self._shutdown = True
+        if self._wire.forked_away:
+            return  # a forked child's copy: its tasks are the parent's to wait for
         pending = self._group.pending()
         if cancel_futures:
             self._cancel(pending)
@@ -308,6 +311,8 @@ class _Wire:
         """The session, connected and consuming the group's result queue."""
         session = self._session
         if session is not None and not self._closed:
+            if session.forked_away:
+                raise RuntimeError(_forked_away(session))
             return session
         with self._lock:
             if self._closed:
@@ -322,6 +327,11 @@ class _Wire:
                 self._session = session
                 _OPEN_WIRES.add(self)
             return self._session
+
+    @property
+    def forked_away(self) -> bool:
+        """Whether this is a forked child's copy of a wire its parent connected."""
+        return self._session is not None and self._session.forked_away
 
     def send(self, task: TaskMessage, future: ComputeFuture) -> None:
         """Publish ``task``, alone or with those submitted close to it (_publish_tasks)."""
@@ -355,8 +365,8 @@ class _Wire:
         """Wait (up to ``confirm_timeout``) until the broker confirmed every task; name
         on stderr those it did not."""
         session = self._session
-        if session is None or session.on_io_thread:  # collected there: it cannot wait on itself
-            return
+        if session is None or session.on_io_thread or session.forked_away:
+            return  # collected on the IO thread, it cannot wait on itself; forked, nothing's here
         deadline = time.monotonic() + self._confirm_timeout
         # Tasks waiting in the coalescer are not the session's yet: wait for both.
         while not (session.wait_settled(max(0.0, deadline - time.monotonic()))
@@ -439,7 +449,7 @@ class _Wire:
             # Kept until closed: a result may still arrive and be acked meanwhile.
             session = self._session
         _OPEN_WIRES.discard(self)
-        if session is not None:
+        if session is not None and not session.forked_away:
             session.wait_settled(self._confirm_timeout)
             if self._group.idle():
                 session.delete_queue(self._result_queue().name)
@@ -456,6 +466,17 @@ def _tell(message: str) -> None:
 
 #: Wires with a session open; at interpreter exit each confirms its tasks and closes.
 _OPEN_WIRES: set[_Wire] = set()
+# A forked child's copies are its parent's to confirm and close, not the child's.
+os.register_at_fork(after_in_child=_OPEN_WIRES.clear)
+
+
+def _forked_away(session: BrokerSession) -> str:
+    """Why an Executor cannot be used in a process forked from the one it connected in."""
+    return (f"this Executor's connection belongs to process {session.started_in}, which this "
+            "process was forked from: a forked child cannot send through it, and its results "
+            "would never come here. Make an Executor in the child (with multiprocessing: "
+            "inside the function the pool runs), or start child processes with the 'spawn' "
+            "method")
 
 
 @atexit.register

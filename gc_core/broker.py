@@ -54,6 +54,7 @@ from gc_core.broker_limits import DEFAULT_MAX_MESSAGE_SIZE
 from gc_core.broker_login import HEARTBEAT_SECONDS, TokenLogin, broker_tls, broker_urls, redact_url
 from gc_core.broker_publisher import ConfirmCallback, Publish, Publisher
 from gc_core.errors import BrokerError, BrokerRefused, BrokerUnreachable
+from gc_core.forks import current_pid
 from gc_core.protocol import Envelope
 from gc_core.topology import QueueDeclaration, Topology
 
@@ -189,6 +190,9 @@ class BrokerSession:
         self.reconnects = 0
         # -- set by start() before the IO thread exists --
         self._thread: threading.Thread | None = None
+        #: The process that started the session: its connection and IO thread are that
+        #: process's alone (see ``forked_away``).
+        self._started_in: int | None = None
         self._start_waits = False
         # -- the IO thread's alone (wait_settled only peeks whether _publisher has any) --
         self._queues = list(queues)
@@ -248,6 +252,7 @@ class BrokerSession:
         """
         # A caller waiting in start() raises the fatal error itself; only log it for others.
         self._start_waits = timeout is not None
+        self._started_in = current_pid()
         self._thread = threading.Thread(target=self._io_run, name=f"broker-{self._name}",
                                         daemon=True)
         self._thread.start()
@@ -350,8 +355,23 @@ class BrokerSession:
             time.sleep(0.005)
         return True
 
+    @property
+    def forked_away(self) -> bool:
+        """Whether this process was forked from the one that started the session: the
+        connection and its IO thread stayed there, and nothing handed over here would
+        ever be sent."""
+        return self._started_in is not None and self._started_in != current_pid()
+
+    @property
+    def started_in(self) -> int | None:
+        """The id of the process that started the session (None: not started)."""
+        return self._started_in
+
     def close(self, timeout: float = 10.0) -> None:
-        """Close the connection and stop the IO thread."""
+        """Close the connection and stop the IO thread (in a forked child: leave the
+        parent's connection alone)."""
+        if self.forked_away:
+            return
         self._stopping.set()
         connection = self._connection
         if connection is not None:

@@ -19,6 +19,7 @@ from gc_core.errors import (
     RegistryError,
     find_certificate_failure,
 )
+from gc_core.forks import current_pid
 from gc_core.registry_api.listing import DEFAULT_PAGE_SIZE, FunctionPage, TaskPage
 from gc_core.registry_api.schemas import (
     EndpointIn,
@@ -52,8 +53,12 @@ class RegistryClient:
 
     def __init__(self, url: str, *, token: str | None = None) -> None:
         self.url = url.rstrip("/")
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self._http = httpx.Client(base_url=self.url, headers=headers, timeout=REGISTRY_TIMEOUT)
+        self._headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self._http = self._new_pool()
+        self._pool_of = current_pid()
+
+    def _new_pool(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self._headers, timeout=REGISTRY_TIMEOUT)
 
     def close(self) -> None:
         """Close the HTTP connection pool."""
@@ -190,6 +195,10 @@ class RegistryClient:
         if self.closed:  # httpx would raise a bare RuntimeError
             raise RegistryError(f"cannot ask the registry at {self.url}: this client was closed "
                                 "(Client.close, or the end of its with-block); make a new one")
+        if self._pool_of != current_pid():
+            # A forked child: its parent's connections are the parent's (a request of each
+            # on one socket would mix their answers). Left unclosed, they stay open there.
+            self._http, self._pool_of = self._new_pool(), current_pid()
         try:
             response = self._http.request(
                 method, path, json=json.model_dump(mode="json") if json is not None else None)

@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import select
+import signal
 import subprocess
 import sys
 import textwrap
+from collections.abc import Callable
 
 import pytest
 
 from gc_client import Client, Executor, TaskExecutionFailed
 from gc_core.errors import PublishNotConfirmed
-from tests.fabric import Endpoint, Fabric
+from tests.fabric import Endpoint, Fabric, eventually
 
 
 def hello_world() -> str:
@@ -129,3 +133,70 @@ def _reload_until(ex: Executor, expected: int) -> list:  # type: ignore[type-arg
         if len(futures) >= expected or time.monotonic() > deadline:
             return futures
         time.sleep(0.2)
+
+
+def _in_a_forked_child(work: Callable[[], object], timeout: float = 60) -> str:
+    """What ``work`` returns, or raises, run in a forked child of this process (as
+    ``multiprocessing`` does with its default start method on Linux); "hung" if the child
+    is still at it after ``timeout`` seconds."""
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report, and never return into pytest
+        try:
+            text = f"returned {work()!r}"
+        except BaseException as exc:  # noqa: BLE001 - reported to the parent
+            text = f"raised {type(exc).__name__}: {exc}"
+        os.write(write, text.encode()[:60_000])
+        os._exit(0)
+    os.close(write)
+    try:
+        ready, _, _ = select.select([read], [], [], timeout)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+            return "hung"
+        return os.read(read, 65_536).decode()
+    finally:
+        os.close(read)
+        os.waitpid(pid, 0)
+
+
+def test_a_forked_child_is_told_to_make_its_own_executor_and_the_parents_goes_on(
+        client: Client, endpoint: Endpoint) -> None:
+    with Executor(endpoint_id=endpoint.endpoint_id, client=client) as ex:
+        assert ex.submit(square, 2).result(timeout=60) == 4  # its connection is open
+        told = _in_a_forked_child(lambda: ex.submit(square, 3).result(timeout=30))
+        assert told.startswith("raised RuntimeError"), told
+        assert "forked" in told and "Executor in the child" in told
+        # while an Executor made in the child works there
+        assert _in_a_forked_child(lambda: _square_with_a_new_executor(client, endpoint, 5)) \
+            == "returned 25"
+        # and leaving a with-block in the child waits on none of the parent's tasks
+        slow = ex.submit(_sleep_and_square, 5.0, 3)
+        assert _in_a_forked_child(ex.shutdown, timeout=3) == "returned None"
+        assert ex.submit(square, 4).result(timeout=60) == 16
+        assert slow.result(timeout=60) == 9
+
+
+def _sleep_and_square(seconds: float, x: int) -> int:
+    import time
+
+    time.sleep(seconds)
+    return x * x
+
+
+def _square_with_a_new_executor(client: Client, endpoint: Endpoint, x: int) -> int:
+    with Executor(endpoint_id=endpoint.endpoint_id, client=client) as ex:
+        return int(ex.submit(square, x).result(timeout=30))
+
+
+def test_a_forked_child_runs_tasks_through_its_parents_client(client: Client,
+                                                             endpoint: Endpoint) -> None:
+    function_id = client.register_function(square)
+    client.run(6, endpoint_id=endpoint.endpoint_id, function_id=function_id)  # opens its session
+
+    def run_and_wait() -> object:
+        task_id = client.run(7, endpoint_id=endpoint.endpoint_id, function_id=function_id)
+        return eventually(lambda: client.get_batch_result([task_id])[task_id].get("result"),
+                          30, "the child's task to finish")
+
+    assert _in_a_forked_child(run_and_wait) == "returned 49"
