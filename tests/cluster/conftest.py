@@ -12,16 +12,18 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import pytest
 
-from tests.fabric import eventually
+from tests.fabric import Endpoint, Fabric, RegistryServer, eventually
 from tests.secured_broker import rabbitmq_installed
 
 #: The script under test, which every method here goes through.
@@ -273,3 +275,45 @@ def cluster_vhost(cluster: Cluster) -> Iterator[str]:
         cluster.delete_vhost(name)
     except RuntimeError:
         pass  # the cluster may be left without a node that answers; the next test restarts them
+
+
+def nodes_from(cluster: Cluster, vhost: str, first: int) -> str:
+    """Every node's URL on ``vhost``, starting with node ``first``: a session connects to
+    the first that answers."""
+    order = [*range(first, cluster.nodes + 1), *range(1, first)]
+    return ",".join(cluster.url(k, vhost) for k in order)
+
+
+@dataclass
+class ClusterFabric:
+    """A registry, an agent and a client's fabric on the cluster, each connected to a node
+    of its own (client 1, agent 2, registry 3), so that a fault can hit one of them alone."""
+
+    cluster: Cluster
+    fabric: Fabric
+    endpoint: Endpoint
+    database: Path
+
+    def ledger_counts(self) -> dict[str, int]:
+        with sqlite3.connect(self.database) as db:
+            return dict(db.execute("SELECT status, count(*) FROM tasks GROUP BY status").fetchall())
+
+
+@pytest.fixture
+def cluster_fabric(cluster: Cluster, cluster_vhost: str, tmp_path: Path) -> Iterator[ClusterFabric]:
+    home = tmp_path / "gc-home"
+    home.mkdir()
+    database = home / "registry.db"
+    registry = RegistryServer(f"sqlite:///{database}", nodes_from(cluster, cluster_vhost, 3))
+    registry.start()
+    fabric = Fabric(broker_url=nodes_from(cluster, cluster_vhost, 1), registry_url=registry.url,
+                    home=home, vhost=cluster_vhost)
+    endpoint = fabric.configure_endpoint("on-cluster", engine="threads", workers=4,
+                                         heartbeat_period=1.0,
+                                         broker_url=nodes_from(cluster, cluster_vhost, 2))
+    endpoint.start()
+    try:
+        yield ClusterFabric(cluster, fabric, endpoint, database)
+    finally:
+        endpoint.stop_all()
+        registry.stop()

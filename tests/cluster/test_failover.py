@@ -13,19 +13,15 @@ first after) is printed (run with ``-s``) and written in the README's cluster se
 from __future__ import annotations
 
 import asyncio
-import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from itertools import pairwise
-from pathlib import Path
-
-import pytest
 
 from gc_client import AsyncExecutor, Client, ComputeFuture, Executor
-from tests.cluster.conftest import Cluster
-from tests.fabric import Endpoint, Fabric, RegistryServer, eventually
+from tests.cluster.conftest import ClusterFabric
+from tests.fabric import eventually
 
 TASKS = 5_000
 #: Results in before the fault: it meets the sweep in full flow, thousands of tasks queued,
@@ -35,45 +31,6 @@ BEFORE_FAULT = 1_000
 
 def double(x: int) -> int:
     return 2 * x
-
-
-def nodes_from(cluster: Cluster, vhost: str, first: int) -> str:
-    """Every node's URL on ``vhost``, starting with node ``first``: a session connects to
-    the first that answers."""
-    order = [*range(first, cluster.nodes + 1), *range(1, first)]
-    return ",".join(cluster.url(k, vhost) for k in order)
-
-
-@dataclass
-class ClusterFabric:
-    cluster: Cluster
-    fabric: Fabric
-    endpoint: Endpoint
-    database: Path
-
-    def ledger_counts(self) -> dict[str, int]:
-        with sqlite3.connect(self.database) as db:
-            return dict(db.execute("SELECT status, count(*) FROM tasks GROUP BY status").fetchall())
-
-
-@pytest.fixture
-def cluster_fabric(cluster: Cluster, cluster_vhost: str, tmp_path: Path) -> Iterator[ClusterFabric]:
-    home = tmp_path / "gc-home"
-    home.mkdir()
-    database = home / "registry.db"
-    registry = RegistryServer(f"sqlite:///{database}", nodes_from(cluster, cluster_vhost, 3))
-    registry.start()
-    fabric = Fabric(broker_url=nodes_from(cluster, cluster_vhost, 1), registry_url=registry.url,
-                    home=home, vhost=cluster_vhost)
-    endpoint = fabric.configure_endpoint("on-cluster", engine="threads", workers=4,
-                                         heartbeat_period=1.0,
-                                         broker_url=nodes_from(cluster, cluster_vhost, 2))
-    endpoint.start()
-    try:
-        yield ClusterFabric(cluster, fabric, endpoint, database)
-    finally:
-        endpoint.stop_all()
-        registry.stop()
 
 
 @dataclass
