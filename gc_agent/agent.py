@@ -731,7 +731,12 @@ class Agent:
             return "not started"
         if broker.gave_up is not None:
             return f"gave up: {broker.gave_up}"
-        return None if broker.connected else "disconnected; reconnecting"
+        if not broker.connected:
+            return "disconnected; reconnecting"
+        if broker.blocked is not None:
+            return (f"connected, but the broker takes no messages ({broker.blocked}): results "
+                    "wait until its memory or disk alarm clears")
+        return None
 
     def _note_depth(self, depth: int) -> None:
         self._queue_depth = depth

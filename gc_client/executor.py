@@ -374,9 +374,12 @@ class _Wire:
             time.sleep(0.005)
         unconfirmed = self._group.unconfirmed()
         if unconfirmed:
+            why = "" if session.blocked is None else (
+                f" (it takes no messages: {session.blocked}, a memory or disk alarm its "
+                "operator must clear)")
             _tell(f"the broker did not confirm {len(unconfirmed)} tasks of task group "
-                  f"{self._group.task_group_id!r} within {self._confirm_timeout:g}s; they may "
-                  f"never run: {' '.join(sorted(unconfirmed))}")
+                  f"{self._group.task_group_id!r} within {self._confirm_timeout:g}s{why}; they "
+                  f"may never run: {' '.join(sorted(unconfirmed))}")
 
     def close_when_idle(self, *, in_background: bool = False) -> None:
         """Close now (``in_background``: on a thread of its own) if every future is done,

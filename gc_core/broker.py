@@ -190,6 +190,9 @@ class BrokerSession:
         self.reconnects = 0
         # -- set by start() before the IO thread exists --
         self._thread: threading.Thread | None = None
+        #: Why the broker stopped reading what this session sends, and since when
+        #: (monotonic seconds); None while it reads (see ``blocked``).
+        self._blocked: tuple[str, float] | None = None
         #: The process that started the session: its connection and IO thread are that
         #: process's alone (see ``forked_away``).
         self._started_in: int | None = None
@@ -230,6 +233,13 @@ class BrokerSession:
     def connected(self) -> bool:
         """True while the channel is open and declared."""
         return self._ready.is_set()
+
+    @property
+    def blocked(self) -> str | None:
+        """Why the broker takes no messages from this session now (RabbitMQ's reason, as
+        ``low on memory``: a resource alarm), or None while it takes them."""
+        blocked = self._blocked
+        return None if blocked is None else blocked[0]
 
     @property
     def gave_up(self) -> BrokerRefused | None:
@@ -600,11 +610,28 @@ class BrokerSession:
 
     def _io_on_connection_open(self, connection: SelectConnection) -> None:
         self._opened = True
+        self._blocked = None
+        connection.add_on_connection_blocked_callback(self._io_on_blocked)
+        connection.add_on_connection_unblocked_callback(self._io_on_unblocked)
         # pika tells our close callback the reply code and text only; this sees the whole
         # Channel.Close first, whose class and method ids say which command it refused.
         connection.callbacks.add(_CHANNEL, spec.Channel.Close, self._io_note_channel_close,
                                  one_shot=False)
         connection.channel(_CHANNEL, on_open_callback=self._io_on_channel_open)
+
+    def _io_on_blocked(self, _connection: SelectConnection, frame: Method) -> None:
+        reason = str(getattr(frame.method, "reason", "") or "no reason given")[:200]
+        self._blocked = (reason, time.monotonic())
+        logger.warning("the broker at %s stopped taking messages from %s: %s. A broker does so "
+                       "while it runs low on memory or disk (a resource alarm), until its "
+                       "operator frees some; what is sent meanwhile waits, and nothing is lost",
+                       self.url, self._name, reason)
+
+    def _io_on_unblocked(self, _connection: SelectConnection, _frame: Method) -> None:
+        if self._blocked is not None:
+            logger.info("the broker at %s takes messages again from %s (after %.0f s)",
+                        self.url, self._name, time.monotonic() - self._blocked[1])
+        self._blocked = None
 
     def _io_on_connection_open_error(self, connection: SelectConnection,
                                      error: BaseException) -> None:
