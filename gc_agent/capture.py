@@ -20,6 +20,7 @@ import os
 import sys
 import tempfile
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import TextIO
@@ -122,6 +123,11 @@ def captured_output(limit: int) -> Iterator[tuple[BoundedText, BoundedText]]:
 
 #: Standard output and standard error, as file descriptors.
 _DESCRIPTORS = (1, 2)
+#: Seconds between looks at a worker's output files (see ``WorkerOutput``).
+WATCH_INTERVAL = 0.25
+#: Bytes a worker's output file may hold past the running task's limit before the excess
+#: is cut: enough not to cut at every look, little beside a node's temporary disk.
+FILE_SLACK = 2**20
 
 
 class WorkerOutput:
@@ -136,23 +142,37 @@ class WorkerOutput:
     task then retried as lost until dead-lettered) nor the task's own file (emptied as if it
     were the worker's). Append-only because a task's subprocesses share these files (and
     their offset): after they are emptied, their next write lands at the start.
+
+    Only the first ``limit`` bytes of each are ever kept, so a thread watches them while a
+    task runs: a file past that (and ``FILE_SLACK``) is cut back to it, and what was cut
+    is counted. A chatty subprocess therefore takes at most what it writes in
+    ``WATCH_INTERVAL`` of the node's temporary disk, not all it writes (an unnamed file
+    shows in no ``du``).
     """
 
     def __init__(self) -> None:
         self._files = tuple(_append_only_file() for _ in _DESCRIPTORS)
         self._streams = (_dispatcher("stdout"), _dispatcher("stderr"))
-        self.clear()
+        #: Taken by the watch and by whoever empties or reads the files.
+        self._lock = threading.Lock()
+        #: Bytes of each file the running task may keep; bytes cut from each since clear().
+        self._limit = 0
+        self._cut = [0 for _ in _DESCRIPTORS]
+        self.clear(0)
+        threading.Thread(target=self._watch, name="gc-output-watch", daemon=True).start()
 
-    def clear(self) -> None:
+    def clear(self, limit: int) -> None:
         """Put the descriptors and streams back and forget what reached the descriptors so
-        far (output of no task's, between tasks)."""
+        far (output of no task's, between tasks); keep ``limit`` bytes of each from now."""
         sys.stdout, sys.stderr = self._streams
-        for file, descriptor in zip(self._files, _DESCRIPTORS):
-            os.dup2(file, descriptor)
-            # The end's offset is the file's size: a third of the cost of os.fstat's, and
-            # most tasks print nothing (this runs before and after each of them).
-            if os.lseek(file, 0, os.SEEK_END):
-                os.ftruncate(file, 0)
+        with self._lock:
+            self._limit, self._cut = limit, [0 for _ in _DESCRIPTORS]
+            for file, descriptor in zip(self._files, _DESCRIPTORS):
+                os.dup2(file, descriptor)
+                # The end's offset is the file's size: a third of the cost of os.fstat's, and
+                # most tasks print nothing (this runs before and after each of them).
+                if os.lseek(file, 0, os.SEEK_END):
+                    os.ftruncate(file, 0)
 
     def following(self, stdout: str, stderr: str, limit: int) -> tuple[str, str]:
         """What a task printed, each followed by what reached descriptors 1 and 2 since
@@ -162,9 +182,25 @@ class WorkerOutput:
             # What other threads wrote through Python's own buffers; a task may have closed them.
             with suppress(ValueError, OSError):
                 stream.flush()
-        out, err = (_followed_by(text, file, limit) for text, file in zip((stdout, stderr),
-                                                                        self._files))
+        with self._lock:
+            out, err = (_followed_by(text, file, limit, cut) for text, file, cut
+                        in zip((stdout, stderr), self._files, self._cut))
+            self._cut = [0 for _ in _DESCRIPTORS]
         return out, err
+
+    def _watch(self) -> None:
+        """Cut each file back to the running task's limit once it grows past it."""
+        while True:
+            time.sleep(WATCH_INTERVAL)
+            # (task code may close any descriptor, ours too: then there is nothing to cut)
+            with self._lock, suppress(OSError):
+                for index, file in enumerate(self._files):
+                    # (a write that lands between the two calls is cut uncounted: the
+                    # count is a floor)
+                    size = os.lseek(file, 0, os.SEEK_END)
+                    if size > self._limit + FILE_SLACK:
+                        os.ftruncate(file, self._limit)
+                        self._cut[index] += size - self._limit
 
 
 def _append_only_file() -> int:
@@ -175,15 +211,16 @@ def _append_only_file() -> int:
         return os.dup(file.fileno())
 
 
-def _followed_by(text: str, file: int, limit: int) -> str:
-    """``text`` followed by what reached ``file``, which is emptied after it is read."""
+def _followed_by(text: str, file: int, limit: int, cut: int) -> str:
+    """``text`` followed by what reached ``file`` (which is emptied after it is read) and
+    the count of the ``cut`` bytes that reached it too."""
     size = os.lseek(file, 0, os.SEEK_END)
-    if size == 0:
+    if size == 0 and not cut:
         return text
     room = max(limit - len(text.encode("utf-8", "replace")), 0)
     data = os.pread(file, min(size, room), 0)
     os.ftruncate(file, 0)
     kept = BoundedText(room)
     kept.write(data.decode("utf-8", "replace"))
-    kept.skip(size - len(data))
+    kept.skip(size - len(data) + cut)
     return text + kept.text()

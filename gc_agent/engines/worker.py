@@ -48,7 +48,7 @@ def _run(job: Job, functions: FunctionCache, output: WorkerOutput, home: str) ->
     process's descriptors meanwhile. They are emptied first: what a thread an earlier job
     left behind wrote since is not this job's to see (the jobs of one batch may be different
     users')."""
-    output.clear()
+    output.clear(job.output_limit)
     return_to(home)
     outcome = run_job(job, functions)
     stdout, stderr = output.following(outcome.stdout, outcome.stderr, job.output_limit)

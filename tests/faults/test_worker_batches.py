@@ -116,6 +116,17 @@ def working_directory() -> str:
     return os.getcwd()
 
 
+def flood_standard_output(megabytes: int) -> int:
+    """Have a subprocess write ``megabytes`` MiB to standard output, as a chatty simulation
+    code does, then wait a second; return how large the file behind descriptor 1 is."""
+    import subprocess
+    import time
+
+    subprocess.run(["head", "-c", f"{megabytes}M", "/dev/zero"], check=True)
+    time.sleep(1.0)
+    return os.fstat(1).st_size
+
+
 def _job(function: Callable[..., Any], *args: Any, task_id: str = "") -> Job:
     return Job(task_id=task_id or str(uuid.uuid4()), function_id=f"fn-{function.__name__}",
                function_payload=cloudpickle.dumps(function), function_python=PYTHON_VERSION,
@@ -275,3 +286,15 @@ def test_the_next_job_runs_where_its_worker_started(engine: ProcessEngine, tmp_p
     assert after.state == "success", after.error
     assert _value(after) == _value(before)
     assert len({got[job.task_id].worker for job in jobs}) == 1
+
+
+def test_output_a_subprocess_floods_takes_no_more_disk_than_the_output_limit_needs(
+        engine: ProcessEngine) -> None:
+    # Descriptor output waits in an unnamed file (it shows in no `du`): a task whose code
+    # prints gigabytes must not fill the node's /tmp for everyone while it runs.
+    jobs = [_job(flood_standard_output, 200), _job(echo_on_descriptors, "next")]
+    got = _start_with(engine, jobs).each_once(jobs)
+    assert _value(got[jobs[0].task_id]) <= 2 * 2**20
+    marker = got[jobs[0].task_id].stdout.rsplit("[gc-fabric: output truncated, ", 1)[1]
+    assert int(marker.split()[0]) >= 198 * 2**20, marker  # what was cut is still counted
+    assert got[jobs[1].task_id].stdout == "said next\nnext on 1\n"
