@@ -35,6 +35,7 @@ from gc_core.errors import PublishNotConfirmed, TaskNotFound, TaskPending
 from gc_core.protocol import ResultMessage, TaskMessage
 from gc_core.registry_api.client import RegistryClient
 from gc_core.registry_api.schemas import (
+    MAX_SOURCE_LENGTH,
     EndpointOut,
     EndpointPolicy,
     EndpointStatus,
@@ -405,7 +406,10 @@ def _expected(task: TaskOut, serializer: str | None) -> Serializer:
 
 
 def _source_of(function: Callable[..., Any]) -> str | None:
+    """The function's source, to show beside it; None where there is none, or where it is
+    longer than the registry keeps (generated code: it is shown, never run)."""
     try:
-        return inspect.getsource(function)
+        source = inspect.getsource(function)
     except (OSError, TypeError):
         return None
+    return source if len(source) <= MAX_SOURCE_LENGTH else None

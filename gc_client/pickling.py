@@ -19,14 +19,16 @@ import site
 import sys
 import types
 from collections.abc import Callable, Iterator
+from contextlib import suppress
 from typing import Any
 
 import cloudpickle
 
 from gc_core.errors import SerializationError
+from gc_core.registry_api.schemas import MAX_FUNCTION_BYTES
 from gc_core.serialize import JSON, Serializer
 
-__all__ = ["arguments_error", "local_packages", "pickle_function"]
+__all__ = ["arguments_error", "local_packages", "pickle_function", "size_text"]
 
 #: Levels of lists, tuples and dicts searched for the part of an argument that fails.
 SEARCH_DEPTH = 4
@@ -52,7 +54,14 @@ def pickle_function(function: Callable[..., Any]) -> bytes:
         payload: bytes = cloudpickle.dumps(function)
     except Exception as exc:
         raise _function_error(function, exc) from exc
+    if len(payload) > MAX_FUNCTION_BYTES:
+        raise _function_too_large(function, len(payload))
     return payload
+
+
+def size_text(size: int) -> str:
+    """``157,286,424 bytes (150.0 MiB)``."""
+    return f"{size:,} bytes ({size / 2**20:.1f} MiB)"
 
 
 def local_packages(function: Callable[..., Any]) -> list[str]:
@@ -108,6 +117,24 @@ def _function_error(function: Callable[..., Any], error: Exception) -> Serializa
         f"{cloudpickle.__version__}{captured}: {_describe(error)}. Define the function so it does not capture the "
         "object: create it inside the function, or pass plain data, or a path or URL the "
         "endpoint can read, as an argument.")
+
+
+def _function_too_large(function: Callable[..., Any], size: int) -> SerializationError:
+    """The error for a function that pickles to ``size`` bytes, over what the registry
+    keeps: it names the largest thing it captures (a table, a model), which is the usual
+    cause."""
+    sizes = []
+    for label, value in _captured(function):
+        with suppress(Exception):  # what pickled whole pickles alone too; be safe anyway
+            sizes.append((len(cloudpickle.dumps(value)), label, value))
+    largest = max(sizes, key=lambda entry: entry[0], default=None)
+    captured = "" if largest is None or largest[0] < size // 2 else (
+        f": it captures {largest[1]!r} ({_type_name(largest[2])}, {size_text(largest[0])})")
+    return SerializationError(
+        f"function {_function_name(function)} serializes to {size_text(size)}, over the "
+        f"{size_text(MAX_FUNCTION_BYTES)} a registered function may take{captured}. Pass large "
+        "data as an argument (a task's arguments may take up to the broker's message size), "
+        "or as a path or URL the endpoint can read, and load it inside the function.")
 
 
 def _find_failure(serializer: Serializer | None, value: Any,

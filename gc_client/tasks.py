@@ -8,7 +8,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
-from gc_client.pickling import arguments_error
+from gc_client.pickling import arguments_error, size_text
 from gc_core.broker_limits import Refusal
 from gc_core.errors import (
     GCError,
@@ -135,8 +135,8 @@ def oversize(task: TaskMessage, limit: int) -> PublishNotConfirmed | None:
     if size <= limit:
         return None
     return PublishNotConfirmed(
-        f"task {task.task_id} was not sent: its arguments take {_bytes(size)}, over the "
-        f"broker's message size limit of {_bytes(limit)}. Pass large data by reference (a "
+        f"task {task.task_id} was not sent: its arguments take {size_text(size)}, over the "
+        f"broker's message size limit of {size_text(limit)}. Pass large data by reference (a "
         "path or URL on storage the endpoint can read) instead of as an argument, or, if "
         "the broker's max_message_size is larger, raise the limit: Client(max_message_size=...).")
 
@@ -202,7 +202,3 @@ def _decode(task_id: str, content_type: str, payload: bytes, serializer: Seriali
         raise SerializationError(
             f"cannot decode the result of task {task_id} ({content_type}): "
             f"{type(exc).__name__}: {exc}") from exc
-
-
-def _bytes(size: int) -> str:
-    return f"{size:,} bytes ({size / 2**20:.1f} MiB)"

@@ -11,6 +11,7 @@ from gc_core.protocol import ErrorInfo, Timings
 __all__ = [
     "MAX_DESCRIPTION_LENGTH",
     "MAX_FUNCTION_B64_LENGTH",
+    "MAX_FUNCTION_BYTES",
     "MAX_ID_LENGTH",
     "MAX_LABEL_LENGTH",
     "MAX_NAME_LENGTH",
@@ -60,8 +61,10 @@ MAX_TYPE_LENGTH = 100
 MAX_VERSION_LENGTH = 40
 #: Longest function source kept, in characters (1 MiB).
 MAX_SOURCE_LENGTH = 2**20
-#: Longest serialized function, as base64 (16 MiB of bytes).
-MAX_FUNCTION_B64_LENGTH = 4 * (16 * 2**20 // 3 + 1)
+#: Largest serialized function, in bytes.
+MAX_FUNCTION_BYTES = 16 * 2**20
+#: Longest serialized function, as base64.
+MAX_FUNCTION_B64_LENGTH = 4 * (MAX_FUNCTION_BYTES // 3 + 1)
 
 #: Text shown on one line: no control characters (a newline or an escape sequence in a name
 #: would forge lines, or rewrite the screen, wherever it is listed).

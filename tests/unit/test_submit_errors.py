@@ -13,7 +13,7 @@ import pytest
 
 from gc_client import Client
 from gc_client.tasks import make_task
-from gc_core.errors import SerializationError
+from gc_core.errors import RegistryError, SerializationError
 from gc_core.serialize import CLOUDPICKLE, JSON, Serializer
 
 #: Nothing listens here: registering must fail before it would talk to a registry.
@@ -99,3 +99,32 @@ def test_a_function_that_captures_an_open_socket_is_named(offline_client: Client
             offline_client.register_function(send_all)
     assert "send_all" in str(caught.value) and "'sock'" in str(caught.value)
     assert "socket" in str(caught.value)
+
+
+def test_a_function_that_captures_too_much_data_is_named_with_what_it_captures(
+        offline_client: Client) -> None:
+    # 20 MiB of captured data: past what the registry keeps for a function (16 MiB)
+    table = bytes(20 * 2**20)
+
+    def lookup(i: int) -> int:
+        return table[i]
+
+    with pytest.raises(SerializationError) as caught:
+        offline_client.register_function(lookup)
+    message = str(caught.value)
+    assert "lookup" in message and "'table'" in message and "bytes" in message
+    assert "20.0 MiB" in message and "16.0 MiB" in message
+    assert "as an argument" in message and "path or URL" in message
+
+
+def test_a_function_with_a_source_past_what_the_registry_keeps_registers_without_it(
+        offline_client: Client, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Generated code can be long: the source is shown, not run, so it is left out
+    module = tmp_path / "generated_table.py"
+    rows = "\n".join(f"        {i}: {i * i}," for i in range(60_000))
+    module.write_text(f"def square(i):\n    return {{\n{rows}\n    }}[i]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    from generated_table import square  # type: ignore[import-not-found]
+
+    with pytest.raises(RegistryError):  # it got as far as asking the registry (there is none)
+        offline_client.register_function(square)
