@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from typing import Any
+
 from gc_agent.config import EndpointConfig
 from gc_core.errors import ConfigError, GCError, PolicyError, VersionMismatch
 from gc_core.protocol import ErrorInfo, TaskMessage
@@ -13,12 +16,26 @@ from gc_core.serialize import (
     python_minor,
 )
 
-__all__ = ["check_identities_verifiable", "refusal", "verifies_senders"]
+__all__ = ["RESOURCE_KEYS", "check_identities_verifiable", "refusal", "resource_spec_problem",
+           "verifies_senders"]
+
+#: Every key a task's resource specification may hold, on every engine, with the types
+#: allowed: Parsl's HTEX takes ``priority`` (lower runs first; the local engines run tasks
+#: in order); the MPI keys (Parsl's MPI-mode names) size an MPIFunction's launch on the
+#: worker, which sees the whole specification (``gc_core.task_context``). Any other key is
+#: refused rather than ignored, so that a task asking for what no engine gives (``num_gpus``,
+#: ``cores``) is told so instead of running without it.
+RESOURCE_KEYS: dict[str, tuple[type, ...]] = {
+    "priority": (int, float), "num_nodes": (int,), "ranks_per_node": (int,),
+    "num_ranks": (int,), "launcher_options": (str,)}
 
 
 def refusal(task: TaskMessage, *, endpoint_id: str, allowed_serializers: frozenset[str],
             allowed_functions: frozenset[str] | None = None) -> ErrorInfo | None:
     """Why this endpoint refuses ``task``, or None if it may run."""
+    if task.resource_spec and (problem := resource_spec_problem(task.resource_spec)):
+        return ErrorInfo(type="InvalidResourceSpecification",
+                         message=f"task {task.task_id}: {problem}")
     try:
         _check(task, endpoint_id=endpoint_id, allowed_serializers=allowed_serializers)
         if allowed_functions is not None and task.function_id not in allowed_functions:
@@ -26,6 +43,20 @@ def refusal(task: TaskMessage, *, endpoint_id: str, allowed_serializers: frozens
                               "allowed_functions; its owner may add it to the config's list")
     except GCError as exc:
         return ErrorInfo(type=type(exc).__name__, message=str(exc))
+    return None
+
+
+def resource_spec_problem(spec: Mapping[str, Any]) -> str | None:
+    """What is wrong with a task's resource specification, or None."""
+    allowed = ", ".join(RESOURCE_KEYS)
+    for key, value in spec.items():
+        types = RESOURCE_KEYS.get(key)
+        if types is None:
+            return (f"resource_specification key {key!r} is not supported by gc-fabric's "
+                    f"engines; allowed: {allowed}")
+        if isinstance(value, bool) or not isinstance(value, types):
+            wanted = " or ".join(t.__name__ for t in types)
+            return (f"resource_specification {key!r} must be {wanted}, got {value!r}")
     return None
 
 

@@ -18,8 +18,6 @@ __all__ = ["MPIFunction", "ShellFunction", "ShellResult"]
 
 #: Exit status reported when a command outlives its walltime (as coreutils' timeout does).
 WALLTIME_EXCEEDED = 124
-#: Resource-specification keys MPIFunction understands.
-MPI_RESOURCE_KEYS = frozenset({"num_nodes", "ranks_per_node", "num_ranks", "launcher_options"})
 
 
 @dataclass(frozen=True)
@@ -102,13 +100,13 @@ class MPIFunction(ShellFunction):
 def mpi_prefix(launcher: str, spec: dict[str, Any]) -> str:
     """``mpiexec -n 4 [options]`` from a resource specification.
 
+    Only ``num_ranks``, ``num_nodes``, ``ranks_per_node`` and ``launcher_options`` size
+    the launch; ``priority`` is the scheduler's, and the agent refused any key no engine
+    honours before the task ran (``gc_agent.policy.RESOURCE_KEYS``).
+
     Raises:
-        ConfigError: an unknown key, or a rank count that is not a positive integer.
+        ConfigError: a rank count that is not a positive integer.
     """
-    unknown = set(spec) - MPI_RESOURCE_KEYS
-    if unknown:
-        raise ConfigError(f"unknown resource_specification keys {sorted(unknown)}; "
-                          f"MPIFunction understands {sorted(MPI_RESOURCE_KEYS)}")
     ranks = spec.get("num_ranks", spec.get("num_nodes", 1) * spec.get("ranks_per_node", 1))
     if not isinstance(ranks, int) or ranks < 1:
         raise ConfigError(f"the rank count must be a positive integer, got {ranks!r}")

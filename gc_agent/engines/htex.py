@@ -53,12 +53,6 @@ logger = logging.getLogger(__name__)
 STRATEGY = "simple"
 #: Resource-specification keys Parsl's interchange itself understands (lower runs first).
 PARSL_RESOURCE_KEYS = ("priority",)
-#: Every key a task's resource specification may hold here, with the types allowed: Parsl's
-#: HTEX takes ``priority``; the MPI keys (Parsl's MPI-mode names) size an MPIFunction's
-#: launch on the worker, which sees the whole specification (``gc_core.task_context``).
-RESOURCE_KEYS: dict[str, tuple[type, ...]] = {
-    "priority": (int, float), "num_nodes": (int,), "ranks_per_node": (int,),
-    "num_ranks": (int,), "launcher_options": (str,)}
 #: Environment variables naming the batch job a worker runs in, by scheduler.
 BATCH_JOB_VARIABLES = (("slurm", "SLURM_JOB_ID"), ("pbs", "PBS_JOBID"), ("lsf", "LSB_JOBID"))
 
@@ -107,20 +101,6 @@ def describe_worker(worker: str, environ: Mapping[str, str]) -> str:
     parts += [f"{scheduler} job {environ[name]}" for scheduler, name in BATCH_JOB_VARIABLES
               if environ.get(name)]
     return " ".join(parts)
-
-
-def resource_spec_problem(spec: Mapping[str, Any]) -> str | None:
-    """What is wrong with a task's resource specification for this engine, or None."""
-    allowed = ", ".join(RESOURCE_KEYS)
-    for key, value in spec.items():
-        types = RESOURCE_KEYS.get(key)
-        if types is None:
-            return (f"resource_specification key {key!r} is not supported by the htex engine; "
-                    f"allowed: {allowed}")
-        if isinstance(value, bool) or not isinstance(value, types):
-            wanted = " or ".join(t.__name__ for t in types)
-            return (f"resource_specification {key!r} must be {wanted}, got {value!r}")
-    return None
 
 
 @dataclass
@@ -227,11 +207,7 @@ class HtexEngine(Engine):
                           "workers_idle": workers - busy}
 
     def submit(self, job: Job, on_done: OnDone) -> None:
-        problem = resource_spec_problem(job.resource_spec)
-        if problem is not None:
-            on_done(Outcome(job.task_id, "failed", error=ErrorInfo(
-                type="InvalidResourceSpecification", message=f"task {job.task_id}: {problem}")))
-            return
+        # (the agent refused a resource specification it holds no key of ours in: policy.py)
         with self._lock:
             self._tasks[job.task_id] = _Task(job, on_done)
             self._waiting.append(job.task_id)

@@ -200,3 +200,19 @@ def test_a_forked_child_runs_tasks_through_its_parents_client(client: Client,
                           30, "the child's task to finish")
 
     assert _in_a_forked_child(run_and_wait) == "returned 49"
+
+
+def test_a_resource_specification_no_engine_honours_fails_its_task_on_every_engine(
+        client: Client, endpoint: Endpoint) -> None:
+    # as on the htex engine (tests/scheduler): asked of a processes engine, num_gpus was
+    # silently ignored, and the task ran without the GPUs it asked for
+    with Executor(endpoint_id=endpoint.endpoint_id, client=client,
+                  resource_specification={"num_gpus": 2}) as ex:
+        with pytest.raises(TaskExecutionFailed) as caught:
+            ex.submit(square, 3).result(timeout=60)
+    assert caught.value.remote_type == "InvalidResourceSpecification"
+    assert "'num_gpus'" in caught.value.remote_message
+    assert "num_ranks" in caught.value.remote_message  # and what it may hold
+    with Executor(endpoint_id=endpoint.endpoint_id, client=client,
+                  resource_specification={"num_ranks": 2}) as ex:  # what MPIFunction reads
+        assert ex.submit(square, 3).result(timeout=60) == 9

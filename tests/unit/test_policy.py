@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from gc_agent.policy import refusal
+from gc_agent.policy import refusal, resource_spec_problem
 from gc_core.protocol import TaskMessage
 from gc_core.serialize import CLOUDPICKLE, JSON, PYTHON_VERSION
 
@@ -74,3 +74,24 @@ def test_a_json_task_from_another_python_is_not_refused() -> None:
                   sender_serializer=JSON.label)
 
     assert refusal(task, endpoint_id="ep-1", allowed_serializers=BOTH) is None
+
+
+# -- resource specifications, on every engine --------------------------------------------
+
+
+def test_a_resource_specification_with_the_engines_keys_is_accepted() -> None:
+    assert resource_spec_problem({"priority": 2.5, "num_nodes": 2, "ranks_per_node": 4,
+                                  "num_ranks": 8, "launcher_options": "--bind-to core"}) is None
+
+
+def test_an_unknown_resource_specification_key_is_named_with_the_allowed_ones() -> None:
+    problem = resource_spec_problem({"num_nodes": 1, "cores": 4})
+
+    assert problem is not None and "'cores'" in problem
+    assert "allowed: priority, num_nodes, ranks_per_node, num_ranks, launcher_options" in problem
+
+
+def test_a_resource_specification_value_of_the_wrong_type_is_named() -> None:
+    assert resource_spec_problem({"num_nodes": "2"}) \
+        == "resource_specification 'num_nodes' must be int, got '2'"
+    assert resource_spec_problem({"priority": True}) is not None

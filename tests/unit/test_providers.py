@@ -200,31 +200,7 @@ def test_a_status_poll_period_replaces_parsls_fixed_interval() -> None:
     assert isinstance(polled, LocalProvider) and polled.status_polling_interval == 1.5
 
 
-# -- what the htex engine checks and reports per task -----------------------------------
-
-
-def test_a_resource_specification_with_the_htex_keys_is_accepted() -> None:
-    from gc_agent.engines.htex import resource_spec_problem
-
-    assert resource_spec_problem({"priority": 2.5, "num_nodes": 2, "ranks_per_node": 4,
-                                  "num_ranks": 8, "launcher_options": "--bind-to core"}) is None
-
-
-def test_an_unknown_resource_specification_key_is_named_with_the_allowed_ones() -> None:
-    from gc_agent.engines.htex import resource_spec_problem
-
-    problem = resource_spec_problem({"num_nodes": 1, "cores": 4})
-
-    assert problem is not None and "'cores'" in problem
-    assert "allowed: priority, num_nodes, ranks_per_node, num_ranks, launcher_options" in problem
-
-
-def test_a_resource_specification_value_of_the_wrong_type_is_named() -> None:
-    from gc_agent.engines.htex import resource_spec_problem
-
-    assert resource_spec_problem({"num_nodes": "2"}) \
-        == "resource_specification 'num_nodes' must be int, got '2'"
-    assert resource_spec_problem({"priority": True}) is not None
+# -- what the htex engine reports per task ---------------------------------------------
 
 
 def test_a_worker_names_its_block_and_batch_job() -> None:
