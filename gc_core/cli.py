@@ -136,8 +136,15 @@ class CommandLine(click.Group):
         click.version_option(VERSION, message=VERSION_LINE)(self)
 
     def invoke(self, ctx: click.Context) -> Any:
-        with reported_errors():
-            return super().invoke(ctx)
+        try:
+            with reported_errors():
+                return super().invoke(ctx)
+        except click.NoSuchOption as exc:
+            if _number(exc.option_name) is None or exc.ctx is None:
+                raise
+            raise click.UsageError(
+                f"{exc.message} An argument that starts with '-' goes after --, which ends the "
+                f"options: {exc.ctx.command_path} [OPTIONS] -- ARGS...", ctx=exc.ctx) from exc
 
 
 def format_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
@@ -160,6 +167,14 @@ def format_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str
         "  ".join(text.rjust(width) if right else text.ljust(width)
                   for text, width, right in zip(row, widths, numeric)).rstrip()
         for row in cells)
+
+
+def _number(text: str) -> float | None:
+    """``text`` as a number (``-5``, ``-0.5``, ``-1e3``), or None."""
+    try:
+        return float(text)
+    except ValueError:
+        return None
 
 
 def _is_number(value: object) -> bool:

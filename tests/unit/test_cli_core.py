@@ -131,6 +131,23 @@ def test_an_error_in_the_groups_own_callback_ends_the_same_way() -> None:
     assert (done.exit_code, done.stderr) == (EXIT_ERROR, "Error: cannot read the stored login\n")
 
 
+def test_a_negative_number_taken_for_an_option_is_told_to_go_after_a_double_dash() -> None:
+    program = _program()
+
+    @program.command()
+    @click.argument("args", nargs=-1)
+    def run(args: tuple[str, ...]) -> None:
+        click.echo(" ".join(args))
+
+    done = CliRunner().invoke(program, ["run", "3", "-5"])
+
+    assert done.exit_code == EXIT_USAGE
+    assert "No such option '-5'" in done.stderr and "after --" in done.stderr
+    assert "program run [OPTIONS] -- ARGS" in done.stderr
+    assert CliRunner().invoke(program, ["run", "--", "3", "-5"]).stdout == "3 -5\n"
+    assert "after --" not in CliRunner().invoke(program, ["run", "--nope"]).stderr
+
+
 def test_a_bug_keeps_its_traceback() -> None:
     done = CliRunner().invoke(_program(), ["bug"])
 
