@@ -27,6 +27,14 @@ from functools import partial
 from typing import Any
 
 from pydantic import ValidationError
+from tenacity import (
+    RetryCallState,
+    Retrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    stop_when_event_set,
+    wait_exponential,
+)
 
 from gc_agent import metrics
 from gc_agent.admission import Admission, AdmissionKey
@@ -44,7 +52,7 @@ from gc_core.broker_limits import Refusal
 from gc_core.broker_login import token_login
 from gc_core.broker_publisher import ConfirmCallback
 from gc_core.coalesce import Coalescer
-from gc_core.errors import GCError, ProtocolError
+from gc_core.errors import GCError, ProtocolError, RegistryUnreachable
 from gc_core.protocol import (
     H_GROUP,
     H_USER,
@@ -93,6 +101,9 @@ _CANCEL_SHOWN = {
 _COUNTER = {"success": "succeeded", "failed": "failed", "cancelled": "cancelled"}
 #: Characters of an untrusted value (an exception's text, a forged id) a log line shows.
 LOGGED_TEXT = 300
+#: Seconds a task whose function must be fetched waits for a registry that cannot be
+#: reached (restarting, upgraded) before it fails saying so.
+REGISTRY_PATIENCE = 300.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -345,19 +356,40 @@ class Agent:
                 self._settle(each, Settlement.REQUEUE)
 
     def _prepare(self, key: AdmissionKey, task: TaskMessage) -> None:
-        function: _Function | ErrorInfo
+        function: _Function | ErrorInfo | None
         try:
-            function = self._admit(task) or self._function(task.function_id)
+            function = self._admitted_function(task)
         except Exception as exc:  # noqa: BLE001 - the registry's answer is as untrusted as any message
-            function = error_info(type(exc).__name__,
-                                  f"cannot fetch function {task.function_id}: {exc}")
+            # (a registry still unreachable when the agent stops: the tasks go back, below)
+            function = None if self._stopped.is_set() else error_info(
+                type(exc).__name__, f"cannot fetch function {task.function_id}: {exc}")
         with self._fetch_lock:
             waiting = self._fetching.pop(key, [])
         for ticket in waiting:
-            if isinstance(function, _Function):
+            if function is None:
+                self._settle(ticket, Settlement.REQUEUE)
+            elif isinstance(function, _Function):
                 self._handling(ticket, partial(self._run, function=function))
             else:
                 self._handling(ticket, partial(self._answer_error, error=function))
+
+    def _admitted_function(self, task: TaskMessage) -> _Function | ErrorInfo:
+        """The task's function, once the registry admits the task (else its refusal). A
+        registry that cannot be reached (restarting, say) is asked again, for up to
+        ``REGISTRY_PATIENCE`` seconds or until the agent stops: the task waits, unacked."""
+        def waiting(state: RetryCallState) -> None:
+            if state.attempt_number == 1:
+                logger.warning("cannot fetch function %s for task %s (%s); waiting for the "
+                               "registry, up to %.0f s", task.function_id, task.task_id,
+                               state.outcome.exception() if state.outcome else "",
+                               REGISTRY_PATIENCE)
+
+        patiently = Retrying(
+            retry=retry_if_exception_type(RegistryUnreachable), reraise=True,
+            stop=stop_after_delay(REGISTRY_PATIENCE) | stop_when_event_set(self._stopped),
+            wait=wait_exponential(multiplier=0.25, max=5), sleep=self._pause,
+            before_sleep=waiting)
+        return patiently(lambda: self._admit(task) or self._function(task.function_id))
 
     def _admit(self, task: TaskMessage) -> ErrorInfo | None:
         """The registry's refusal of ``task`` as an error result, or None."""
@@ -368,6 +400,10 @@ class Agent:
             return None
         return error_info("PolicyError",
                           f"endpoint {self.endpoint_id} refuses task {task.task_id}: {reason}")
+
+    def _pause(self, seconds: float) -> None:
+        """Sleep ``seconds``, or less if the agent stops meanwhile."""
+        self._stopped.wait(seconds)
 
     def _identity_of(self, task: TaskMessage) -> str:
         """Whom a multi-user endpoint maps to a local account: the sender the broker

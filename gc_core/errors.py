@@ -24,6 +24,7 @@
     │   └── EndpointError          the endpoint's agent or engine failed the task itself
     ├── PolicyError                the endpoint refuses the task
     ├── RegistryError              the registry answered with an error or not at all
+    │   ├── RegistryUnreachable    not at all, or that it is unavailable (502, 503, 504)
     │   ├── NotFound
     │   ├── NotAuthenticated       no token, or one that is unknown, expired or revoked (401)
     │   └── Forbidden              authenticated, but a policy does not allow it (403)
@@ -62,6 +63,7 @@ __all__ = [
     "ProtocolError",
     "PublishNotConfirmed",
     "RegistryError",
+    "RegistryUnreachable",
     "ResultNotSerializable",
     "ResultTooLarge",
     "SerializationError",
@@ -288,6 +290,11 @@ class RegistryError(GCError):
     def __init__(self, message: str, *, status: int | None = None) -> None:
         super().__init__(message)
         self.status = status
+
+
+class RegistryUnreachable(RegistryError):
+    """The registry did not answer, or answered that it cannot serve now: asking again
+    later may succeed (a registry restarting, a proxy before it without a backend)."""
 
 
 class NotFound(RegistryError):

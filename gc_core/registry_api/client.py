@@ -17,6 +17,7 @@ from gc_core.errors import (
     NotAuthenticated,
     NotFound,
     RegistryError,
+    RegistryUnreachable,
     find_certificate_failure,
 )
 from gc_core.forks import current_pid
@@ -44,6 +45,8 @@ __all__ = ["RegistryClient"]
 
 #: Seconds to wait for the registry; it is never on the task path.
 REGISTRY_TIMEOUT = 15.0
+#: Statuses of a registry (or a proxy before it) that cannot serve now but may soon.
+UNAVAILABLE = frozenset({502, 503, 504})
 
 _Model = TypeVar("_Model", bound=BaseModel)
 
@@ -210,7 +213,7 @@ class RegistryClient:
                     f"verification ({failure.verify_message}); reach it by a name the "
                     "certificate holds, with SSL_CERT_FILE naming the CA that signed it"
                 ) from exc
-            raise RegistryError(
+            raise RegistryUnreachable(
                 f"cannot reach the registry at {self.url}: {exc}; is `gc-registry serve` "
                 "running, and does GC_REGISTRY_URL point at it?") from exc
         if response.status_code == 404:
@@ -219,6 +222,10 @@ class RegistryClient:
             raise NotAuthenticated(_detail(response))
         if response.status_code == 403:
             raise Forbidden(_detail(response))
+        if response.status_code in UNAVAILABLE:
+            raise RegistryUnreachable(f"the registry at {self.url} cannot serve {method} "
+                                      f"{path} now: {_detail(response)}",
+                                      status=response.status_code)
         if response.status_code >= 400:
             raise RegistryError(f"registry refused {method} {path}: {_detail(response)}",
                                 status=response.status_code)
