@@ -14,7 +14,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from tests.fabric import Endpoint, Fabric, RegistryServer, rabbitmqctl
+from tests.fabric import Endpoint, Fabric, RegistryServer, fresh_vhost
 
 #: Folders whose tests share one resource of the machine's (the cluster's fixed ports, the one
 #: Slurm): under xdist they all run in one worker.
@@ -41,11 +41,15 @@ def vhost() -> Iterator[str]:
         if os.environ.get("CI"):
             pytest.fail(message)
         pytest.skip(message)
-    name = f"gc-test-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_vhost", name)
-    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    yield name
-    rabbitmqctl("delete_vhost", name)
+    with fresh_vhost("gc-test") as name:
+        yield name
+
+
+@pytest.fixture
+def own_vhost(vhost: str) -> Iterator[str]:
+    """A fresh vhost of the test's own (the session's ``vhost`` checks the broker is there)."""
+    with fresh_vhost("gc-own") as name:
+        yield name
 
 
 @pytest.fixture(scope="session")

@@ -10,7 +10,9 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -75,6 +77,19 @@ def rabbitmqctl(*args: str, timeout: float = 60) -> str:
     if done.returncode != 0:
         raise RuntimeError(f"rabbitmqctl {' '.join(args)} failed: {done.stderr.strip()}")
     return done.stdout
+
+
+@contextmanager
+def fresh_vhost(prefix: str) -> Iterator[str]:
+    """A new vhost on the local broker, named ``prefix-<random>``, where guest may do
+    anything; deleted after."""
+    name = f"{prefix}-{uuid.uuid4().hex[:8]}"
+    rabbitmqctl("add_vhost", name)
+    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
+    try:
+        yield name
+    finally:
+        rabbitmqctl("delete_vhost", name)
 
 
 class RegistryServer:

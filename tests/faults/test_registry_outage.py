@@ -5,27 +5,15 @@ it must not fail it."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
 from gc_client import Client, Executor
-from tests.fabric import Endpoint, Fabric, eventually, free_port, rabbitmqctl
+from tests.fabric import Endpoint, Fabric, eventually, free_port
 from tests.integration.test_registry_replicas import Served, _amqp_url, _consuming, _serve
 
 
 def quadruple(x: int) -> int:
     return 4 * x
-
-
-@pytest.fixture
-def own_vhost(vhost: str) -> Iterator[str]:
-    name = f"gc-outage-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_vhost", name)
-    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    yield name
-    rabbitmqctl("delete_vhost", name)
 
 
 def test_a_task_whose_function_is_fetched_while_the_registry_restarts_runs_once_it_is_back(

@@ -9,13 +9,13 @@ from __future__ import annotations
 import os
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 import pytest
 
 from tests.conftest import BROKER_HOST, BROKER_PORT
-from tests.fabric import RegistryServer, rabbitmqctl
+from tests.fabric import RegistryServer, fresh_vhost
 
 #: The PostgreSQL server the tests use (trust authentication, as on the dev machines and CI).
 POSTGRES_ADMIN_URL = os.environ.get("GC_TEST_POSTGRES", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -75,20 +75,14 @@ def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
 @pytest.fixture(scope="module")
 def own_registry(vhost: str, tmp_path_factory: pytest.TempPathFactory) -> Iterator[OwnRegistry]:
     """Start registries of this module's own, each on a fresh vhost; all stopped after."""
-    started: list[tuple[RegistryServer, str]] = []
+    with ExitStack() as stack:
+        def start(db_url: str, auth: str) -> tuple[RegistryServer, str]:
+            name = stack.enter_context(fresh_vhost("gc-own"))
+            broker_url = f"amqp://guest:guest@{BROKER_HOST}:{BROKER_PORT}/{name}"
+            # guest publishes everything here: the broker checks no sender for the ledger
+            server = RegistryServer(db_url, broker_url, auth=auth, broker_checks_user_id=False)
+            server.start()
+            stack.callback(server.stop)  # (stopped before its vhost goes: last in, first out)
+            return server, broker_url
 
-    def start(db_url: str, auth: str) -> tuple[RegistryServer, str]:
-        name = f"gc-own-{uuid.uuid4().hex[:8]}"
-        rabbitmqctl("add_vhost", name)
-        rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-        broker_url = f"amqp://guest:guest@{BROKER_HOST}:{BROKER_PORT}/{name}"
-        # guest publishes everything here: the broker checks no sender for the ledger
-        server = RegistryServer(db_url, broker_url, auth=auth, broker_checks_user_id=False)
-        started.append((server, name))
-        server.start()
-        return server, broker_url
-
-    yield start
-    for server, name in started:
-        server.stop()
-        rabbitmqctl("delete_vhost", name)
+        yield start

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,17 +16,14 @@ from gc_core.registry.db import Base, open_database
 from gc_core.registry.ledger import Ledger
 from gc_core.topology import load_topology
 from tests.conftest import BROKER_HOST, BROKER_PORT
-from tests.fabric import rabbitmqctl
+from tests.fabric import fresh_vhost
 
 
 @pytest.fixture
 def own_vhost(vhost: str) -> Iterator[str]:
     """A vhost of this test's own: its ledger must be the only consumer of gc.ledger."""
-    name = f"gc-ledger-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_vhost", name)
-    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    yield f"amqp://guest:guest@{BROKER_HOST}:{BROKER_PORT}/{name}"
-    rabbitmqctl("delete_vhost", name)
+    with fresh_vhost("gc-ledger") as name:
+        yield f"amqp://guest:guest@{BROKER_HOST}:{BROKER_PORT}/{name}"
 
 
 def test_a_result_that_cannot_be_written_is_kept_and_written_once_the_database_is_back(

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -20,18 +19,15 @@ import pytest
 
 from gc_core.topology import load_topology
 from tests.conftest import BROKER_HOST, BROKER_PORT
-from tests.fabric import free_port, rabbitmqctl
+from tests.fabric import free_port, fresh_vhost
 
 SCRIPT = Path(__file__).resolve().parents[2] / "deploy" / "local-stack.sh"
 
 
 @pytest.fixture(scope="module")
 def stack_vhost(vhost: str) -> Iterator[str]:  # `vhost`: the broker is there, or the run skips
-    name = f"gc-stack-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_vhost", name)
-    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    yield name
-    rabbitmqctl("delete_vhost", name)
+    with fresh_vhost("gc-stack") as name:
+        yield name
 
 
 def _stack(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

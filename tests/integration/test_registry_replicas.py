@@ -85,16 +85,6 @@ def database() -> Iterator[str]:
         yield url
 
 
-@pytest.fixture
-def own_vhost(vhost: str) -> Iterator[str]:
-    """A fresh vhost (the session's ``vhost`` fixture checks the broker is there)."""
-    name = f"gc-replicas-{uuid.uuid4().hex[:8]}"
-    rabbitmqctl("add_vhost", name)
-    rabbitmqctl("set_permissions", "-p", name, "guest", ".*", ".*", ".*")
-    yield name
-    rabbitmqctl("delete_vhost", name)
-
-
 def _amqp_url(vhost: str, credentials: str = "guest:guest") -> str:
     return f"amqp://{credentials}@{BROKER_HOST}:{BROKER_PORT}/{vhost}"
 
