@@ -312,7 +312,7 @@ class _Wire:
         session = self._session
         if session is not None and not self._closed:
             if session.forked_away:
-                raise RuntimeError(_forked_away(session))
+                raise RuntimeError(_unusable_in_child(session))
             return session
         with self._lock:
             if self._closed:
@@ -473,7 +473,7 @@ _OPEN_WIRES: set[_Wire] = set()
 os.register_at_fork(after_in_child=_OPEN_WIRES.clear)
 
 
-def _forked_away(session: BrokerSession) -> str:
+def _unusable_in_child(session: BrokerSession) -> str:
     """Why an Executor cannot be used in a process forked from the one it connected in."""
     return (f"this Executor's connection belongs to process {session.started_in}, which this "
             "process was forked from: a forked child cannot send through it, and its results "

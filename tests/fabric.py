@@ -59,14 +59,25 @@ def free_port() -> int:
     """A port nothing listens on now, for a listener a test starts soon after. Not one the
     kernel hands out (binding port 0): until the listener binds it, any outgoing connection
     may take it as its local port (the likely reason a secured node once failed to start,
-    its distribution port 'already used' by something that was no Erlang node)."""
+    its distribution port 'already used' by something that was no Erlang node). Until the
+    listener binds it, another test may be given it too: a listener in this process takes
+    :func:`held_port` instead."""
+    with held_port() as sock:
+        return int(sock.getsockname()[1])
+
+
+def held_port() -> socket.socket:
+    """A socket bound to a free port of TEST_PORTS, which nobody else gets while it is
+    held (a server started in this process listens on it)."""
     for port in random.sample(TEST_PORTS, 100):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("127.0.0.1", port))
-            except OSError:
-                continue
-            return port
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            sock.close()
+            continue
+        return sock
     raise RuntimeError(f"no free port among 100 tried in {TEST_PORTS}")
 
 
@@ -98,7 +109,9 @@ class RegistryServer:
     def __init__(self, db_url: str, broker_url: str, *, auth: str = "open",
                  broker_auth_secret: str | None = None,
                  broker_checks_user_id: bool = True) -> None:
-        self.port = free_port()
+        # Held from now on, not only once it serves: a secured node starts between the two.
+        self._socket = held_port()
+        self.port = int(self._socket.getsockname()[1])
         self.url = f"http://127.0.0.1:{self.port}"
         #: What the broker presents on /auth/* (None: the registry answers its own host).
         self.broker_auth_secret = broker_auth_secret
@@ -108,7 +121,8 @@ class RegistryServer:
             broker_checks_user_id=broker_checks_user_id))
         self._server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port,
                                                      log_level="warning", lifespan="on"))
-        self._thread = threading.Thread(target=self._server.run, daemon=True)
+        self._thread = threading.Thread(target=self._server.run, args=([self._socket],),
+                                        daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -121,6 +135,7 @@ class RegistryServer:
     def stop(self) -> None:
         self._server.should_exit = True
         self._thread.join(15)
+        self._socket.close()  # (uvicorn closed it if it served; if it never started, here)
 
 
 @dataclass
