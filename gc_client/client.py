@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from gc_client.pickling import pickle_function
+from gc_client.pickling import CapturedState, pickle_function
 from gc_client.tasks import (
     Outgoing,
     cancel_message,
@@ -108,7 +108,8 @@ class Client:
         self.registry = RegistryClient(self.settings.registry_url, token=self.settings.token)
         #: Task group of tasks sent with :meth:`run`.
         self.task_group_id = new_id()
-        self._by_object: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
+        self._by_object: weakref.WeakKeyDictionary[Any, tuple[str, CapturedState]] = \
+            weakref.WeakKeyDictionary()
         self._by_hash: dict[str, str] = {}
         self._publisher: BrokerSession | None = None
         self._lock = threading.Lock()
@@ -129,6 +130,7 @@ class Client:
         cached = self.registered_function_id(function)
         if cached is not None:
             return cached
+        captured = CapturedState(function)
         payload = pickle_function(function)
         digest = hashlib.sha256(payload).hexdigest()
         function_id = self._by_hash.get(digest)
@@ -138,7 +140,7 @@ class Client:
                 source=_source_of(function), owner=self.settings.user)
             self._by_hash[digest] = function_id
         try:
-            self._by_object[function] = function_id
+            self._by_object[function] = (function_id, captured)
         except TypeError:
             pass  # not weak-referenceable: the hash cache still spares the registry
         return function_id
@@ -147,17 +149,22 @@ class Client:
         """The id :meth:`register_function` gave this very function object, if any (no
         registry call, no pickling: for callers that must not block)."""
         try:
-            return self._by_object.get(function)
+            cached = self._by_object.get(function)
         except TypeError:
             return None
+        if cached is None or cached[1].changed():
+            return None  # (changed: pickled again, registered anew if its bytes differ)
+        return cached[0]
 
     def delete_function(self, function_id: str) -> FunctionOut:
         """Forget a function you own at the registry (and in this client's cache, so the
         same function registers anew); returns what it was."""
         gone = self.registry.delete_function(function_id)
-        for cache in (self._by_hash, self._by_object):
-            for key in [key for key, cached in cache.items() if cached == function_id]:
-                del cache[key]
+        for digest in [digest for digest, cached in self._by_hash.items() if cached == function_id]:
+            del self._by_hash[digest]
+        for function in [function for function, (cached, _) in self._by_object.items()
+                         if cached == function_id]:
+            del self._by_object[function]
         return gone
 
     def delete_endpoint(self, endpoint_id: str) -> EndpointOut:

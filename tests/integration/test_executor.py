@@ -10,6 +10,7 @@ import subprocess
 import sys
 import textwrap
 from collections.abc import Callable
+from typing import Any
 
 import pytest
 
@@ -216,3 +217,26 @@ def test_a_resource_specification_no_engine_honours_fails_its_task_on_every_engi
     with Executor(endpoint_id=endpoint.endpoint_id, client=client,
                   resource_specification={"num_ranks": 2}) as ex:  # what MPIFunction reads
         assert ex.submit(square, 3).result(timeout=60) == 9
+
+
+def test_a_function_sent_by_value_runs_with_the_globals_and_closure_it_has_now(
+        client: Client, endpoint: Endpoint) -> None:
+    # A notebook re-runs a cell with a new parameter and submits the same function again:
+    # the value the function was first pickled with must not run instead.
+    notebook: dict[str, Any] = {"__name__": "__main__"}  # a function of __main__ goes by value
+    exec("threshold = 1\ndef above(x):\n    return x > threshold\n", notebook)
+    above = notebook["above"]
+    scale = 2
+
+    def scaled(x: int) -> int:
+        return x * scale
+
+    with Executor(endpoint_id=endpoint.endpoint_id, client=client) as ex:
+        assert ex.submit(above, 3).result(timeout=60) is True
+        assert ex.submit(scaled, 3).result(timeout=60) == 6
+        notebook["threshold"] = 5
+        scale = 10
+        assert ex.submit(above, 3).result(timeout=60) is False
+        assert ex.submit(scaled, 3).result(timeout=60) == 30
+        # and unchanged, it is registered once (the same id, no new pickle)
+        assert client.register_function(above) == client.register_function(above)
