@@ -263,7 +263,8 @@ def status(settings: FabricSettings, name: str) -> None:
     click.echo(f"engine:     {record['engine']}, {record['workers']} workers, "
                f"{record['workers_busy']} busy")
     depth = record.get("queue_depth")
-    click.echo(f"queue:      {'unknown' if depth is None else depth} tasks waiting")
+    click.echo("queue:      tasks waiting not counted yet (the next heartbeat counts them)"
+               if depth is None else f"queue:      {depth} tasks waiting")
     click.echo(f"tasks:      {record['tasks_received']} received, {record['tasks_succeeded']} "
                f"succeeded, {record['tasks_failed']} failed, "
                f"{record.get('tasks_cancelled', 0)} cancelled")
