@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import sys
 import time
 import traceback
 from collections.abc import Callable
@@ -33,7 +34,7 @@ from gc_core.serialize import (
 )
 from gc_core.task_context import running_task
 
-__all__ = ["FunctionCache", "Job", "Outcome", "checked_outcome", "error_info", "return_to", "run_job"]
+__all__ = ["FunctionCache", "Job", "Outcome", "StartingState", "checked_outcome", "error_info", "run_job"]
 
 _DataclassType = TypeVar("_DataclassType", bound=type)
 
@@ -117,17 +118,51 @@ def run_job(job: Job, functions: FunctionCache) -> Outcome:
     return _within_result_limit(outcome, job.result_limit)
 
 
-def return_to(home: str) -> None:
-    """Back to ``home``, the working directory of a worker process that runs one task at a
-    time: a task that moved elsewhere (maybe into a directory it then deleted) leaves
-    nothing there for the next, maybe another user's."""
-    try:
-        moved = os.getcwd() != home
-    except FileNotFoundError:  # the directory a task moved into is gone
-        moved = True
-    if moved:
-        with suppress(OSError):  # the worker's own directory is gone: the task runs where it is
-            os.chdir(home)
+@dataclass(frozen=True)
+class StartingState:
+    """What a worker process that runs one task at a time gives each task, whatever the
+    task before it changed: its working directory, its environment, its import path. A
+    task that moved into a directory (maybe one it then deleted), set OMP_NUM_THREADS, or
+    put a folder first on ``sys.path`` leaves nothing of it to the next, maybe another
+    user's. (Modules it imported, signal handlers it set stay.)"""
+
+    home: str
+    environment: dict[bytes, bytes]
+    import_path: list[str]
+
+    @classmethod
+    def of_this_process(cls) -> StartingState:
+        return cls(os.getcwd(), dict(_environment()), list(sys.path))
+
+    def restore(self) -> None:
+        """Put all of it back before a task: a look costs ~0.5 µs where nothing changed."""
+        try:
+            moved = os.getcwd() != self.home
+        except FileNotFoundError:  # the directory a task moved into is gone
+            moved = True
+        if moved:
+            with suppress(OSError):  # the worker's own directory is gone: the task runs where it is
+                os.chdir(self.home)
+        if _environment() != self.environment:
+            self._restore_environment()
+        if sys.path != self.import_path:
+            sys.path[:] = self.import_path
+
+    def _restore_environment(self) -> None:
+        # Through os.environ, so that the process's own environment (subprocesses') follows.
+        now = _environment()
+        for key in [key for key in now if key not in self.environment]:
+            del os.environ[os.fsdecode(key)]
+        for key, value in self.environment.items():
+            if now.get(key) != value:
+                os.environ[os.fsdecode(key)] = os.fsdecode(value)
+
+
+def _environment() -> dict[bytes, bytes]:
+    """``os.environ``'s own mapping, as the process holds it: comparing it takes 0.3 µs,
+    comparing ``os.environ`` (which decodes every entry) 16."""
+    data: dict[bytes, bytes] = os.environ._data  # type: ignore[attr-defined]
+    return data
 
 
 def _run_job(job: Job, functions: FunctionCache, pid: int) -> Outcome:

@@ -39,7 +39,7 @@ from typing import Any
 from gc_agent.config import HtexEngineConfig
 from gc_agent.engines.base import CancelResult, Engine, OnDone, cancelled_outcome
 from gc_agent.engines.processes import FABRIC_VARIABLE_PREFIX
-from gc_agent.execution import FunctionCache, Job, Outcome, return_to, run_job
+from gc_agent.execution import FunctionCache, Job, Outcome, StartingState, run_job
 from gc_core.protocol import ErrorInfo
 
 __all__ = ["HtexEngine"]
@@ -71,16 +71,17 @@ def run_pickled_job(buffer: bytes) -> bytes:
 
 def run_on_worker(job: Job) -> Outcome:
     """Run ``job`` on an HTEX worker, its outcome naming the worker's place; in the
-    worker's own working directory, wherever the task before moved to."""
-    return_to(_worker_home())
+    directory, environment and import path the worker started with, whatever the task
+    before changed."""
+    _worker_start().restore()
     outcome = run_job(job, _WORKER_FUNCTIONS)
     return replace(outcome, worker=_this_worker(outcome.worker))
 
 
 @functools.cache
-def _worker_home() -> str:
-    """This worker's working directory, as before its first task."""
-    return os.getcwd()
+def _worker_start() -> StartingState:
+    """This worker's directory, environment and import path, as before its first task."""
+    return StartingState.of_this_process()
 
 
 @functools.cache

@@ -8,12 +8,12 @@ its end of a socket pair (in a container: ``… worker PATH``, the agent's Unix 
 connect to); in a multi-user endpoint it starts already running as the mapped account.
 Its standard output and error are files of its own (``WorkerOutput``), put back and
 emptied before each task, and added to the task's captured output after it. Each task
-starts in the working directory the worker started in, wherever the one before moved to.
+starts in the working directory, environment and import path the worker started with,
+whatever the one before changed.
 """
 
 from __future__ import annotations
 
-import os
 import signal
 import socket
 import sys
@@ -21,7 +21,7 @@ from dataclasses import replace
 from multiprocessing.connection import Connection
 
 from gc_agent.capture import WorkerOutput
-from gc_agent.execution import FunctionCache, Job, Outcome, return_to, run_job
+from gc_agent.execution import FunctionCache, Job, Outcome, StartingState, run_job
 from gc_agent.wire import outcome_to_wire
 
 
@@ -29,7 +29,7 @@ def serve(conn: Connection) -> None:
     """Run jobs until the agent sends None or goes away."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the agent's to handle
     output = WorkerOutput()
-    home = os.getcwd()
+    starting = StartingState.of_this_process()
     functions: FunctionCache = {}
     while True:
         try:
@@ -40,16 +40,17 @@ def serve(conn: Connection) -> None:
             return
         for job in jobs:
             # JSON, not pickle: on a multi-user endpoint root reads this from the user's process.
-            conn.send_bytes(outcome_to_wire(_run(job, functions, output, home)))
+            conn.send_bytes(outcome_to_wire(_run(job, functions, output, starting)))
 
 
-def _run(job: Job, functions: FunctionCache, output: WorkerOutput, home: str) -> Outcome:
-    """Run ``job`` in the worker's ``home`` directory; its output includes what reached this
-    process's descriptors meanwhile. They are emptied first: what a thread an earlier job
-    left behind wrote since is not this job's to see (the jobs of one batch may be different
-    users')."""
+def _run(job: Job, functions: FunctionCache, output: WorkerOutput,
+         starting: StartingState) -> Outcome:
+    """Run ``job`` in the directory, environment and import path the worker started with;
+    its output includes what reached this process's descriptors meanwhile. They are
+    emptied first: what a thread an earlier job left behind wrote since is not this job's
+    to see (the jobs of one batch may be different users')."""
     output.clear(job.output_limit)
-    return_to(home)
+    starting.restore()
     outcome = run_job(job, functions)
     stdout, stderr = output.following(outcome.stdout, outcome.stderr, job.output_limit)
     if (stdout, stderr) == (outcome.stdout, outcome.stderr):

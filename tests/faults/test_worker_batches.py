@@ -116,6 +116,24 @@ def working_directory() -> str:
     return os.getcwd()
 
 
+def leave_settings_behind() -> str:
+    """Change what the next task would inherit: an environment variable, one removed, the
+    import path."""
+    import sys
+
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ.pop("HOME", None)
+    sys.path.insert(0, "/nonexistent/leftover")
+    return "left"
+
+
+def settings_seen() -> tuple[str | None, str | None, bool]:
+    import sys
+
+    return (os.environ.get("OMP_NUM_THREADS"), os.environ.get("HOME"),
+            "/nonexistent/leftover" in sys.path)
+
+
 def flood_standard_output(megabytes: int) -> int:
     """Have a subprocess write ``megabytes`` MiB to standard output, as a chatty simulation
     code does, then wait a second; return how large the file behind descriptor 1 is."""
@@ -298,3 +316,14 @@ def test_output_a_subprocess_floods_takes_no_more_disk_than_the_output_limit_nee
     marker = got[jobs[0].task_id].stdout.rsplit("[gc-fabric: output truncated, ", 1)[1]
     assert int(marker.split()[0]) >= 198 * 2**20, marker  # what was cut is still counted
     assert got[jobs[1].task_id].stdout == "said next\nnext on 1\n"
+
+
+def test_the_next_job_gets_the_environment_and_import_path_its_worker_started_with(
+        engine: ProcessEngine) -> None:
+    # A task that sets OMP_NUM_THREADS (or drops a variable, or prepends to sys.path) must
+    # not leave it to the tasks after it, maybe other functions, maybe other users'.
+    jobs = [_job(settings_seen), _job(leave_settings_behind), _job(settings_seen)]
+    got = _start_with(engine, jobs).each_once(jobs)
+    assert _value(got[jobs[1].task_id]) == "left"
+    assert _value(got[jobs[2].task_id]) == _value(got[jobs[0].task_id])
+    assert len({got[job.task_id].worker for job in jobs}) == 1
