@@ -77,7 +77,7 @@ class CapturedState:
         self._names: list[tuple[dict[str, Any], str]] = []
         self._cells: list[types.CellType] = []
         target = getattr(function, "func", function)  # a partial's own arguments are fixed
-        if inspect.isfunction(target):
+        if inspect.isfunction(target) and _goes_by_value(target):
             self._follow(target, set())
         self._values = self._now()
 
@@ -107,6 +107,15 @@ class CapturedState:
 
 
 _UNBOUND = object()
+
+
+def _goes_by_value(function: types.FunctionType) -> bool:
+    """Whether cloudpickle takes ``function``'s code and globals along (``__main__``, the
+    user's own modules, nested functions and lambdas); otherwise the endpoint imports it
+    by name and its globals are the endpoint's: nothing here can go stale."""
+    module = function.__module__ or "__main__"
+    return module == "__main__" or "<locals>" in function.__qualname__ \
+        or function.__name__ == "<lambda>" or _is_local(module.partition(".")[0])
 
 
 def _cell_contents(cell: types.CellType) -> Any:
