@@ -770,8 +770,8 @@ class Agent:
         if not broker.connected:
             return "disconnected; reconnecting"
         if broker.blocked is not None:
-            return (f"connected, but the broker takes no messages ({broker.blocked}): results "
-                    "wait until its memory or disk alarm clears")
+            return (f"the broker takes no messages ({broker.blocked}): results wait until its "
+                    "memory or disk alarm clears")
         return None
 
     def _note_depth(self, depth: int) -> None:

@@ -55,6 +55,9 @@ def test_a_broker_out_of_memory_is_named_by_client_and_agent_and_the_tasks_wait_
             assert "memory" in notice and "wait" in notice, notice
             eventually(lambda: BLOCKED in cluster_fabric.endpoint.read_logs(), 60,
                        "the agent to say so in its log")
+            eventually(lambda: "takes no messages (low on memory)" in fabric.cli(
+                "gc-agent", "status", cluster_fabric.endpoint.name).stdout, 30,
+                "gc-agent status to say so")
             # Shut down meanwhile, the Executor says why its tasks are not confirmed
             ex.shutdown(wait=False)
             told = capsys.readouterr().err
