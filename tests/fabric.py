@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 import uuid
@@ -53,23 +54,49 @@ def pid_alive(pid: int) -> bool:
 #: (32768-60999 here), from which outgoing connections take their local ports, and clear of
 #: the fixed ports tests use (5672-5673, 5701.., 25672-25673, 25701..).
 TEST_PORTS = range(30000, 32768)
+#: One file per port handed out, naming the process it went to: no two tests, in any
+#: xdist worker or run on this machine, are given one port while the first's listener may
+#: still be starting (a secured node takes seconds). A claim ends with its process.
+PORT_CLAIMS = Path(tempfile.gettempdir()) / "gc-test-ports"
+
+
+def _claim(port: int) -> bool:
+    """Claim ``port`` for this process; False if a live process holds it."""
+    PORT_CLAIMS.mkdir(exist_ok=True)
+    path = PORT_CLAIMS / str(port)
+    try:
+        descriptor = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+    except FileExistsError:
+        try:
+            owner = int(path.read_text())
+        except (OSError, ValueError):  # being written this moment
+            return False
+        if owner == os.getpid() or pid_alive(owner):
+            return False
+        path.unlink(missing_ok=True)  # a finished process's: free again
+        return _claim(port)
+    with os.fdopen(descriptor, "w") as claim:
+        claim.write(str(os.getpid()))
+    return True
 
 
 def free_port() -> int:
     """A port nothing listens on now, for a listener a test starts soon after. Not one the
     kernel hands out (binding port 0): until the listener binds it, any outgoing connection
     may take it as its local port (the likely reason a secured node once failed to start,
-    its distribution port 'already used' by something that was no Erlang node). Until the
-    listener binds it, another test may be given it too: a listener in this process takes
-    :func:`held_port` instead."""
+    its distribution port 'already used' by something that was no Erlang node). No other
+    test is given it meanwhile (``PORT_CLAIMS``); a server in this process can take
+    :func:`held_port` instead, bound from the start."""
     with held_port() as sock:
         return int(sock.getsockname()[1])
 
 
 def held_port() -> socket.socket:
-    """A socket bound to a free port of TEST_PORTS, which nobody else gets while it is
-    held (a server started in this process listens on it)."""
+    """A socket bound to a free port of TEST_PORTS, claimed for this process (a server
+    started in this process listens on it)."""
     for port in random.sample(TEST_PORTS, 100):
+        if not _claim(port):
+            continue
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
