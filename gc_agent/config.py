@@ -21,6 +21,7 @@ from pydantic import (
 from gc_agent.accelerators import AcceleratorIds, workers_for_devices
 from gc_agent.addresses import AddressLookup
 from gc_agent.containers import ContainerSettings
+from gc_agent.execution import DEFAULT_RESULT_SIZE_LIMIT
 from gc_agent.providers import PROVIDER_TYPES, LocalProviderConfig, ProviderConfig, walltime_seconds
 from gc_core.broker_login import broker_urls_on_port
 from gc_core.errors import ConfigError
@@ -262,7 +263,7 @@ class EndpointConfig(BaseModel):
         description="Bytes of a task's stdout, and of its stderr, kept on its result; more is "
                     "cut and marked. Both travel in AMQP headers, which must fit one 128 KiB frame.")
     result_size_limit: int = Field(
-        default=10 * 2**20, ge=1024, le=128 * 2**20,
+        default=DEFAULT_RESULT_SIZE_LIMIT, ge=1024, le=128 * 2**20,
         description="Largest serialized result sent back; a larger one fails with a clear error.")
     drain_timeout: float = Field(
         default=30.0, ge=0,

@@ -34,9 +34,12 @@ from gc_core.serialize import (
 )
 from gc_core.task_context import running_task
 
-__all__ = ["FunctionCache", "Job", "Outcome", "StartingState", "checked_outcome", "error_info", "run_job"]
+__all__ = ["DEFAULT_RESULT_SIZE_LIMIT", "FunctionCache", "Job", "Outcome", "StartingState", "checked_outcome", "error_info", "run_job"]
 
 _DataclassType = TypeVar("_DataclassType", bound=type)
+
+#: An endpoint's ``result_size_limit`` unless its config says otherwise, in bytes.
+DEFAULT_RESULT_SIZE_LIMIT = 10 * 2**20
 
 #: Marks where an error text was cut to the wire's bound.
 _CUT = " [… cut by gc-fabric]"
@@ -81,7 +84,7 @@ class Job:
     user_options: dict[str, Any] = field(default_factory=dict)
     #: The endpoint's result_size_limit: a larger value fails where it is made, rather than
     #: travelling to the agent to be refused there (or past what a worker's socket carries).
-    result_limit: int = 10 * 2**20
+    result_limit: int = DEFAULT_RESULT_SIZE_LIMIT
 
 
 @_pickled_as_arguments

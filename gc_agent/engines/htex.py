@@ -208,7 +208,7 @@ class HtexEngine(Engine):
                           "workers_idle": workers - busy}
 
     def submit(self, job: Job, on_done: OnDone) -> None:
-        # (the agent refused a resource specification it holds no key of ours in: policy.py)
+        # (a resource specification with a key no engine honours never gets here: policy.py)
         with self._lock:
             self._tasks[job.task_id] = _Task(job, on_done)
             self._waiting.append(job.task_id)
