@@ -97,15 +97,28 @@ def held_port() -> socket.socket:
     for port in random.sample(TEST_PORTS, 100):
         if not _claim(port):
             continue
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
-            sock.bind(("127.0.0.1", port))
+            return bound_socket(port)
         except OSError:
-            sock.close()
             continue
-        return sock
     raise RuntimeError(f"no free port among 100 tried in {TEST_PORTS}")
+
+
+def bound_socket(port: int) -> socket.socket:
+    """A socket bound to ``port`` on 127.0.0.1, not listening: connections to it are
+    refused, and nothing else can bind the port while it is open.
+
+    Raises:
+        OSError: the port is taken.
+    """
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind(("127.0.0.1", port))
+    except OSError:
+        sock.close()
+        raise
+    return sock
 
 
 def rabbitmqctl(*args: str, timeout: float = 60) -> str:

@@ -4,29 +4,16 @@ it must not fail it."""
 
 from __future__ import annotations
 
-import socket
 import uuid
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 from gc_client import Client, Executor
-from tests.fabric import Endpoint, Fabric, eventually, free_port
+from tests.fabric import Endpoint, Fabric, bound_socket, eventually, free_port
 from tests.integration.test_registry_replicas import Served, _amqp_url, _consuming, _serve
 
 
 def quadruple(x: int) -> int:
     return 4 * x
-
-
-@contextmanager
-def _kept(port: int) -> Iterator[None]:
-    """Hold ``port`` bound, not listening: connections to it are refused, and no other
-    test's free_port() is given it while its registry is away."""
-    with socket.socket() as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", port))
-        yield
 
 
 def test_a_task_whose_function_is_fetched_while_the_registry_restarts_runs_once_it_is_back(
@@ -50,7 +37,7 @@ def test_a_task_whose_function_is_fetched_while_the_registry_restarts_runs_once_
                 Executor(endpoint_id=endpoint.endpoint_id, client=client) as ex:
             client.register_function(quadruple)  # registered; the agent has not fetched it
             registry.stop()
-            with _kept(port):  # refusing connections, and given to no other test meanwhile
+            with bound_socket(port):  # refusing connections; no other test gets it
                 future = ex.submit(quadruple, 2)
                 eventually(lambda: "waiting for the registry" in endpoint.read_logs(), 60,
                            "the agent to say it waits for the registry")
