@@ -9,11 +9,9 @@ from __future__ import annotations
 import functools
 import os
 import socket
-import sys
 import time
 import traceback
 from collections.abc import Callable
-from contextlib import suppress
 from dataclasses import dataclass, field, fields, replace
 from operator import attrgetter
 from typing import Any, Literal, TypeVar
@@ -34,7 +32,7 @@ from gc_core.serialize import (
 )
 from gc_core.task_context import running_task
 
-__all__ = ["DEFAULT_RESULT_SIZE_LIMIT", "FunctionCache", "Job", "Outcome", "StartingState", "checked_outcome", "error_info", "run_job"]
+__all__ = ["DEFAULT_RESULT_SIZE_LIMIT", "FunctionCache", "Job", "Outcome", "checked_outcome", "error_info", "run_job"]
 
 _DataclassType = TypeVar("_DataclassType", bound=type)
 
@@ -119,53 +117,6 @@ def run_job(job: Job, functions: FunctionCache) -> Outcome:
     if os.getpid() != runner:
         os._exit(0)
     return _within_result_limit(outcome, job.result_limit)
-
-
-@dataclass(frozen=True)
-class StartingState:
-    """What a worker process that runs one task at a time gives each task, whatever the
-    task before it changed: its working directory, its environment, its import path. A
-    task that moved into a directory (maybe one it then deleted), set OMP_NUM_THREADS, or
-    put a folder first on ``sys.path`` leaves nothing of it to the next, maybe another
-    user's. (Modules it imported, signal handlers it set stay.)"""
-
-    home: str
-    environment: dict[bytes, bytes]
-    import_path: list[str]
-
-    @classmethod
-    def of_this_process(cls) -> StartingState:
-        return cls(os.getcwd(), dict(_environment()), list(sys.path))
-
-    def restore(self) -> None:
-        """Put all of it back before a task: a look costs ~0.5 µs where nothing changed."""
-        try:
-            moved = os.getcwd() != self.home
-        except FileNotFoundError:  # the directory a task moved into is gone
-            moved = True
-        if moved:
-            with suppress(OSError):  # the worker's own directory is gone: the task runs where it is
-                os.chdir(self.home)
-        if _environment() != self.environment:
-            self._restore_environment()
-        if sys.path != self.import_path:
-            sys.path[:] = self.import_path
-
-    def _restore_environment(self) -> None:
-        # Through os.environ, so that the process's own environment (subprocesses') follows.
-        now = _environment()
-        for key in [key for key in now if key not in self.environment]:
-            del os.environ[os.fsdecode(key)]
-        for key, value in self.environment.items():
-            if now.get(key) != value:
-                os.environ[os.fsdecode(key)] = os.fsdecode(value)
-
-
-def _environment() -> dict[bytes, bytes]:
-    """``os.environ``'s own mapping, as the process holds it: comparing it takes 0.3 µs,
-    comparing ``os.environ`` (which decodes every entry) 16."""
-    data: dict[bytes, bytes] = os.environ._data  # type: ignore[attr-defined]
-    return data
 
 
 def _run_job(job: Job, functions: FunctionCache, pid: int) -> Outcome:

@@ -39,7 +39,8 @@ from typing import Any
 from gc_agent.config import HtexEngineConfig
 from gc_agent.engines.base import CancelResult, Engine, OnDone, cancelled_outcome
 from gc_agent.engines.processes import FABRIC_VARIABLE_PREFIX
-from gc_agent.execution import FunctionCache, Job, Outcome, StartingState, run_job
+from gc_agent.execution import FunctionCache, Job, Outcome
+from gc_agent.starting_state import StartingState
 from gc_core.protocol import ErrorInfo
 
 __all__ = ["HtexEngine"]
@@ -70,17 +71,15 @@ def run_pickled_job(buffer: bytes) -> bytes:
 
 
 def run_on_worker(job: Job) -> Outcome:
-    """Run ``job`` on an HTEX worker, its outcome naming the worker's place; in the
-    directory, environment and import path the worker started with, whatever the task
-    before changed."""
-    _worker_start().restore()
-    outcome = run_job(job, _WORKER_FUNCTIONS)
+    """Run ``job`` on an HTEX worker, its outcome naming the worker's place; then put back
+    what it changed of the worker (``StartingState``)."""
+    outcome = _worker_start().run(job, _WORKER_FUNCTIONS)
     return replace(outcome, worker=_this_worker(outcome.worker))
 
 
 @functools.cache
 def _worker_start() -> StartingState:
-    """This worker's directory, environment and import path, as before its first task."""
+    """This worker's state before its first task."""
     return StartingState.of_this_process()
 
 

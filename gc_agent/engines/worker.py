@@ -8,8 +8,8 @@ its end of a socket pair (in a container: ``… worker PATH``, the agent's Unix 
 connect to); in a multi-user endpoint it starts already running as the mapped account.
 Its standard output and error are files of its own (``WorkerOutput``), put back and
 emptied before each task, and added to the task's captured output after it. Each task
-starts in the working directory, environment and import path the worker started with,
-whatever the one before changed.
+starts with the working directory, environment, import path, file-mode mask and signal
+handlers the worker started with, and no timer running, whatever the one before changed.
 """
 
 from __future__ import annotations
@@ -21,7 +21,8 @@ from dataclasses import replace
 from multiprocessing.connection import Connection
 
 from gc_agent.capture import WorkerOutput
-from gc_agent.execution import FunctionCache, Job, Outcome, StartingState, run_job
+from gc_agent.execution import FunctionCache, Job, Outcome
+from gc_agent.starting_state import StartingState
 from gc_agent.wire import outcome_to_wire
 
 
@@ -45,13 +46,12 @@ def serve(conn: Connection) -> None:
 
 def _run(job: Job, functions: FunctionCache, output: WorkerOutput,
          starting: StartingState) -> Outcome:
-    """Run ``job`` in the directory, environment and import path the worker started with;
-    its output includes what reached this process's descriptors meanwhile. They are
-    emptied first: what a thread an earlier job left behind wrote since is not this job's
-    to see (the jobs of one batch may be different users')."""
+    """Run ``job``, then put back what it changed of the worker (``StartingState``); its
+    output includes what reached this process's descriptors meanwhile. They are emptied
+    first: what a thread an earlier job left behind wrote since is not this job's to see
+    (the jobs of one batch may be different users')."""
     output.clear(job.output_limit)
-    starting.restore()
-    outcome = run_job(job, functions)
+    outcome = starting.run(job, functions)
     stdout, stderr = output.following(outcome.stdout, outcome.stderr, job.output_limit)
     if (stdout, stderr) == (outcome.stdout, outcome.stderr):
         return outcome  # nothing reached the descriptors: most tasks

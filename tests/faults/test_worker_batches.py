@@ -145,6 +145,60 @@ def flood_standard_output(megabytes: int) -> int:
     return os.fstat(1).st_size
 
 
+def leave_an_alarm_pending() -> str:
+    """Arm a timeout the common way and return without disarming it."""
+    import signal
+
+    def too_slow(signum: int, frame: object) -> None:
+        raise TimeoutError("the guarded call took too long")
+
+    signal.signal(signal.SIGALRM, too_slow)
+    signal.setitimer(signal.ITIMER_REAL, 0.5)
+    return "armed"
+
+
+def leave_a_profiling_timer_running() -> str:
+    """Start a sampling timer whose signal's default action ends the process."""
+    import signal
+
+    signal.setitimer(signal.ITIMER_PROF, 0.01, 0.01)
+    return "sampling"
+
+
+def sleep_a_second() -> str:
+    import time
+
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:  # busy too, so that a CPU-time timer fires as well
+        time.sleep(0.01)
+    return "slept"
+
+
+def stop_waiting_for_children() -> str:
+    """Ignore SIGCHLD, a way daemons avoid zombies: the kernel then reaps every child."""
+    import signal
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    return "ignoring"
+
+
+def exit_code_of_a_subprocess() -> int:
+    import subprocess
+
+    return subprocess.run(["sh", "-c", "exit 3"], check=False).returncode
+
+
+def open_up_the_file_mode() -> str:
+    os.umask(0)
+    return "open"
+
+
+def mode_of_a_new_file(path: str) -> int:
+    with open(path, "w"):
+        pass
+    return os.stat(path).st_mode & 0o777
+
+
 def _job(function: Callable[..., Any], *args: Any, task_id: str = "") -> Job:
     return Job(task_id=task_id or str(uuid.uuid4()), function_id=f"fn-{function.__name__}",
                function_payload=cloudpickle.dumps(function), function_python=PYTHON_VERSION,
@@ -325,5 +379,41 @@ def test_the_next_job_gets_the_environment_and_import_path_its_worker_started_wi
     jobs = [_job(settings_seen), _job(leave_settings_behind), _job(settings_seen)]
     got = _start_with(engine, jobs).each_once(jobs)
     assert _value(got[jobs[1].task_id]) == "left"
+    assert _value(got[jobs[2].task_id]) == _value(got[jobs[0].task_id])
+    assert len({got[job.task_id].worker for job in jobs}) == 1
+
+
+def test_an_alarm_a_job_left_pending_never_fires_in_the_next_one(engine: ProcessEngine) -> None:
+    # A timeout guard armed with signal.alarm/setitimer and not disarmed on the way out
+    # fired 0.5 s later in whichever task ran next: a TimeoutError in its middle, or (its
+    # handler gone) a worker killed by SIGALRM or SIGPROF, the next task lost.
+    jobs = [_job(leave_an_alarm_pending), _job(sleep_a_second),
+            _job(leave_a_profiling_timer_running), _job(sleep_a_second)]
+    got = _start_with(engine, jobs).each_once(jobs)
+    assert [_value(got[job.task_id]) for job in jobs] == ["armed", "slept", "sampling", "slept"]
+    assert len({got[job.task_id].worker for job in jobs}) == 1
+    # The job that left it is told, in its own error output.
+    assert "left a timer running (ITIMER_REAL:" in got[jobs[0].task_id].stderr
+    assert "left a timer running (ITIMER_PROF)" in got[jobs[2].task_id].stderr
+    assert got[jobs[1].task_id].stderr == ""
+
+
+def test_a_signal_handler_a_job_set_does_not_outlive_it(engine: ProcessEngine) -> None:
+    # With SIGCHLD ignored, the kernel reaps children at once and subprocess reports every
+    # later subprocess's exit code as 0: a failing simulation step would pass, silently.
+    jobs = [_job(exit_code_of_a_subprocess), _job(stop_waiting_for_children),
+            _job(exit_code_of_a_subprocess)]
+    got = _start_with(engine, jobs).each_once(jobs)
+    assert [_value(got[job.task_id]) for job in jobs] == [3, "ignoring", 3]
+    assert len({got[job.task_id].worker for job in jobs}) == 1
+
+
+def test_the_file_mode_mask_a_job_set_does_not_outlive_it(engine: ProcessEngine,
+                                                          tmp_path: Path) -> None:
+    # umask(0) in one task made every later task's files writable by anyone on the machine.
+    jobs = [_job(mode_of_a_new_file, str(tmp_path / "before")), _job(open_up_the_file_mode),
+            _job(mode_of_a_new_file, str(tmp_path / "after"))]
+    got = _start_with(engine, jobs).each_once(jobs)
+    assert _value(got[jobs[1].task_id]) == "open"
     assert _value(got[jobs[2].task_id]) == _value(got[jobs[0].task_id])
     assert len({got[job.task_id].worker for job in jobs}) == 1

@@ -89,6 +89,25 @@ def where_this_worker_runs() -> tuple[int, str]:
     return os.getpid(), os.getcwd()
 
 
+def leave_an_alarm_and_ignore_children() -> int:
+    """Arm a timeout and ignore SIGCHLD, then return without undoing either."""
+    import os
+    import signal
+
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+    signal.setitimer(signal.ITIMER_REAL, 0.3)
+    return os.getpid()
+
+
+def exit_code_after_a_while() -> tuple[int, int]:
+    """This worker's pid and a subprocess's exit code, half a second from now."""
+    import os
+    import subprocess
+
+    time.sleep(0.5)
+    return os.getpid(), subprocess.run(["sh", "-c", "exit 3"], check=False).returncode
+
+
 @pytest.fixture(scope="module")
 def htex_endpoint(fabric: Fabric) -> Iterator[Endpoint]:
     """An endpoint whose engine is HTEX on one local block of two workers."""
@@ -165,6 +184,24 @@ def test_each_htex_task_starts_in_its_workers_own_directory(client: Client, htex
                 checked += pid in moved
 
     assert checked >= 3  # enough tasks followed a move on their worker to mean something
+
+
+def test_an_htex_task_leaves_no_timer_or_signal_handler_to_the_next(client: Client,
+                                                                     htex_endpoint: Endpoint) -> None:
+    # A timeout armed and not disarmed killed the next task's worker (SIGALRM), and SIGCHLD
+    # ignored made every later subprocess's exit code 0 there.
+    with Executor(endpoint_id=htex_endpoint.endpoint_id, client=client) as ex:
+        ex.submit(square, 2).result(timeout=RESULT_TIMEOUT)  # the pool is up
+        touched: set[int] = set()
+        checked = 0
+        for _ in range(4):
+            touched.add(ex.submit(leave_an_alarm_and_ignore_children).result(timeout=RESULT_TIMEOUT))
+            for _ in range(2):  # the pool may hand tasks to its workers in turn
+                pid, code = ex.submit(exit_code_after_a_while).result(timeout=RESULT_TIMEOUT)
+                assert code == 3
+                checked += pid in touched
+
+    assert checked >= 2  # enough tasks followed such a task on its worker to mean something
 
 
 def test_a_task_whose_htex_worker_is_killed_runs_again_and_succeeds(
