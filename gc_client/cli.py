@@ -309,13 +309,15 @@ def status(lazy: _Lazy, endpoint_id: str | None) -> None:
     for endpoint in ids:
         health = client.get_endpoint_status(endpoint)
         counts = client.registry.get_task_counts(endpoint)
-        running = health.details.get("workers_busy") if health.status == "online" else 0
-        rows.append([endpoint, health.status, health.details.get("queue_depth"), running,
+        online = health.status == "online"
+        running = health.details.get("workers_busy") if online else 0
+        agents = len(health.details.get("agents") or [health.details]) if online else 0
+        rows.append([endpoint, health.status, agents, health.details.get("queue_depth"), running,
                      counts["waiting"], counts["success"], counts["failed"], counts["cancelled"]])
-    click.echo(format_table(["ENDPOINT ID", "STATUS", "QUEUED", "RUNNING", "WAITING", "DONE",
-                             "FAILED", "CANCELLED"], rows))
-    click.echo("QUEUED and RUNNING come from the agent's last heartbeat; WAITING counts "
-               "submitted tasks without a result yet.")
+    click.echo(format_table(["ENDPOINT ID", "STATUS", "AGENTS", "QUEUED", "RUNNING", "WAITING",
+                             "DONE", "FAILED", "CANCELLED"], rows))
+    click.echo("AGENTS, QUEUED and RUNNING come from the agents' last heartbeats (RUNNING "
+               "summed over them); WAITING counts submitted tasks without a result yet.")
 
 
 @main.command()

@@ -206,6 +206,19 @@ class TokenRow(Base):
     parent: Mapped[str | None] = mapped_column(String(16), nullable=True, index=True)
 
 
+class AgentHeartbeatRow(Base):
+    """The last heartbeat of each agent of an endpoint: several hosts may each run one (the
+    endpoint's status sums theirs). Rows of agents long gone are pruned as heartbeats come."""
+
+    __tablename__ = "agent_heartbeats"
+
+    endpoint_id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    #: ``hostname:pid``, as the heartbeat names its agent.
+    agent: Mapped[str] = mapped_column(String(MAX_LABEL_LENGTH + 21), primary_key=True)
+    last_seen: Mapped[float] = mapped_column(Float)
+    heartbeat_json: Mapped[str] = mapped_column(Text)
+
+
 class UiSessionRow(Base):
     """A signed-in dashboard browser, kept here so that every registry of this database
     knows it (several behind one address) and a restart keeps it."""

@@ -30,13 +30,13 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import CursorResult, Dialect
 from sqlalchemy.orm import Session
 
 from gc_core.errors import Forbidden, NotFound
 from gc_core.protocol import ErrorInfo, GroupManifest, Heartbeat, ResultMessage, Timings
 from gc_core.registry import policy
-from gc_core.registry.db import EarlyResultRow, EndpointRow, FunctionRow, TaskRow, TokenRow
+from gc_core.registry.db import AgentHeartbeatRow, EarlyResultRow, EndpointRow, FunctionRow, TaskRow, TokenRow
 from gc_core.registry.identity import ANONYMOUS, Principal, revoke_token
 from gc_core.registry_api.schemas import (
     EndpointIn,
@@ -216,6 +216,7 @@ def delete_endpoint(db: Session, endpoint_id: str,
                                             TokenRow.revoked.is_(None))
     for token_id in db.scalars(live).all():
         revoke_token(db, token_id)
+    db.execute(delete(AgentHeartbeatRow).where(AgentHeartbeatRow.endpoint_id == endpoint_id))
     db.delete(row)
     db.commit()
     return gone
@@ -246,29 +247,71 @@ def authorize_task(db: Session, endpoint_id: str, user: str, function_id: str,
 
 
 def endpoint_status(db: Session, endpoint_id: str, now: float | None = None) -> EndpointStatus:
-    """Online or offline, from the age of the last heartbeat."""
+    """Online or offline, from the age of the last heartbeat. Online, the details are the
+    newest heartbeat's with the counts of every agent online summed, and ``agents`` lists
+    each one's own heartbeat (an endpoint may be served from several hosts)."""
     row = _endpoint_row(db, endpoint_id)
     if row.last_seen is None or row.heartbeat_json is None:
         return EndpointStatus(endpoint_id=endpoint_id, status="never seen")
-    details: dict[str, Any] = json.loads(row.heartbeat_json)
-    age = (now or time.time()) - row.last_seen
-    online = age <= OFFLINE_AFTER_PERIODS * float(details.get("period", 10.0))
-    return EndpointStatus(endpoint_id=endpoint_id, status="online" if online else "offline",
-                          last_seen=row.last_seen, details=details)
+    now = time.time() if now is None else now
+    agents = [beat for beat in map(json.loads, db.scalars(
+        select(AgentHeartbeatRow.heartbeat_json).where(AgentHeartbeatRow.endpoint_id == endpoint_id)
+        .order_by(AgentHeartbeatRow.last_seen.desc())).all()) if _online(beat, now)]
+    latest: dict[str, Any] = json.loads(row.heartbeat_json)
+    if not agents:  # all offline, or heartbeats from before agents were kept apart
+        return EndpointStatus(endpoint_id=endpoint_id,
+                              status="online" if _online(latest, now) else "offline",
+                              last_seen=row.last_seen, details=latest)
+    summed = {key: sum(int(agent.get(key) or 0) for agent in agents) for key in _SUMMED}
+    return EndpointStatus(endpoint_id=endpoint_id, status="online", last_seen=row.last_seen,
+                          details={**agents[0], **summed, "agents": agents})
+
+
+#: Heartbeat counts an endpoint's status adds up over its agents (the queue is theirs in
+#: common: its depth is the newest heartbeat's).
+_SUMMED = ("workers", "workers_busy", "tasks_received", "tasks_succeeded", "tasks_failed",
+           "tasks_cancelled")
+#: Seconds an agent's heartbeat is kept after its last: long past offline, so a status can
+#: still be read of an agent restarted (a new pid) without its rows piling up.
+AGENT_HEARTBEAT_KEPT = 24 * 3600.0
+
+
+def _online(heartbeat: Mapping[str, Any], now: float) -> bool:
+    return now - float(heartbeat["sent"]) <= OFFLINE_AFTER_PERIODS * float(
+        heartbeat.get("period", 10.0))
 
 
 def record_heartbeat(db: Session, heartbeat: Heartbeat, now: float | None = None) -> None:
-    """Remember an endpoint's latest heartbeat (heartbeats of unknown endpoints are dropped).
-    It counts as sent no later than ``now``: a clock ahead (or a forged time) cannot keep an
-    endpoint online, nor hide the heartbeats after it."""
+    """Remember an endpoint's latest heartbeat and its agent's (heartbeats of unknown
+    endpoints are dropped). It counts as sent no later than ``now``: a clock ahead (or a
+    forged time) cannot keep an endpoint online, nor hide the heartbeats after it."""
     sent = min(heartbeat.sent, time.time() if now is None else now)
+    recorded = heartbeat.model_copy(update={"sent": sent}).model_dump_json()
     # One conditional UPDATE, not a read and then a write: two registries recording two
     # heartbeats of one endpoint at once must not let the older one land last.
-    db.execute(update(EndpointRow)
-               .where(EndpointRow.endpoint_id == heartbeat.endpoint_id,
-                      or_(EndpointRow.last_seen.is_(None), EndpointRow.last_seen <= sent))
-               .values(last_seen=sent, heartbeat_json=heartbeat.model_copy(
-                   update={"sent": sent}).model_dump_json()))
+    known = cast(CursorResult[Any], db.execute(
+        update(EndpointRow)
+        .where(EndpointRow.endpoint_id == heartbeat.endpoint_id,
+               or_(EndpointRow.last_seen.is_(None), EndpointRow.last_seen <= sent))
+        .values(last_seen=sent, heartbeat_json=recorded))).rowcount
+    if not known and db.get(EndpointRow, heartbeat.endpoint_id) is None:
+        return
+    agent = {"endpoint_id": heartbeat.endpoint_id, "agent": f"{heartbeat.hostname}:{heartbeat.pid}",
+             "last_seen": sent, "heartbeat_json": recorded}
+    _upsert(db, _agent_heartbeat_upsert, [agent])
+    db.execute(delete(AgentHeartbeatRow).where(
+        AgentHeartbeatRow.endpoint_id == heartbeat.endpoint_id,
+        AgentHeartbeatRow.last_seen < sent - AGENT_HEARTBEAT_KEPT))
+
+
+def _agent_heartbeat_upsert(dialect: Dialect) -> Any:
+    """An agent's heartbeat, unless a later one of it is recorded already."""
+    table = cast(Table, AgentHeartbeatRow.__table__)
+    new = _insert(dialect, table)
+    return new.on_conflict_do_update(
+        index_elements=["endpoint_id", "agent"],
+        set_={"last_seen": new.excluded.last_seen, "heartbeat_json": new.excluded.heartbeat_json},
+        where=table.c.last_seen <= new.excluded.last_seen)
 
 
 def record_manifest(db: Session, manifest: GroupManifest) -> list[str]:
@@ -471,8 +514,8 @@ def _driver_sql(dialect_class: object, statement: Callable[[Dialect], Any]) -> s
     return str(statement(dialect).compile(dialect=dialect))
 
 
-def _insert(dialect: Dialect) -> Any:
-    return (postgresql.insert if dialect.name == "postgresql" else sqlite.insert)(_TASKS)
+def _insert(dialect: Dialect, table: Table = _TASKS) -> Any:
+    return (postgresql.insert if dialect.name == "postgresql" else sqlite.insert)(table)
 
 
 def _manifest_upsert(dialect: Dialect) -> Any:

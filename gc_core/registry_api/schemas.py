@@ -185,7 +185,9 @@ class EndpointOut(_Body):
 
 
 class EndpointStatus(_Body):
-    """An endpoint's liveness, from its heartbeats; ``details`` is the last heartbeat."""
+    """An endpoint's liveness, from its heartbeats; ``details`` is the last heartbeat, its
+    counts (workers, busy workers, tasks) summed over the agents online, each agent's own
+    heartbeat under ``agents`` (an endpoint may be served from several hosts)."""
 
     model_config = ConfigDict(json_schema_extra={"examples": [{
         "endpoint_id": _EXAMPLE_TASK_IDS["endpoint_id"], "status": "online",

@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 
+from gc_agent.config import load_config, save_config
 from gc_client import Client, Executor, TaskExecutionFailed
 from gc_core.errors import ResultTooLarge
 from tests.fabric import Endpoint, Fabric, eventually, pid_alive, rabbitmqctl
@@ -174,6 +175,39 @@ def test_a_cancel_reaches_every_agent_of_an_endpoint_on_several_hosts(
         ep_b.kill(signal.SIGKILL)
         eventually(lambda: len(_agent_command_queues(fabric, ep_a.endpoint_id)) == 1, 30,
                    "the killed agent's own queue to go")
+    finally:
+        ep_b.stop_all()
+
+
+def test_the_status_of_an_endpoint_on_several_hosts_counts_every_agent(
+        fabric: Fabric, client: Client, make_endpoint: Any, tmp_path: Path) -> None:
+    # Given one endpoint served by two agents, as on two login nodes, with 2 and 3 workers
+    ep_a: Endpoint = make_endpoint(workers=2, heartbeat_period=1.0)
+    host_b = Fabric(fabric.broker_url, fabric.registry_url, tmp_path / "host-b", fabric.vhost)
+    shutil.copytree(ep_a.directory, host_b.home / "endpoints" / ep_a.name)
+    config_b = host_b.home / "endpoints" / ep_a.name / "config.yaml"
+    config = load_config(config_b)
+    save_config(config.model_copy(update={"engine": config.engine.model_copy(
+        update={"max_workers": 3})}), config_b)
+    ep_b = Endpoint(host_b, ep_a.name, ep_a.endpoint_id)
+    ep_a.start()
+    ep_b.start()
+    try:
+        # Then the endpoint's status counts both agents' workers, not whichever beat last
+        eventually(lambda: client.get_endpoint_status(ep_a.endpoint_id).details.get("workers") == 5,
+                   30, "5 workers in all")
+        details = client.get_endpoint_status(ep_a.endpoint_id).details
+        assert sorted(agent["workers"] for agent in details["agents"]) == [2, 3]
+        header, row = fabric.cli("gc-client", "status", "--endpoint", ep_a.endpoint_id
+                                 ).stdout.splitlines()[:2]
+        columns = header.replace("ENDPOINT ID", "ENDPOINT_ID").split()
+        assert dict(zip(columns, row.split(), strict=True))["AGENTS"] == "2"
+        # And an agent that is gone stops counting once its heartbeats are overdue
+        ep_b.kill(signal.SIGKILL)
+        eventually(lambda: client.get_endpoint_status(ep_a.endpoint_id).details.get("workers") == 2,
+                   30, "the remaining agent's 2 workers")
+        status = client.get_endpoint_status(ep_a.endpoint_id)
+        assert status.status == "online" and len(status.details["agents"]) == 1
     finally:
         ep_b.stop_all()
 
