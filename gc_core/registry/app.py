@@ -12,13 +12,16 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
+from sqlalchemy.exc import DisconnectionError, InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 
 from gc_core.errors import RegistryError
 from gc_core.registry import actions, broker_auth, identity, listing_api, store, ui
-from gc_core.registry.db import open_database
+from gc_core.registry.db import describe_database, open_database
 from gc_core.registry.deps import Caller, Db
 from gc_core.registry.identity import Principal
 from gc_core.registry.ledger import Ledger, Retention
+from gc_core.registry.ledger_rules import describe
 from gc_core.registry.metrics import instrument
 from gc_core.registry.vhost_claim import DatabaseClaim
 from gc_core.registry_api.schemas import (
@@ -124,7 +127,8 @@ def create_app(settings: RegistrySettings) -> FastAPI:
                             verify_senders=settings.auth == "tokens"
                             and settings.broker_checks_user_id,
                             # the vhost's ledger is this database's alone (vhost_claim.py)
-                            claim=DatabaseClaim.of(app.state.sessions, settings.db_url))
+                            claim=DatabaseClaim.of(app.state.sessions, settings.db_url),
+                            database=describe_database(settings.db_url))
             ledger.start()
             app.state.ledger = ledger
         yield
@@ -151,6 +155,16 @@ def create_app(settings: RegistrySettings) -> FastAPI:
         # One sentence naming each bad field, as every other refusal gives, not a JSON tree.
         return JSONResponse(status_code=422, content={"detail": _validation_sentence(exc)})
 
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    @app.exception_handler(DisconnectionError)
+    @app.exception_handler(PoolTimeout)
+    async def database_away(_request: Request, exc: Exception) -> JSONResponse:
+        # Away, restarting, locked or full: a client (an agent too) tries again later.
+        return JSONResponse(status_code=503, headers={"Retry-After": "5"}, content={
+            "detail": f"the registry's database ({describe_database(settings.db_url)}) does not "
+                      f"answer ({describe(exc)}); try again shortly"})
+
     @app.exception_handler(binascii.Error)
     async def bad_base64(_request: Request, exc: binascii.Error) -> JSONResponse:
         return JSONResponse(status_code=422, content={"detail": f"payload_b64 is not base64: {exc}"})
@@ -173,8 +187,9 @@ def create_app(settings: RegistrySettings) -> FastAPI:
                           "restart the registry"})
         return JSONResponse({"status": "ok",
                              "ledger": "off" if ledger is None else
-                                       "consuming" if ledger.connected else
-                                       "waiting for the broker"})
+                                       ledger.database_problem or (
+                                           "consuming" if ledger.connected else
+                                           "waiting for the broker")})
 
     @app.get("/whoami", response_model=WhoAmI)
     def whoami(caller: Caller) -> WhoAmI:

@@ -76,6 +76,7 @@ from gc_core.protocol import (
     decode_event,
 )
 from gc_core.registry import store, vhost_claim
+from gc_core.registry.database_outage import DatabaseOutage
 from gc_core.registry.dead_letters import republish
 from gc_core.registry.identity import AGENT_PREFIX
 from gc_core.registry.ledger_rules import (
@@ -152,9 +153,11 @@ class Ledger:
 
     def __init__(self, *, broker_url: str, topology: Topology, sessions: sessionmaker[Any],
                  retention: Retention = Retention(), verify_senders: bool = False,
-                 claim: DatabaseClaim | None = None) -> None:
+                 claim: DatabaseClaim | None = None, database: str = "the registry's") -> None:
         self._broker_url = broker_url
         self._sessions = sessions
+        #: ``database`` (for people: ``describe_database``) being away, when it is.
+        self._outage = DatabaseOutage(database)
         self._retention = retention
         self._senders = Senders(verified=verify_senders,
                                 registry=urlsplit(broker_url).username or "")
@@ -198,6 +201,11 @@ class Ledger:
         return self._writer is not None and self._writer.is_alive()
 
     @property
+    def database_problem(self) -> str | None:
+        """What keeps the ledger from writing while its database is away (None: nothing)."""
+        return self._outage.problem
+
+    @property
     def failure(self) -> str | None:
         """Why the ledger stopped for good: the broker refused it (another database holds
         its vhost, say). None while it consumes or waits for the broker."""
@@ -233,11 +241,17 @@ class Ledger:
 
     def _write_loop(self) -> None:
         while not self._stop.is_set():
-            self._commit_now.wait(COMMIT_INTERVAL)
+            pause = self._outage.wait()
+            if pause:  # the database is away: what arrives meanwhile waits with the rest
+                self._stop.wait(pause)
+                continue
+            if pause is None:
+                self._commit_now.wait(COMMIT_INTERVAL)
             self._commit_now.clear()
             self._commit_pending()
-            self._take_back_early_results()
-            self._expire_old_results()
+            if self._outage.wait() is None:
+                self._take_back_early_results()
+                self._expire_old_results()
             self._note_failure()
         self._commit_pending()
 
@@ -263,7 +277,10 @@ class Ledger:
             with self._sessions() as db:
                 dropped = store.expire_results(db, now - ttl, self._retention.ttl_text)
                 db.commit()
-        except Exception:
+        except Exception as exc:
+            if not message_fault(exc):
+                self._hold([], exc)  # the database is away: wait for it
+                return
             logger.exception("ledger could not drop expired results; it will try again")
             return
         if dropped:
@@ -287,27 +304,28 @@ class Ledger:
     def _commit(self, batch: list[Delivery]) -> None:
         received = [item for delivery in batch for item in self._decode(delivery)]
         retry: list[Delivery] = []
+        failure: Exception | None = None
         try:
             dead_letters = self._write(received)
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - the database's fault or a message's: sorted below
             if not message_fault(exc):
-                # The database's fault (gone, locked, restarted): the batch goes back to the
-                # queue and is written again, which the upserts make harmless.
-                logger.exception("ledger could not commit %d messages; returning them to "
-                                 "the queue", len(batch))
-                self._requeue(batch)
+                # The database's fault (away, locked, full): the batch waits, unacked, and
+                # is written once it answers (DatabaseOutage).
+                self._hold(batch, exc)
                 return
             logger.warning("ledger could not commit %d messages (%s); writing them one at a "
                            "time to drop only the one at fault", len(batch), describe(exc))
-            dead_letters, retry = self._write_each(received)
+            dead_letters, retry, failure = self._write_each(received)
         if dead_letters and not republish(self._broker, self._topology, dead_letters):
             self._requeue(batch)
             return
         if not retry:
             # Deliveries arrive and are committed in order: one ack covers the whole batch.
             self._broker.ack(batch[-1], multiple=True)
+            self._outage.answered()
         else:
-            self._settle_each(batch, retry)
+            self._ack_all_but(batch, retry)
+            self._hold(retry, failure or RuntimeError("the database failed"))
         # Those to retry are the batch's tail (_write_each): the rest were committed.
         observe_commit([item.message for item in received[:len(received) - len(retry)]])
         self._named += [task_id for item in received if isinstance(item.message, GroupManifest)
@@ -331,24 +349,22 @@ class Ledger:
                             len(received), describe(exc))
         raise AssertionError("unreachable: the last attempt returns or raises")
 
-    def _write_each(self, received: list[_Received]) -> tuple[list[ResultMessage],
-                                                             list[Delivery]]:
+    def _write_each(self, received: list[_Received]) -> tuple[
+            list[ResultMessage], list[Delivery], Exception | None]:
         """Record each message in a transaction of its own, dropping those that fail; return
-        the dead letters to republish and the deliveries to return to the queue (all from
-        the first the database itself failed on)."""
+        the dead letters to republish, the deliveries to hold (all from the first the
+        database itself failed on) and how it failed."""
         dead_letters: list[ResultMessage] = []
         for index, item in enumerate(received):
             try:
                 dead_letters += self._write([item])
-            except Exception as exc:
+            except Exception as exc:  # noqa: BLE001 - the database's fault or this message's
                 if not message_fault(exc):
-                    logger.exception("ledger could not commit; returning %d messages to the "
-                                     "queue", len(received) - index)
-                    return dead_letters, [later.delivery for later in received[index:]]
+                    return dead_letters, [later.delivery for later in received[index:]], exc
                 logger.warning("ledger dropped a message it could not record (from %r, %s "
                                "%r): %s", item.delivery.user_id, item.delivery.exchange,
                                item.delivery.routing_key, describe(exc))
-        return dead_letters, []
+        return dead_letters, [], None
 
     def _record(self, db: Session, received: list[_Received]) -> list[ResultMessage]:
         results: list[ReceivedResult] = []
@@ -471,6 +487,9 @@ class Ledger:
                     return
                 db.commit()
         except Exception as exc:  # noqa: BLE001  # the rows stay set aside: the next sweep tries again
+            if not message_fault(exc):
+                self._hold([], exc)  # the database is away: wait for it
+                return
             logger.warning("ledger could not take back results set aside (%s); it will try "
                            "again", describe(exc))
             return
@@ -487,14 +506,19 @@ class Ledger:
         for delivery in batch:
             self._broker.reject(delivery, requeue=True)
 
-    def _settle_each(self, batch: list[Delivery], retry: list[Delivery]) -> None:
-        """Return ``retry`` to the queue and ack the rest of ``batch``."""
-        again = {delivery.tag for delivery in retry}
+    def _ack_all_but(self, batch: list[Delivery], held: list[Delivery]) -> None:
+        kept = {delivery.tag for delivery in held}
         for delivery in batch:
-            if delivery.tag in again:
-                self._broker.reject(delivery, requeue=True)
-            else:
+            if delivery.tag not in kept:
                 self._broker.ack(delivery)
+
+    def _hold(self, deliveries: list[Delivery], failure: Exception) -> None:
+        """Keep ``deliveries`` (unacked, in order, before what arrived since) for the next
+        try, once the database answers."""
+        with self._lock:
+            self._pending[:0] = deliveries
+            held = len(self._pending)
+        self._outage.failed(failure, held)
 
     def _decode(self, delivery: Delivery) -> list[_Received]:
         """What a delivery holds: one message, or each result of a batch (a batch's

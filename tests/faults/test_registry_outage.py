@@ -4,12 +4,11 @@ it must not fail it."""
 
 from __future__ import annotations
 
-import uuid
 from pathlib import Path
 
 from gc_client import Client, Executor
-from tests.fabric import Endpoint, Fabric, bound_socket, eventually, free_port
-from tests.integration.test_registry_replicas import Served, _amqp_url, _consuming, _serve
+from tests.fabric import Endpoint, bound_socket, eventually, free_port
+from tests.integration.test_registry_replicas import fabric_served_by, serving
 
 
 def quadruple(x: int) -> int:
@@ -20,15 +19,8 @@ def test_a_task_whose_function_is_fetched_while_the_registry_restarts_runs_once_
         own_vhost: str, tmp_path: Path) -> None:
     db_url, port, home = f"sqlite:///{tmp_path / 'registry.db'}", free_port(), tmp_path / "home"
 
-    def serve() -> Served:
-        served = _serve(db_url, home, name=f"registry-{uuid.uuid4().hex[:4]}", vhost=own_vhost,
-                        port=port)
-        eventually(lambda: _consuming(served), 60, "the registry to serve")
-        return served
-
-    registry = serve()
-    fabric = Fabric(broker_url=_amqp_url(own_vhost), registry_url=registry.url, home=home,
-                    vhost=own_vhost)
+    registry = serving(db_url, home, vhost=own_vhost, port=port)
+    fabric = fabric_served_by(registry, home, own_vhost)
     endpoint: Endpoint = fabric.configure_endpoint("fetching", workers=1)
     endpoint.start()
     try:
@@ -42,7 +34,7 @@ def test_a_task_whose_function_is_fetched_while_the_registry_restarts_runs_once_
                 eventually(lambda: "waiting for the registry" in endpoint.read_logs(), 60,
                            "the agent to say it waits for the registry")
                 assert not future.done()
-            registry = serve()
+            registry = serving(db_url, home, vhost=own_vhost, port=port)
             assert future.result(timeout=120) == 8
     finally:
         endpoint.stop_all()

@@ -137,6 +137,18 @@ def _serve(db_url: str, home: Path, *args: str, name: str, vhost: str = "",
     return Served(process, f"http://127.0.0.1:{port}", log)
 
 
+def serving(db_url: str, home: Path, *, vhost: str, port: int | None = None) -> Served:
+    """``_serve`` on ``vhost`` (open auth), once its ledger consumes."""
+    served = _serve(db_url, home, name=f"registry-{uuid.uuid4().hex[:4]}", vhost=vhost, port=port)
+    eventually(lambda: _consuming(served), START_TIMEOUT, "the registry to serve")
+    return served
+
+
+def fabric_served_by(served: Served, home: Path, vhost: str) -> Fabric:
+    """Where clients and agents of ``served``'s vhost live (GC_HOME ``home``)."""
+    return Fabric(broker_url=_amqp_url(vhost), registry_url=served.url, home=home, vhost=vhost)
+
+
 def _consuming(served: Served) -> bool:
     if served.process.poll() is not None:
         raise AssertionError(f"gc-registry serve exited {served.process.returncode}:\n"
