@@ -18,6 +18,7 @@ from typing import Any, cast
 
 from sqlalchemy import (
     ColumnElement,
+    Select,
     Table,
     bindparam,
     delete,
@@ -254,9 +255,8 @@ def endpoint_status(db: Session, endpoint_id: str, now: float | None = None) -> 
     if row.last_seen is None or row.heartbeat_json is None:
         return EndpointStatus(endpoint_id=endpoint_id, status="never seen")
     now = time.time() if now is None else now
-    agents = [beat for beat in map(json.loads, db.scalars(
-        select(AgentHeartbeatRow.heartbeat_json).where(AgentHeartbeatRow.endpoint_id == endpoint_id)
-        .order_by(AgentHeartbeatRow.last_seen.desc())).all()) if _online(beat, now)]
+    agents = [beat for beat in map(json.loads, db.scalars(_agent_heartbeats(endpoint_id)).all())
+              if _online(beat, now)]
     latest: dict[str, Any] = json.loads(row.heartbeat_json)
     if not agents:  # all offline, or heartbeats from before agents were kept apart
         return EndpointStatus(endpoint_id=endpoint_id,
@@ -271,6 +271,10 @@ def endpoint_status(db: Session, endpoint_id: str, now: float | None = None) -> 
 #: common: its depth is the newest heartbeat's).
 _SUMMED = ("workers", "workers_busy", "tasks_received", "tasks_succeeded", "tasks_failed",
            "tasks_cancelled")
+#: Agents of one endpoint whose heartbeats are kept, the newest: more hosts than any site
+#: runs agents of one endpoint on, and a bound on the rows heartbeats naming made-up hosts
+#: or pids could add.
+MAX_AGENTS_PER_ENDPOINT = 64
 #: Seconds an agent's heartbeat is kept after its last: long past offline, so a status can
 #: still be read of an agent restarted (a new pid) without its rows piling up.
 AGENT_HEARTBEAT_KEPT = 24 * 3600.0
@@ -299,9 +303,18 @@ def record_heartbeat(db: Session, heartbeat: Heartbeat, now: float | None = None
     agent = {"endpoint_id": heartbeat.endpoint_id, "agent": f"{heartbeat.hostname}:{heartbeat.pid}",
              "last_seen": sent, "heartbeat_json": recorded}
     _upsert(db, _agent_heartbeat_upsert, [agent])
+    newest = _agent_heartbeats(heartbeat.endpoint_id).with_only_columns(AgentHeartbeatRow.agent)
     db.execute(delete(AgentHeartbeatRow).where(
         AgentHeartbeatRow.endpoint_id == heartbeat.endpoint_id,
-        AgentHeartbeatRow.last_seen < sent - AGENT_HEARTBEAT_KEPT))
+        or_(AgentHeartbeatRow.last_seen < sent - AGENT_HEARTBEAT_KEPT,
+            AgentHeartbeatRow.agent.not_in(newest))))
+
+
+def _agent_heartbeats(endpoint_id: str) -> Select[str]:
+    """The heartbeats kept of the endpoint's agents: the newest MAX_AGENTS_PER_ENDPOINT."""
+    return (select(AgentHeartbeatRow.heartbeat_json)
+            .where(AgentHeartbeatRow.endpoint_id == endpoint_id)
+            .order_by(AgentHeartbeatRow.last_seen.desc()).limit(MAX_AGENTS_PER_ENDPOINT))
 
 
 def _agent_heartbeat_upsert(dialect: Dialect) -> Any:

@@ -14,9 +14,9 @@ from sqlalchemy import Engine, create_engine, inspect, select, text
 
 from gc_core.broker import BrokerSession
 from gc_core.errors import NotAuthenticated
-from gc_core.protocol import GroupManifest, ResultMessage, encode_result
+from gc_core.protocol import GroupManifest, Heartbeat, ResultMessage, encode_result
 from gc_core.registry import identity, store
-from gc_core.registry.db import Base, TaskRow, open_database
+from gc_core.registry.db import AgentHeartbeatRow, Base, TaskRow, open_database
 from gc_core.registry_api.schemas import EndpointIn, EndpointPolicy, FunctionIn, FunctionSharing
 from gc_core.topology import load_topology
 from tests.fabric import eventually
@@ -137,6 +137,25 @@ def test_groups_policies_tokens_and_retention_work_on_both_databases(db_url: str
         assert (small.payload_b64, "expired" in small.result_note) == ("", True)
         assert sorted(t.task_id for t in store.list_group_tasks(db, "g")) == ["big", "small"]
     sessions.kw["bind"].dispose()
+
+
+def test_an_endpoint_keeps_the_heartbeats_of_its_newest_agents_only(db_url: str) -> None:
+    # An agent's credential can send heartbeats naming any host and pid, each a row of its
+    # own: a flood of them must not grow the database (every user's) without bound.
+    sessions = open_database(db_url)
+    flood = store.MAX_AGENTS_PER_ENDPOINT + 40
+    with sessions() as db:
+        endpoint_id = store.create_endpoint(db, EndpointIn(name="crowded"), owner="alice").endpoint_id
+        for pid in range(flood):
+            store.record_heartbeat(db, Heartbeat(
+                endpoint_id=endpoint_id, hostname="h", pid=pid, sent=1000.0 + pid / 1000,
+                period=10.0, started=1000.0, engine="threads", workers=1, workers_busy=0,
+                tasks_received=0, tasks_succeeded=0, tasks_failed=0), now=2000.0)
+            db.commit()
+        kept = db.scalars(select(AgentHeartbeatRow.agent)).all()
+        status = store.endpoint_status(db, endpoint_id, now=1001.0)
+    assert sorted(kept) == sorted(f"h:{pid}" for pid in range(flood - store.MAX_AGENTS_PER_ENDPOINT, flood))
+    assert status.details["workers"] == store.MAX_AGENTS_PER_ENDPOINT
 
 
 def test_a_registry_on_postgresql_records_results_from_the_broker(
