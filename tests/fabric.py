@@ -202,6 +202,13 @@ class Fabric:
             raise AssertionError(f"{' '.join(args)} exited {done.returncode}:\n{done.stdout}\n{done.stderr}")
         return done
 
+    def endpoint_status(self, endpoint_id: str) -> dict[str, str]:
+        """`gc-client status --endpoint ID`'s row, by column."""
+        header, row = self.cli("gc-client", "status", "--endpoint", endpoint_id
+                               ).stdout.splitlines()[:2]
+        columns = header.replace("ENDPOINT ID", "ENDPOINT_ID").split()
+        return dict(zip(columns, row.split(), strict=True))
+
     def configure_endpoint(self, name: str, *, engine: str = "processes", workers: int = 2,
                            **overrides: object) -> Endpoint:
         """`gc-agent configure NAME`, then apply config overrides (e.g. heartbeat_period)."""

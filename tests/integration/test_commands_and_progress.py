@@ -141,12 +141,10 @@ def test_status_and_tasks_show_queued_running_done_and_failed(
         assert ex.submit(double, None).exception(timeout=60)        # and one failure
     deadline = time.monotonic() + 30
     while True:
-        row = next(line for line in fabric.cli("gc-client", "status", "--endpoint",
-                                               ep.endpoint_id).stdout.splitlines()
-                   if line.startswith(ep.endpoint_id))
-        cells = row.split()
-        if (cells[1] == "online" and cells[5:8] == ["5", "1", "0"]) or time.monotonic() > deadline:
+        row = fabric.endpoint_status(ep.endpoint_id)
+        counts = [row["DONE"], row["FAILED"], row["CANCELLED"]]
+        if (row["STATUS"] == "online" and counts == ["5", "1", "0"]) or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert cells[1] == "online"
-    assert cells[5:8] == ["5", "1", "0"], row                # done, failed, cancelled
+    assert row["STATUS"] == "online"
+    assert counts == ["5", "1", "0"], row
