@@ -299,11 +299,13 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
                     prefetch=RESULT_PREFETCH, login=self.client.broker_login,
                     max_message_size=self.client.max_message_size)
                 await session.connect()
+                self._group.deliver = asyncio.get_running_loop().call_soon_threadsafe
                 try:
                     await session.consume(queue.name, self._group.on_result)
                 except BaseException:
                     await session.close()
                     raise
+                self._group.join()
                 self._session = session
             return self._session
 
@@ -411,7 +413,7 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
     async def _close(self) -> None:
         session, self._session = self._session, None
         if session is not None:
-            if self._group.idle():
+            if not self._group.leave() and self._group.idle():
                 try:
                     await session.delete_queue(self._result_queue().name)
                 except BrokerError as exc:

@@ -324,6 +324,7 @@ class _Wire:
                     prefetch=RESULT_PREFETCH, linger=self._linger, batch_size=self._batch_size)
                 session.consume(queue.name, self._on_result)
                 session.start()
+                self._group.join()
                 self._session = session
                 _OPEN_WIRES.add(self)
             return self._session
@@ -454,7 +455,7 @@ class _Wire:
         _OPEN_WIRES.discard(self)
         if session is not None and not session.forked_away:
             session.wait_settled(self._confirm_timeout)
-            if self._group.idle():
+            if not self._group.leave() and self._group.idle():
                 session.delete_queue(self._result_queue().name)
                 session.wait_settled(5.0)
             session.close()

@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -56,6 +57,15 @@ LEDGER_BATCH = 1_000
 #: them); beyond either bound the oldest go: the ledger still has them.
 UNCLAIMED_RESULTS = 10_000
 UNCLAIMED_BYTES = 64 * 2**20
+
+#: This process's task groups whose executors consume results, by broker, user and task
+#: group id. Two executors of one group (a notebook cell re-run while the first is still
+#: open) consume its one result queue, and the broker gives each result to either: one
+#: taken by the group that did not submit its task goes to the one that did (held instead,
+#: it left that future waiting for ever, and that executor's exit with it), and the queue
+#: is deleted by the last of them to close, not the first.
+_LIVE: dict[tuple[str, str, str], weakref.WeakSet[TaskGroup[Any]]] = {}
+_LIVE_LOCK = threading.Lock()
 
 
 class GroupFuture(Protocol):
@@ -120,6 +130,10 @@ class TaskGroup(Generic[F]):
         self.duplicates_dropped = 0
         #: Bound once: every future holds it, and a method bound anew is an object a future.
         self._forget_when_done = self._forget
+        #: How a result taken on another thread reaches this group's futures (the async
+        #: executor's: through its event loop).
+        self.deliver: Callable[[Callable[[], None]], object] = _call
+        self._siblings: weakref.WeakSet[TaskGroup[Any]] = weakref.WeakSet()
 
     # -- building messages ---------------------------------------------------------------
 
@@ -184,13 +198,44 @@ class TaskGroup(Generic[F]):
     def _on_one_result(self, result: ResultMessage, sender: str) -> None:
         with self._lock:
             future = self._pending.get(result.task_id)
-            if future is None:
-                if result.task_id in self._finished:
-                    self.duplicates_dropped += 1
-                else:
-                    self._hold(result, sender)
+            if future is None and result.task_id in self._finished:
+                self.duplicates_dropped += 1
                 return
-        self._accept(future, result, sender)
+        if future is not None:
+            self._accept(future, result, sender)
+        elif not self._hand_to_sibling(result, sender):
+            with self._lock:
+                self._hold(result, sender)
+
+    def join(self) -> None:
+        """This group's executor consumes its result queue from now on."""
+        with _LIVE_LOCK:
+            self._siblings = _LIVE.setdefault(
+                (self.client.settings.broker_url, self.user, self.task_group_id),
+                weakref.WeakSet())
+            self._siblings.add(self)
+
+    def leave(self) -> bool:
+        """This group's executor closes; whether another of this process still consumes the
+        group's queue (then it stays)."""
+        with _LIVE_LOCK:
+            self._siblings.discard(self)
+            return len(self._siblings) > 0
+
+    def _hand_to_sibling(self, result: ResultMessage, sender: str) -> bool:
+        """Give a result to the group of this process's that submitted its task, if any."""
+        with _LIVE_LOCK:
+            siblings = [group for group in self._siblings if group is not self]
+        return any(group._claim(result, sender) for group in siblings)
+
+    def _claim(self, result: ResultMessage, sender: str) -> bool:
+        """Take a result another group of ours received, if its task is one of ours."""
+        with self._lock:
+            future = self._pending.get(result.task_id)
+        if future is None:
+            return False
+        self.deliver(partial(self._accept, future, result, sender))
+        return True
 
     # -- reattaching ---------------------------------------------------------------------
 
@@ -319,6 +364,10 @@ class TaskGroupFront(Generic[F]):
         """Results dropped because their future had already resolved (a redelivered task)
         or had been cancelled."""
         return self._group.duplicates_dropped
+
+
+def _call(work: Callable[[], None]) -> None:
+    work()
 
 
 def _settle(future: GroupFuture, value: Callable[[], Any]) -> bool:

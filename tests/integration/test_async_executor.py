@@ -113,3 +113,23 @@ def test_shutdown_with_cancel_futures_cancels_pending_futures(client: Client,
         return [f.cancelled() for f in futures]
 
     assert asyncio.run(main()) == [True] * 5
+
+
+def test_an_async_and_a_sync_executor_of_one_task_group_each_get_their_own_results(
+        client: Client, endpoint: Endpoint) -> None:
+    # Either may take a result off the group's queue; one taken by the other executor
+    # reaches the async one's futures through its event loop.
+    from gc_client import Executor
+
+    with Executor(endpoint_id=endpoint.endpoint_id, client=client) as sync_ex:
+        assert sync_ex.submit(square, 1).result(timeout=RESULT_TIMEOUT) == 1  # consuming
+
+        async def main() -> list[int]:
+            async with AsyncExecutor(endpoint_id=endpoint.endpoint_id, client=client,
+                                     task_group_id=sync_ex.task_group_id) as async_ex:
+                futures = [await async_ex.submit(square, x) for x in range(40)]
+                return list(await asyncio.wait_for(asyncio.gather(*futures), RESULT_TIMEOUT))
+
+        assert asyncio.run(main()) == [x * x for x in range(40)]
+        mine = [sync_ex.submit(square, x) for x in range(40)]
+        assert [f.result(timeout=RESULT_TIMEOUT) for f in mine] == [x * x for x in range(40)]

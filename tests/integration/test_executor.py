@@ -124,6 +124,21 @@ def test_reload_tasks_reattaches_to_a_group_after_the_client_died(
         assert sorted(f.result(timeout=60) for f in futures) == [x ** 3 for x in range(10)]
 
 
+def test_two_executors_of_one_task_group_each_get_the_results_of_their_own_tasks(
+        client: Client, endpoint: Endpoint) -> None:
+    # A notebook cell re-run: a new Executor for the group (to pick up where it was) while
+    # the one made before is still open. Both consume the group's result queue; a result the
+    # other one took must still resolve its own future.
+    with Executor(endpoint_id=endpoint.endpoint_id, client=client) as first:
+        assert first.submit(square, 1).result(timeout=60) == 1  # consuming
+        with Executor(endpoint_id=endpoint.endpoint_id, client=client,
+                      task_group_id=first.task_group_id) as second:
+            futures = [second.submit(square, x) for x in range(40)]
+            assert [f.result(timeout=60) for f in futures] == [x * x for x in range(40)]
+            mine = [first.submit(square, x) for x in range(40)]
+            assert [f.result(timeout=60) for f in mine] == [x * x for x in range(40)]
+
+
 def _reload_until(ex: Executor, expected: int) -> list:  # type: ignore[type-arg]
     """The ledger records a group's manifest asynchronously; give it a moment."""
     import time
