@@ -25,7 +25,19 @@ from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from typing import TextIO
 
-__all__ = ["BoundedText", "WorkerOutput", "captured_output"]
+__all__ = ["BoundedText", "WorkerOutput", "captured_output", "utf8_text"]
+
+
+def utf8_text(text: str) -> str:
+    """``text`` as UTF-8 can carry it: a lone surrogate (a file name that is no UTF-8, as
+    ``os.listdir`` and ``os.fsdecode`` give it) shown as its escape, ``\\udcff``. JSON and
+    AMQP carry no such character: one printed or in an error message failed the whole
+    answer, and on a worker process cost the worker and the task."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return text.encode("utf-8", "backslashreplace").decode("utf-8")
+    return text
 
 
 class BoundedText:
@@ -48,7 +60,11 @@ class BoundedText:
 
     def write(self, text: str) -> int:
         room = self._limit - self._size
-        data = text.encode("utf-8", "replace")
+        try:
+            data = text.encode("utf-8")
+        except UnicodeEncodeError:
+            text = utf8_text(text)
+            data = text.encode("utf-8")
         if len(data) <= room:
             self._parts.append(text)
             self._size += len(data)

@@ -18,7 +18,7 @@ from typing import Any, Literal, TypeVar
 
 import cloudpickle
 
-from gc_agent.capture import captured_output
+from gc_agent.capture import captured_output, utf8_text
 from gc_core.errors import ResultNotSerializable, SerializationError, VersionMismatch
 from gc_core.protocol import MAX_ERROR_MESSAGE, MAX_ERROR_TRACEBACK, MAX_LABEL_LENGTH, ErrorInfo
 from gc_core.serialize import (
@@ -229,8 +229,9 @@ def error_info(kind: str, message: str, traceback: str = "") -> ErrorInfo:
     """An error within the wire's bounds, however long or strange its parts: the message
     keeps its start, the traceback its end (where the failing frame is), and a type name
     with control characters is shown escaped."""
-    return ErrorInfo(type=_label(kind), message=_head(message, MAX_ERROR_MESSAGE),
-                     traceback=_tail(traceback, MAX_ERROR_TRACEBACK))
+    return ErrorInfo(type=_label(utf8_text(kind)),
+                     message=_head(utf8_text(message), MAX_ERROR_MESSAGE),
+                     traceback=_tail(utf8_text(traceback), MAX_ERROR_TRACEBACK))
 
 
 def _label(text: str) -> str:

@@ -199,6 +199,16 @@ def mode_of_a_new_file(path: str) -> int:
     return os.stat(path).st_mode & 0o777
 
 
+def list_an_odd_file_name(bad_name: bool) -> str:
+    """Print a file name that is no UTF-8 as Python shows it (os.listdir, os.fsdecode: a
+    lone surrogate), then fail on it, as code reading such a directory does."""
+    name = os.fsdecode(b"data-\xff.csv")
+    print(f"found {name}")
+    if bad_name:
+        raise FileNotFoundError(f"no such file: {name}")
+    return name
+
+
 def _job(function: Callable[..., Any], *args: Any, task_id: str = "") -> Job:
     return Job(task_id=task_id or str(uuid.uuid4()), function_id=f"fn-{function.__name__}",
                function_payload=cloudpickle.dumps(function), function_python=PYTHON_VERSION,
@@ -416,4 +426,21 @@ def test_the_file_mode_mask_a_job_set_does_not_outlive_it(engine: ProcessEngine,
     got = _start_with(engine, jobs).each_once(jobs)
     assert _value(got[jobs[1].task_id]) == "open"
     assert _value(got[jobs[2].task_id]) == _value(got[jobs[0].task_id])
+    assert len({got[job.task_id].worker for job in jobs}) == 1
+
+
+def test_a_job_printing_and_failing_on_a_file_name_that_is_no_utf8_is_answered(
+        engine: ProcessEngine) -> None:
+    # A lone surrogate cannot travel as UTF-8 (JSON, AMQP): the worker failed to write its
+    # answer and exited, and the task was retried as lost until dead-lettered.
+    jobs = [_job(list_an_odd_file_name, True), _job(list_an_odd_file_name, False),
+            _job(echo, "next")]
+    got = _start_with(engine, jobs).each_once(jobs)
+    failed, printed = got[jobs[0].task_id], got[jobs[1].task_id]
+    assert failed.state == "failed" and failed.error is not None, failed
+    assert failed.error.type == "FileNotFoundError"
+    assert "data-\\udcff.csv" in failed.error.message and "found data-\\udcff.csv" in failed.stdout
+    assert _value(printed) == os.fsdecode(b"data-\xff.csv")  # the value itself is pickled as is
+    assert printed.stdout == "found data-\\udcff.csv\n"
+    assert _value(got[jobs[2].task_id]) == "next"
     assert len({got[job.task_id].worker for job in jobs}) == 1
