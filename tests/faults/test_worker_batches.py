@@ -209,6 +209,34 @@ def list_an_odd_file_name(bad_name: bool) -> str:
     return name
 
 
+def change_the_interpreter() -> str:
+    """What libraries and scripts set process-wide and forget: a recursion limit, the
+    cyclic collector off, a tracer, a default socket timeout, warnings turned into errors."""
+    import gc
+    import socket
+    import sys
+    import warnings
+
+    sys.setrecursionlimit(200)
+    gc.disable()
+    sys.settrace(lambda *_: None)
+    sys.setprofile(lambda *_: None)
+    socket.setdefaulttimeout(0.001)
+    warnings.simplefilter("error")
+    return "changed"
+
+
+def interpreter_settings() -> tuple[object, ...]:
+    import gc
+    import socket
+    import sys
+    import warnings
+
+    return (sys.getrecursionlimit(), gc.isenabled(), sys.gettrace() is None,
+            sys.getprofile() is None, socket.getdefaulttimeout(), len(warnings.filters),
+            warnings.filters[:1])
+
+
 def _job(function: Callable[..., Any], *args: Any, task_id: str = "") -> Job:
     return Job(task_id=task_id or str(uuid.uuid4()), function_id=f"fn-{function.__name__}",
                function_payload=cloudpickle.dumps(function), function_python=PYTHON_VERSION,
@@ -443,4 +471,14 @@ def test_a_job_printing_and_failing_on_a_file_name_that_is_no_utf8_is_answered(
     assert _value(printed) == os.fsdecode(b"data-\xff.csv")  # the value itself is pickled as is
     assert printed.stdout == "found data-\\udcff.csv\n"
     assert _value(got[jobs[2].task_id]) == "next"
+    assert len({got[job.task_id].worker for job in jobs}) == 1
+
+
+def test_interpreter_settings_a_job_changed_do_not_outlive_it(engine: ProcessEngine) -> None:
+    # A recursion limit of 200 failed later jobs' pickling; a tracer left installed made
+    # each later job several times slower; warnings as errors failed them on a warning.
+    jobs = [_job(interpreter_settings), _job(change_the_interpreter), _job(interpreter_settings)]
+    got = _start_with(engine, jobs).each_once(jobs)
+    assert _value(got[jobs[1].task_id]) == "changed"
+    assert _value(got[jobs[2].task_id]) == _value(got[jobs[0].task_id])
     assert len({got[job.task_id].worker for job in jobs}) == 1
