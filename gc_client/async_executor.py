@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterable, Sequence
 from itertools import islice
@@ -36,7 +37,7 @@ from gc_client.taskgroup import (
     TaskGroupFront,
     TaskGroupOptions,
 )
-from gc_client.tasks import Outgoing, new_id, task_routing_key, tasks_message
+from gc_client.tasks import Outgoing, task_routing_key, tasks_message
 from gc_core.batches import encode_task_batch
 from gc_core.broker import FLUSH_BATCH
 from gc_core.broker_async import AsyncBrokerSession
@@ -45,8 +46,7 @@ from gc_core.broker_publisher import ConfirmCallback
 from gc_core.coalesce import Coalescer
 from gc_core.errors import BrokerError, GCError
 from gc_core.protocol import Envelope, TaskMessage
-from gc_core.serialize import get_serializer
-from gc_core.topology import QueueDeclaration, safe_name_part
+from gc_core.topology import QueueDeclaration
 
 __all__ = ["AsyncComputeFuture", "AsyncExecutor"]
 
@@ -97,10 +97,10 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
 
     def __init__(
         self,
-        endpoint_id: str | None = None,
+        endpoint_id: str | uuid.UUID | None = None,
         *,
         client: Client | None = None,
-        task_group_id: str | None = None,
+        task_group_id: str | uuid.UUID | None = None,
         resource_specification: dict[str, Any] | None = None,
         user_endpoint_config: dict[str, Any] | None = None,
         serializer: str = "cloudpickle",
@@ -111,9 +111,8 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
             raise ValueError("batch_size must be at least 1")
         self.client = client or Client()
         self._owns_client = client is None
-        self._group: TaskGroup[AsyncComputeFuture] = TaskGroup(self.client, TaskGroupOptions(
-            task_group_id=safe_name_part(task_group_id or new_id(), "task_group_id"),
-            endpoint_id=endpoint_id, serializer=get_serializer(serializer),
+        self._group: TaskGroup[AsyncComputeFuture] = TaskGroup(self.client, TaskGroupOptions.of(
+            task_group_id=task_group_id, endpoint_id=endpoint_id, serializer=serializer,
             resource_specification=resource_specification,
             user_endpoint_config=user_endpoint_config, on_behalf_of=on_behalf_of),
             self._new_future)

@@ -21,6 +21,7 @@ import os
 import sys
 import threading
 import time
+import uuid
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -41,7 +42,7 @@ from gc_client.taskgroup import (
     TaskGroupFront,
     TaskGroupOptions,
 )
-from gc_client.tasks import Outgoing, new_id, task_routing_key, tasks_message
+from gc_client.tasks import Outgoing, task_routing_key, tasks_message
 from gc_core.batches import encode_task_batch
 from gc_core.broker import FLUSH_BATCH, BrokerSession
 from gc_core.broker_consumers import Delivery
@@ -49,8 +50,6 @@ from gc_core.broker_publisher import ConfirmCallback
 from gc_core.coalesce import Coalescer
 from gc_core.errors import GCError
 from gc_core.protocol import Envelope, TaskMessage
-from gc_core.serialize import get_serializer
-from gc_core.topology import safe_name_part
 
 __all__ = ["ComputeFuture", "Executor"]
 
@@ -110,10 +109,10 @@ class Executor(TaskGroupFront[ComputeFuture], _BaseExecutor):
 
     def __init__(
         self,
-        endpoint_id: str | None = None,
+        endpoint_id: str | uuid.UUID | None = None,
         *,
         client: Client | None = None,
-        task_group_id: str | None = None,
+        task_group_id: str | uuid.UUID | None = None,
         resource_specification: dict[str, Any] | None = None,
         user_endpoint_config: dict[str, Any] | None = None,
         serializer: str = "cloudpickle",
@@ -126,9 +125,8 @@ class Executor(TaskGroupFront[ComputeFuture], _BaseExecutor):
             raise ValueError("batch_size must be at least 1, and linger and confirm_timeout "
                              "(seconds) at least 0")
         self.client = client or Client()
-        self._wire = _Wire(TaskGroupOptions(
-            task_group_id=safe_name_part(task_group_id or new_id(), "task_group_id"),
-            endpoint_id=endpoint_id, serializer=get_serializer(serializer),
+        self._wire = _Wire(TaskGroupOptions.of(
+            task_group_id=task_group_id, endpoint_id=endpoint_id, serializer=serializer,
             resource_specification=resource_specification,
             user_endpoint_config=user_endpoint_config, on_behalf_of=on_behalf_of),
             self.client, owns_client=client is None, batch_size=batch_size, linger=linger,

@@ -17,6 +17,7 @@ import asyncio
 import concurrent.futures
 import logging
 import threading
+import uuid
 import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
@@ -30,6 +31,7 @@ from gc_client.tasks import (
     cancel_message,
     make_task,
     manifest_message,
+    new_id,
     not_accepted,
     oversize,
     result_value,
@@ -39,7 +41,8 @@ from gc_core.batches import decode_results
 from gc_core.errors import ProtocolError
 from gc_core.protocol import Envelope, ResultMessage, TaskMessage
 from gc_core.registry_api.schemas import TaskOut
-from gc_core.serialize import Serializer
+from gc_core.serialize import Serializer, get_serializer
+from gc_core.topology import safe_name_part
 
 __all__ = ["GroupFuture", "TaskGroup", "TaskGroupFront", "TaskGroupOptions"]
 
@@ -95,6 +98,20 @@ class TaskGroupOptions:
     resource_specification: dict[str, Any] | None = None
     user_endpoint_config: dict[str, Any] | None = None
     on_behalf_of: str | None = None
+
+    @classmethod
+    def of(cls, *, task_group_id: str | uuid.UUID | None, endpoint_id: str | uuid.UUID | None,
+           serializer: str, resource_specification: dict[str, Any] | None,
+           user_endpoint_config: dict[str, Any] | None,
+           on_behalf_of: str | None) -> TaskGroupOptions:
+        """The options an executor was given, checked: ids as text (a ``uuid.UUID`` too, as
+        Globus Compute takes them), a new group id if none, the serializer by name."""
+        return cls(task_group_id=safe_name_part(str(task_group_id or new_id()), "task_group_id"),
+                   endpoint_id=None if endpoint_id is None
+                   else safe_name_part(str(endpoint_id), "endpoint_id"),
+                   serializer=get_serializer(serializer),
+                   resource_specification=resource_specification,
+                   user_endpoint_config=user_endpoint_config, on_behalf_of=on_behalf_of)
 
 
 class TaskGroup(Generic[F]):

@@ -128,3 +128,26 @@ def test_a_function_with_a_source_past_what_the_registry_keeps_registers_without
 
     with pytest.raises(RegistryError):  # it got as far as asking the registry (there is none)
         offline_client.register_function(square)
+
+
+def test_endpoint_and_task_group_ids_may_be_given_as_uuids(offline_client: Client) -> None:
+    # Globus Compute users write Executor(endpoint_id=uuid.UUID(...)); it failed with
+    # "TypeError: expected string or bytes-like object, got 'UUID'".
+    import uuid
+
+    from gc_client import AsyncExecutor, Executor
+
+    endpoint_id, task_group_id = uuid.uuid4(), uuid.uuid4()
+    for front in (Executor, AsyncExecutor):
+        ex = front(endpoint_id=endpoint_id, task_group_id=task_group_id,  # type: ignore[operator]
+                   client=offline_client)
+        assert (ex.endpoint_id, ex.task_group_id) == (str(endpoint_id), str(task_group_id))
+
+
+def test_an_endpoint_id_that_cannot_be_one_is_refused_when_the_executor_is_made(
+        offline_client: Client) -> None:
+    from gc_client import Executor
+    from gc_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="endpoint_id 'my laptop' must be 1 to 64 letters"):
+        Executor(endpoint_id="my laptop", client=offline_client)
