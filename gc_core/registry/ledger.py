@@ -62,6 +62,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
+from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -247,6 +248,8 @@ class Ledger:
                 continue
             if pause is None:
                 self._commit_now.wait(COMMIT_INTERVAL)
+            elif not self._pending:
+                self._try_database()  # nothing to write: ask whether it is back
             self._commit_now.clear()
             self._commit_pending()
             if self._outage.wait() is None:
@@ -254,6 +257,15 @@ class Ledger:
                 self._expire_old_results()
             self._note_failure()
         self._commit_pending()
+
+    def _try_database(self) -> None:
+        try:
+            with self._sessions() as db:
+                db.execute(text("SELECT 1"))
+        except Exception as exc:  # noqa: BLE001 - whatever fails it, the database is not back
+            self._hold([], exc)
+            return
+        self._outage.answered()
 
     def _note_failure(self) -> None:
         """Once the broker has refused the ledger for good, say why, naming the database

@@ -15,9 +15,12 @@ import httpx
 import pytest
 
 from gc_client import Client, Executor
+from gc_core.registry.db import open_database
+from gc_core.registry.ledger import Ledger
+from gc_core.topology import load_topology
 from tests.fabric import Endpoint, eventually, held_port
 from tests.integration.conftest import fresh_postgres_database
-from tests.integration.test_registry_replicas import fabric_served_by, serving
+from tests.integration.test_registry_replicas import _amqp_url, fabric_served_by, serving
 
 #: Seconds the database stays away.
 OUTAGE = 8.0
@@ -136,3 +139,26 @@ def test_the_ledger_waits_out_its_database_and_loses_nothing(
     assert any("waiting for its database" in line for line in during), "\n".join(during[-20:])
     assert len(attempts) <= 2 * outage, f"{len(attempts)} failed commits in {outage:.0f} s"
     assert sum("Traceback" in line for line in during) <= 1
+
+
+def test_an_idle_ledger_waits_out_its_database_without_spinning(
+        own_vhost: str, link_to_postgres: tuple[CuttableLink, str]) -> None:
+    # With nothing to write, the ledger still meets the outage (its sweep of results set
+    # aside, each second with checked senders); it must then pause between tries as well,
+    # not go round its loop as fast as it can.
+    link, db_url = link_to_postgres
+    ledger = Ledger(broker_url=_amqp_url(own_vhost), topology=load_topology(),
+                    sessions=open_database(db_url), verify_senders=True, database="the test's")
+    ledger.start()
+    try:
+        eventually(lambda: ledger.connected, 30, "the ledger to consume")
+        link.cut()
+        eventually(lambda: ledger.database_problem is not None, 30, "the ledger to notice")
+        cpu, wall = time.process_time(), time.monotonic()
+        time.sleep(4.0)
+        busy = (time.process_time() - cpu) / (time.monotonic() - wall)
+        link.mend()
+        eventually(lambda: ledger.database_problem is None, 60, "the ledger to see it back")
+    finally:
+        ledger.stop()
+    assert busy < 0.5, f"this process was busy {busy:.0%} of the time while the ledger waited"
