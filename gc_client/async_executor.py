@@ -299,12 +299,13 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
                     max_message_size=self.client.max_message_size)
                 await session.connect()
                 self._group.deliver = asyncio.get_running_loop().call_soon_threadsafe
+                self._group.join()  # before the first result can come
                 try:
                     await session.consume(queue.name, self._group.on_result)
                 except BaseException:
+                    self._group.leave()
                     await session.close()
                     raise
-                self._group.join()
                 self._session = session
             return self._session
 

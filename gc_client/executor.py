@@ -320,9 +320,13 @@ class _Wire:
                 session = self._client.broker_session(
                     f"gc-client:{self._group.user}:{self._group.task_group_id}", queues=[queue],
                     prefetch=RESULT_PREFETCH, linger=self._linger, batch_size=self._batch_size)
-                session.consume(queue.name, self._on_result)
-                session.start()
-                self._group.join()
+                self._group.join()  # before the first result can come
+                try:
+                    session.consume(queue.name, self._on_result)
+                    session.start()
+                except BaseException:
+                    self._group.leave()
+                    raise
                 self._session = session
                 _OPEN_WIRES.add(self)
             return self._session

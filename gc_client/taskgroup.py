@@ -251,7 +251,10 @@ class TaskGroup(Generic[F]):
             future = self._pending.get(result.task_id)
         if future is None:
             return False
-        self.deliver(partial(self._accept, future, result, sender))
+        try:
+            self.deliver(partial(self._accept, future, result, sender))
+        except RuntimeError:  # its event loop has ended, the executor never closed
+            return False
         return True
 
     # -- reattaching ---------------------------------------------------------------------
