@@ -59,7 +59,7 @@ class BoundedText:
         """Nothing to flush: the text stays in memory."""
 
     def write(self, text: str) -> int:
-        room = self._limit - self._size
+        written, room = len(text), self._limit - self._size
         try:
             data = text.encode("utf-8")
         except UnicodeEncodeError:
@@ -73,7 +73,7 @@ class BoundedText:
             self._parts.append(kept)
             self._size += len(kept.encode())
             self._dropped += len(data) - len(kept.encode())
-        return len(text)
+        return written
 
     def skip(self, size: int) -> None:
         """Count ``size`` more bytes as cut, without reading them."""
