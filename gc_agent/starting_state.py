@@ -1,7 +1,7 @@
 """What a worker process that runs task after task gives each one, whatever the one before
 changed: its working directory, environment, import path, file-mode mask, signal handlers,
-no timer running, and the interpreter's own settings (recursion limit, cyclic collector,
-tracer and profiler, default socket timeout, warning filters).
+no timer running, and the interpreter's own settings (a recursion limit not lowered, the
+cyclic collector, tracer and profiler, default socket timeout, no warnings made errors).
 
 A worker of the processes or htex engine runs the tasks of many functions, maybe of many
 users of a gateway. A task that moved into a directory (maybe one it then deleted), set
@@ -123,7 +123,11 @@ class _Interpreter:
                    socket.getdefaulttimeout(), list(warnings.filters))
 
     def restore(self) -> None:
-        if sys.getrecursionlimit() != self.recursion_limit:
+        """Put back what harms the tasks after: a lower recursion limit, the collector off,
+        a tracer or profiler, a socket timeout, warnings turned into errors. A limit raised
+        and filters that ignore warnings stay: libraries set those as they are imported,
+        and they stay imported."""
+        if sys.getrecursionlimit() < self.recursion_limit:
             sys.setrecursionlimit(self.recursion_limit)
         if gc.isenabled() != self.collecting:
             (gc.enable if self.collecting else gc.disable)()
@@ -134,8 +138,11 @@ class _Interpreter:
         if socket.getdefaulttimeout() != self.socket_timeout:
             socket.setdefaulttimeout(self.socket_timeout)
         if warnings.filters != self.warning_filters:
-            warnings.resetwarnings()  # (marks every warning registry stale)
-            cast(list[Any], warnings.filters).extend(self.warning_filters)
+            kept = [entry for entry in warnings.filters
+                    if entry[0] != "error" or entry in self.warning_filters]
+            if len(kept) < len(warnings.filters):
+                warnings.resetwarnings()  # (marks every warning registry stale)
+                cast(list[Any], warnings.filters).extend(kept)
 
 
 def _handlers() -> tuple[Any, ...]:

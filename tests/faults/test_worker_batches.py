@@ -237,6 +237,26 @@ def interpreter_settings() -> tuple[object, ...]:
             warnings.filters[:1])
 
 
+def import_a_library_that_tunes_the_interpreter() -> str:
+    """What some libraries do as they are imported: raise the recursion limit, silence a
+    warning of theirs."""
+    import sys
+    import warnings
+
+    sys.setrecursionlimit(5000)
+    warnings.filterwarnings("ignore", message="gc-fabric test library")
+    return "imported"
+
+
+def tuned() -> tuple[int, bool]:
+    import sys
+    import warnings
+
+    return sys.getrecursionlimit(), any(
+        entry[1] is not None and entry[1].pattern == "gc-fabric test library"
+        for entry in warnings.filters)
+
+
 def _job(function: Callable[..., Any], *args: Any, task_id: str = "") -> Job:
     return Job(task_id=task_id or str(uuid.uuid4()), function_id=f"fn-{function.__name__}",
                function_payload=cloudpickle.dumps(function), function_python=PYTHON_VERSION,
@@ -482,3 +502,11 @@ def test_interpreter_settings_a_job_changed_do_not_outlive_it(engine: ProcessEng
     assert _value(got[jobs[1].task_id]) == "changed"
     assert _value(got[jobs[2].task_id]) == _value(got[jobs[0].task_id])
     assert len({got[job.task_id].worker for job in jobs}) == 1
+
+
+def test_what_a_library_tunes_as_it_is_imported_stays_with_it(engine: ProcessEngine) -> None:
+    # The library stays imported in the worker: putting its settings back would break it
+    # (a recursion limit it raised) or unsilence it, for the tasks after.
+    jobs = [_job(import_a_library_that_tunes_the_interpreter), _job(tuned)]
+    got = _start_with(engine, jobs).each_once(jobs)
+    assert _value(got[jobs[1].task_id]) == (5000, True)
