@@ -338,8 +338,9 @@ class Ledger:
         else:
             self._ack_all_but(batch, retry)
             self._hold(retry, failure or RuntimeError("the database failed"))
-        # Those to retry are the batch's tail (_write_each): the rest were committed.
-        observe_commit([item.message for item in received[:len(received) - len(retry)]])
+        # Those held are the batch's tail (_write_each): the rest were committed.
+        held = {delivery.tag for delivery in retry}
+        observe_commit([item.message for item in received if item.delivery.tag not in held])
         self._named += [task_id for item in received if isinstance(item.message, GroupManifest)
                         for task_id in item.message.task_ids]
         logger.debug("ledger committed %d messages", len(batch) - len(retry))
@@ -372,7 +373,9 @@ class Ledger:
                 dead_letters += self._write([item])
             except Exception as exc:  # noqa: BLE001 - the database's fault or this message's
                 if not message_fault(exc):
-                    return dead_letters, [later.delivery for later in received[index:]], exc
+                    # (a batch's entries share their delivery: each is held once)
+                    held = {later.delivery.tag: later.delivery for later in received[index:]}
+                    return dead_letters, list(held.values()), exc
                 logger.warning("ledger dropped a message it could not record (from %r, %s "
                                "%r): %s", item.delivery.user_id, item.delivery.exchange,
                                item.delivery.routing_key, describe(exc))
