@@ -22,6 +22,7 @@ __all__ = [
     "MAX_ERROR_MESSAGE",
     "MAX_ERROR_TRACEBACK",
     "MAX_EVENT_BYTES",
+    "MAX_HEARTBEAT_BYTES",
     "MAX_ID_LENGTH",
     "MAX_JSON_DEPTH",
     "MAX_JSON_HEADER",
@@ -75,6 +76,9 @@ MAX_ERROR_MESSAGE = 16 * 1024
 MAX_ERROR_TRACEBACK = 64 * 1024
 #: Largest event or command body (heartbeat, manifest, cancel), in bytes.
 MAX_EVENT_BYTES = 8 * 2**20
+#: Largest heartbeat body, in bytes: an agent's is a few hundred bytes of counts, and the
+#: registry keeps the last of each agent of an endpoint and reads them for every status.
+MAX_HEARTBEAT_BYTES = 16 * 2**10
 #: Most task ids one group manifest or cancel command may name.
 MAX_MANIFEST_TASKS = 100_000
 
@@ -537,9 +541,10 @@ def decode_event(envelope: Envelope) -> ControlMessage:
     model = _CONTROL_KINDS.get(kind) if isinstance(kind, str) else None
     if model is None:
         raise ProtocolError(f"unknown event kind {_clip(repr(kind), 80)}", raw=envelope.body)
-    if len(envelope.body) > MAX_EVENT_BYTES:
+    bound = MAX_HEARTBEAT_BYTES if model is Heartbeat else MAX_EVENT_BYTES
+    if len(envelope.body) > bound:
         raise ProtocolError(f"{kind} event of {len(envelope.body):,} bytes is over the "
-                            f"{MAX_EVENT_BYTES:,}-byte bound", raw=envelope.body)
+                            f"{bound:,}-byte bound", raw=envelope.body)
     try:
         return model.model_validate_json(envelope.body)
     except Exception as exc:  # whatever a forged message makes fail is the message's fault

@@ -40,3 +40,4 @@ def test_the_contract_bounds_json_headers_and_output_as_the_decoders_do() -> Non
     assert f"at most {protocol.MAX_JSON_HEADER} characters, nested at most {protocol.MAX_JSON_DEPTH} levels" in description
     assert f"at most {protocol.MAX_OUTPUT_HEADER} UTF-8 bytes" in description
     assert f"at most {protocol.MAX_EVENT_BYTES // 2**20} MiB of JSON" in description
+    assert f"(a heartbeat: {protocol.MAX_HEARTBEAT_BYTES // 2**10} KiB)" in description

@@ -319,6 +319,19 @@ def test_a_heartbeat_survives_encode_and_decode() -> None:
     assert decode_event(envelope) == heartbeat
 
 
+def test_a_heartbeat_far_larger_than_any_agent_sends_is_refused() -> None:
+    # An agent's heartbeat is a few hundred bytes of counts. The registry keeps the last of
+    # each agent of an endpoint (64) and reads them all for every status, the dashboard's
+    # list of endpoints too: 8 MiB ones would make that 512 MiB an endpoint.
+    heartbeat = Heartbeat(endpoint_id="ep-1", hostname="node1", pid=42, sent=100.5, period=10.0,
+                          started=50.0, engine="processes", workers=4, workers_busy=1,
+                          tasks_received=10, tasks_succeeded=8, tasks_failed=1,
+                          engine_status={"padding": "x" * 100_000})
+
+    with pytest.raises(ProtocolError, match=r"heartbeat event of 100,\d+ bytes is over the 16,384-byte bound"):
+        decode_event(encode_event(heartbeat))
+
+
 def test_a_group_manifest_survives_encode_and_decode() -> None:
     manifest = GroupManifest(task_group_id="group-1", endpoint_id="ep-1", user="alice",
                              task_ids=["t1", "t2", "t3"], submitted=123.25)
