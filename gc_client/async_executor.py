@@ -349,7 +349,7 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
         assert session is not None
         self._spawn(self._publish_confirmed(session, routing_key, envelope, on_confirm))
         self._spawn(self._publish_manifest(
-            session, self._group.manifest([task.task_id for task in tasks])))
+            session, self._group.manifest(tasks)))
 
     async def _publish_confirmed(self, session: AsyncBrokerSession, routing_key: str,
                                  envelope: Envelope, on_confirm: ConfirmCallback) -> None:

@@ -425,7 +425,7 @@ class _Wire:
         assert self._session is not None
         self._publish(self._session, tasks_message(self._client.topology, routing_key, envelope),
                       on_confirm=on_confirm)
-        self._publish(self._session, self._group.manifest([task.task_id for task in tasks]))
+        self._publish(self._session, self._group.manifest(tasks))
 
     def _on_result(self, delivery: Delivery) -> None:
         """IO thread: resolve the future this result belongs to, then ack it."""

@@ -20,7 +20,7 @@ import threading
 import uuid
 import weakref
 from collections import OrderedDict
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Generic, Protocol, TypeVar
@@ -107,8 +107,7 @@ class TaskGroupOptions:
         """The options an executor was given, checked: ids as text (a ``uuid.UUID`` too, as
         Globus Compute takes them), a new group id if none, the serializer by name."""
         return cls(task_group_id=safe_name_part(str(task_group_id or new_id()), "task_group_id"),
-                   endpoint_id=None if endpoint_id is None
-                   else safe_name_part(str(endpoint_id), "endpoint_id"),
+                   endpoint_id=checked_endpoint_id(endpoint_id),
                    serializer=get_serializer(serializer),
                    resource_specification=resource_specification,
                    user_endpoint_config=user_endpoint_config, on_behalf_of=on_behalf_of)
@@ -177,11 +176,13 @@ class TaskGroup(Generic[F]):
         future.add_done_callback(self._forget_when_done)
         return task, future
 
-    def manifest(self, task_ids: list[str]) -> Outgoing:
-        """Tell the ledger which tasks the group holds before their results exist."""
-        assert self.endpoint_id is not None
-        return manifest_message(self.client.topology, task_ids, task_group_id=self.task_group_id,
-                                endpoint_id=self.endpoint_id, user=self.user)
+    def manifest(self, tasks: Sequence[TaskMessage]) -> Outgoing:
+        """Tell the ledger which tasks the group holds before their results exist. ``tasks``
+        went out together, so to one endpoint (maybe one the executor is no longer
+        pointed at)."""
+        return manifest_message(self.client.topology, [task.task_id for task in tasks],
+                                task_group_id=self.task_group_id,
+                                endpoint_id=tasks[0].endpoint_id, user=self.user)
 
     def cancel_command(self, task_ids: list[str], endpoint_id: str) -> Outgoing:
         """Ask ``endpoint_id`` to cancel these tasks of ours."""
@@ -373,7 +374,13 @@ class TaskGroupFront(Generic[F]):
 
     @property
     def endpoint_id(self) -> str | None:
+        """Where tasks submitted from now on go; may be reassigned (text or ``uuid.UUID``),
+        as Globus Compute's Executor allows."""
         return self._group.endpoint_id
+
+    @endpoint_id.setter
+    def endpoint_id(self, value: str | uuid.UUID | None) -> None:
+        self._group.endpoint_id = checked_endpoint_id(value)
 
     @property
     def task_group_id(self) -> str:
@@ -384,6 +391,12 @@ class TaskGroupFront(Generic[F]):
         """Results dropped because their future had already resolved (a redelivered task)
         or had been cancelled."""
         return self._group.duplicates_dropped
+
+
+def checked_endpoint_id(value: str | uuid.UUID | None) -> str | None:
+    """An endpoint id as text (given as a ``uuid.UUID`` too), or None; refused if it cannot
+    be one."""
+    return None if value is None else safe_name_part(str(value), "endpoint_id")
 
 
 def _call(work: Callable[[], None]) -> None:

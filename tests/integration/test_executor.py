@@ -139,6 +139,28 @@ def test_two_executors_of_one_task_group_each_get_the_results_of_their_own_tasks
             assert [f.result(timeout=60) for f in mine] == [x * x for x in range(40)]
 
 
+def test_an_executor_sends_to_the_endpoint_it_is_pointed_at_now(
+        client: Client, make_endpoint: Any) -> None:
+    # Globus Compute's own hint: "gce.endpoint_id = <ep_id>  # alternative". Each task is
+    # recorded for the endpoint it went to, even one switched to while a batch was forming.
+    import uuid
+
+    first, second = make_endpoint(), make_endpoint()
+    first.start()
+    second.start()
+    with Executor(client=client) as ex:
+        ex.endpoint_id = uuid.UUID(first.endpoint_id)
+        to_first = [ex.submit(square, x) for x in range(20)]
+        ex.endpoint_id = second.endpoint_id
+        to_second = [ex.submit(square, x) for x in range(20)]
+        assert [f.result(timeout=60) for f in to_first + to_second] == [x * x for x in range(20)] * 2
+    assert ex.endpoint_id == second.endpoint_id
+    for futures, endpoint in ((to_first, first), (to_second, second)):
+        eventually(lambda fs=futures, ep=endpoint: all(
+            (task := client.get_task(f.task_id)).status == "success"
+            and task.endpoint_id == ep.endpoint_id for f in fs), 30, "each task in the ledger")
+
+
 def _reload_until(ex: Executor, expected: int) -> list:  # type: ignore[type-arg]
     """The ledger records a group's manifest asynchronously; give it a moment."""
     import time
