@@ -238,7 +238,11 @@ class TaskGroup(Generic[F]):
         group's queue (then it stays)."""
         with _LIVE_LOCK:
             self._siblings.discard(self)
-            return len(self._siblings) > 0
+            if self._siblings:
+                return True
+            # (a process making executor after executor keeps no entry per group made)
+            _LIVE.pop((self.client.settings.broker_url, self.user, self.task_group_id), None)
+            return False
 
     def _hand_to_sibling(self, result: ResultMessage, sender: str) -> bool:
         """Give a result to the group of this process's that submitted its task, if any."""

@@ -151,3 +151,21 @@ def test_an_endpoint_id_that_cannot_be_one_is_refused_when_the_executor_is_made(
 
     with pytest.raises(ConfigError, match="endpoint_id 'my laptop' must be 1 to 64 letters"):
         Executor(endpoint_id="my laptop", client=offline_client)
+
+
+def test_executors_made_and_closed_one_after_another_leave_nothing_behind(
+        offline_client: Client) -> None:
+    # Each consuming task group joins the process's live groups; a closed one must leave
+    # no entry, or a process running group after group grows with each.
+    from gc_client import taskgroup
+    from gc_client.taskgroup import TaskGroup, TaskGroupOptions
+
+    before = len(taskgroup._LIVE)
+    for _ in range(50):
+        group: TaskGroup[Any] = TaskGroup(offline_client, TaskGroupOptions.of(
+            task_group_id=None, endpoint_id="ep-1", serializer="json",
+            resource_specification=None, user_endpoint_config=None, on_behalf_of=None),
+            lambda task_id, endpoint_id: None)  # type: ignore[arg-type,return-value]
+        group.join()
+        assert not group.leave()
+    assert len(taskgroup._LIVE) == before
