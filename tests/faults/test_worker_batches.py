@@ -302,6 +302,14 @@ def _value(outcome: Outcome) -> Any:
     return CLOUDPICKLE.loads(outcome.payload)
 
 
+def _values_on_one_worker(engine: ProcessEngine, jobs: list[Job]) -> list[Any]:
+    """Run ``jobs`` as one batch: what each returned, all of them having succeeded on the
+    one worker (never replaced)."""
+    got = _start_with(engine, jobs).each_once(jobs)
+    assert len({got[job.task_id].worker for job in jobs}) == 1
+    return [_value(got[job.task_id]) for job in jobs]
+
+
 def test_a_batch_runs_in_one_worker_each_job_with_its_own_output(engine: ProcessEngine) -> None:
     jobs = [_job(echo, word) for word in ("one", "two", "three")]
     got = _start_with(engine, jobs).each_once(jobs)
@@ -408,14 +416,12 @@ def test_the_next_job_runs_where_its_worker_started(engine: ProcessEngine, tmp_p
     # A worker runs the jobs of many tasks (of different users on a shared endpoint): one
     # that moves into another directory leaves the next running there, or, if it deleted
     # it, failing with FileNotFoundError at its first relative path
-    jobs = [_job(working_directory), _job(move_into_a_directory, str(tmp_path / "elsewhere"),
-                                          delete), _job(working_directory)]
-    got = _start_with(engine, jobs).each_once(jobs)
-    before, after = (got[job.task_id] for job in (jobs[0], jobs[2]))
-    assert _value(got[jobs[1].task_id]) == "moved"
-    assert after.state == "success", after.error
-    assert _value(after) == _value(before)
-    assert len({got[job.task_id].worker for job in jobs}) == 1
+    before, moved, after = _values_on_one_worker(
+        engine, [_job(working_directory),
+                 _job(move_into_a_directory, str(tmp_path / "elsewhere"), delete),
+                 _job(working_directory)])
+    assert moved == "moved"
+    assert after == before
 
 
 def test_output_a_subprocess_floods_takes_no_more_disk_than_the_output_limit_needs(
@@ -434,11 +440,10 @@ def test_the_next_job_gets_the_environment_and_import_path_its_worker_started_wi
         engine: ProcessEngine) -> None:
     # A task that sets OMP_NUM_THREADS (or drops a variable, or prepends to sys.path) must
     # not leave it to the tasks after it, maybe other functions, maybe other users'.
-    jobs = [_job(settings_seen), _job(leave_settings_behind), _job(settings_seen)]
-    got = _start_with(engine, jobs).each_once(jobs)
-    assert _value(got[jobs[1].task_id]) == "left"
-    assert _value(got[jobs[2].task_id]) == _value(got[jobs[0].task_id])
-    assert len({got[job.task_id].worker for job in jobs}) == 1
+    before, left, after = _values_on_one_worker(
+        engine, [_job(settings_seen), _job(leave_settings_behind), _job(settings_seen)])
+    assert left == "left"
+    assert after == before
 
 
 def test_an_alarm_a_job_left_pending_never_fires_in_the_next_one(engine: ProcessEngine) -> None:
@@ -459,22 +464,19 @@ def test_an_alarm_a_job_left_pending_never_fires_in_the_next_one(engine: Process
 def test_a_signal_handler_a_job_set_does_not_outlive_it(engine: ProcessEngine) -> None:
     # With SIGCHLD ignored, the kernel reaps children at once and subprocess reports every
     # later subprocess's exit code as 0: a failing simulation step would pass, silently.
-    jobs = [_job(exit_code_of_a_subprocess), _job(stop_waiting_for_children),
-            _job(exit_code_of_a_subprocess)]
-    got = _start_with(engine, jobs).each_once(jobs)
-    assert [_value(got[job.task_id]) for job in jobs] == [3, "ignoring", 3]
-    assert len({got[job.task_id].worker for job in jobs}) == 1
+    assert _values_on_one_worker(engine, [_job(exit_code_of_a_subprocess),
+                                          _job(stop_waiting_for_children),
+                                          _job(exit_code_of_a_subprocess)]) == [3, "ignoring", 3]
 
 
 def test_the_file_mode_mask_a_job_set_does_not_outlive_it(engine: ProcessEngine,
                                                           tmp_path: Path) -> None:
     # umask(0) in one task made every later task's files writable by anyone on the machine.
-    jobs = [_job(mode_of_a_new_file, str(tmp_path / "before")), _job(open_up_the_file_mode),
-            _job(mode_of_a_new_file, str(tmp_path / "after"))]
-    got = _start_with(engine, jobs).each_once(jobs)
-    assert _value(got[jobs[1].task_id]) == "open"
-    assert _value(got[jobs[2].task_id]) == _value(got[jobs[0].task_id])
-    assert len({got[job.task_id].worker for job in jobs}) == 1
+    before, opened, after = _values_on_one_worker(
+        engine, [_job(mode_of_a_new_file, str(tmp_path / "before")), _job(open_up_the_file_mode),
+                 _job(mode_of_a_new_file, str(tmp_path / "after"))])
+    assert opened == "open"
+    assert after == before
 
 
 def test_a_job_printing_and_failing_on_a_file_name_that_is_no_utf8_is_answered(
@@ -497,16 +499,16 @@ def test_a_job_printing_and_failing_on_a_file_name_that_is_no_utf8_is_answered(
 def test_interpreter_settings_a_job_changed_do_not_outlive_it(engine: ProcessEngine) -> None:
     # A recursion limit of 200 failed later jobs' pickling; a tracer left installed made
     # each later job several times slower; warnings as errors failed them on a warning.
-    jobs = [_job(interpreter_settings), _job(change_the_interpreter), _job(interpreter_settings)]
-    got = _start_with(engine, jobs).each_once(jobs)
-    assert _value(got[jobs[1].task_id]) == "changed"
-    assert _value(got[jobs[2].task_id]) == _value(got[jobs[0].task_id])
-    assert len({got[job.task_id].worker for job in jobs}) == 1
+    before, changed, after = _values_on_one_worker(
+        engine, [_job(interpreter_settings), _job(change_the_interpreter),
+                 _job(interpreter_settings)])
+    assert changed == "changed"
+    assert after == before
 
 
 def test_what_a_library_tunes_as_it_is_imported_stays_with_it(engine: ProcessEngine) -> None:
     # The library stays imported in the worker: putting its settings back would break it
     # (a recursion limit it raised) or unsilence it, for the tasks after.
-    jobs = [_job(import_a_library_that_tunes_the_interpreter), _job(tuned)]
-    got = _start_with(engine, jobs).each_once(jobs)
-    assert _value(got[jobs[1].task_id]) == (5000, True)
+    _, seen = _values_on_one_worker(
+        engine, [_job(import_a_library_that_tunes_the_interpreter), _job(tuned)])
+    assert seen == (5000, True)
