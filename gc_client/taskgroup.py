@@ -228,9 +228,7 @@ class TaskGroup(Generic[F]):
     def join(self) -> None:
         """This group's executor consumes its result queue from now on."""
         with _LIVE_LOCK:
-            self._siblings = _LIVE.setdefault(
-                (self.client.settings.broker_url, self.user, self.task_group_id),
-                weakref.WeakSet())
+            self._siblings = _LIVE.setdefault(self._live_key, weakref.WeakSet())
             self._siblings.add(self)
 
     def leave(self) -> bool:
@@ -240,9 +238,15 @@ class TaskGroup(Generic[F]):
             self._siblings.discard(self)
             if self._siblings:
                 return True
-            # (a process making executor after executor keeps no entry per group made)
-            _LIVE.pop((self.client.settings.broker_url, self.user, self.task_group_id), None)
+            # (a process making executor after executor keeps no entry per group made; one
+            # made since for the same key, by a group joining after, is not this one's)
+            if _LIVE.get(self._live_key) is self._siblings:
+                del _LIVE[self._live_key]
             return False
+
+    @property
+    def _live_key(self) -> tuple[str, str, str]:
+        return self.client.settings.broker_url, self.user, self.task_group_id
 
     def _hand_to_sibling(self, result: ResultMessage, sender: str) -> bool:
         """Give a result to the group of this process's that submitted its task, if any."""
