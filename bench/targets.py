@@ -169,8 +169,9 @@ TARGETS_INTRO = (
     "rows of that ratio (`gc-fabric-htex-sim-1000w` over `gc-fabric-htex-sim-64w`) run the "
     "same simulated pool, one block: it tests that the agent and the interchange keep their "
     "rate with many slots to feed, not that 1,000 workers compute. The agent hands Parsl up "
-    "to `parsl_tasks_per_worker` (2) tasks per slot, so the 1,000-slot run also keeps a "
-    "deeper pipeline (2,000 tasks at Parsl against 128): a ratio above 1× comes from that.\n\n")
+    "to `parsl_tasks_per_worker` (2) Parsl tasks per slot, each a bundle of the sweep's no-op "
+    "tasks, so the 1,000-slot run also keeps a deeper pipeline (2,000 Parsl tasks at Parsl "
+    "against 128): a ratio above 1× comes from that.\n\n")
 CPU_INTRO = (
     "CPU time (user + system, /proc/<pid>/stat) each process used over the throughput run, "
     "divided by its tasks, in µs per task. client: the benchmark's process (with the Parsl "

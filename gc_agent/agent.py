@@ -594,9 +594,10 @@ class Agent:
         with self._lock:
             self._counts["received"] += len(entries)
             self._in_flight += len(entries)
-        for entry in entries:
-            self._handling(_Ticket(delivery.carrying(entry), received, batch=batch),
-                           self._take)
+        with self._engine.together():
+            for entry in entries:
+                self._handling(_Ticket(delivery.carrying(entry), received, batch=batch),
+                               self._take)
 
     def _settle_in_batch(self, ticket: _Ticket, how: Settlement) -> None:
         """One task of a batch is done: a task to requeue goes back to the queue alone (its

@@ -86,9 +86,15 @@ class HtexEngineConfig(ContainerSettings):
     encrypted: bool = Field(default=True, description="CurveZMQ between interchange and workers.")
     parsl_tasks_per_worker: int = Field(
         default=2, ge=1, le=100,
-        description="Tasks handed to Parsl per worker: more keeps workers busy between round "
-                    "trips; tasks the agent still holds stay cancellable and go back to the "
-                    "queue when it stops.")
+        description="Parsl tasks (a task, or a bundle: bundle_seconds) handed to Parsl per "
+                    "worker: more keeps workers busy between round trips; tasks the agent still "
+                    "holds stay cancellable and go back to the queue when it stops.")
+    bundle_seconds: float = Field(
+        default=0.02, ge=0, le=60,
+        description="Seconds of work (as a function's runs so far took) that quick tasks "
+                    "waiting together (one batch of tasks, or more than Parsl's room) may share "
+                    "in one Parsl task: Parsl's cost is then paid once for them all, and their "
+                    "results return together. 0: each task travels alone.")
     heartbeat_period: int = Field(default=30, ge=1, le=3600,
                                   description="Seconds between worker-pool heartbeats; also how "
                                               "often a pool checks for dead workers.")

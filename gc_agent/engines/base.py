@@ -8,6 +8,7 @@ import threading
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -60,6 +61,11 @@ class Engine(ABC):
     @abstractmethod
     def submit(self, job: Job, on_done: OnDone) -> None:
         """Queue a job; ``on_done`` is called exactly once with its outcome."""
+
+    def together(self) -> AbstractContextManager[None]:
+        """Jobs submitted inside arrived together (one batch of tasks): an engine may hold
+        them until the end and send them on together (the htex engine does)."""
+        return nullcontext()
 
     @abstractmethod
     def cancel(self, task_id: str) -> CancelResult:

@@ -7,10 +7,21 @@ task travels as a pickled ``Job`` (Parsl's ``task_executor`` hook, :data:`WORKER
 runs on a worker through ``run_job``, so a task behaves the same here as on the local
 engines (output capture, serializers, resource specification).
 
-The engine keeps jobs in a local queue and hands Parsl only ``parsl_tasks_per_worker`` per
-worker (enough to keep them fed between round trips): a job still waiting here can be
-cancelled or taken back when the agent drains. Parsl cannot withdraw a task once it has it,
-so cancelling such a task only drops its result (see ``HtexEngine.cancel``).
+The engine keeps jobs in a local queue and hands Parsl only ``parsl_tasks_per_worker`` of
+its tasks per worker (enough to keep them fed between round trips): a job still waiting here
+can be cancelled or taken back when the agent drains. Parsl cannot withdraw a task once it
+has it, so cancelling such a task only drops its result (see ``HtexEngine.cancel``).
+
+Parsl's own cost is about a millisecond of CPU per task, spread over the agent, the
+interchange, the pool's manager and the worker: far more than a quick function's run (and
+the interchange, one process, passes them one at a time). So quick jobs that wait together
+(that arrived in one batch of tasks, or while Parsl held its limit) travel as one Parsl task,
+a *bundle*, as long as their functions' runs so far add up to no more than
+``bundle_seconds``; the worker runs them one after another (each as any task: its own output,
+state put back after it) and their outcomes return together. A job of a function not seen
+yet, or with a resource specification, travels alone. A bundle whose worker is lost is split:
+each of its jobs runs again alone, that loss charged to none of them, so a job that kills its
+worker is the only one to fail with ``WorkerLost``.
 
 When a worker, its pool or its node is lost, Parsl fails the task's future with
 ``WorkerLost``, ``ManagerLost`` or ``BadStateException``; the engine runs the task again up
@@ -30,8 +41,9 @@ import sys
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -59,15 +71,27 @@ BATCH_JOB_VARIABLES = (("slurm", "SLURM_JOB_ID"), ("pbs", "PBS_JOBID"), ("lsf", 
 
 #: Functions loaded on this worker, by id (one cache per HTEX worker process).
 _WORKER_FUNCTIONS: FunctionCache = {}
-#: What Parsl's worker pool calls for each of our tasks (its ``task_executor``): a pickled
-#: job in, a pickled outcome out. Parsl's default packing (``pack_apply_message``, dill for
-#: values) cost ~0.09 ms more per task in the agent and ~0.07 ms more on the worker here.
-WORKER_ENTRY = f"{__name__}.run_pickled_job"
+#: What Parsl's worker pool calls for each of our Parsl tasks (its ``task_executor``): a
+#: pickled list of jobs (a bundle, often of one) in, the pickled list of their outcomes out.
+#: Parsl's default packing (``pack_apply_message``, dill for values) cost ~0.09 ms more per
+#: task in the agent and ~0.07 ms more on the worker here.
+WORKER_ENTRY = f"{__name__}.run_pickled_jobs"
+#: Most jobs in one bundle, and most bytes of arguments and functions (a bundle's first job
+#: may be larger alone).
+MAX_BUNDLE = 32
+MAX_BUNDLE_BYTES = 2**20
+#: Functions whose run times the engine keeps (it forgets them all past that: an endpoint
+#: serves far fewer, and a function's id comes from whoever submits).
+MAX_FUNCTIONS_TIMED = 10_000
+#: Runs of each function whose times the engine keeps.
+RUNS_TIMED = 7
 
 
-def run_pickled_job(buffer: bytes) -> bytes:
-    """Run the pickled ``Job`` in ``buffer`` on this HTEX worker; return its pickled outcome."""
-    return pickle.dumps(run_on_worker(pickle.loads(buffer)), protocol=pickle.HIGHEST_PROTOCOL)
+def run_pickled_jobs(buffer: bytes) -> bytes:
+    """Run the pickled list of ``Job`` in ``buffer`` on this HTEX worker, one after another;
+    return the pickled list of their outcomes."""
+    outcomes = [run_on_worker(job) for job in pickle.loads(buffer)]
+    return pickle.dumps(outcomes, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 def run_on_worker(job: Job) -> Outcome:
@@ -105,12 +129,40 @@ def describe_worker(worker: str, environ: Mapping[str, str]) -> str:
 
 @dataclass
 class _Task:
-    """A job this engine holds: waiting here, or handed to Parsl (``attempt`` > 0)."""
+    """A job this engine holds: waiting here, or handed to Parsl (``attempt`` > 0); ``alone``
+    once a bundle it was in lost its worker."""
 
     job: Job
     on_done: OnDone
     attempt: int = 0
-    future: Future[Any] | None = None
+    alone: bool = False
+
+
+class _RunTimes:
+    """How long each function's runs took lately: the median of its last few, so that one
+    run far off (the first on a worker loads the function and imports what it needs) does
+    not decide, and a function slow as often as not counts as slow."""
+
+    def __init__(self) -> None:
+        self._recent: dict[str, collections.deque[float]] = {}
+        self._median: dict[str, float] = {}
+
+    def note(self, function_id: str, outcome: Outcome) -> None:
+        if outcome.started is None or outcome.finished is None:
+            return
+        recent = self._recent.get(function_id)
+        if recent is None:
+            if len(self._recent) >= MAX_FUNCTIONS_TIMED:
+                self._recent.clear()
+                self._median.clear()
+            recent = self._recent[function_id] = collections.deque(maxlen=RUNS_TIMED)
+        recent.append(max(0.0, outcome.finished - outcome.started))
+        # (of an even count, the longer of the two middle runs)
+        self._median[function_id] = sorted(recent)[len(recent) // 2]
+
+    def expected(self, function_id: str) -> float | None:
+        """Seconds a run of the function takes, if any ran."""
+        return self._median.get(function_id)
 
 
 class HtexEngine(Engine):
@@ -127,7 +179,14 @@ class HtexEngine(Engine):
         self._run_dir = run_dir
         self._tasks: dict[str, _Task] = {}
         self._waiting: collections.deque[str] = collections.deque()
+        #: Jobs at Parsl, and the Parsl tasks (bundles) carrying them.
         self._in_parsl = 0
+        self._bundles_in_parsl = 0
+        #: Jobs and Parsl tasks submitted to Parsl so far, retries included.
+        self._sent = (0, 0)
+        #: Open ``together`` blocks: jobs wait for the last to end.
+        self._held = 0
+        self._run_times = _RunTimes()
         self._lock = threading.Lock()
         # HTEX's submit is not thread-safe (a shared ZeroMQ socket, a task counter), and
         # jobs arrive from the agent's thread while retries and queued jobs go out from
@@ -147,7 +206,7 @@ class HtexEngine(Engine):
 
     @property
     def _parsl_limit(self) -> int:
-        """How many jobs Parsl may hold: enough to keep every worker fed between round trips."""
+        """How many bundles Parsl may hold: enough to keep every worker fed between round trips."""
         return self.capacity * self._config.parsl_tasks_per_worker
 
     @property
@@ -180,8 +239,9 @@ class HtexEngine(Engine):
     def status(self) -> dict[str, Any]:
         """Blocks by state, managers and workers as of the last poll, and the jobs held here."""
         with self._lock:
-            waiting, in_parsl = len(self._waiting), self._in_parsl
-        return {**self._snapshot, "tasks_waiting": waiting, "tasks_at_parsl": in_parsl}
+            waiting, in_parsl, (sent, parsl_tasks) = len(self._waiting), self._in_parsl, self._sent
+        return {**self._snapshot, "tasks_waiting": waiting, "tasks_at_parsl": in_parsl,
+                "tasks_sent": sent, "parsl_tasks_sent": parsl_tasks}
 
     def _on_poll(self, executor: Any) -> None:
         """After each scaling pass: log block state changes, note what status reports."""
@@ -211,7 +271,21 @@ class HtexEngine(Engine):
         with self._lock:
             self._tasks[job.task_id] = _Task(job, on_done)
             self._waiting.append(job.task_id)
+            if self._held:
+                return
         self._dispatch()
+
+    @contextmanager
+    def together(self) -> Iterator[None]:
+        """Hold the jobs submitted inside, then send them on: quick ones in bundles."""
+        with self._lock:
+            self._held += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._held -= 1
+            self._dispatch()
 
     def cancel(self, task_id: str) -> CancelResult:
         """Cancel a job: one still waiting here is removed and never runs.
@@ -254,60 +328,112 @@ class HtexEngine(Engine):
                 self._tempdir = None
 
     def _dispatch(self) -> None:
-        """Hand waiting jobs to Parsl while it holds fewer than its limit of ours."""
+        """Hand waiting jobs to Parsl while it holds fewer than its limit of our bundles."""
         while True:
             with self._lock:
-                if self._closing or not self._waiting or self._in_parsl >= self._parsl_limit:
+                if self._closing or not self._waiting \
+                        or self._bundles_in_parsl >= self._parsl_limit:
                     return
-                task = self._tasks[self._waiting.popleft()]
-                self._in_parsl += 1
-            self._launch(task)
+                bundle = self._next_bundle()
+                self._in_parsl += len(bundle)
+                self._bundles_in_parsl += 1
+            self._launch(bundle)
 
-    def _launch(self, task: _Task) -> None:
-        """Submit one attempt of ``task`` to Parsl; count it as lost if Parsl refuses it."""
-        task.attempt += 1
-        attempt = task.attempt
-        spec = {k: v for k, v in task.job.resource_spec.items() if k in PARSL_RESOURCE_KEYS}
+    def _next_bundle(self) -> list[_Task]:
+        """Under the lock: the next waiting job and the quick ones after it that fit in one
+        bundle with it (``bundle_seconds``)."""
+        bundle = [self._tasks[self._waiting.popleft()]]
+        seconds, size = self._share_of(bundle[0]), 0
+        while seconds is not None and len(bundle) < MAX_BUNDLE and self._waiting:
+            task = self._tasks[self._waiting[0]]
+            more = self._share_of(task)
+            size += len(task.job.payload) + len(task.job.function_payload)
+            if more is None or seconds + more > self._config.bundle_seconds \
+                    or size > MAX_BUNDLE_BYTES:
+                break
+            seconds += more
+            bundle.append(task)
+            self._waiting.popleft()
+        return bundle
+
+    def _share_of(self, task: _Task) -> float | None:
+        """Under the lock: the seconds ``task`` adds to a bundle, or None if it travels alone."""
+        if task.alone or task.job.resource_spec or not self._config.bundle_seconds:
+            return None
+        return self._run_times.expected(task.job.function_id)
+
+    def _launch(self, bundle: list[_Task]) -> None:
+        """Submit one attempt of ``bundle`` to Parsl; count it as lost if Parsl refuses it."""
+        attempts = []
+        for task in bundle:
+            task.attempt += 1
+            attempts.append(task.attempt)
+        with self._lock:
+            self._sent = (self._sent[0] + len(bundle), self._sent[1] + 1)
+        spec = {k: v for k, v in bundle[0].job.resource_spec.items() if k in PARSL_RESOURCE_KEYS}
         context: dict[str, Any] = {"task_executor": {"f": WORKER_ENTRY}}
         if spec:
             context["resource_spec"] = spec
         try:
-            buffer = pickle.dumps(task.job, protocol=pickle.HIGHEST_PROTOCOL)
+            buffer = pickle.dumps([task.job for task in bundle], protocol=pickle.HIGHEST_PROTOCOL)
             with self._submit_lock:
                 future = self._executor.submit_payload(context, buffer)
         except Exception as exc:  # noqa: BLE001 - BadStateException once every block failed: it
-            # becomes this task's outcome, never the caller's error
+            # becomes these tasks' outcome, never the caller's error
             failed: Future[Any] = Future()
             failed.set_exception(exc)
             future = failed
-        task.future = future
-        future.add_done_callback(lambda done: self._finished(task, attempt, done))
+        future.add_done_callback(lambda done: self._finished(bundle, attempts, done))
 
-    def _finished(self, task: _Task, attempt: int, future: Future[Any]) -> None:
-        task_id = task.job.task_id
+    def _finished(self, bundle: list[_Task], attempts: list[int], future: Future[Any]) -> None:
         exc = future.exception()
+        lost = exc is not None and _is_system_failure(exc) and not self._closing
+        if lost and len(bundle) > 1:
+            self._split(bundle, exc)
+            return
+        task, attempt = bundle[0], attempts[0]
         with self._lock:
-            current = self._tasks.get(task_id) is task
-            retry = current and exc is not None and _is_system_failure(exc) \
-                and attempt <= self._config.max_retries_on_system_failure and not self._closing
+            current = [self._tasks.get(each.job.task_id) is each for each in bundle]
+            retry = lost and current[0] and attempt <= self._config.max_retries_on_system_failure
             if not retry:
-                self._in_parsl -= 1
-                if current:
-                    del self._tasks[task_id]
+                self._in_parsl -= len(bundle)
+                self._bundles_in_parsl -= 1
+                for each, is_current in zip(bundle, current):
+                    if is_current:
+                        del self._tasks[each.job.task_id]
         if retry:
             logger.warning("task %s lost its worker (%s%s); running it again (retry %d of %d)",
-                           task_id, exc, self._job_of(exc), attempt,
+                           task.job.task_id, exc, self._job_of(exc), attempt,
                            self._config.max_retries_on_system_failure)
-            self._launch(task)
+            self._launch(bundle)
             return
-        # The next job first: Parsl's workers need not wait while the agent answers this one.
+        # The next jobs first: Parsl's workers need not wait while the agent answers these.
         self._dispatch()
-        if not current:
-            return  # cancelled: its outcome went out already
-        try:
-            task.on_done(self._outcome_of(task, future))
-        except Exception:
-            logger.exception("handling the outcome of task %s failed", task_id)
+        outcomes = self._outcomes_of(bundle, future)
+        with self._lock:
+            for each, outcome in zip(bundle, outcomes):
+                self._run_times.note(each.job.function_id, outcome)
+        for each, outcome, is_current in zip(bundle, outcomes, current):
+            if not is_current:
+                continue  # cancelled: its outcome went out already
+            try:
+                each.on_done(outcome)
+            except Exception:
+                logger.exception("handling the outcome of task %s failed", each.job.task_id)
+
+    def _split(self, bundle: list[_Task], exc: BaseException | None) -> None:
+        """Put the jobs of a bundle whose worker was lost back first in line, each to travel
+        alone: the next loss, if any, names the job that caused it."""
+        with self._lock:
+            self._in_parsl -= len(bundle)
+            self._bundles_in_parsl -= 1
+            for task in reversed(bundle):
+                if self._tasks.get(task.job.task_id) is task:
+                    task.attempt, task.alone = 0, True
+                    self._waiting.appendleft(task.job.task_id)
+        logger.warning("a worker was lost with a bundle of %d tasks (%s%s); each runs again alone",
+                       len(bundle), exc, self._job_of(exc))
+        self._dispatch()
 
     def _job_of(self, exc: BaseException | None) -> str:
         """`` (block B, batch job J)`` for a lost manager whose block is known, else ''."""
@@ -318,12 +444,23 @@ class HtexEngine(Engine):
         job = self._executor.blocks_to_job_id.get(block, "?")
         return f" (block {block}, {self._config.provider.type} job {job})"
 
-    def _outcome_of(self, task: _Task, future: Future[Any]) -> Outcome:
-        task_id = task.job.task_id
+    def _outcomes_of(self, bundle: list[_Task], future: Future[Any]) -> list[Outcome]:
+        """Each job's outcome: as its worker reported it, or the bundle's failure."""
         exc = future.exception()
         if exc is None:
-            outcome: Outcome = pickle.loads(future.result())
-            return outcome
+            try:
+                outcomes: list[Outcome] = pickle.loads(future.result())
+            except Exception as unreadable:  # noqa: BLE001 - each task fails, saying why
+                exc = unreadable
+            else:
+                if len(outcomes) == len(bundle):
+                    return outcomes
+                exc = ValueError(f"its worker answered {len(outcomes)} of {len(bundle)} tasks "
+                                 "(are the workers' gc-fabric and the agent's the same?)")
+        return [self._failure_of(task, exc) for task in bundle]
+
+    def _failure_of(self, task: _Task, exc: BaseException) -> Outcome:
+        task_id = task.job.task_id
         if _is_system_failure(exc):
             message = (f"task {task_id} was lost with its worker {task.attempt} times "
                        f"(max_retries_on_system_failure is "
@@ -332,7 +469,7 @@ class HtexEngine(Engine):
             logger.warning("%s", message)
             return Outcome(task_id, "failed", error=ErrorInfo(type="WorkerLost", message=message),
                            worker=_host_of(exc))
-        # Parsl (or pickle) could not ship the task.
+        # Parsl (or pickle) could not ship the task, or its outcome could not be read.
         return Outcome(task_id, "failed", error=ErrorInfo(
             type=type(exc).__name__, message=f"the high-throughput engine refused task {task_id}: "
                                              f"{exc}"))

@@ -24,6 +24,7 @@ from gc_agent.config import HtexEngineConfig, load_config, save_config
 from gc_agent.providers import LocalProviderConfig
 from gc_client import Client, Executor, TaskExecutionFailed
 from gc_core.errors import WorkerLost
+from gc_core.serialize import CLOUDPICKLE
 from tests.fabric import Endpoint, Fabric, eventually
 from tests.integration.test_multiuser import USER_PYTHON, accounts  # noqa: F401 - a fixture
 
@@ -266,6 +267,129 @@ def test_the_htex_engine_cancels_or_hands_back_jobs_still_waiting_and_abandons_t
         assert [job.task_id for job, _ in engine.take_waiting()] == ["t3"]
     finally:
         engine.shutdown()
+
+
+def shout_square(x: int) -> int:
+    print(f"x={x}")
+    return x * x
+
+
+def square_or_die(x: int, die: bool) -> int:
+    import os
+    import signal
+
+    if die:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return x * x
+
+
+@pytest.fixture(scope="module")
+def local_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+    """An htex engine, used directly, on one local block of two workers (one retry after a
+    lost worker)."""
+    from gc_agent.engines.htex import HtexEngine
+
+    engine = HtexEngine(HtexEngineConfig(
+        type="htex", max_workers_per_node=2, max_retries_on_system_failure=1, heartbeat_period=1,
+        provider=LocalProviderConfig(init_blocks=1, min_blocks=1, max_blocks=1,
+                                     worker_init=f"export PYTHONPATH={REPO_ROOT}")),
+        tmp_path_factory.mktemp("htex") / "run")
+    engine.start()
+    yield engine
+    engine.shutdown()
+
+
+def _run_on(engine: Any, jobs: list[Any]) -> dict[str, Any]:
+    """Submit ``jobs`` to ``engine`` at once; their outcomes, by task id, once all are in."""
+    outcomes: dict[str, Any] = {}
+    for job in jobs:
+        engine.submit(job, lambda outcome: outcomes.__setitem__(outcome.task_id, outcome))
+    eventually(lambda: len(outcomes) == len(jobs), RESULT_TIMEOUT, f"{len(jobs)} outcomes")
+    return outcomes
+
+
+def _sent(engine: Any) -> tuple[int, int]:
+    """Jobs and Parsl tasks the engine has sent Parsl so far."""
+    status = engine.status()
+    return status["tasks_sent"], status["parsl_tasks_sent"]
+
+
+def test_quick_jobs_share_parsl_tasks_each_keeping_its_own_value_and_output(
+        local_engine: Any) -> None:
+    from tests.unit.test_execution import a_job
+
+    # Given a quick function the engine has run once (so it knows it is quick)
+    _run_on(local_engine, [a_job(shout_square, 0, function_id="shout")])
+    sent_before = _sent(local_engine)
+
+    # When 64 of its jobs arrive at once
+    jobs = [a_job(shout_square, x, function_id="shout") for x in range(1, 65)]
+    outcomes = _run_on(local_engine, jobs)
+
+    # Then each has its own value and output
+    assert all(outcomes[job.task_id].state == "success" for job in jobs)
+    assert [CLOUDPICKLE.loads(outcomes[job.task_id].payload) for job in jobs] == [
+        x * x for x in range(1, 65)]
+    assert [outcomes[job.task_id].stdout for job in jobs] == [f"x={x}\n" for x in range(1, 65)]
+    # and they travelled to Parsl several to a Parsl task
+    tasks, parsl_tasks = (after - before for after, before in zip(_sent(local_engine), sent_before))
+    assert tasks == 64 and parsl_tasks <= 20, (tasks, parsl_tasks)
+
+
+def test_quick_jobs_that_arrive_together_reach_parsl_as_one_bundle(local_engine: Any) -> None:
+    from tests.unit.test_execution import a_job
+
+    # Given a quick function the engine has run a few times
+    _run_on(local_engine, [a_job(shout_square, x, function_id="shout-together") for x in range(4)])
+    sent_before = _sent(local_engine)
+
+    # When ten of its jobs arrive together (one batch of tasks at the agent)
+    jobs = [a_job(shout_square, x, function_id="shout-together") for x in range(10)]
+    outcomes: dict[str, Any] = {}
+    with local_engine.together():
+        for job in jobs:
+            local_engine.submit(job, lambda outcome: outcomes.__setitem__(outcome.task_id, outcome))
+    eventually(lambda: len(outcomes) == len(jobs), RESULT_TIMEOUT, "ten outcomes")
+
+    # Then one Parsl task carried them all, and each has its own value
+    assert tuple(after - before for after, before in zip(_sent(local_engine), sent_before)) == (10, 1)
+    assert [CLOUDPICKLE.loads(outcomes[job.task_id].payload) for job in jobs] == [
+        x * x for x in range(10)]
+
+
+def test_a_slow_function_s_jobs_each_travel_alone(local_engine: Any) -> None:
+    from tests.unit.test_execution import a_job
+
+    # Given a function whose run took longer than bundle_seconds (0.02)
+    _run_on(local_engine, [a_job(time.sleep, 0.1, function_id="nap")])
+    sent_before = _sent(local_engine)
+
+    # When six of its jobs arrive at once, they reach Parsl one to a Parsl task
+    outcomes = _run_on(local_engine, [a_job(time.sleep, 0.1, function_id="nap") for _ in range(6)])
+
+    assert {outcome.state for outcome in outcomes.values()} == {"success"}
+    assert tuple(after - before for after, before in zip(_sent(local_engine), sent_before)) == (6, 6)
+
+
+def test_a_job_that_kills_its_worker_inside_a_bundle_fails_alone(
+        local_engine: Any, caplog: pytest.LogCaptureFixture) -> None:
+    from tests.unit.test_execution import a_job
+
+    # Given a quick function the engine has run once
+    _run_on(local_engine, [a_job(square_or_die, 0, False, function_id="or-die")])
+
+    # When one of 40 jobs sent together kills its worker every time it runs
+    jobs = [a_job(square_or_die, x, x == 30, function_id="or-die") for x in range(40)]
+    outcomes = _run_on(local_engine, jobs)
+
+    # Then its bundle was split, and it alone fails, after its one retry
+    assert "each runs again alone" in caplog.text
+    poison = outcomes[jobs[30].task_id]
+    assert poison.state == "failed" and poison.error.type == "WorkerLost"
+    assert "lost with its worker 2 times" in poison.error.message
+    # and every other job has its value
+    assert {x: CLOUDPICKLE.loads(outcomes[job.task_id].payload)
+            for x, job in enumerate(jobs) if x != 30} == {x: x * x for x in range(40) if x != 30}
 
 
 def test_the_interchange_binds_only_the_configured_address_and_encrypts_by_default(

@@ -1,5 +1,5 @@
 """The htex engine's entry on Parsl's workers: found by name, as Parsl's pool finds it, and
-running a pickled job to its pickled outcome."""
+running a pickled list of jobs (a bundle) to the pickled list of their outcomes."""
 
 from __future__ import annotations
 
@@ -18,20 +18,28 @@ def power(base: int, exponent: int = 2) -> int:
     return int(base ** exponent)
 
 
-def run_as_parsl_does(job: Job) -> Outcome:
+def printing_square(x: int) -> tuple[int, str]:
+    """Print, then leave the worker in another directory."""
+    print(f"square of {x}")
+    where = os.getcwd()
+    os.chdir("/")
+    return x * x, where
+
+
+def run_as_parsl_does(*jobs: Job) -> list[Outcome]:
     """Resolve the entry as Parsl's pool resolves a task_executor (module, then name), give
-    it the job as the engine sends it, and unpickle what it returns."""
+    it the jobs as the engine sends them (a bundle), and unpickle what it returns."""
     module, _, name = WORKER_ENTRY.rpartition(".")
     entry = getattr(importlib.import_module(module), name)
-    outcome = pickle.loads(entry(pickle.dumps(job)))
-    assert isinstance(outcome, Outcome)
-    return outcome
+    outcomes = pickle.loads(entry(pickle.dumps(list(jobs))))
+    assert all(isinstance(outcome, Outcome) for outcome in outcomes)
+    return list(outcomes)
 
 
 def test_the_worker_entry_runs_a_pickled_job_to_its_pickled_outcome() -> None:
     job = a_job(power, 3, exponent=4)
 
-    outcome = run_as_parsl_does(job)
+    [outcome] = run_as_parsl_does(job)
 
     # The outcome is the job's, with its value and the worker that ran it
     assert (outcome.task_id, outcome.state, outcome.error) == (job.task_id, "success", None)
@@ -40,7 +48,25 @@ def test_the_worker_entry_runs_a_pickled_job_to_its_pickled_outcome() -> None:
 
 
 def test_a_job_that_raises_comes_back_as_a_failed_outcome_not_a_worker_error() -> None:
-    outcome = run_as_parsl_does(a_job(power, "three"))
+    [outcome] = run_as_parsl_does(a_job(power, "three"))
 
     assert outcome.state == "failed"
     assert outcome.error is not None and outcome.error.type == "TypeError"
+
+
+def test_a_bundle_of_jobs_gives_each_its_own_outcome_output_and_starting_state() -> None:
+    home = os.getcwd()
+    jobs = [a_job(printing_square, x, function_id="printing-square") for x in range(3)]
+
+    try:
+        outcomes = run_as_parsl_does(*jobs)
+    finally:
+        os.chdir(home)
+
+    # One outcome per job, in order, each with its own value and only its own output
+    assert [outcome.task_id for outcome in outcomes] == [job.task_id for job in jobs]
+    values, places = zip(*(CLOUDPICKLE.loads(outcome.payload) for outcome in outcomes))
+    assert values == (0, 1, 4)
+    assert [outcome.stdout for outcome in outcomes] == [f"square of {x}\n" for x in range(3)]
+    # and each started where the worker did, not where the one before it left it
+    assert len(set(places)) == 1 and "/" not in places
