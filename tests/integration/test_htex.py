@@ -357,6 +357,36 @@ def test_quick_jobs_that_arrive_together_reach_parsl_as_one_bundle(local_engine:
         x * x for x in range(10)]
 
 
+def square_after(x: int, seconds: float) -> int:
+    time.sleep(seconds)
+    return x * x
+
+
+def test_a_job_cancelled_inside_a_bundle_at_parsl_is_answered_once_and_its_mates_run(
+        local_engine: Any) -> None:
+    from tests.unit.test_execution import a_job
+
+    # Given a bundle at Parsl whose first job takes a second (the function is quick so far)
+    _run_on(local_engine, [a_job(square_after, x, 0, function_id="after") for x in range(4)])
+    jobs = [a_job(square_after, x, 1.0 if x == 0 else 0, function_id="after") for x in range(5)]
+    answers: list[Any] = []
+    with local_engine.together():
+        for job in jobs:
+            local_engine.submit(job, answers.append)
+
+    # When a job of it is cancelled while it is there
+    assert local_engine.cancel(jobs[3].task_id) == "abandoned"
+
+    # Then that job is answered cancelled, once, and its bundle-mates with their values
+    eventually(lambda: len(answers) == len(jobs), RESULT_TIMEOUT, "five answers")
+    time.sleep(0.5)  # (a second answer for the cancelled job would come with its mates')
+    by_task = {outcome.task_id: outcome for outcome in answers}
+    assert len(answers) == len(by_task) == len(jobs)
+    assert by_task[jobs[3].task_id].state == "cancelled"
+    assert {x: CLOUDPICKLE.loads(by_task[job.task_id].payload)
+            for x, job in enumerate(jobs) if x != 3} == {0: 0, 1: 1, 2: 4, 4: 16}
+
+
 def test_a_slow_function_s_jobs_each_travel_alone(local_engine: Any) -> None:
     from tests.unit.test_execution import a_job
 
