@@ -10,8 +10,9 @@ from collections import deque
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
+from gc_agent.engines.run_times import RunTimes
 from gc_agent.execution import Job, Outcome, error_info
 from gc_core.protocol import ErrorInfo
 
@@ -100,11 +101,13 @@ class SlotPool(Engine):
         self._inboxes: list[queue.SimpleQueue[_Handed | None]] = [
             queue.SimpleQueue() for _ in range(max_workers)]
         self._waiting: dict[str, tuple[Job, OnDone]] = {}
-        self._running: dict[str, tuple[int, OnDone]] = {}
+        self._running: dict[str, _Claim] = {}
         self._cancelled_running: set[str] = set()
         #: Jobs put back after their worker went away with several of them unanswered: each
         #: runs in a batch of its own next time, so that one that kills its worker is known.
         self._alone: set[str] = set()
+        #: How long each function's runs take, for slots that take several jobs at once.
+        self._run_times = RunTimes()
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._closing = False
@@ -116,7 +119,7 @@ class SlotPool(Engine):
     @property
     def busy(self) -> int:
         with self._lock:  # a slot handed a batch is one busy worker
-            return len({slot for slot, _ in self._running.values()})
+            return len({claim.slot for claim in self._running.values()})
 
     def start(self) -> None:
         for slot in range(self._max_workers):
@@ -148,7 +151,7 @@ class SlotPool(Engine):
             running = self._running.get(task_id)
             if running is not None:
                 self._cancelled_running.add(task_id)
-                interrupted = self._interrupt(running[0])
+                interrupted = self._interrupt(running.slot)
         if waiting is not None:
             waiting[1](cancelled_outcome(task_id, "before it started"))
             return "removed"
@@ -156,8 +159,8 @@ class SlotPool(Engine):
             return "unknown"
         if interrupted:
             return "interrupted"  # the slot reports the cancelled outcome once its worker is gone
-        running[1](cancelled_outcome(task_id, "while running; it runs on in its thread, "
-                                              "and its result will be dropped"))
+        running.on_done(cancelled_outcome(task_id, "while running; it runs on in its thread, "
+                                                   "and its result will be dropped"))
         return "abandoned"
 
     def take_waiting(self) -> list[tuple[Job, OnDone]]:
@@ -187,22 +190,36 @@ class SlotPool(Engine):
 
     def _claim(self, slot: int) -> list[Job]:
         """Under the lock: the next waiting job and, while more wait than one per slot, a
-        fair share of those after it (at most ``_batch_limit``), now running in ``slot``.
-        A job to run alone goes in a batch of its own."""
+        fair share of the quick ones after it (at most ``_batch_limit``, see
+        ``_batch_seconds``), now running in ``slot``. A job to run alone, or one of a
+        function not known to be quick, goes in a batch of its own."""
         jobs: list[Job] = []
         share = min(self._batch_limit, 1 + len(self._backlog) // self._max_workers)
-        while self._backlog and len(jobs) < share:
-            alone = self._backlog[0] in self._alone
-            if alone and jobs:
-                break
-            item = self._waiting.pop(self._backlog.popleft(), None)
+        seconds: float | None = 0.0
+        while self._backlog and len(jobs) < share and seconds is not None:
+            task_id = self._backlog[0]
+            item = self._waiting.get(task_id)
             if item is None:
+                self._backlog.popleft()
                 continue  # cancelled or taken back while it waited
-            self._running[item[0].task_id] = (slot, item[1])
-            jobs.append(item[0])
-            if alone:
-                break
+            job, on_done = item
+            seconds = self._with(seconds, job)
+            if seconds is None and jobs:
+                break  # it goes in a batch of its own
+            self._backlog.popleft()
+            del self._waiting[task_id]
+            self._running[task_id] = _Claim(slot, on_done, job.function_id)
+            jobs.append(job)
         return jobs
+
+    def _with(self, seconds: float, job: Job) -> float | None:
+        """Under the lock: the seconds of a batch of ``seconds`` with ``job`` added, or None
+        if ``job`` is to run alone or would make it too long."""
+        if job.task_id in self._alone:
+            return None
+        if self._batch_seconds is None:
+            return seconds
+        return self._run_times.added(seconds, job.function_id, self._batch_seconds)
 
     def _wake_idle(self) -> None:
         """Have the idle slots look at the backlog again."""
@@ -221,7 +238,7 @@ class SlotPool(Engine):
                            self.name, len(jobs), type(exc).__name__, str(exc)[:300])
             with self._lock:
                 unanswered = [job.task_id for job in jobs
-                              if self._running.get(job.task_id, (None,))[0] == slot]
+                              if (claim := self._running.get(job.task_id)) and claim.slot == slot]
             for task_id in unanswered:
                 self._report(task_id, Outcome(task_id, "failed", error=error_info(
                     "EngineError", f"the {self.name} engine failed running task {task_id}: "
@@ -231,7 +248,10 @@ class SlotPool(Engine):
         """Hand on the outcome of a job that ran: one cancelled meanwhile is answered
         cancelled if its worker was stopped, and not again if it ran on in its thread."""
         with self._lock:
-            _, on_done = self._running.pop(task_id)
+            claim = self._running.pop(task_id)
+            if self._batch_limit > 1:
+                self._run_times.note(claim.function_id, outcome)
+            on_done = claim.on_done
             cancelled = task_id in self._cancelled_running
             self._cancelled_running.discard(task_id)
             self._alone.discard(task_id)
@@ -254,8 +274,7 @@ class SlotPool(Engine):
                 if job.task_id in self._cancelled_running:
                     cancelled.append(job.task_id)
                     continue
-                _, on_done = self._running.pop(job.task_id)
-                self._waiting[job.task_id] = (job, on_done)
+                self._waiting[job.task_id] = (job, self._running.pop(job.task_id).on_done)
                 self._backlog.appendleft(job.task_id)
                 if alone:
                     self._alone.add(job.task_id)
@@ -272,6 +291,11 @@ class SlotPool(Engine):
     _interruptible = False
     #: Most jobs a slot takes at once, when more wait than there are slots.
     _batch_limit = 1
+    #: Seconds the runs of the jobs a slot takes at once may add up to, by their functions'
+    #: recent runs: a job waiting behind another in its worker has its start held back, and
+    #: cannot be cancelled without stopping that worker. None: a batch is bounded by
+    #: ``_batch_limit`` alone.
+    _batch_seconds: float | None = None
 
     def _interrupt(self, slot: int) -> bool:
         """Stop the job running in ``slot``; False if this engine cannot."""
@@ -292,6 +316,14 @@ class SlotPool(Engine):
     def _run_batch(self, slot: int, jobs: list[Job], *, sent: bool) -> None:
         """Run ``jobs`` in ``slot`` (``sent``: ``_send_now`` started them) and ``_report``
         each one's outcome (or ``_run_again`` those it cannot answer)."""
+
+
+class _Claim(NamedTuple):
+    """A job a slot has taken: the slot, whom to tell its outcome, and its function."""
+
+    slot: int
+    on_done: OnDone
+    function_id: str
 
 
 @dataclass(frozen=True, slots=True)

@@ -51,6 +51,7 @@ from typing import Any
 from gc_agent.config import HtexEngineConfig
 from gc_agent.engines.base import CancelResult, Engine, OnDone, cancelled_outcome
 from gc_agent.engines.processes import FABRIC_VARIABLE_PREFIX
+from gc_agent.engines.run_times import RunTimes
 from gc_agent.execution import FunctionCache, Job, Outcome
 from gc_agent.starting_state import StartingState
 from gc_core.protocol import ErrorInfo
@@ -80,11 +81,6 @@ WORKER_ENTRY = f"{__name__}.run_pickled_jobs"
 #: may be larger alone).
 MAX_BUNDLE = 32
 MAX_BUNDLE_BYTES = 2**20
-#: Functions whose run times the engine keeps (it forgets them all past that: an endpoint
-#: serves far fewer, and a function's id comes from whoever submits).
-MAX_FUNCTIONS_TIMED = 10_000
-#: Runs of each function whose times the engine keeps.
-RUNS_TIMED = 7
 
 
 def run_pickled_jobs(buffer: bytes) -> bytes:
@@ -138,33 +134,6 @@ class _Task:
     alone: bool = False
 
 
-class _RunTimes:
-    """How long each function's runs took lately: the median of its last few, so that one
-    run far off (the first on a worker loads the function and imports what it needs) does
-    not decide, and a function slow as often as not counts as slow."""
-
-    def __init__(self) -> None:
-        self._recent: dict[str, collections.deque[float]] = {}
-        self._median: dict[str, float] = {}
-
-    def note(self, function_id: str, outcome: Outcome) -> None:
-        if outcome.started is None or outcome.finished is None:
-            return
-        recent = self._recent.get(function_id)
-        if recent is None:
-            if len(self._recent) >= MAX_FUNCTIONS_TIMED:
-                self._recent.clear()
-                self._median.clear()
-            recent = self._recent[function_id] = collections.deque(maxlen=RUNS_TIMED)
-        recent.append(max(0.0, outcome.finished - outcome.started))
-        # (of an even count, the longer of the two middle runs)
-        self._median[function_id] = sorted(recent)[len(recent) // 2]
-
-    def expected(self, function_id: str) -> float | None:
-        """Seconds a run of the function takes, if any ran."""
-        return self._median.get(function_id)
-
-
 class HtexEngine(Engine):
     """Runs jobs on Parsl's HighThroughputExecutor, with workers on the provider's blocks."""
 
@@ -186,7 +155,7 @@ class HtexEngine(Engine):
         self._sent = (0, 0)
         #: Open ``together`` blocks: jobs wait for the last to end.
         self._held = 0
-        self._run_times = _RunTimes()
+        self._run_times = RunTimes()
         self._lock = threading.Lock()
         # HTEX's submit is not thread-safe (a shared ZeroMQ socket, a task counter), and
         # jobs arrive from the agent's thread while retries and queued jobs go out from
@@ -343,24 +312,23 @@ class HtexEngine(Engine):
         """Under the lock: the next waiting job and the quick ones after it that fit in one
         bundle with it (``bundle_seconds``)."""
         bundle = [self._tasks[self._waiting.popleft()]]
-        seconds, size = self._share_of(bundle[0]), 0
+        seconds, size = self._with(0.0, bundle[0]), 0
         while seconds is not None and len(bundle) < MAX_BUNDLE and self._waiting:
             task = self._tasks[self._waiting[0]]
-            more = self._share_of(task)
             size += len(task.job.payload) + len(task.job.function_payload)
-            if more is None or seconds + more > self._config.bundle_seconds \
-                    or size > MAX_BUNDLE_BYTES:
+            seconds = self._with(seconds, task)
+            if seconds is None or size > MAX_BUNDLE_BYTES:
                 break
-            seconds += more
             bundle.append(task)
             self._waiting.popleft()
         return bundle
 
-    def _share_of(self, task: _Task) -> float | None:
-        """Under the lock: the seconds ``task`` adds to a bundle, or None if it travels alone."""
-        if task.alone or task.job.resource_spec or not self._config.bundle_seconds:
+    def _with(self, seconds: float, task: _Task) -> float | None:
+        """Under the lock: the seconds of a bundle of ``seconds`` with ``task`` added, or None
+        if ``task`` travels alone or would make it too long."""
+        if task.alone or task.job.resource_spec:
             return None
-        return self._run_times.expected(task.job.function_id)
+        return self._run_times.added(seconds, task.job.function_id, self._config.bundle_seconds)
 
     def _launch(self, bundle: list[_Task]) -> None:
         """Submit one attempt of ``bundle`` to Parsl; count it as lost if Parsl refuses it."""

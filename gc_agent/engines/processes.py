@@ -1,8 +1,10 @@
 """Process engine: each slot owns one worker process, fed over a socket.
 
-A backlog goes to a worker several jobs per write, and a job handed to an idle slot is
-written by the submitting thread (the agent's IO thread) itself; the worker answers each
-job as it ends. A task that crashes its worker (a segfault, ``os._exit``, the OOM killer)
+A backlog of quick jobs goes to a worker several per write (as long as their functions'
+recent runs add up to ``BATCH_SECONDS``: a job behind another waits for it, and cannot be
+cancelled without stopping that worker), and a job handed to an idle slot is written by
+the submitting thread (the agent's IO thread) itself; the worker answers each job as it
+ends. A task that crashes its worker (a segfault, ``os._exit``, the OOM killer)
 costs only that worker: the slot reports the task lost, so the agent returns it to the
 broker, and a fresh worker takes the slot. Its batch-mates still unanswered run again,
 each alone, so that the one to blame is found and reported alone. Workers are started
@@ -52,6 +54,8 @@ MAX_ANSWER_BYTES = 256 * 2**20
 #: Most bytes of jobs the submitting thread (the agent's IO thread) writes to an idle
 #: worker itself; more, and the slot's thread writes them, as a backlog's.
 DIRECT_SEND_BYTES = 64 * 2**10
+#: Seconds of work (by their functions' recent runs) a worker may be handed at once.
+BATCH_SECONDS = 0.02
 #: Longest part of a decoding error quoted back to the task's submitter, in characters.
 MAX_PROBLEM_TEXT = 500
 #: PATH of a worker started as another account: nothing inherited from the agent.
@@ -157,12 +161,15 @@ class ProcessEngine(SlotPool):
 
     name = "processes"
     _interruptible = True
-    #: A backlog reaches each worker several jobs per write (it answers each as it ends).
-    _batch_limit = 8
+    #: A backlog of quick jobs reaches each worker several per write (it answers each as it
+    #: ends); a job of a function not known to be quick goes alone.
+    _batch_limit = 32
 
     def __init__(self, max_workers: int, launch: WorkerLaunch | None = None,
-                 devices: tuple[str, ...] = ()) -> None:
+                 devices: tuple[str, ...] = (), *,
+                 batch_seconds: float | None = BATCH_SECONDS) -> None:
         super().__init__(workers_for_devices(max_workers, devices))
+        self._batch_seconds = batch_seconds
         self._launch = launch or WorkerLaunch()
         self._devices = devices
         self._workers: dict[int, tuple[subprocess.Popen[bytes], Connection]] = {}

@@ -2,7 +2,9 @@
 guarantee still holds per job, on real worker processes.
 
 Jobs submitted before the engine starts are all waiting when its one slot takes its
-first job, so they reach the worker as one batch.
+first job, so they reach the worker as one batch: the engine here batches by count alone
+(the agent's batches only jobs of functions it has seen run quickly, see the last tests),
+so that what holds inside a batch is tried with jobs that crash, hang or misbehave.
 """
 
 from __future__ import annotations
@@ -284,6 +286,14 @@ class _Outcomes:
 
 @pytest.fixture
 def engine() -> Iterator[ProcessEngine]:
+    engine = ProcessEngine(1, batch_seconds=None)
+    yield engine
+    engine.shutdown()
+
+
+@pytest.fixture
+def agents_engine() -> Iterator[ProcessEngine]:
+    """One worker, batching as the agent's engine does."""
     engine = ProcessEngine(1)
     yield engine
     engine.shutdown()
@@ -357,6 +367,35 @@ def test_cancelling_a_running_job_of_a_batch_stops_it_and_its_batch_mates_run(
     assert _value(got[jobs[0].task_id]) == "first"
     assert _value(got[jobs[2].task_id]) == "last"
     assert engine.busy == 0
+
+
+def note_each_start(path: str, seconds: float) -> int:
+    """Add a line to ``path`` each time it starts; sleep; return how many starts it saw."""
+    import pathlib
+    import time
+
+    with pathlib.Path(path).open("a") as notes:
+        notes.write("started\n")
+    time.sleep(seconds)
+    return len(pathlib.Path(path).read_text().splitlines())
+
+
+def test_cancelling_a_job_waiting_behind_a_long_one_never_restarts_the_long_one(
+        agents_engine: ProcessEngine, tmp_path: Path) -> None:
+    # Given a long job running, and two more jobs behind it
+    long_one = tmp_path / "long"
+    jobs = [_job(note_each_start, str(long_one), 2.0), _job(echo, "behind"), _job(echo, "last")]
+    outcomes = _start_with(agents_engine, jobs)
+    eventually(long_one.exists, OUTCOME_TIMEOUT, "the long job to start")
+
+    # When one of those behind it is cancelled before it started
+    assert agents_engine.cancel(jobs[1].task_id) == "removed"
+
+    # Then the long job runs on to its end, started once, and the last job runs after it
+    got = outcomes.each_once(jobs)
+    assert got[jobs[1].task_id].state == "cancelled"
+    assert _value(got[jobs[0].task_id]) == 1
+    assert _value(got[jobs[2].task_id]) == "last"
 
 
 def test_a_job_answering_for_its_batch_mate_fails_alone_and_the_mate_runs_for_real(
