@@ -203,7 +203,7 @@ class SlotPool(Engine):
                 self._backlog.popleft()
                 continue  # cancelled or taken back while it waited
             job, on_done = item
-            seconds = self._with(seconds, job)
+            seconds = self._with(seconds, job, jobs)
             if seconds is None and jobs:
                 break  # it goes in a batch of its own
             self._backlog.popleft()
@@ -212,10 +212,11 @@ class SlotPool(Engine):
             jobs.append(job)
         return jobs
 
-    def _with(self, seconds: float, job: Job) -> float | None:
-        """Under the lock: the seconds of a batch of ``seconds`` with ``job`` added, or None
-        if ``job`` is to run alone or would make it too long."""
-        if job.task_id in self._alone:
+    def _with(self, seconds: float, job: Job, batch: list[Job]) -> float | None:
+        """Under the lock: the seconds of ``batch`` (``seconds`` so far) with ``job`` added,
+        or None if ``job`` is to run alone, is another user's (a run longer than its
+        function's so far holds back its own user's jobs only) or would make it too long."""
+        if job.task_id in self._alone or (batch and job.identity != batch[0].identity):
             return None
         if self._batch_seconds is None:
             return seconds

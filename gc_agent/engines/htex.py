@@ -19,9 +19,10 @@ the interchange, one process, passes them one at a time). So quick jobs that wai
 a *bundle*, as long as their functions' runs so far add up to no more than
 ``bundle_seconds``; the worker runs them one after another (each as any task: its own output,
 state put back after it) and their outcomes return together. A job of a function not seen
-yet, or with a resource specification, travels alone. A bundle whose worker is lost is split:
-each of its jobs runs again alone, that loss charged to none of them, so a job that kills its
-worker is the only one to fail with ``WorkerLost``.
+yet, or with a resource specification, travels alone, and a bundle holds one user's jobs
+(a run slower than its function's so far holds back that user's jobs only). A bundle
+whose worker is lost is split: each of its jobs runs again alone, that loss charged to none
+of them, so a job that kills its worker is the only one to fail with ``WorkerLost``.
 
 When a worker, its pool or its node is lost, Parsl fails the task's future with
 ``WorkerLost``, ``ManagerLost`` or ``BadStateException``; the engine runs the task again up
@@ -312,21 +313,23 @@ class HtexEngine(Engine):
         """Under the lock: the next waiting job and the quick ones after it that fit in one
         bundle with it (``bundle_seconds``)."""
         bundle = [self._tasks[self._waiting.popleft()]]
-        seconds, size = self._with(0.0, bundle[0]), 0
+        seconds, size = self._with(0.0, bundle[0], []), 0
         while seconds is not None and len(bundle) < MAX_BUNDLE and self._waiting:
             task = self._tasks[self._waiting[0]]
             size += len(task.job.payload) + len(task.job.function_payload)
-            seconds = self._with(seconds, task)
+            seconds = self._with(seconds, task, bundle)
             if seconds is None or size > MAX_BUNDLE_BYTES:
                 break
             bundle.append(task)
             self._waiting.popleft()
         return bundle
 
-    def _with(self, seconds: float, task: _Task) -> float | None:
-        """Under the lock: the seconds of a bundle of ``seconds`` with ``task`` added, or None
-        if ``task`` travels alone or would make it too long."""
-        if task.alone or task.job.resource_spec:
+    def _with(self, seconds: float, task: _Task, bundle: list[_Task]) -> float | None:
+        """Under the lock: the seconds of ``bundle`` (``seconds`` so far) with ``task`` added,
+        or None if ``task`` travels alone, is another user's (a run longer than its function's
+        so far holds back its own user's tasks only) or would make it too long."""
+        if task.alone or task.job.resource_spec \
+                or (bundle and task.job.identity != bundle[0].job.identity):
             return None
         return self._run_times.added(seconds, task.job.function_id, self._config.bundle_seconds)
 

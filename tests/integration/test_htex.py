@@ -318,8 +318,9 @@ def test_quick_jobs_share_parsl_tasks_each_keeping_its_own_value_and_output(
         local_engine: Any) -> None:
     from tests.unit.test_execution import a_job
 
-    # Given a quick function the engine has run once (so it knows it is quick)
-    _run_on(local_engine, [a_job(shout_square, 0, function_id="shout")])
+    # Given a quick function the engine has run a few times (so it knows it is quick: a
+    # worker's first run of it also imports this module)
+    _run_on(local_engine, [a_job(shout_square, 0, function_id="shout") for _ in range(7)])
     sent_before = _sent(local_engine)
 
     # When 64 of its jobs arrive at once
@@ -340,7 +341,7 @@ def test_quick_jobs_that_arrive_together_reach_parsl_as_one_bundle(local_engine:
     from tests.unit.test_execution import a_job
 
     # Given a quick function the engine has run a few times
-    _run_on(local_engine, [a_job(shout_square, x, function_id="shout-together") for x in range(4)])
+    _run_on(local_engine, [a_job(shout_square, x, function_id="shout-together") for x in range(7)])
     sent_before = _sent(local_engine)
 
     # When ten of its jobs arrive together (one batch of tasks at the agent)
@@ -357,6 +358,29 @@ def test_quick_jobs_that_arrive_together_reach_parsl_as_one_bundle(local_engine:
         x * x for x in range(10)]
 
 
+def test_quick_jobs_of_two_users_that_arrive_together_travel_in_a_bundle_each(
+        local_engine: Any) -> None:
+    from dataclasses import replace
+
+    from tests.unit.test_execution import a_job
+
+    # Given a quick function the engine has run a few times
+    _run_on(local_engine, [a_job(shout_square, x, function_id="shout-users") for x in range(7)])
+    sent_before = _sent(local_engine)
+
+    # When three jobs of alice's and three of bob's arrive together
+    jobs = [replace(a_job(shout_square, x, function_id="shout-users"), identity=user)
+            for user in ("alice", "bob") for x in range(3)]
+    answers: list[Any] = []
+    with local_engine.together():
+        for job in jobs:
+            local_engine.submit(job, answers.append)
+    eventually(lambda: len(answers) == len(jobs), RESULT_TIMEOUT, "six answers")
+
+    # Then each user's travel in a Parsl task of their own
+    assert tuple(after - before for after, before in zip(_sent(local_engine), sent_before)) == (6, 2)
+
+
 def square_after(x: int, seconds: float) -> int:
     time.sleep(seconds)
     return x * x
@@ -367,7 +391,7 @@ def test_a_job_cancelled_inside_a_bundle_at_parsl_is_answered_once_and_its_mates
     from tests.unit.test_execution import a_job
 
     # Given a bundle at Parsl whose first job takes a second (the function is quick so far)
-    _run_on(local_engine, [a_job(square_after, x, 0, function_id="after") for x in range(4)])
+    _run_on(local_engine, [a_job(square_after, x, 0, function_id="after") for x in range(7)])
     jobs = [a_job(square_after, x, 1.0 if x == 0 else 0, function_id="after") for x in range(5)]
     answers: list[Any] = []
     with local_engine.together():
@@ -405,8 +429,8 @@ def test_a_job_that_kills_its_worker_inside_a_bundle_fails_alone(
         local_engine: Any, caplog: pytest.LogCaptureFixture) -> None:
     from tests.unit.test_execution import a_job
 
-    # Given a quick function the engine has run once
-    _run_on(local_engine, [a_job(square_or_die, 0, False, function_id="or-die")])
+    # Given a quick function the engine has run a few times
+    _run_on(local_engine, [a_job(square_or_die, 0, False, function_id="or-die") for _ in range(7)])
 
     # When one of 40 jobs sent together kills its worker every time it runs
     jobs = [a_job(square_or_die, x, x == 30, function_id="or-die") for x in range(40)]

@@ -31,27 +31,30 @@ class RecordingPool(SlotPool):
         self.batches: list[list[str]] = []
 
     def _run_batch(self, slot: int, jobs: list[Job], *, sent: bool) -> None:
-        self.batches.append([job.function_id for job in jobs])
+        self.batches.append([f"{job.identity}:{job.function_id}" if job.identity
+                             else job.function_id for job in jobs])
         for job in jobs:
             now = time.time()
             self._report(job.task_id, Outcome(job.task_id, "success", started=now,
                                               finished=now + RUN_SECONDS[job.function_id]))
 
     def run(self, functions: list[str]) -> list[list[str]]:
-        """Submit a job of each function while the slot is busy; the batches they formed."""
+        """Submit a job of each function (``user:function`` for another user's) while the
+        slot is busy; the batches they formed."""
         self.batches.clear()
         answers: list[Outcome] = []
         with self._lock:  # the slot cannot claim until all wait
-            for function_id in functions:
-                self._waiting_job(function_id, answers.append)
+            for function in functions:
+                identity, _, function_id = function.rpartition(":")
+                self._waiting_job(identity, function_id, answers.append)
         self._wake_idle()
         eventually(lambda: len(answers) == len(functions), 10, "every answer")
         return list(self.batches)
 
-    def _waiting_job(self, function_id: str, on_done: OnDone) -> None:
+    def _waiting_job(self, identity: str, function_id: str, on_done: OnDone) -> None:
         job = Job(task_id=str(uuid.uuid4()), function_id=function_id, function_payload=b"",
                   function_python="", content_type="", payload=b"", sender_python="",
-                  sender_serializer="")
+                  sender_serializer="", identity=identity)
         self._waiting[job.task_id] = (job, on_done)
         self._backlog.append(job.task_id)
 
@@ -87,5 +90,17 @@ def test_jobs_of_a_function_known_to_be_slow_go_one_at_a_time_and_end_a_quick_ba
 
         assert pool.run(["quick", "quick", "slow", "slow", "quick"]) == [
             ["quick", "quick"], ["slow"], ["slow"], ["quick"]]
+    finally:
+        pool.shutdown()
+
+
+def test_jobs_of_different_users_never_share_a_batch() -> None:
+    # (a function quick so far may be slow this time: it holds back its own user's jobs only)
+    pool = _started()
+    try:
+        pool.run(["quick"])
+
+        assert pool.run(["alice:quick", "alice:quick", "bob:quick", "alice:quick"]) == [
+            ["alice:quick", "alice:quick"], ["bob:quick"], ["alice:quick"]]
     finally:
         pool.shutdown()
