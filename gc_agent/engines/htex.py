@@ -41,6 +41,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future
@@ -78,6 +79,10 @@ _WORKER_FUNCTIONS: FunctionCache = {}
 #: Parsl's default packing (``pack_apply_message``, dill for values) cost ~0.09 ms more per
 #: task in the agent and ~0.07 ms more on the worker here.
 WORKER_ENTRY = f"{__name__}.run_pickled_jobs"
+#: Longest a worker waits for its last answer to be written before running the next jobs,
+#: and how often it looks (see ``_wait_for_queue_writes``).
+QUEUE_WRITE_PATIENCE = 2.0
+QUEUE_WRITE_POLL = 0.0005
 #: Most jobs in one bundle, and most bytes of arguments and functions (a bundle's first job
 #: may be larger alone).
 MAX_BUNDLE = 32
@@ -87,8 +92,42 @@ MAX_BUNDLE_BYTES = 2**20
 def run_pickled_jobs(buffer: bytes) -> bytes:
     """Run the pickled list of ``Job`` in ``buffer`` on this HTEX worker, one after another;
     return the pickled list of their outcomes."""
+    _wait_for_queue_writes()
     outcomes = [run_on_worker(job) for job in pickle.loads(buffer)]
     return pickle.dumps(outcomes, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _wait_for_queue_writes() -> None:
+    """Wait until this process's multiprocessing queues have written out all they were given:
+    the answer to the worker's last Parsl task among it.
+
+    Parsl's worker puts an answer on a multiprocessing queue, whose own thread writes it to
+    the pool's manager later, and takes the next Parsl task meanwhile. A job that kills its
+    worker before that write (a crash at its first line) takes the answer with it, and the
+    tasks it carried wait for ever; killed in the middle of the write, it leaves the queue's
+    lock held, and every other worker's answers stuck behind it. (A SIGKILL right after a
+    ``put`` loses the item every time here.) A queue still writing after
+    ``QUEUE_WRITE_PATIENCE`` (one a task filled and nobody reads) is not waited for again.
+    """
+    deadline = time.monotonic() + QUEUE_WRITE_PATIENCE
+    for thread in threading.enumerate():
+        # The writing thread's arguments: (buffer, not_empty, send_bytes, write_lock, ...)
+        arguments: tuple[Any, ...] = getattr(thread, "_args", ()) \
+            if thread.name == "QueueFeederThread" and thread.ident not in _STUCK_WRITERS else ()
+        if len(arguments) < 4 or not isinstance(arguments[0], collections.deque):
+            continue
+        pending, write_lock = arguments[0], arguments[3]
+        while pending and time.monotonic() < deadline:
+            time.sleep(QUEUE_WRITE_POLL)
+        if pending or (write_lock is not None and not write_lock.acquire(
+                timeout=max(0.0, deadline - time.monotonic()))):
+            _STUCK_WRITERS.add(thread.ident)
+        elif write_lock is not None:
+            write_lock.release()
+
+
+#: Threads of queues that did not finish writing within ``QUEUE_WRITE_PATIENCE``.
+_STUCK_WRITERS: set[int | None] = set()
 
 
 def run_on_worker(job: Job) -> Outcome:

@@ -304,7 +304,11 @@ def _run_on(engine: Any, jobs: list[Any]) -> dict[str, Any]:
     outcomes: dict[str, Any] = {}
     for job in jobs:
         engine.submit(job, lambda outcome: outcomes.__setitem__(outcome.task_id, outcome))
-    eventually(lambda: len(outcomes) == len(jobs), RESULT_TIMEOUT, f"{len(jobs)} outcomes")
+    try:
+        eventually(lambda: len(outcomes) == len(jobs), RESULT_TIMEOUT, f"{len(jobs)} outcomes")
+    except AssertionError as exc:  # say which, and what the engine holds
+        missing = [n for n, job in enumerate(jobs) if job.task_id not in outcomes]
+        raise AssertionError(f"{exc}: none for jobs {missing}; engine {engine.status()}") from None
     return outcomes
 
 

@@ -4,9 +4,11 @@ running a pickled list of jobs (a bundle) to the pickled list of their outcomes.
 from __future__ import annotations
 
 import importlib
+import multiprocessing
 import os
 import pickle
 import socket
+import threading
 
 from gc_agent.engines.htex import WORKER_ENTRY
 from gc_agent.execution import Job, Outcome
@@ -70,3 +72,34 @@ def test_a_bundle_of_jobs_gives_each_its_own_outcome_output_and_starting_state()
     assert [outcome.stdout for outcome in outcomes] == [f"square of {x}\n" for x in range(3)]
     # and each started where the worker did, not where the one before it left it
     assert len(set(places)) == 1 and "/" not in places
+
+
+def queue_writes_are_done() -> bool:
+    """Whether every multiprocessing queue of this process has written all it was given."""
+    feeders = [thread for thread in threading.enumerate() if thread.name == "QueueFeederThread"]
+    done = True
+    for feeder in feeders:
+        pending, write_lock = feeder._args[0], feeder._args[3]  # type: ignore[attr-defined]
+        if write_lock.acquire(block=False):
+            write_lock.release()
+        else:
+            done = False
+        done = done and not pending
+    return bool(feeders) and done
+
+
+def test_a_bundle_starts_only_once_the_answer_to_the_last_one_has_left_the_worker() -> None:
+    # Parsl's worker puts an answer on a queue whose thread writes it out later, and takes the
+    # next Parsl task meanwhile: a job that kills its worker at once must not take that
+    # answer with it (or the queue's lock, with every later answer stuck behind it).
+    answers = multiprocessing.get_context("spawn").Queue()
+    answers.put(b"the last answer" * 20_000)  # ~300 KB: more than a pipe holds
+    reader = threading.Timer(0.3, answers.get)
+    reader.start()
+    try:
+        [outcome] = run_as_parsl_does(a_job(queue_writes_are_done, function_id="writes-done"))
+    finally:
+        reader.join()
+        answers.close()
+
+    assert CLOUDPICKLE.loads(outcome.payload) is True
