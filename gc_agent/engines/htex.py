@@ -346,6 +346,7 @@ class HtexEngine(Engine):
                 bundle = self._next_bundle()
                 self._in_parsl += len(bundle)
                 self._bundles_in_parsl += 1
+                self._count_attempts(bundle)
             self._launch(bundle)
 
     def _next_bundle(self) -> list[_Task]:
@@ -372,14 +373,16 @@ class HtexEngine(Engine):
             return None
         return self._run_times.added(seconds, task.job.function_id, self._config.bundle_seconds)
 
-    def _launch(self, bundle: list[_Task]) -> None:
-        """Submit one attempt of ``bundle`` to Parsl; count it as lost if Parsl refuses it."""
-        attempts = []
+    def _count_attempts(self, bundle: list[_Task]) -> None:
+        """Under the lock, as the jobs leave the queue: one more attempt each, so that a
+        cancel from then on knows them handed to Parsl (it no longer finds them queued)."""
         for task in bundle:
             task.attempt += 1
-            attempts.append(task.attempt)
-        with self._lock:
-            self._sent = (self._sent[0] + len(bundle), self._sent[1] + 1)
+        self._sent = (self._sent[0] + len(bundle), self._sent[1] + 1)
+
+    def _launch(self, bundle: list[_Task]) -> None:
+        """Submit this attempt of ``bundle`` to Parsl; count it as lost if Parsl refuses it."""
+        attempts = [task.attempt for task in bundle]
         spec = {k: v for k, v in bundle[0].job.resource_spec.items() if k in PARSL_RESOURCE_KEYS}
         context: dict[str, Any] = {"task_executor": {"f": WORKER_ENTRY}}
         if spec:
@@ -405,7 +408,9 @@ class HtexEngine(Engine):
         with self._lock:
             current = [self._tasks.get(each.job.task_id) is each for each in bundle]
             retry = lost and current[0] and attempt <= self._config.max_retries_on_system_failure
-            if not retry:
+            if retry:
+                self._count_attempts(bundle)
+            else:
                 self._in_parsl -= len(bundle)
                 self._bundles_in_parsl -= 1
                 for each, is_current in zip(bundle, current):
