@@ -87,13 +87,24 @@ QUEUE_WRITE_POLL = 0.0005
 #: may be larger alone).
 MAX_BUNDLE = 32
 MAX_BUNDLE_BYTES = 2**20
+#: Bytes of results and output past which a worker runs no more of a bundle's jobs: quick
+#: functions with large results (10 MiB each at most, by default) would otherwise make one
+#: Parsl message of hundreds of MiB through the manager, the interchange and the agent.
+MAX_BUNDLE_ANSWER_BYTES = 8 * 2**20
 
 
 def run_pickled_jobs(buffer: bytes) -> bytes:
     """Run the pickled list of ``Job`` in ``buffer`` on this HTEX worker, one after another;
-    return the pickled list of their outcomes."""
+    return the pickled list of their outcomes. Once these hold ``MAX_BUNDLE_ANSWER_BYTES``,
+    the jobs left are not run (the engine sends them again)."""
     _wait_for_queue_writes()
-    outcomes = [run_on_worker(job) for job in pickle.loads(buffer)]
+    outcomes: list[Outcome] = []
+    size = 0
+    for job in pickle.loads(buffer):
+        if size >= MAX_BUNDLE_ANSWER_BYTES:
+            break
+        outcomes.append(outcome := run_on_worker(job))
+        size += len(outcome.payload) + len(outcome.stdout) + len(outcome.stderr)
     return pickle.dumps(outcomes, protocol=pickle.HIGHEST_PROTOCOL)
 
 
@@ -405,6 +416,8 @@ class HtexEngine(Engine):
             self._split(bundle, exc)
             return
         task, attempt = bundle[0], attempts[0]
+        # (a lost job's failure is made below, once it is not to run again)
+        outcomes = None if lost else self._outcomes_of(bundle, future)
         with self._lock:
             current = [self._tasks.get(each.job.task_id) is each for each in bundle]
             retry = lost and current[0] and attempt <= self._config.max_retries_on_system_failure
@@ -413,9 +426,13 @@ class HtexEngine(Engine):
             else:
                 self._in_parsl -= len(bundle)
                 self._bundles_in_parsl -= 1
-                for each, is_current in zip(bundle, current):
+                answered = len(bundle) if outcomes is None else len(outcomes)
+                for each, is_current in zip(bundle[:answered], current):
                     if is_current:
                         del self._tasks[each.job.task_id]
+                self._send_again(bundle[answered:])
+                for each, outcome in zip(bundle, outcomes or []):
+                    self._run_times.note(each.job.function_id, outcome)
         if retry:
             logger.warning("task %s lost its worker (%s%s); running it again (retry %d of %d)",
                            task.job.task_id, exc, self._job_of(exc), attempt,
@@ -424,10 +441,9 @@ class HtexEngine(Engine):
             return
         # The next jobs first: Parsl's workers need not wait while the agent answers these.
         self._dispatch()
-        outcomes = self._outcomes_of(bundle, future)
-        with self._lock:
-            for each, outcome in zip(bundle, outcomes):
-                self._run_times.note(each.job.function_id, outcome)
+        if outcomes is None:  # lost, and not to run again
+            assert exc is not None
+            outcomes = [self._failure_of(task, exc)]
         for each, outcome, is_current in zip(bundle, outcomes, current):
             if not is_current:
                 continue  # cancelled: its outcome went out already
@@ -442,13 +458,18 @@ class HtexEngine(Engine):
         with self._lock:
             self._in_parsl -= len(bundle)
             self._bundles_in_parsl -= 1
-            for task in reversed(bundle):
-                if self._tasks.get(task.job.task_id) is task:
-                    task.attempt, task.alone = 0, True
-                    self._waiting.appendleft(task.job.task_id)
+            self._send_again(bundle, alone=True)
         logger.warning("a worker was lost with a bundle of %d tasks (%s%s); each runs again alone",
                        len(bundle), exc, self._job_of(exc))
         self._dispatch()
+
+    def _send_again(self, tasks: list[_Task], *, alone: bool = False) -> None:
+        """Under the lock: put ``tasks`` back first in line, in their order, as never sent
+        (``alone``: each to travel in a bundle of its own); one cancelled meanwhile is not."""
+        for task in reversed(tasks):
+            if self._tasks.get(task.job.task_id) is task:
+                task.attempt, task.alone = 0, task.alone or alone
+                self._waiting.appendleft(task.job.task_id)
 
     def _job_of(self, exc: BaseException | None) -> str:
         """`` (block B, batch job J)`` for a lost manager whose block is known, else ''."""
@@ -468,10 +489,13 @@ class HtexEngine(Engine):
             except Exception as unreadable:  # noqa: BLE001 - each task fails, saying why
                 exc = unreadable
             else:
-                if len(outcomes) == len(bundle):
+                # (a worker leaves the rest of a bundle whose answers grew large unrun)
+                if outcomes and [o.task_id for o in outcomes] == [
+                        task.job.task_id for task in bundle[:len(outcomes)]]:
                     return outcomes
-                exc = ValueError(f"its worker answered {len(outcomes)} of {len(bundle)} tasks "
-                                 "(are the workers' gc-fabric and the agent's the same?)")
+                exc = ValueError(f"its worker's {len(outcomes)} answers do not match the "
+                                 f"{len(bundle)} tasks it was sent (are the workers' gc-fabric "
+                                 "and the agent's the same?)")
         return [self._failure_of(task, exc) for task in bundle]
 
     def _failure_of(self, task: _Task, exc: BaseException) -> Outcome:

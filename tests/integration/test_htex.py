@@ -385,6 +385,36 @@ def test_quick_jobs_of_two_users_that_arrive_together_travel_in_a_bundle_each(
     assert tuple(after - before for after, before in zip(_sent(local_engine), sent_before)) == (6, 2)
 
 
+def three_mebibytes(n: int) -> bytes:
+    return bytes([n]) * 3 * 2**20
+
+
+def test_jobs_of_a_bundle_whose_answers_grow_large_are_sent_again_and_answered_once(
+        local_engine: Any) -> None:
+    from tests.unit.test_execution import a_job
+
+    # Given a quick function with large results, run a few times
+    _run_on(local_engine, [a_job(three_mebibytes, 0, function_id="large") for _ in range(7)])
+    sent_before = _sent(local_engine)
+
+    # When four of its jobs arrive together: one bundle, whose worker stops past 8 MiB
+    jobs = [a_job(three_mebibytes, n, function_id="large") for n in range(4)]
+    answers: list[Any] = []
+    with local_engine.together():
+        for job in jobs:
+            local_engine.submit(job, answers.append)
+    eventually(lambda: len(answers) == len(jobs), RESULT_TIMEOUT, "four answers")
+    time.sleep(0.5)  # (a second answer for any of them would come soon after)
+
+    # Then each is answered once, with its own value, the last one sent again
+    assert sorted(answer.task_id for answer in answers) == sorted(job.task_id for job in jobs)
+    by_task = {answer.task_id: answer for answer in answers}
+    assert [CLOUDPICKLE.loads(by_task[job.task_id].payload)[:1] for job in jobs] == [
+        bytes([n]) for n in range(4)]
+    tasks, _ = (after - before for after, before in zip(_sent(local_engine), sent_before))
+    assert tasks > len(jobs)
+
+
 def square_after(x: int, seconds: float) -> int:
     time.sleep(seconds)
     return x * x

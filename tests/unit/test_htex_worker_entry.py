@@ -103,3 +103,18 @@ def test_a_bundle_starts_only_once_the_answer_to_the_last_one_has_left_the_worke
         answers.close()
 
     assert CLOUDPICKLE.loads(outcome.payload) is True
+
+
+def five_mebibytes(n: int) -> bytes:
+    return bytes([n]) * 5 * 2**20
+
+
+def test_a_bundle_whose_answers_grow_large_stops_and_leaves_the_rest_unrun() -> None:
+    # 32 quick jobs of 10 MiB results each would make one 320 MiB Parsl message
+    jobs = [a_job(five_mebibytes, n, function_id="five-mebibytes") for n in range(4)]
+
+    outcomes = run_as_parsl_does(*jobs)
+
+    # Past 8 MiB of answers the worker runs no more of them; the engine sends the rest again
+    assert [outcome.task_id for outcome in outcomes] == [job.task_id for job in jobs[:2]]
+    assert [CLOUDPICKLE.loads(outcome.payload)[:1] for outcome in outcomes] == [b"\x00", b"\x01"]
