@@ -206,6 +206,8 @@ class HtexEngine(Engine):
         self._sent = (0, 0)
         #: Open ``together`` blocks: jobs wait for the last to end.
         self._held = 0
+        #: Whether this thread is in ``_dispatch`` already.
+        self._dispatching = threading.local()
         self._run_times = RunTimes()
         self._lock = threading.Lock()
         # HTEX's submit is not thread-safe (a shared ZeroMQ socket, a task counter), and
@@ -348,17 +350,28 @@ class HtexEngine(Engine):
                 self._tempdir = None
 
     def _dispatch(self) -> None:
-        """Hand waiting jobs to Parsl while it holds fewer than its limit of our bundles."""
-        while True:
-            with self._lock:
-                if self._closing or not self._waiting \
-                        or self._bundles_in_parsl >= self._parsl_limit:
-                    return
-                bundle = self._next_bundle()
-                self._in_parsl += len(bundle)
-                self._bundles_in_parsl += 1
-                self._count_attempts(bundle)
-            self._launch(bundle)
+        """Hand waiting jobs to Parsl while it holds fewer than its limit of our bundles.
+
+        A submit Parsl refuses at once (every block failed) is answered within ``_launch``,
+        and answering dispatches again: on this thread, the loop already running here
+        goes on instead, or a backlog would nest a call per job until Python's recursion
+        limit left the rest unanswered."""
+        if getattr(self._dispatching, "active", False):
+            return
+        self._dispatching.active = True
+        try:
+            while True:
+                with self._lock:
+                    if self._closing or not self._waiting \
+                            or self._bundles_in_parsl >= self._parsl_limit:
+                        return
+                    bundle = self._next_bundle()
+                    self._in_parsl += len(bundle)
+                    self._bundles_in_parsl += 1
+                    self._count_attempts(bundle)
+                self._launch(bundle)
+        finally:
+            self._dispatching.active = False
 
     def _next_bundle(self) -> list[_Task]:
         """Under the lock: the next waiting job and the quick ones after it that fit in one

@@ -40,3 +40,19 @@ def test_a_job_cancelled_as_it_goes_to_parsl_is_answered_cancelled_once(tmp_path
     assert engine.cancel_result == "abandoned"
     assert [answer.state for answer in answers] == ["cancelled"]
     assert engine.status()["tasks_at_parsl"] == 0
+
+
+def test_every_waiting_job_is_answered_when_parsl_refuses_them_all(tmp_path: Path) -> None:
+    # (every block failed, say, so that each submit to Parsl fails at once: here there is
+    # no interchange at all)
+    engine = HtexEngine(HtexEngineConfig(type="htex", provider=LocalProviderConfig(
+        init_blocks=0, min_blocks=0, max_blocks=1)), tmp_path)
+    answers: list[Outcome] = []
+
+    with engine.together():  # a backlog of 3,000, as a sweep's batches leave
+        for _ in range(3000):
+            engine.submit(a_job(noop), answers.append)
+
+    assert len(answers) == 3000
+    assert {answer.state for answer in answers} == {"failed"}
+    assert engine.status()["tasks_at_parsl"] == engine.status()["tasks_waiting"] == 0
