@@ -112,18 +112,25 @@ def exit_code_after_a_while() -> tuple[int, int]:
 @pytest.fixture(scope="module")
 def htex_endpoint(fabric: Fabric) -> Iterator[Endpoint]:
     """An endpoint whose engine is HTEX on one local block of two workers."""
+    ep = _started_htex_endpoint(fabric)
+    yield ep
+    ep.stop_all()
+
+
+def _started_htex_endpoint(fabric: Fabric, **engine_options: Any) -> Endpoint:
+    """An endpoint whose engine is HTEX on one local block of two workers, started."""
     ep = fabric.configure_endpoint(f"htex-{uuid.uuid4().hex[:8]}", heartbeat_period=1.0)
     engine = HtexEngineConfig(
         type="htex", max_workers_per_node=2, max_retries_on_system_failure=2,
         heartbeat_period=1,  # the worker pool checks for dead workers this often
         provider=LocalProviderConfig(init_blocks=1, min_blocks=1, max_blocks=1,
-                                     worker_init=f"export PYTHONPATH={REPO_ROOT}"))
+                                     worker_init=f"export PYTHONPATH={REPO_ROOT}"),
+        **engine_options)
     path = ep.directory / "config.yaml"
     save_config(load_config(path).model_copy(update={"engine": engine}), path)
     assert load_config(path).engine == engine  # what the agent reads back is what was meant
     ep.start()
-    yield ep
-    ep.stop_all()
+    return ep
 
 
 def test_a_sweep_of_50_tasks_on_htex_returns_every_value(client: Client,
@@ -134,6 +141,34 @@ def test_a_sweep_of_50_tasks_on_htex_returns_every_value(client: Client,
 
     assert results == [x * x for x in range(50)]
     assert "htex" in htex_endpoint.read_logs()
+
+
+def test_a_sweep_s_batches_of_quick_tasks_reach_parsl_in_bundles(client: Client,
+                                                                   fabric: Fabric) -> None:
+    # Given an endpoint whose Parsl takes 100 Parsl tasks a worker (so that jobs arriving one
+    # by one would all travel alone), and a quick function it has run a few times
+    ep = _started_htex_endpoint(fabric, parsl_tasks_per_worker=100)
+    try:
+        def sent() -> tuple[int, int]:
+            status = client.get_endpoint_status(ep.endpoint_id).details.get("engine_status", {})
+            return status.get("tasks_sent", 0), status.get("parsl_tasks_sent", 0)
+
+        with Executor(endpoint_id=ep.endpoint_id, client=client) as ex:
+            for x in range(7):
+                ex.submit(square, x).result(timeout=RESULT_TIMEOUT)
+            before = eventually(lambda: (now := sent())[0] == 7 and now, RESULT_TIMEOUT,
+                                "the seven in a heartbeat")
+
+            # When a sweep's tasks reach the agent in batches (the Executor's)
+            assert list(ex.map(square, range(200), timeout=RESULT_TIMEOUT)) == [
+                x * x for x in range(200)]
+
+        # Then each batch's tasks reached Parsl together
+        after = eventually(lambda: (now := sent())[0] == 207 and now, RESULT_TIMEOUT,
+                           "the sweep in a heartbeat")
+        assert after[1] - before[1] <= 100, (before, after)
+    finally:
+        ep.stop_all()
 
 
 def test_a_remote_exception_on_htex_comes_back_as_task_execution_failed(
