@@ -13,6 +13,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -321,17 +322,26 @@ def square_or_die(x: int, die: bool) -> int:
 @pytest.fixture(scope="module")
 def local_engine(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     """An htex engine, used directly, on one local block of two workers (one retry after a
-    lost worker)."""
+    lost worker), bundling up to 50 ms of work: ten quick jobs fit in one bundle even on a
+    machine busy enough to make each run take 5 ms, and a 0.1 s run does not."""
+    with _engine_on_a_local_block(tmp_path_factory.mktemp("htex"), bundle_seconds=0.05) as engine:
+        yield engine
+
+
+@contextmanager
+def _engine_on_a_local_block(run_dir: Path, **options: Any) -> Iterator[Any]:
     from gc_agent.engines.htex import HtexEngine
 
     engine = HtexEngine(HtexEngineConfig(
         type="htex", max_workers_per_node=2, max_retries_on_system_failure=1, heartbeat_period=1,
         provider=LocalProviderConfig(init_blocks=1, min_blocks=1, max_blocks=1,
-                                     worker_init=f"export PYTHONPATH={REPO_ROOT}")),
-        tmp_path_factory.mktemp("htex") / "run")
+                                     worker_init=f"export PYTHONPATH={REPO_ROOT}"), **options),
+        run_dir / "run")
     engine.start()
-    yield engine
-    engine.shutdown()
+    try:
+        yield engine
+    finally:
+        engine.shutdown()
 
 
 def _run_on(engine: Any, jobs: list[Any]) -> dict[str, Any]:
@@ -425,28 +435,31 @@ def three_mebibytes(n: int) -> bytes:
 
 
 def test_jobs_of_a_bundle_whose_answers_grow_large_are_sent_again_and_answered_once(
-        local_engine: Any) -> None:
+        tmp_path: Path) -> None:
     from tests.unit.test_execution import a_job
 
-    # Given a quick function with large results, run a few times
-    _run_on(local_engine, [a_job(three_mebibytes, 0, function_id="large") for _ in range(7)])
-    sent_before = _sent(local_engine)
+    # Given a function with large results, run a few times, on an engine that bundles all
+    # four jobs below whatever their runs take (on a busy machine, 3 MiB take a while)
+    with _engine_on_a_local_block(tmp_path, bundle_seconds=60) as engine:
+        _run_on(engine, [a_job(three_mebibytes, 0, function_id="large") for _ in range(7)])
+        sent_before = _sent(engine)
 
-    # When four of its jobs arrive together: one bundle, whose worker stops past 8 MiB
-    jobs = [a_job(three_mebibytes, n, function_id="large") for n in range(4)]
-    answers: list[Any] = []
-    with local_engine.together():
-        for job in jobs:
-            local_engine.submit(job, answers.append)
-    eventually(lambda: len(answers) == len(jobs), RESULT_TIMEOUT, "four answers")
-    time.sleep(0.5)  # (a second answer for any of them would come soon after)
+        # When four of its jobs arrive together: one bundle, whose worker stops past 8 MiB
+        jobs = [a_job(three_mebibytes, n, function_id="large") for n in range(4)]
+        answers: list[Any] = []
+        with engine.together():
+            for job in jobs:
+                engine.submit(job, answers.append)
+        eventually(lambda: len(answers) == len(jobs), RESULT_TIMEOUT, "four answers")
+        time.sleep(0.5)  # (a second answer for any of them would come soon after)
+        sent_after = _sent(engine)
 
     # Then each is answered once, with its own value, the last one sent again
     assert sorted(answer.task_id for answer in answers) == sorted(job.task_id for job in jobs)
     by_task = {answer.task_id: answer for answer in answers}
     assert [CLOUDPICKLE.loads(by_task[job.task_id].payload)[:1] for job in jobs] == [
         bytes([n]) for n in range(4)]
-    tasks, _ = (after - before for after, before in zip(_sent(local_engine), sent_before))
+    tasks, _ = (after - before for after, before in zip(sent_after, sent_before))
     assert tasks > len(jobs)
 
 
@@ -483,7 +496,7 @@ def test_a_job_cancelled_inside_a_bundle_at_parsl_is_answered_once_and_its_mates
 def test_a_slow_function_s_jobs_each_travel_alone(local_engine: Any) -> None:
     from tests.unit.test_execution import a_job
 
-    # Given a function whose run took longer than bundle_seconds (0.02)
+    # Given a function whose run took longer than bundle_seconds (0.05)
     _run_on(local_engine, [a_job(time.sleep, 0.1, function_id="nap")])
     sent_before = _sent(local_engine)
 
