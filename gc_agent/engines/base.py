@@ -214,13 +214,11 @@ class SlotPool(Engine):
 
     def _with(self, seconds: float, job: Job, batch: list[Job]) -> float | None:
         """Under the lock: the seconds of ``batch`` (``seconds`` so far) with ``job`` added,
-        or None if ``job`` is to run alone, is another user's (a run longer than its
-        function's so far holds back its own user's jobs only) or would make it too long."""
-        if job.task_id in self._alone or (batch and job.identity != batch[0].identity):
+        or None if ``job`` is to run alone or may not join it (``RunTimes.added``)."""
+        if job.task_id in self._alone:
             return None
-        if self._batch_seconds is None:
-            return seconds
-        return self._run_times.added(seconds, job.function_id, self._batch_seconds)
+        return self._run_times.added(seconds, job, batch[0] if batch else None,
+                                     self._batch_seconds)
 
     def _wake_idle(self) -> None:
         """Have the idle slots look at the backlog again."""
@@ -250,7 +248,7 @@ class SlotPool(Engine):
         cancelled if its worker was stopped, and not again if it ran on in its thread."""
         with self._lock:
             claim = self._running.pop(task_id)
-            if self._batch_limit > 1:
+            if self._batch_seconds is not None:  # (what the run times are read for)
                 self._run_times.note(claim.function_id, outcome)
             on_done = claim.on_done
             cancelled = task_id in self._cancelled_running

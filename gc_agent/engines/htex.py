@@ -390,12 +390,11 @@ class HtexEngine(Engine):
 
     def _with(self, seconds: float, task: _Task, bundle: list[_Task]) -> float | None:
         """Under the lock: the seconds of ``bundle`` (``seconds`` so far) with ``task`` added,
-        or None if ``task`` travels alone, is another user's (a run longer than its function's
-        so far holds back its own user's tasks only) or would make it too long."""
-        if task.alone or task.job.resource_spec \
-                or (bundle and task.job.identity != bundle[0].job.identity):
+        or None if ``task`` travels alone or may not join it (``RunTimes.added``)."""
+        if task.alone or task.job.resource_spec:
             return None
-        return self._run_times.added(seconds, task.job.function_id, self._config.bundle_seconds)
+        return self._run_times.added(seconds, task.job, bundle[0].job if bundle else None,
+                                     self._config.bundle_seconds)
 
     def _count_attempts(self, bundle: list[_Task]) -> None:
         """Under the lock, as the jobs leave the queue: one more attempt each, so that a
@@ -406,7 +405,7 @@ class HtexEngine(Engine):
 
     def _launch(self, bundle: list[_Task]) -> None:
         """Submit this attempt of ``bundle`` to Parsl; count it as lost if Parsl refuses it."""
-        attempts = [task.attempt for task in bundle]
+        attempt = bundle[0].attempt  # (what a retry of a lone job counts)
         spec = {k: v for k, v in bundle[0].job.resource_spec.items() if k in PARSL_RESOURCE_KEYS}
         context: dict[str, Any] = {"task_executor": {"f": WORKER_ENTRY}}
         if spec:
@@ -420,15 +419,15 @@ class HtexEngine(Engine):
             failed: Future[Any] = Future()
             failed.set_exception(exc)
             future = failed
-        future.add_done_callback(lambda done: self._finished(bundle, attempts, done))
+        future.add_done_callback(lambda done: self._finished(bundle, attempt, done))
 
-    def _finished(self, bundle: list[_Task], attempts: list[int], future: Future[Any]) -> None:
+    def _finished(self, bundle: list[_Task], attempt: int, future: Future[Any]) -> None:
         exc = future.exception()
         lost = exc is not None and _is_system_failure(exc) and not self._closing
         if lost and len(bundle) > 1:
             self._split(bundle, exc)
             return
-        task, attempt = bundle[0], attempts[0]
+        task = bundle[0]
         # (a lost job's failure is made below, once it is not to run again)
         outcomes = None if lost else self._outcomes_of(bundle, future)
         with self._lock:

@@ -4,14 +4,15 @@ A worker that runs several jobs one after another holds back each one's result (
 come back at the end) or its start (a job behind another cannot be cancelled without
 stopping the worker): worth it only for jobs so quick that the cost of sending each alone
 is larger. An engine therefore groups jobs only while their functions' recent runs add up
-to a small budget, and a job of a function it has not seen run goes alone.
+to a small budget, a job of a function it has not seen run goes alone, and a group holds
+one user's jobs (a run slower than its function's so far holds back that user's only).
 """
 
 from __future__ import annotations
 
 import collections
 
-from gc_agent.execution import Outcome
+from gc_agent.execution import Job, Outcome
 
 __all__ = ["MAX_FUNCTIONS_TIMED", "RUNS_TIMED", "RunTimes"]
 
@@ -45,10 +46,17 @@ class RunTimes:
         # (of an even count, the longer of the two middle runs)
         self._median[function_id] = sorted(recent)[len(recent) // 2]
 
-    def added(self, seconds: float, function_id: str, budget: float) -> float | None:
-        """``seconds`` of work plus a run of the function, if the sum stays within ``budget``;
-        None if it would not, or the function has not run yet (a budget of 0 groups nothing)."""
-        expected = self._median.get(function_id)
+    def added(self, seconds: float, job: Job, first: Job | None,
+              budget: float | None) -> float | None:
+        """The seconds of a group (``seconds`` so far, ``first`` its first job, None while it
+        is empty) with ``job`` added, if it stays within ``budget``; None if it would not,
+        if ``job`` is another user's than ``first``, or if its function has not run yet (a
+        budget of 0 groups nothing; None bounds nothing, and needs no run seen)."""
+        if first is not None and job.identity != first.identity:
+            return None
+        if budget is None:
+            return seconds
+        expected = self._median.get(job.function_id)
         if expected is None or budget <= 0 or seconds + expected > budget:
             return None
         return seconds + expected

@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections.abc import Iterator
+
+import pytest
 
 from gc_agent.engines.base import OnDone, SlotPool
 from gc_agent.execution import Job, Outcome
@@ -59,48 +62,37 @@ class RecordingPool(SlotPool):
         self._backlog.append(job.task_id)
 
 
-def _started() -> RecordingPool:
+@pytest.fixture
+def pool() -> Iterator[RecordingPool]:
     pool = RecordingPool()
     pool.start()
-    return pool
+    yield pool
+    pool.shutdown()
 
 
-def test_a_job_of_a_function_not_seen_run_goes_alone_and_the_next_ones_together() -> None:
-    pool = _started()
-    try:
-        assert pool.run(["quick"] * 3) == [["quick"], ["quick", "quick"]]
-    finally:
-        pool.shutdown()
+def test_a_job_of_a_function_not_seen_run_goes_alone_and_the_next_ones_together(
+        pool: RecordingPool) -> None:
+    assert pool.run(["quick"] * 3) == [["quick"], ["quick", "quick"]]
 
 
-def test_a_backlog_of_a_function_known_to_be_quick_goes_several_at_a_time() -> None:
-    pool = _started()
-    try:
-        pool.run(["quick"])
+def test_a_backlog_of_a_function_known_to_be_quick_goes_several_at_a_time(
+        pool: RecordingPool) -> None:
+    pool.run(["quick"])
 
-        assert pool.run(["quick"] * 12) == [["quick"] * 8, ["quick"] * 4]
-    finally:
-        pool.shutdown()
+    assert pool.run(["quick"] * 12) == [["quick"] * 8, ["quick"] * 4]
 
 
-def test_jobs_of_a_function_known_to_be_slow_go_one_at_a_time_and_end_a_quick_batch() -> None:
-    pool = _started()
-    try:
-        pool.run(["quick", "slow"])
+def test_jobs_of_a_function_known_to_be_slow_go_one_at_a_time_and_end_a_quick_batch(
+        pool: RecordingPool) -> None:
+    pool.run(["quick", "slow"])
 
-        assert pool.run(["quick", "quick", "slow", "slow", "quick"]) == [
-            ["quick", "quick"], ["slow"], ["slow"], ["quick"]]
-    finally:
-        pool.shutdown()
+    assert pool.run(["quick", "quick", "slow", "slow", "quick"]) == [
+        ["quick", "quick"], ["slow"], ["slow"], ["quick"]]
 
 
-def test_jobs_of_different_users_never_share_a_batch() -> None:
+def test_jobs_of_different_users_never_share_a_batch(pool: RecordingPool) -> None:
     # (a function quick so far may be slow this time: it holds back its own user's jobs only)
-    pool = _started()
-    try:
-        pool.run(["quick"])
+    pool.run(["quick"])
 
-        assert pool.run(["alice:quick", "alice:quick", "bob:quick", "alice:quick"]) == [
-            ["alice:quick", "alice:quick"], ["bob:quick"], ["alice:quick"]]
-    finally:
-        pool.shutdown()
+    assert pool.run(["alice:quick", "alice:quick", "bob:quick", "alice:quick"]) == [
+        ["alice:quick", "alice:quick"], ["bob:quick"], ["alice:quick"]]
