@@ -13,7 +13,7 @@ import socket
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -344,11 +344,13 @@ def _engine_on_a_local_block(run_dir: Path, **options: Any) -> Iterator[Any]:
         engine.shutdown()
 
 
-def _run_on(engine: Any, jobs: list[Any]) -> dict[str, Any]:
-    """Submit ``jobs`` to ``engine`` at once; their outcomes, by task id, once all are in."""
+def _run_on(engine: Any, jobs: list[Any], *, together: bool = False) -> dict[str, Any]:
+    """Submit ``jobs`` to ``engine`` at once (``together``: as the agent submits a batch's);
+    their outcomes, by task id, once all are in."""
     outcomes: dict[str, Any] = {}
-    for job in jobs:
-        engine.submit(job, lambda outcome: outcomes.__setitem__(outcome.task_id, outcome))
+    with engine.together() if together else nullcontext():
+        for job in jobs:
+            engine.submit(job, lambda outcome: outcomes.__setitem__(outcome.task_id, outcome))
     try:
         eventually(lambda: len(outcomes) == len(jobs), RESULT_TIMEOUT, f"{len(jobs)} outcomes")
     except AssertionError as exc:  # say which, and what the engine holds
@@ -395,11 +397,7 @@ def test_quick_jobs_that_arrive_together_reach_parsl_as_one_bundle(local_engine:
 
     # When ten of its jobs arrive together (one batch of tasks at the agent)
     jobs = [a_job(shout_square, x, function_id="shout-together") for x in range(10)]
-    outcomes: dict[str, Any] = {}
-    with local_engine.together():
-        for job in jobs:
-            local_engine.submit(job, lambda outcome: outcomes.__setitem__(outcome.task_id, outcome))
-    eventually(lambda: len(outcomes) == len(jobs), RESULT_TIMEOUT, "ten outcomes")
+    outcomes = _run_on(local_engine, jobs, together=True)
 
     # Then one Parsl task carried them all, and each has its own value
     assert tuple(after - before for after, before in zip(_sent(local_engine), sent_before)) == (10, 1)
@@ -420,11 +418,7 @@ def test_quick_jobs_of_two_users_that_arrive_together_travel_in_a_bundle_each(
     # When three jobs of alice's and three of bob's arrive together
     jobs = [replace(a_job(shout_square, x, function_id="shout-users"), identity=user)
             for user in ("alice", "bob") for x in range(3)]
-    answers: list[Any] = []
-    with local_engine.together():
-        for job in jobs:
-            local_engine.submit(job, answers.append)
-    eventually(lambda: len(answers) == len(jobs), RESULT_TIMEOUT, "six answers")
+    _run_on(local_engine, jobs, together=True)
 
     # Then each user's travel in a Parsl task of their own
     assert tuple(after - before for after, before in zip(_sent(local_engine), sent_before)) == (6, 2)
