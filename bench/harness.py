@@ -2,11 +2,13 @@
 
 Methodology (see /work/shared/ANCHORS.md): no-op tasks over loopback.
 
-* Throughput: N tasks submitted as fast as the API allows; the rate is
-  N / (first submit -> last result).
+* Throughput: N tasks submitted as fast as the API allows; a sweep's rate is
+  N / (first submit -> last result), and a system's the median of ``rounds`` sweeps (one
+  sweep lasts seconds and moved ±10 % between runs on these machines).
 * Latency: one task at a time, round trip, nearest-rank p50/p99.
-* CPU per task: CPU seconds every process of the system used over the throughput run and
-  until its processes go quiet after it (``bench.cpu``), by role, divided by N.
+* CPU per task: CPU seconds every process of the system used over the throughput sweeps
+  and until its processes go quiet after them (``bench.cpu``), by role, divided by their
+  tasks.
 
 Every system starts its own worker(s) as subprocess(es) in ``start()`` and stops them in
 ``stop()``; ``measure()`` warms each system up before it measures and always stops it.
@@ -22,6 +24,7 @@ import math
 import os
 import platform
 import shlex
+import statistics
 import subprocess
 import sys
 import time
@@ -41,6 +44,8 @@ BASELINE_SYSTEM = "raw-amqp-reliable"
 CELERY_SYSTEM = "celery-threads"
 #: Tasks sent through each system before anything is measured.
 WARMUP_TASKS = 200
+#: Throughput sweeps per system; its rate is their median.
+THROUGHPUT_ROUNDS = 3
 #: Longest wait for any single result; bounds latency runs and the start of throughput runs.
 TASK_TIMEOUT_S = 30.0
 #: Slowest rate a throughput run may fall to before it is abandoned (tasks per second).
@@ -133,23 +138,29 @@ class Measurement:
     """One system's figures, or the error that stopped it from producing them."""
 
     system: str
+    #: The median of ``rates``.
     tasks_per_s: float | None = None
     p50_ms: float | None = None
     p99_ms: float | None = None
     error: str | None = None
-    #: CPU seconds per task over the throughput run, by role (``bench.cpu.ROLES``).
+    #: CPU seconds per task over the throughput sweeps, by role (``bench.cpu.ROLES``).
     cpu_per_task_s: Mapping[str, float] = field(default_factory=dict)
+    #: Each throughput sweep's tasks/s, in the order they ran.
+    rates: tuple[float, ...] = ()
 
 
-def summarize(system: str, n: int, elapsed_s: float, round_trips_s: Sequence[float],
+def summarize(system: str, n: int, elapsed_s: Sequence[float], round_trips_s: Sequence[float],
               cpu_s: Mapping[str, float] | None = None) -> Measurement:
-    """Turn raw timings into a Measurement (rate in tasks/s, percentiles in ms, CPU per task)."""
+    """Turn raw timings into a Measurement: the median rate of the sweeps of ``n`` tasks
+    that took ``elapsed_s`` each, percentiles in ms, and CPU per task over all the sweeps."""
+    rates = tuple(n / elapsed for elapsed in elapsed_s)
     return Measurement(
         system=system,
-        tasks_per_s=n / elapsed_s,
+        tasks_per_s=statistics.median(rates),
         p50_ms=nearest_rank(round_trips_s, 50) * 1000,
         p99_ms=nearest_rank(round_trips_s, 99) * 1000,
-        cpu_per_task_s={role: seconds / n for role, seconds in (cpu_s or {}).items()},
+        cpu_per_task_s={role: seconds / (n * len(rates)) for role, seconds in (cpu_s or {}).items()},
+        rates=rates,
     )
 
 
@@ -159,8 +170,10 @@ def process_roots(system: System) -> list[cpu.ProcessRoot]:
             *cpu.client_roots()]
 
 
-def measure(system: System, tasks: int, latency_samples: int, warmup: int = WARMUP_TASKS) -> Measurement:
-    """Start ``system``, warm it up, measure throughput then latency, and always stop it."""
+def measure(system: System, tasks: int, latency_samples: int, warmup: int = WARMUP_TASKS,
+            rounds: int = THROUGHPUT_ROUNDS) -> Measurement:
+    """Start ``system``, warm it up, measure throughput (``rounds`` sweeps) then latency,
+    and always stop it."""
     # What the systems before left alive stays out of the cyclic collector's walks, or each
     # system's client pays for their heap: gc-fabric's client CPU per task after the Celery,
     # Parsl and Dramatiq peers was 130 µs (threads) and 118 (processes), 92 and 82 frozen,
@@ -173,10 +186,11 @@ def measure(system: System, tasks: int, latency_samples: int, warmup: int = WARM
         system.run_throughput(warmup)
         roots = process_roots(system)
         before = cpu.snapshot(roots)
-        elapsed = system.run_throughput(tasks)
+        elapsed = [system.run_throughput(tasks) for _ in range(rounds)]
         cpu_s = cpu.seconds_by_role(before, cpu.settled_snapshot(roots))
-        logger.info("%s: %d tasks in %.2fs (%.0f/s); CPU %s", system.name, tasks, elapsed,
-                    tasks / elapsed, {role: round(s, 2) for role, s in cpu_s.items()})
+        logger.info("%s: %d sweeps of %d tasks, %s tasks/s; CPU %s", system.name, rounds, tasks,
+                    ", ".join(f"{tasks / e:.0f}" for e in elapsed),
+                    {role: round(s, 2) for role, s in cpu_s.items()})
         system.run_latency(min(warmup, 50))
         round_trips = system.run_latency(latency_samples)
         return summarize(system.name, tasks, elapsed, round_trips, cpu_s)
@@ -200,6 +214,11 @@ def _number(value: float | None, fmt: str) -> str:
     return "–" if value is None else format(value, fmt)
 
 
+def _spread(rates: Sequence[float]) -> str:
+    """The lowest and highest of several sweeps' rates; a dash for one sweep or none."""
+    return f"{min(rates):,.0f} – {max(rates):,.0f}" if len(rates) > 1 else "–"
+
+
 def _find(measurements: Sequence[Measurement], name: str) -> Measurement | None:
     return next((m for m in measurements if m.system == name and m.error is None), None)
 
@@ -213,17 +232,18 @@ def render_table(
     base = _find(measurements, baseline) or Measurement(system=baseline)
     ref = _find(measurements, celery) or Measurement(system=celery)
     header = (
-        f"| system | tasks/s | p50 ms | p99 ms | tasks/s vs {baseline} | p50 vs {baseline} "
-        f"| tasks/s vs {celery} | p50 vs {celery} |"
+        f"| system | tasks/s | tasks/s, each round (low – high) | p50 ms | p99 ms "
+        f"| tasks/s vs {baseline} | p50 vs {baseline} | tasks/s vs {celery} | p50 vs {celery} |"
     )
-    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [header, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for m in measurements:
         if m.error is not None:
             error = m.error.replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {m.system} | error: {error} | | | | | | |")
+            lines.append(f"| {m.system} | error: {error} | | | | | | | |")
             continue
         lines.append(
-            f"| {m.system} | {_number(m.tasks_per_s, ',.0f')} | {_number(m.p50_ms, '.2f')} "
+            f"| {m.system} | {_number(m.tasks_per_s, ',.0f')} | {_spread(m.rates)} "
+            f"| {_number(m.p50_ms, '.2f')} "
             f"| {_number(m.p99_ms, '.2f')} "
             f"| {_ratio(m.tasks_per_s, base.tasks_per_s)} | {_ratio(m.p50_ms, base.p50_ms)} "
             f"| {_ratio(m.tasks_per_s, ref.tasks_per_s)} | {_ratio(m.p50_ms, ref.p50_ms)} |"
@@ -332,7 +352,8 @@ def render_results(
         f"Command: `{command}`\n\n"
         f"Settings: {settings_text}\n\n"
         "No-op tasks over loopback; client, broker and workers share the machine. "
-        "Throughput = N / (first submit → last result); latency = one task at a time, "
+        "Throughput = N / (first submit → last result), the median of `rounds` sweeps; "
+        "latency = one task at a time, "
         "nearest-rank percentiles. Ratios: tasks/s above 1× is faster, p50 below 1× is faster.\n\n"
         f"## Machine\n\n{facts_text}\n\n"
         f"## Results\n\n{render_table(measurements)}"

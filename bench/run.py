@@ -27,17 +27,20 @@ def _configure_logging(verbose: bool) -> None:
     logging.getLogger(OWN_LOGGER).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def _measure(spec: SystemSpec, tasks: int, latency_samples: int, warmup: int) -> harness.Measurement:
+def _measure(spec: SystemSpec, tasks: int, latency_samples: int, warmup: int,
+             rounds: int) -> harness.Measurement:
     try:
         system = spec.build()
     except Exception as exc:
         logger.exception("%s: cannot build", spec.name)
         return harness.Measurement(system=spec.name, error=f"{type(exc).__name__}: {exc}")
-    return harness.measure(system, tasks, latency_samples, warmup)
+    return harness.measure(system, tasks, latency_samples, warmup, rounds)
 
 
 @click.command()
-@click.option("--tasks", default=20000, show_default=True, help="Tasks per throughput run.")
+@click.option("--tasks", default=20000, show_default=True, help="Tasks per throughput sweep.")
+@click.option("--rounds", default=harness.THROUGHPUT_ROUNDS, show_default=True,
+              type=click.IntRange(min=1), help="Throughput sweeps per system; its rate is their median.")
 @click.option("--latency-samples", default=500, show_default=True, help="Round trips per latency run.")
 @click.option("--warmup", default=harness.WARMUP_TASKS, show_default=True, help="Tasks before measuring.")
 @click.option("--systems", default="", help="Comma list of system names (default: all registered).")
@@ -49,7 +52,8 @@ def _measure(spec: SystemSpec, tasks: int, latency_samples: int, warmup: int) ->
     help="Markdown file to write.",
 )
 @click.option("--verbose", is_flag=True, help="Show every library's log lines.")
-def main(tasks: int, latency_samples: int, warmup: int, systems: str, output: Path, verbose: bool) -> None:
+def main(tasks: int, rounds: int, latency_samples: int, warmup: int, systems: str, output: Path,
+         verbose: bool) -> None:
     """Run each system in turn, print the table with ratios and write RESULTS.md."""
     _configure_logging(verbose)
     try:
@@ -59,7 +63,7 @@ def main(tasks: int, latency_samples: int, warmup: int, systems: str, output: Pa
     command = harness.command_line()
     idle_check = harness.background_cpu_busy()
     logger.info("CPU busy before the run (other processes): %s", idle_check)
-    measurements = [_measure(spec, tasks, latency_samples, warmup) for spec in specs]
+    measurements = [_measure(spec, tasks, latency_samples, warmup, rounds) for spec in specs]
     pairs = [pair for pair in PAIRS if {m.system for m in measurements} >= set(pair)]
     click.echo(harness.render_table(measurements))
     if pairs:
@@ -71,7 +75,8 @@ def main(tasks: int, latency_samples: int, warmup: int, systems: str, output: Pa
         facts={**harness.machine_facts(), "CPU busy before the run": idle_check},
         command=command,
         when=datetime.datetime.now().astimezone(),
-        settings={"tasks": tasks, "latency_samples": latency_samples, "warmup": warmup},
+        settings={"tasks": tasks, "rounds": rounds, "latency_samples": latency_samples,
+                  "warmup": warmup},
         pairs=pairs,
     ) + targets.render_sections(measurements)
     harness.write_results(output, text)

@@ -67,3 +67,11 @@ def test_cpu_per_task_is_summed_over_processes_in_microseconds() -> None:
         "250 µs (processes), 350 µs (threads); by process below", "reported per process; ≤ 300 µs", "no"]
     assert _row(render_cpu_table(run), "gc-fabric-threads") == [
         "gc-fabric-threads", "100", "–", "–", "250", "–", "–", "–", "350"]
+
+
+def test_the_quorum_wire_alone_shows_the_floor_under_the_p50_target() -> None:
+    table = render_targets(_run(threads_p50=1.1))
+
+    # raw-amqp-quorum's p50 (2.0 ms) over raw-amqp-reliable's (1.0 ms): before any of ours.
+    assert _row(table, "single-call p50 of the wire alone through quorum queues")[1:] == [
+        "2.00×", "context: ours cannot go below it", "–"]
