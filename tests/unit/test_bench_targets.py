@@ -75,3 +75,13 @@ def test_the_quorum_wire_alone_shows_the_floor_under_the_p50_target() -> None:
     # raw-amqp-quorum's p50 (2.0 ms) over raw-amqp-reliable's (1.0 ms): before any of ours.
     assert _row(table, "single-call p50 of the wire alone through quorum queues")[1:] == [
         "2.00×", "context: ours cannot go below it", "–"]
+
+
+def test_cpu_per_task_against_the_wires_own_reads_across_machines() -> None:
+    raw = Measurement("raw-amqp-reliable", tasks_per_s=1000, p50_ms=1.0,
+                      cpu_per_task_s={"client": 25e-6, "broker": 100e-6})
+    table = render_targets([raw, *_run(threads_p50=1.1)[1:]])
+
+    # 250 µs and 350 µs against the wire's 125 µs, measured in the same run
+    assert _row(table, "CPU per task vs raw-amqp-reliable's")[1:] == [
+        "2.00× (processes), 2.80× (threads)", "context: no target", "–"]
