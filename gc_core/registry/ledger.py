@@ -66,11 +66,12 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from gc_core.batches import decode_results
+from gc_core.batches import H_BATCH, MAX_BATCH_TASKS, decode_results, is_batch
 from gc_core.broker import BrokerSession
 from gc_core.broker_consumers import Delivery
 from gc_core.protocol import (
     CancelCommand,
+    Envelope,
     GroupManifest,
     Heartbeat,
     ResultMessage,
@@ -100,14 +101,19 @@ logger = logging.getLogger(__name__)
 #: a few milliseconds whatever it holds (at 50 ms, a third of the ledger's CPU on an
 #: htex endpoint's sweep went to committing).
 COMMIT_INTERVAL = 0.2
-#: Unacked deliveries the ledger may hold; bounds one commit's size and the registry's
-#: memory, while the rest waits in the queue. A delivery may be a batch of hundreds of
-#: results: over a million-task sweep at 4,000 tasks a second (bench.memory) the registry's
-#: RSS grew +305% at 2,000 and +13% at 100; at 30, +2.5%, the sweep as fast.
+#: Unacked deliveries the ledger may hold, while the rest waits in the queue. A delivery
+#: may be a batch of hundreds of results: over a million-task sweep at 4,000 tasks a second
+#: (bench.memory) the registry's RSS grew +305% at 2,000 and +13% at 100; at 30, +2.5%,
+#: the sweep as fast.
 LEDGER_PREFETCH = 30
 #: Deliveries that make the writer commit at once, before its interval is up, so that the
 #: broker never waits for a commit to deliver more.
 COMMIT_BATCH = LEDGER_PREFETCH // 2
+#: Most results (and other messages) one commit decodes and holds: the registry's memory
+#: follows its largest commit, and 30 deliveries of batches may hold 30,000 results (a
+#: backlog's commit held ~5,500 in bench.memory). A batch is never split: the bound holds
+#: while no batch is larger (MAX_BATCH_TASKS).
+COMMIT_RESULTS = 2_000
 #: How often (seconds) the writer drops results past their time to live.
 EXPIRE_INTERVAL = 60.0
 #: Seconds a result set aside waits for a manifest to name its task before it is dropped:
@@ -256,7 +262,8 @@ class Ledger:
                 self._take_back_early_results()
                 self._expire_old_results()
             self._note_failure()
-        self._commit_pending()
+        while self._pending and self._outage.wait() is None:
+            self._commit_pending()
 
     def _try_database(self) -> None:
         try:
@@ -300,8 +307,17 @@ class Ledger:
                         self._retention.ttl_text)
 
     def _commit_pending(self) -> None:
+        """Commit the oldest deliveries waiting, up to COMMIT_RESULTS messages; if more wait,
+        the writer comes back at once."""
         with self._lock:
-            batch, self._pending = self._pending, []
+            taken = messages = 0
+            for delivery in self._pending:
+                messages += _messages_in(delivery.envelope)
+                if taken and messages > COMMIT_RESULTS:
+                    self._commit_now.set()
+                    break
+                taken += 1
+            batch, self._pending = self._pending[:taken], self._pending[taken:]
         if not batch:
             return
         try:
@@ -556,6 +572,14 @@ class Ledger:
             else:
                 received.append(_Received(delivery, item, dead))
         return received or [_Received(delivery, None, dead)]
+
+
+def _messages_in(envelope: Envelope) -> int:
+    """How many messages a delivery says it holds: a batch's count (refused later if out
+    of bounds, when it counts as one), else one."""
+    headers = envelope.headers if isinstance(envelope.headers, dict) else {}
+    count = headers.get(H_BATCH) if is_batch(envelope) else 1
+    return count if type(count) is int and 1 <= count <= MAX_BATCH_TASKS else 1
 
 
 def _kind(item: ReceivedResult) -> str:

@@ -37,7 +37,8 @@ UNMATCHED = "unmatched"
 REQUEST_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 #: Seconds a message may take from its sender to the ledger's commit.
 LAG_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 3600.0)
-#: Messages in one commit: the ledger commits what arrived each 50 ms, at most its prefetch.
+#: Messages in one commit: the ledger commits what arrived each 200 ms, at most
+#: COMMIT_RESULTS (2,000).
 BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000)
 #: The ``kind`` label of what the ledger records.
 _KINDS: dict[type, str] = {ResultMessage: "result", Heartbeat: "heartbeat",

@@ -1,19 +1,21 @@
-"""The registry's ledger keeps going when its database fails for a while."""
+"""The registry's ledger keeps going when its database fails for a while, and commits a
+backlog a bounded number of results at a time."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
+from gc_core.batches import MAX_BATCH_TASKS, encode_result_batch
 from gc_core.broker import BrokerSession
 from gc_core.protocol import ResultMessage, encode_result
 from gc_core.registry import store
 from gc_core.registry.db import Base, open_database
-from gc_core.registry.ledger import Ledger
+from gc_core.registry.ledger import COMMIT_RESULTS, Ledger
 from gc_core.topology import load_topology
 from tests.conftest import BROKER_HOST, BROKER_PORT
 from tests.fabric import fresh_vhost
@@ -62,3 +64,53 @@ def test_a_result_that_cannot_be_written_is_kept_and_written_once_the_database_i
     finally:
         publisher.close()
         ledger.stop()
+
+
+def test_a_backlog_of_result_batches_is_committed_a_bounded_number_of_results_at_a_time(
+        own_vhost: str, tmp_path: Path) -> None:
+    # Given a backlog of result batches in the ledger's queue (its consumer was away), more
+    # results than one commit may hold
+    sessions = open_database(f"sqlite:///{tmp_path / 'ledger.db'}")
+    topology = load_topology()
+    ledger = Ledger(broker_url=own_vhost, topology=topology, sessions=sessions)
+    ledger.start()  # declares the queue
+    _wait_until(lambda: ledger.connected, "the ledger to connect")
+    ledger.stop()
+    publisher = BrokerSession(own_vhost, name="test-publisher", topology=topology)
+    publisher.start()
+    batches, per_batch = 12, MAX_BATCH_TASKS
+    try:
+        for batch in range(batches):
+            results = [ResultMessage(task_id=f"t-{batch}-{n}", task_group_id="g", user="u",
+                                     state="success", content_type="application/json",
+                                     payload=b"42") for n in range(per_batch)]
+            publisher.publish(topology.exchange("results"), "u.g", encode_result_batch(results))
+        assert publisher.wait_settled(30)
+    finally:
+        publisher.close()
+    # When a ledger comes back to it
+    ledger = Ledger(broker_url=own_vhost, topology=topology, sessions=sessions)
+    ledger.start()
+    try:
+        def recorded() -> int:
+            with sessions() as db:
+                return int(db.execute(text("SELECT count(*) FROM tasks")).scalar_one())
+        _wait_until(lambda: recorded() == batches * per_batch, "every result to be recorded")
+    finally:
+        ledger.stop()
+    # Then every result is recorded, and no commit held more than COMMIT_RESULTS of them
+    # (the rows of one commit share its time of recording): the registry's memory holds
+    # one commit's decoded results, however deep the backlog
+    with sessions() as db:
+        commits = [int(size) for size in db.execute(
+            text("SELECT count(*) FROM tasks GROUP BY recorded")).scalars()]
+    assert sum(commits) == batches * per_batch
+    assert max(commits) <= COMMIT_RESULTS, commits
+    assert len(commits) >= batches * per_batch // COMMIT_RESULTS
+
+
+def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.05)
