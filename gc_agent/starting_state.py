@@ -10,7 +10,9 @@ OMP_NUM_THREADS, put a folder first on ``sys.path``, set ``umask(0)``, ignored S
 and returned without disarming it (it fires in the next task), lowered the recursion limit
 (later tasks' pickling fails) or left a tracer installed (later tasks run several times
 slower) leaves none of it to the next.
-Modules it imported stay, and so does what threads it left behind do.
+Modules it imported stay, and so does what threads it left behind do. A timer already
+running before the first task is the host's (Parsl's worker, a test runner's timeout) and
+keeps running.
 """
 
 from __future__ import annotations
@@ -53,13 +55,16 @@ class StartingState:
     umask: int
     handlers: tuple[Any, ...]
     interpreter: _Interpreter
+    #: Timers that ran before the first task: the host process's, never stopped.
+    hosts_timers: frozenset[int] = frozenset()
 
     @classmethod
     def of_this_process(cls) -> StartingState:
         umask = os.umask(0o077)
         os.umask(umask)
+        running = frozenset(which for which, _ in _TIMERS if signal.getitimer(which)[0] > 0)
         return cls(os.getcwd(), dict(_environment()), list(sys.path), umask, _handlers(),
-                   _Interpreter.now())
+                   _Interpreter.now(), running)
 
     def run(self, job: Job, functions: FunctionCache) -> Outcome:
         """Run ``job``, then put back what it changed; a timer it left running is stopped,
@@ -75,8 +80,10 @@ class StartingState:
 
     def restore(self) -> list[str]:
         """Put all of it back (~4.5 µs where nothing changed); returns the timers that were
-        running. Timers stop first: a handler put back must not meet their signal."""
-        stopped = [name for which, name in _TIMERS if signal.setitimer(which, 0)[0] > 0]
+        running (but the host's). Timers stop first: a handler put back must not meet their
+        signal."""
+        stopped = [name for which, name in _TIMERS
+                   if which not in self.hosts_timers and signal.setitimer(which, 0)[0] > 0]
         os.umask(self.umask)
         if _handlers() != self.handlers and threading.current_thread() is threading.main_thread():
             for number, handler in zip(_SIGNALS, self.handlers, strict=True):
