@@ -49,6 +49,7 @@ from gc_core.broker_consumers import Delivery
 from gc_core.broker_publisher import ConfirmCallback
 from gc_core.coalesce import Coalescer
 from gc_core.errors import GCError
+from gc_core.forks import current_pid
 from gc_core.protocol import Envelope, TaskMessage
 
 __all__ = ["ComputeFuture", "Executor"]
@@ -88,6 +89,27 @@ class ComputeFuture(Future[Any]):
         self.stdout = ""
         self.stderr = ""
         self._on_cancel = on_cancel
+        #: The process whose Executor resolves it: a forked child's copy is never resolved.
+        self._pid = current_pid()
+
+    def result(self, timeout: float | None = None) -> Any:
+        self._check_waitable()
+        return super().result(timeout)
+
+    def exception(self, timeout: float | None = None) -> BaseException | None:
+        self._check_waitable()
+        return super().exception(timeout)
+
+    def _check_waitable(self) -> None:
+        """Refuse to wait in a process forked from the one whose Executor made this future:
+        its result goes to that one, and the child would wait for ever."""
+        if self._pid != current_pid() and not self.done():
+            raise RuntimeError(
+                f"task {self.task_id} was submitted by process {self._pid}, which this process "
+                "was forked from: its result goes to that process, never here. Wait for it "
+                "there, or in this process ask the ledger (Client().get_result(task_id)) or "
+                "reattach to its task group (Executor(endpoint_id=..., task_group_id=...)"
+                ".reload_tasks())")
 
     def cancel(self) -> bool:
         """Cancel locally and at the endpoint."""

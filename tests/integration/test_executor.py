@@ -215,6 +215,23 @@ def test_a_forked_child_is_told_to_make_its_own_executor_and_the_parents_goes_on
         assert slow.result(timeout=60) == 9
 
 
+def test_a_forked_child_waiting_on_its_parents_future_is_told_at_once(
+        client: Client, endpoint: Endpoint) -> None:
+    with Executor(endpoint_id=endpoint.endpoint_id, client=client) as ex:
+        done = ex.submit(square, 2)
+        assert done.result(timeout=60) == 4
+        pending = ex.submit(_sleep_and_square, 3.0, 3)
+        # Its result comes to the parent alone: the child waited for ever (or its timeout)
+        for wait in (pending.result, pending.exception):
+            told = _in_a_forked_child(wait, timeout=10)
+            assert told.startswith("raised RuntimeError"), told
+            assert f"process {os.getpid()}" in told and pending.task_id in told
+            assert "reload_tasks" in told
+        # while a future done before the fork has its value there too
+        assert _in_a_forked_child(done.result) == "returned 4"
+        assert pending.result(timeout=60) == 9
+
+
 def _sleep_and_square(seconds: float, x: int) -> int:
     import time
 
