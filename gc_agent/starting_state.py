@@ -1,13 +1,16 @@
 """What a worker process that runs task after task gives each one, whatever the one before
 changed: its working directory, environment, import path, file-mode mask, signal handlers,
-no timer running, and the interpreter's own settings (a recursion limit not lowered, the
-cyclic collector, tracer and profiler, default socket timeout, no warnings made errors).
+no timer running, the root logger (its handlers and level, logging not disabled) and the
+interpreter's own settings (a recursion limit not lowered, the cyclic collector, tracer
+and profiler, default socket timeout, no warnings made errors).
 
 A worker of the processes or htex engine runs the tasks of many functions, maybe of many
 users of a gateway. A task that moved into a directory (maybe one it then deleted), set
 OMP_NUM_THREADS, put a folder first on ``sys.path``, set ``umask(0)``, ignored SIGCHLD
 (every later subprocess then reports exit code 0), armed ``signal.alarm`` as a timeout
-and returned without disarming it (it fires in the next task), lowered the recursion limit
+and returned without disarming it (it fires in the next task), called
+``logging.basicConfig(level=DEBUG)`` (every library's debug lines in the tasks after it,
+written by its handler), lowered the recursion limit
 (later tasks' pickling fails) or left a tracer installed (later tasks run several times
 slower) leaves none of it to the next.
 Modules it imported stay, and so does what threads it left behind do. A timer already
@@ -21,6 +24,7 @@ from __future__ import annotations
 # wraps answers in ~0.05, and the state is looked at after every task.
 import _signal  # type: ignore[import-not-found]
 import gc
+import logging
 import os
 import signal
 import socket
@@ -118,6 +122,9 @@ class _Interpreter:
     """Settings of the interpreter a task may change for the whole process."""
 
     recursion_limit: int
+    root_handlers: list[logging.Handler]
+    root_level: int
+    logging_disabled: int
     collecting: bool
     tracer: Any
     profiler: Any
@@ -126,16 +133,20 @@ class _Interpreter:
 
     @classmethod
     def now(cls) -> _Interpreter:
-        return cls(sys.getrecursionlimit(), gc.isenabled(), sys.gettrace(), sys.getprofile(),
+        root = logging.root
+        return cls(sys.getrecursionlimit(), list(root.handlers), root.level,
+                   root.manager.disable, gc.isenabled(), sys.gettrace(), sys.getprofile(),
                    socket.getdefaulttimeout(), list(warnings.filters))
 
     def restore(self) -> None:
-        """Put back what harms the tasks after: a lower recursion limit, the collector off,
-        a tracer or profiler, a socket timeout, warnings turned into errors. A limit raised
+        """Put back what harms the tasks after: a lower recursion limit, the root logger
+        changed or logging disabled, the collector off, a tracer or profiler, a socket
+        timeout, warnings turned into errors. A limit raised
         and filters that ignore warnings stay: libraries set those as they are imported,
         and they stay imported."""
         if sys.getrecursionlimit() < self.recursion_limit:
             sys.setrecursionlimit(self.recursion_limit)
+        self._restore_root_logger()
         if gc.isenabled() != self.collecting:
             (gc.enable if self.collecting else gc.disable)()
         if sys.gettrace() is not self.tracer:
@@ -150,6 +161,23 @@ class _Interpreter:
             if len(kept) < len(warnings.filters):
                 warnings.resetwarnings()  # (marks every warning registry stale)
                 cast(list[Any], warnings.filters).extend(kept)
+
+
+    def _restore_root_logger(self) -> None:
+        """The root logger's handlers and level as they were, logging not disabled; a
+        handler a task added is closed (a file it opened is flushed and let go)."""
+        root = logging.root
+        if root.handlers != self.root_handlers:
+            for handler in [h for h in root.handlers if h not in self.root_handlers]:
+                root.removeHandler(handler)
+                handler.close()
+            for handler in self.root_handlers:
+                if handler not in root.handlers:
+                    root.addHandler(handler)
+        if root.level != self.root_level:
+            root.setLevel(self.root_level)
+        if root.manager.disable != self.logging_disabled:
+            logging.disable(self.logging_disabled)
 
 
 def _handlers() -> tuple[Any, ...]:

@@ -136,6 +136,22 @@ def settings_seen() -> tuple[str | None, str | None, bool]:
             "/nonexistent/leftover" in sys.path)
 
 
+def configure_logging_for_itself() -> str:
+    """Log the way a script does, for the whole process: a handler on the root logger, at
+    DEBUG, and everything below WARNING switched off."""
+    import logging
+
+    logging.basicConfig(level=logging.DEBUG, force=True)
+    logging.disable(logging.INFO)
+    return "configured"
+
+
+def logging_seen() -> tuple[int, int, int]:
+    import logging
+
+    return len(logging.root.handlers), logging.root.level, logging.root.manager.disable
+
+
 def flood_standard_output(megabytes: int) -> int:
     """Have a subprocess write ``megabytes`` MiB to standard output, as a chatty simulation
     code does, then wait a second; return how large the file behind descriptor 1 is."""
@@ -482,6 +498,16 @@ def test_the_next_job_gets_the_environment_and_import_path_its_worker_started_wi
     before, left, after = _values_on_one_worker(
         engine, [_job(settings_seen), _job(leave_settings_behind), _job(settings_seen)])
     assert left == "left"
+    assert after == before
+
+
+def test_the_next_job_gets_the_root_logger_its_worker_started_with(
+        engine: ProcessEngine) -> None:
+    # A task that calls logging.basicConfig(level=DEBUG) turned on every library's debug
+    # lines in the tasks after it (maybe another user's), and its handler wrote them there.
+    before, configured, after = _values_on_one_worker(
+        engine, [_job(logging_seen), _job(configure_logging_for_itself), _job(logging_seen)])
+    assert configured == "configured"
     assert after == before
 
 
