@@ -126,7 +126,7 @@ def leave_settings_behind() -> str:
     os.environ["OMP_NUM_THREADS"] = "1"
     os.environ.pop("HOME", None)
     sys.path.insert(0, "/nonexistent/leftover")
-    return "left"
+    return "changed"
 
 
 def settings_seen() -> tuple[str | None, str | None, bool]:
@@ -143,7 +143,7 @@ def configure_logging_for_itself() -> str:
 
     logging.basicConfig(level=logging.DEBUG, force=True)
     logging.disable(logging.INFO)
-    return "configured"
+    return "changed"
 
 
 def logging_seen() -> tuple[int, int, int]:
@@ -491,23 +491,19 @@ def test_output_a_subprocess_floods_takes_no_more_disk_than_the_output_limit_nee
     assert got[jobs[1].task_id].stdout == "said next\nnext on 1\n"
 
 
-def test_the_next_job_gets_the_environment_and_import_path_its_worker_started_with(
-        engine: ProcessEngine) -> None:
+@pytest.mark.parametrize(("seen", "change"), [
     # A task that sets OMP_NUM_THREADS (or drops a variable, or prepends to sys.path) must
     # not leave it to the tasks after it, maybe other functions, maybe other users'.
-    before, left, after = _values_on_one_worker(
-        engine, [_job(settings_seen), _job(leave_settings_behind), _job(settings_seen)])
-    assert left == "left"
-    assert after == before
-
-
-def test_the_next_job_gets_the_root_logger_its_worker_started_with(
-        engine: ProcessEngine) -> None:
-    # A task that calls logging.basicConfig(level=DEBUG) turned on every library's debug
-    # lines in the tasks after it (maybe another user's), and its handler wrote them there.
-    before, configured, after = _values_on_one_worker(
-        engine, [_job(logging_seen), _job(configure_logging_for_itself), _job(logging_seen)])
-    assert configured == "configured"
+    (settings_seen, leave_settings_behind),
+    # One that calls logging.basicConfig(level=DEBUG) turned on every library's debug lines
+    # in the tasks after it, and its handler wrote them there.
+    (logging_seen, configure_logging_for_itself),
+], ids=["environment and import path", "root logger"])
+def test_the_next_job_gets_the_settings_its_worker_started_with(
+        engine: ProcessEngine, seen: Callable[[], object], change: Callable[[], str]) -> None:
+    before, changed, after = _values_on_one_worker(
+        engine, [_job(seen), _job(change), _job(seen)])
+    assert changed == "changed"
     assert after == before
 
 
