@@ -46,7 +46,7 @@ from gc_agent.policy import check_identities_verifiable, refusal, verifies_sende
 from gc_agent.requeue_seal import RequeueSeal
 from gc_agent.task_batches import BatchDelivery, unfinished_in_ledger, unsplit_tasks
 from gc_core.batches import encode_result_batch, is_batch, split_batch
-from gc_core.broker import BrokerSession
+from gc_core.broker import BrokerSession, QueueCounts
 from gc_core.broker_consumers import Delivery, Settlement
 from gc_core.broker_limits import Refusal
 from gc_core.broker_login import token_login
@@ -254,7 +254,8 @@ class Agent:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             # Each ask waits for its own answer: a late one cannot pass for a later ask's.
-            if self._broker.message_count(queue, MESSAGE_COUNT_TIMEOUT) == 0:
+            counts = self._broker.counts(queue, MESSAGE_COUNT_TIMEOUT)
+            if counts is not None and counts.messages == 0:
                 return
             time.sleep(0.05)
         logger.warning("commands queue %s not drained within %.0fs; consuming tasks anyway",
@@ -753,7 +754,7 @@ class Agent:
 
     def _send_heartbeat(self, queue: str, key: str) -> None:
         assert self._broker is not None
-        self._broker.queue_message_count(queue, self._note_depth)
+        self._broker.queue_counts(queue, self._note_depth)
         heartbeat = self.heartbeat()
         self._broker.publish(self._topology.exchange("events"), key, encode_event(heartbeat),
                              persistent=False)
@@ -775,8 +776,8 @@ class Agent:
                     "memory or disk alarm clears")
         return None
 
-    def _note_depth(self, depth: int) -> None:
-        self._queue_depth = depth
+    def _note_depth(self, counts: QueueCounts) -> None:
+        self._queue_depth = counts.messages
 
     def heartbeat(self) -> Heartbeat:
         """The agent's status now."""

@@ -143,14 +143,14 @@ def _check_broker(config: EndpointConfig, broker_url: str, token: str | None,
         return (Check("broker", False, str(exc)),
                 Check("queue depth", False, f"unknown: the broker could not be asked ({queue})"))
     try:
-        depth = session.message_count(queue, timeout)
+        counts = session.counts(queue, timeout)
     finally:
         session.close(timeout=2)
     reached = Check("broker", True, f"connected to {session.url}")
-    if depth is None:
+    if counts is None:
         return reached, Check("queue depth", False, f"no answer for queue {queue} within "
                                                     f"{timeout:g}s: does it exist?")
-    return reached, Check("queue depth", True, f"{depth} tasks waiting in {queue}")
+    return reached, Check("queue depth", True, f"{counts.messages} tasks waiting in {queue}")
 
 
 def _check_registry(config: EndpointConfig, registry_url: str, token: str | None) -> Check:

@@ -32,6 +32,7 @@ from typing import Any
 from gc_client.client import Client
 from gc_client.executor import RESULT_PREFETCH, check_buffersize
 from gc_client.taskgroup import (
+    CONSUMER_CHECK,
     LEDGER_FOLLOW_UP,
     TaskGroup,
     TaskGroupFront,
@@ -124,6 +125,8 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
         self._publishing: set[asyncio.Task[None]] = set()
         self._registering: dict[int, asyncio.Future[str]] = {}
         self._session: AsyncBrokerSession | None = None
+        #: Watches the group's queue and the ledger while connected (_watch).
+        self._watcher: asyncio.Task[None] | None = None
         self._connect_lock = asyncio.Lock()
         self._shutdown = False
 
@@ -233,10 +236,7 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
         known = await asyncio.to_thread(self.client.registry.list_group_tasks,
                                         self.task_group_id)
         await self._connected()
-        futures = self._group.adopt(known)
-        if self._group.reloaded_pending():
-            self._spawn(self._follow_up_in_ledger())
-        return futures
+        return self._group.adopt(known)
 
     # -- stopping -------------------------------------------------------------------------
 
@@ -307,6 +307,8 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
                     await session.close()
                     raise
                 self._session = session
+                self._watcher = asyncio.get_running_loop().create_task(
+                    self._watch(session, queue.name))
             return self._session
 
     async def _function_id(self, fn: Callable[..., Any]) -> str:
@@ -361,17 +363,28 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
         else:
             on_confirm(None)
 
-    async def _follow_up_in_ledger(self) -> None:
-        """Until every reloaded task is done, ask the ledger about the pending ones now
-        and then: their results may not come on the queue again."""
-        while self._session is not None and not self.client.registry.closed and \
-                (batches := self._group.reloaded_pending()):
+    async def _watch(self, session: AsyncBrokerSession, queue: str) -> None:
+        """While connected: with tasks pending, count the consumers of the group's queue
+        now and then (another process's take results of ours), and ask the ledger about
+        the pending tasks whose results may not come on the queue."""
+        loop = asyncio.get_running_loop()
+        next_count = 0.0
+        while self._session is session and not self.client.registry.closed:
             await asyncio.sleep(LEDGER_FOLLOW_UP)
-            for task_ids in batches:
+            if self._group.waiting() and loop.time() >= next_count:
+                next_count = loop.time() + CONSUMER_CHECK
+                try:
+                    consumers = await session.consumer_count(queue)
+                except BrokerError as exc:  # the queue is gone: the results are the ledger's
+                    logger.info("could not count the consumers of %s: %s", queue, exc)
+                else:
+                    if consumers is not None:
+                        self._group.note_consumers(consumers)
+            for task_ids in self._group.followed_pending():
                 try:
                     known = await asyncio.to_thread(self.client.registry.get_tasks, task_ids)
                 except GCError as exc:  # the registry is down: the queue may still deliver
-                    logger.info("could not ask the ledger about reloaded tasks: %s", exc)
+                    logger.info("could not ask the ledger about pending tasks: %s", exc)
                 else:
                     self._group.update_from_ledger(known)
 
@@ -412,6 +425,8 @@ class AsyncExecutor(TaskGroupFront[AsyncComputeFuture]):
 
     async def _close(self) -> None:
         session, self._session = self._session, None
+        if self._watcher is not None:
+            self._watcher.cancel()
         if session is not None:
             if not self._group.leave() and self._group.idle():
                 try:

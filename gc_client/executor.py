@@ -37,6 +37,7 @@ from tqdm.auto import tqdm
 from gc_client.client import Client
 from gc_client.lean_condition import LeanCondition
 from gc_client.taskgroup import (
+    CONSUMER_CHECK,
     LEDGER_FOLLOW_UP,
     TaskGroup,
     TaskGroupFront,
@@ -237,9 +238,7 @@ class Executor(TaskGroupFront[ComputeFuture], _BaseExecutor):
         """
         known = self.client.registry.list_group_tasks(self.task_group_id)
         self._wire.connected()
-        futures = self._group.adopt(known)
-        self._wire.follow_up_in_ledger()
-        return futures
+        return self._group.adopt(known)
 
     # -- internals -----------------------------------------------------------------------
 
@@ -351,6 +350,8 @@ class _Wire:
                     raise
                 self._session = session
                 _OPEN_WIRES.add(self)
+                threading.Thread(target=self._watch, args=(session, queue.name),
+                                 name="gc-client-watch", daemon=True).start()
             return self._session
 
     @property
@@ -364,21 +365,23 @@ class _Wire:
         self._tasks.add(task_routing_key(self._client.topology, task), task,
                         partial(self._group.confirmed, task.task_id, future))
 
-    def follow_up_in_ledger(self) -> None:
-        """Until every reloaded task is done, ask the ledger about the pending ones now and
-        then (on a thread of its own): their results may not come on the queue again."""
-        if self._group.reloaded_pending():
-            threading.Thread(target=self._follow_up, name="gc-client-ledger", daemon=True).start()
-
-    def _follow_up(self) -> None:
-        while not (self._closed or self._client.registry.closed) and \
-                (batches := self._group.reloaded_pending()):
+    def _watch(self, session: BrokerSession, queue: str) -> None:
+        """Until the wire closes (on a thread of its own): with tasks pending, count the
+        consumers of the group's queue now and then (another process's take results of
+        ours), and ask the ledger about the pending tasks whose results may not come."""
+        next_count = 0.0
+        while not (self._closed or self._client.registry.closed):
             time.sleep(LEDGER_FOLLOW_UP)
-            for task_ids in batches:
+            if self._group.waiting() and time.monotonic() >= next_count:
+                next_count = time.monotonic() + CONSUMER_CHECK
+                counts = session.counts(queue, CONSUMER_CHECK)
+                if counts is not None:
+                    self._group.note_consumers(counts.consumers)
+            for task_ids in self._group.followed_pending():
                 try:
                     self._group.update_from_ledger(self._client.registry.get_tasks(task_ids))
                 except GCError as exc:  # the registry is down: the queue may still deliver
-                    logger.info("could not ask the ledger about reloaded tasks: %s", exc)
+                    logger.info("could not ask the ledger about pending tasks: %s", exc)
 
     def cancel(self, task_ids: list[str]) -> None:
         """Send the endpoint a cancel command for these tasks of ours."""

@@ -51,9 +51,12 @@ logger = logging.getLogger(__name__)
 #: Ids of finished tasks remembered, so that a late duplicate result (a task redelivered
 #: after its agent died) is recognised as one.
 RECENTLY_FINISHED = 10_000
-#: Seconds between the ledger look-ups for reloaded tasks still pending (see
-#: :meth:`TaskGroup.reloaded_pending`).
+#: Seconds between the ledger look-ups for pending tasks whose results may not come on
+#: the queue (see :meth:`TaskGroup.followed_pending`).
 LEDGER_FOLLOW_UP = 2.0
+#: Seconds between looks at how many consume the group's queue, while tasks are pending
+#: (see :meth:`TaskGroup.note_consumers`).
+CONSUMER_CHECK = 10.0
 #: Task ids asked of the ledger at once (the registry takes up to 10,000).
 LEDGER_BATCH = 1_000
 #: Results held for tasks this group does not know yet (until ``reload_tasks`` claims
@@ -136,6 +139,9 @@ class TaskGroup(Generic[F]):
         self._make_future = make_future
         self._pending: dict[str, F] = {}
         self._reloaded: set[str] = set()
+        #: Whether another process was seen consuming the group's queue: from then on every
+        #: pending task is followed up in the ledger.
+        self.shared_elsewhere = False
         self._unconfirmed: set[str] = set()
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._unclaimed: OrderedDict[str, list[tuple[ResultMessage, str]]] = OrderedDict()
@@ -271,7 +277,7 @@ class TaskGroup(Generic[F]):
     def adopt(self, known: list[TaskOut]) -> list[F]:
         """Futures for the group's tasks the ledger listed (from ``reload_tasks``): the
         finished resolve from the ledger, the others from held or later results, or from
-        the ledger again (:meth:`reloaded_pending`)."""
+        the ledger again (:meth:`followed_pending`)."""
         futures: list[F] = []
         for task in known:
             with self._lock:
@@ -302,19 +308,43 @@ class TaskGroup(Generic[F]):
 
     # -- state ---------------------------------------------------------------------------
 
+    def waiting(self) -> bool:
+        """Whether any task of the group waits for its result (cheaper than pending())."""
+        return bool(self._pending)
+
     def pending(self) -> list[F]:
         """Futures not done yet."""
         with self._lock:
             return [f for f in self._pending.values() if not f.done()]
 
-    def reloaded_pending(self) -> list[list[str]]:
-        """Ids of reloaded tasks not done yet, in batches for the ledger. Their results
-        may never come on the queue (an earlier consumer of the group took them while the
-        ledger was still writing them down), so the front ends ask the ledger again every
+    def followed_pending(self) -> list[list[str]]:
+        """Ids of pending tasks whose results may never come on the queue, in batches for
+        the ledger: reloaded ones (an earlier consumer of the group took them while the
+        ledger was still writing them down), and every one once another process consumes
+        the queue (:meth:`note_consumers`). The front ends ask the ledger about them every
         ``LEDGER_FOLLOW_UP`` seconds (:meth:`update_from_ledger`)."""
         with self._lock:
-            ids = [task_id for task_id in self._reloaded if not self._pending[task_id].done()]
+            followed = self._pending if self.shared_elsewhere else self._reloaded
+            ids = [task_id for task_id in followed if not self._pending[task_id].done()]
         return [ids[start:start + LEDGER_BATCH] for start in range(0, len(ids), LEDGER_BATCH)]
+
+    def note_consumers(self, consumers: int) -> bool:
+        """The broker says ``consumers`` consume the group's queue. More than this process's
+        executors of the group: another process does, and takes some of the results of
+        this one's tasks (and this one some of its). Said once; returns whether it is so."""
+        with _LIVE_LOCK:
+            ours = len(self._siblings)
+        if consumers <= ours or self.shared_elsewhere:
+            return self.shared_elsewhere
+        self.shared_elsewhere = True
+        logger.warning(
+            "%d consumers take results from the queue of task group %r, %d of them in this "
+            "process: another process uses the task group too, and the broker gives each "
+            "result to one of them. This process now asks the ledger about its pending tasks "
+            "every %g s, so they still resolve here; give each process a task group of its "
+            "own to get every result from the queue", consumers, self.task_group_id, ours,
+            LEDGER_FOLLOW_UP)
+        return True
 
     def unconfirmed(self) -> list[str]:
         """Ids of tasks the broker has not confirmed yet."""

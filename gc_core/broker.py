@@ -58,7 +58,7 @@ from gc_core.forks import current_pid
 from gc_core.protocol import Envelope
 from gc_core.topology import QueueDeclaration, Topology
 
-__all__ = ["FLUSH_BATCH", "BrokerSession"]
+__all__ = ["FLUSH_BATCH", "BrokerSession", "QueueCounts"]
 
 logger = logging.getLogger(__name__)
 
@@ -89,6 +89,14 @@ class _Settle:
 _Op = Publish | _Settle | Callable[[], None]
 
 _T = TypeVar("_T")
+
+
+@dataclass(frozen=True)
+class QueueCounts:
+    """What the broker says of a queue: messages ready to deliver, and its consumers."""
+
+    messages: int
+    consumers: int
 
 
 class _Answer(Generic[_T]):
@@ -328,24 +336,24 @@ class BrokerSession:
         """Run ``fn`` on the IO thread once connected."""
         self._hand_over(fn)
 
-    def queue_message_count(self, queue: str, on_count: Callable[[int], None]) -> None:
-        """Ask the broker how many ready messages ``queue`` holds (it must exist);
-        ``on_count`` runs on the IO thread with the answer."""
-        self._hand_over(partial(self._io_ask_message_count, queue, on_count))
+    def queue_counts(self, queue: str, on_counts: Callable[[QueueCounts], None]) -> None:
+        """Ask the broker how many ready messages and consumers ``queue`` has (it must
+        exist); ``on_counts`` runs on the IO thread with the answer."""
+        self._hand_over(partial(self._io_ask_counts, queue, on_counts))
 
-    def message_count(self, queue: str, timeout: float) -> int | None:
-        """How many ready messages ``queue`` holds, or None when the broker has not said
-        within ``timeout``. Each call waits for an answer of its own (an :class:`_Answer`):
-        one that comes after its caller gave up is dropped with it.
+    def counts(self, queue: str, timeout: float) -> QueueCounts | None:
+        """How many ready messages and consumers ``queue`` has, or None when the broker has
+        not said within ``timeout``. Each call waits for an answer of its own (an
+        :class:`_Answer`): one that comes after its caller gave up is dropped with it.
 
         Raises:
             RuntimeError: called on the IO thread, which would wait on itself.
         """
         if self.on_io_thread:
-            raise RuntimeError(f"broker session {self._name}: message_count would wait on "
-                               "its own IO thread; use queue_message_count there")
-        answer: _Answer[int] = _Answer()
-        self.queue_message_count(queue, answer.give)
+            raise RuntimeError(f"broker session {self._name}: counts would wait on its own "
+                               "IO thread; use queue_counts there")
+        answer: _Answer[QueueCounts] = _Answer()
+        self.queue_counts(queue, answer.give)
         return answer.wait(timeout)
 
     def delete_queue(self, queue: str) -> None:
@@ -490,10 +498,10 @@ class BrokerSession:
     def _io_cancel_consumers(self) -> None:
         self._consumers.cancel(self._channel)
 
-    def _io_ask_message_count(self, queue: str, on_count: Callable[[int], None]) -> None:
+    def _io_ask_counts(self, queue: str, on_counts: Callable[[QueueCounts], None]) -> None:
         assert self._channel is not None
-        self._channel.queue_declare(queue, passive=True,
-                                    callback=lambda frame: on_count(frame.method.message_count))
+        self._channel.queue_declare(queue, passive=True, callback=lambda frame: on_counts(
+            QueueCounts(frame.method.message_count, frame.method.consumer_count)))
 
     def _io_delete_queue(self, queue: str) -> None:
         self._queues = [q for q in self._queues if q.name != queue]

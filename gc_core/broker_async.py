@@ -351,6 +351,24 @@ class AsyncBrokerSession:
         except _AMQP_ERRORS as exc:
             raise _translate(exc, self.url) from exc
 
+    async def consumer_count(self, queue: str) -> int | None:
+        """How many consume ``queue`` (it must exist), this session's consumer included;
+        None while disconnected.
+
+        Raises:
+            BrokerError: the broker refused (no such queue, say).
+        """
+        if self._channel is None:
+            return None
+        try:
+            # Asked of aiormq's channel: aio-pika answers a passive declare of a queue its
+            # robust channel declared with that first declaration's counts.
+            channel = await self._channel.get_underlay_channel()
+            declared = await channel.queue_declare(queue, passive=True)
+        except _AMQP_ERRORS as exc:
+            raise _translate(exc, self.url) from exc
+        return int(declared.consumer_count or 0)
+
     async def delete_queue(self, queue: str) -> None:
         """Stop consuming ``queue``, delete it, and stop declaring it on reconnect.
 

@@ -9,7 +9,12 @@ import pytest
 from gc_client import AsyncExecutor, Client, TaskExecutionFailed
 from gc_core.errors import PublishNotConfirmed
 from tests.fabric import Endpoint
-from tests.integration.test_executor import divide, hello_world, square
+from tests.integration.test_executor import (
+    another_process_consuming,
+    divide,
+    hello_world,
+    square,
+)
 
 #: Seconds a test waits for results before it fails instead of hanging.
 RESULT_TIMEOUT = 60.0
@@ -133,3 +138,24 @@ def test_an_async_and_a_sync_executor_of_one_task_group_each_get_their_own_resul
         assert asyncio.run(main()) == [x * x for x in range(40)]
         mine = [sync_ex.submit(square, x) for x in range(40)]
         assert [f.result(timeout=RESULT_TIMEOUT) for f in mine] == [x * x for x in range(40)]
+
+
+def test_an_async_executor_whose_group_another_process_consumes_still_gets_every_result(
+        client: Client, endpoint: Endpoint, caplog: pytest.LogCaptureFixture) -> None:
+    # As for the Executor (test_executor.py): results the other process takes come from
+    # the ledger once this one has seen it.
+    async def main() -> tuple[list[int], list[str]]:
+        async with AsyncExecutor(endpoint_id=endpoint.endpoint_id, client=client) as ex:
+            assert await asyncio.wait_for(await ex.submit(square, 1), RESULT_TIMEOUT) == 1
+            with another_process_consuming(client, ex.task_group_id) as taken:
+                futures = []
+                for n in range(8):  # one at a time: each result its own message
+                    futures.append(await ex.submit(square, n))
+                    await asyncio.sleep(0.2)
+                values = [await asyncio.wait_for(future, RESULT_TIMEOUT) for future in futures]
+        return values, taken
+
+    values, taken = asyncio.run(main())
+    assert values == [n * n for n in range(8)]
+    assert taken, "the other consumer took no result: this test showed nothing"
+    assert "another process uses the task group too" in caplog.text

@@ -9,12 +9,16 @@ import signal
 import subprocess
 import sys
 import textwrap
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import pytest
 
 from gc_client import Client, Executor, TaskExecutionFailed
+from gc_core.broker import BrokerSession
+from gc_core.broker_consumers import Delivery
 from gc_core.errors import PublishNotConfirmed
 from tests.fabric import Endpoint, Fabric, eventually
 
@@ -230,6 +234,47 @@ def test_a_forked_child_waiting_on_its_parents_future_is_told_at_once(
         # while a future done before the fork has its value there too
         assert _in_a_forked_child(done.result) == "returned 4"
         assert pending.result(timeout=60) == 9
+
+
+@contextmanager
+def another_process_consuming(client: Client, task_group_id: str) -> Iterator[list[str]]:
+    """A consumer of the group's result queue that is not of this executor's process (as a
+    second process with the same task group would be): it takes what the broker gives it,
+    acks it and keeps it. Yields the ids of the messages it took."""
+    queue = client.topology.queue("results", user=client.settings.user,
+                                  task_group_id=task_group_id).name
+    taken: list[str] = []
+    other = BrokerSession(client.settings.broker_url, name="another-process",
+                          topology=client.topology)
+
+    def take(delivery: Delivery) -> None:
+        taken.append(delivery.envelope.message_id)
+        other.ack(delivery)
+
+    other.consume(queue, take)
+    other.start()
+    try:
+        yield taken
+    finally:
+        other.close()
+
+
+def test_an_executor_whose_group_another_process_consumes_still_gets_every_result(
+        client: Client, endpoint: Endpoint, caplog: pytest.LogCaptureFixture) -> None:
+    # Two processes with one task group (a script run twice with a fixed task_group_id):
+    # the broker gives each result to one of the group's consumers, and a result the other
+    # process took left this one's future waiting for ever.
+    with Executor(endpoint_id=endpoint.endpoint_id, client=client) as ex:
+        assert ex.submit(square, 1).result(timeout=60) == 1  # its queue is consumed
+        with another_process_consuming(client, ex.task_group_id) as taken:
+            futures = []
+            for n in range(8):  # one at a time: each result its own message
+                futures.append(ex.submit(square, n))
+                time.sleep(0.2)
+            assert [future.result(timeout=60) for future in futures] == [n * n for n in range(8)]
+    assert taken, "the other consumer took no result: this test showed nothing"
+    assert "another process uses the task group too" in caplog.text
+    assert repr(ex.task_group_id) in caplog.text
 
 
 def _sleep_and_square(seconds: float, x: int) -> int:

@@ -14,7 +14,7 @@ from dataclasses import replace
 
 import pytest
 
-from gc_core.broker import BrokerSession
+from gc_core.broker import BrokerSession, QueueCounts
 from gc_core.broker_consumers import Delivery
 from gc_core.broker_limits import Refusal
 from gc_core.errors import BrokerRefused
@@ -135,10 +135,10 @@ def test_a_callback_error_inside_pika_costs_a_reconnect_not_the_session(
     # drops the connection; the session must come back and go on publishing.
     broker, key = session
 
-    def broken(_count: int) -> None:
+    def broken(_counts: QueueCounts) -> None:
         raise RuntimeError("a bug in a callback")
 
-    broker.queue_message_count(TOPOLOGY.queue("ledger").name, broken)
+    broker.queue_counts(TOPOLOGY.queue("ledger").name, broken)
     confirms = Confirms()
     _publish(broker, key, confirms, "after-crash")
     assert confirms.wait("after-crash") is None
@@ -232,10 +232,10 @@ def test_an_answer_that_comes_after_its_caller_gave_up_is_not_taken_for_a_later_
     # When the IO thread is busy (a slow callback) while a caller asks about the full
     # queue and gives up, then asks about the empty one
     broker.call_soon(lambda: time.sleep(1.5))
-    assert broker.message_count(full.name, timeout=0.3) is None
+    assert broker.counts(full.name, timeout=0.3) is None
     # Then the late answer about the full queue comes first, and is not taken for this one
-    assert broker.message_count(empty, timeout=10) == 0
-    assert broker.message_count(full.name, timeout=10) == 3
+    assert broker.counts(empty, timeout=10) == QueueCounts(messages=0, consumers=0)
+    assert broker.counts(full.name, timeout=10) == QueueCounts(messages=3, consumers=0)
     broker.delete_queue(empty)
     assert broker.wait_settled(10)
 
