@@ -39,8 +39,8 @@ from gc_core.protocol import (
 )
 
 __all__ = ["BATCH_CONTENT_TYPE", "H_BATCH", "MAX_BATCH_TASKS", "MAX_ENTRY_HEAD",
-           "decode_results", "encode_result_batch", "encode_task_batch", "is_batch",
-           "split_batch"]
+           "decode_results", "encode_result_batch", "encode_task_batch", "entry_count",
+           "is_batch", "split_batch"]
 
 #: The content type that marks a batch.
 BATCH_CONTENT_TYPE = "application/vnd.gc-fabric.batch"
@@ -62,6 +62,16 @@ _DEATH_HEADERS = ("x-death", "x-delivery-count", "x-first-death-reason", "x-firs
 def is_batch(envelope: Envelope) -> bool:
     """Whether ``envelope`` is a batch (else a single task or result)."""
     return envelope.content_type == BATCH_CONTENT_TYPE
+
+
+def entry_count(envelope: Envelope) -> int | None:
+    """How many entries a batch says it carries: its ``gc-batch`` header, None if that is
+    missing, not an integer or out of bounds (1 to MAX_BATCH_TASKS)."""
+    headers = envelope.headers if isinstance(envelope.headers, dict) else {}
+    count = headers.get(H_BATCH)
+    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_BATCH_TASKS:
+        return None
+    return count
 
 
 def encode_task_batch(tasks: Sequence[TaskMessage]) -> Envelope:
@@ -88,10 +98,11 @@ def split_batch(envelope: Envelope) -> list[Envelope]:
         ProtocolError: the batch's count or framing is wrong or out of bounds.
     """
     headers = envelope.headers if isinstance(envelope.headers, dict) else {}
-    count = headers.get(H_BATCH)
-    if not isinstance(count, int) or isinstance(count, bool) or not 1 <= count <= MAX_BATCH_TASKS:
+    count = entry_count(envelope)
+    if count is None:
         raise ProtocolError(f"a batch's {H_BATCH} header must count 1 to {MAX_BATCH_TASKS:,} "
-                            f"entries, not {str(count)[:40]!r}", raw=envelope.body)
+                            f"entries, not {str(headers.get(H_BATCH))[:40]!r}",
+                            raw=envelope.body)
     shared = {name: value for name, value in headers.items() if name != H_BATCH}
     death = {name: headers[name] for name in _DEATH_HEADERS if name in headers}
     entries = [_entry(head, body, shared, death, envelope)

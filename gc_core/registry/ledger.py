@@ -66,7 +66,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import Session, sessionmaker
 
-from gc_core.batches import H_BATCH, MAX_BATCH_TASKS, decode_results, is_batch
+from gc_core.batches import decode_results, entry_count, is_batch
 from gc_core.broker import BrokerSession
 from gc_core.broker_consumers import Delivery
 from gc_core.protocol import (
@@ -575,11 +575,9 @@ class Ledger:
 
 
 def _messages_in(envelope: Envelope) -> int:
-    """How many messages a delivery says it holds: a batch's count (refused later if out
-    of bounds, when it counts as one), else one."""
-    headers = envelope.headers if isinstance(envelope.headers, dict) else {}
-    count = headers.get(H_BATCH) if is_batch(envelope) else 1
-    return count if type(count) is int and 1 <= count <= MAX_BATCH_TASKS else 1
+    """How many messages a delivery says it holds: a batch's count (one if that is out of
+    bounds: the batch is refused when decoded), else one."""
+    return (entry_count(envelope) or 1) if is_batch(envelope) else 1
 
 
 def _kind(item: ReceivedResult) -> str:
