@@ -60,7 +60,7 @@ class StartingState:
     handlers: tuple[Any, ...]
     interpreter: _Interpreter
     #: Timers that ran before the first task: the host process's, never stopped.
-    hosts_timers: frozenset[int] = frozenset()
+    hosts_timers: frozenset[int]
 
     @classmethod
     def of_this_process(cls) -> StartingState:
@@ -161,7 +161,6 @@ class _Interpreter:
             if len(kept) < len(warnings.filters):
                 warnings.resetwarnings()  # (marks every warning registry stale)
                 cast(list[Any], warnings.filters).extend(kept)
-
 
     def _restore_root_logger(self) -> None:
         """The root logger's handlers and level as they were, logging not disabled; a

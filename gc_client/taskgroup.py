@@ -141,7 +141,7 @@ class TaskGroup(Generic[F]):
         self._reloaded: set[str] = set()
         #: Whether another process was seen consuming the group's queue: from then on every
         #: pending task is followed up in the ledger.
-        self.shared_elsewhere = False
+        self._shared_elsewhere = False
         self._unconfirmed: set[str] = set()
         self._finished: OrderedDict[str, None] = OrderedDict()
         self._unclaimed: OrderedDict[str, list[tuple[ResultMessage, str]]] = OrderedDict()
@@ -324,19 +324,19 @@ class TaskGroup(Generic[F]):
         the queue (:meth:`note_consumers`). The front ends ask the ledger about them every
         ``LEDGER_FOLLOW_UP`` seconds (:meth:`update_from_ledger`)."""
         with self._lock:
-            followed = self._pending if self.shared_elsewhere else self._reloaded
+            followed = self._pending if self._shared_elsewhere else self._reloaded
             ids = [task_id for task_id in followed if not self._pending[task_id].done()]
         return [ids[start:start + LEDGER_BATCH] for start in range(0, len(ids), LEDGER_BATCH)]
 
-    def note_consumers(self, consumers: int) -> bool:
+    def note_consumers(self, consumers: int) -> None:
         """The broker says ``consumers`` consume the group's queue. More than this process's
         executors of the group: another process does, and takes some of the results of
-        this one's tasks (and this one some of its). Said once; returns whether it is so."""
+        this one's tasks (and this one some of its). Said once."""
         with _LIVE_LOCK:
             ours = len(self._siblings)
-        if consumers <= ours or self.shared_elsewhere:
-            return self.shared_elsewhere
-        self.shared_elsewhere = True
+        if consumers <= ours or self._shared_elsewhere:
+            return
+        self._shared_elsewhere = True
         logger.warning(
             "%d consumers take results from the queue of task group %r, %d of them in this "
             "process: another process uses the task group too, and the broker gives each "
@@ -344,7 +344,6 @@ class TaskGroup(Generic[F]):
             "every %g s, so they still resolve here; give each process a task group of its "
             "own to get every result from the queue", consumers, self.task_group_id, ours,
             LEDGER_FOLLOW_UP)
-        return True
 
     def unconfirmed(self) -> list[str]:
         """Ids of tasks the broker has not confirmed yet."""
