@@ -5,14 +5,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from sqlalchemy import text
 
-from gc_core.batches import MAX_BATCH_TASKS, encode_result_batch
+from gc_core.batches import H_BATCH, MAX_BATCH_TASKS, encode_result_batch
 from gc_core.broker import BrokerSession
-from gc_core.protocol import ResultMessage, encode_result
+from gc_core.protocol import Envelope, ResultMessage, encode_result
 from gc_core.registry import store
 from gc_core.registry.db import Base, open_database
 from gc_core.registry.ledger import COMMIT_RESULTS, Ledger
@@ -107,6 +108,47 @@ def test_a_backlog_of_result_batches_is_committed_a_bounded_number_of_results_at
     assert sum(commits) == batches * per_batch
     assert max(commits) <= COMMIT_RESULTS, commits
     assert len(commits) >= batches * per_batch // COMMIT_RESULTS
+
+
+@pytest.mark.parametrize("count", ["1000", 10**9, -1, True, 1, MAX_BATCH_TASKS],
+                         ids=["text", "huge", "negative", "boolean", "too few", "too many"])
+def test_a_batch_whose_count_is_hostile_costs_itself_alone(
+        own_vhost: str, tmp_path: Path, count: object) -> None:
+    # The ledger reads a delivery's gc-batch header to bound its commits before anything is
+    # decoded: a count that is no count, out of bounds, or a lie about the entries
+    sessions = open_database(f"sqlite:///{tmp_path / 'ledger.db'}")
+    topology = load_topology()
+    ledger = Ledger(broker_url=own_vhost, topology=topology, sessions=sessions)
+    ledger.start()
+    _wait_until(lambda: ledger.connected, "the ledger to connect")
+    publisher = BrokerSession(own_vhost, name="test-publisher", topology=topology)
+    publisher.start()
+
+    def batch(prefix: str) -> Envelope:
+        return encode_result_batch([
+            ResultMessage(task_id=f"{prefix}-{n}", task_group_id="g", user="u", state="success",
+                          content_type="application/json", payload=b"42") for n in range(3)])
+
+    try:
+        hostile = batch("hostile")
+        for envelope in (batch("before"),
+                         replace(hostile, headers={**hostile.headers, H_BATCH: count}),
+                         batch("after")):
+            publisher.publish(topology.exchange("results"), "u.g", envelope)
+        assert publisher.wait_settled(30)
+
+        def recorded() -> set[str]:
+            with sessions() as db:
+                return {str(task_id) for task_id in db.execute(
+                    text("SELECT task_id FROM tasks")).scalars()}
+        # Then the batches around it are recorded, it is not, and the ledger goes on
+        _wait_until(lambda: {f"{p}-{n}" for p in ("before", "after") for n in range(3)}
+                    <= recorded(), "the good batches to be recorded")
+        assert not {task_id for task_id in recorded() if task_id.startswith("hostile")}
+        assert ledger.writing and ledger.failure is None
+    finally:
+        publisher.close()
+        ledger.stop()
 
 
 def _wait_until(condition: Callable[[], bool], what: str, timeout: float = 60) -> None:
