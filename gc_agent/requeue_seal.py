@@ -14,7 +14,6 @@ import hmac
 import json
 import os
 import threading
-from dataclasses import replace
 from pathlib import Path
 
 from gc_core.protocol import Envelope
@@ -41,7 +40,7 @@ class RequeueSeal:
         """``envelope`` with its seal."""
         key = self._load(create=True)
         assert key is not None
-        return replace(envelope, headers={**envelope.headers, SEAL_HEADER: _mac(key, envelope)})
+        return envelope._replace(headers={**envelope.headers, SEAL_HEADER: _mac(key, envelope)})
 
     def sealed_by_us(self, envelope: Envelope) -> bool:
         """Whether ``envelope`` carries a seal this agent made (no key yet: it made none)."""

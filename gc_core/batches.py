@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import json
 import struct
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Sequence
+from json.encoder import c_make_encoder, encode_basestring_ascii  # type: ignore[attr-defined]
 from typing import Any
 
 from gc_core.errors import ProtocolError
@@ -52,11 +53,13 @@ MAX_BATCH_TASKS = 1_000
 #: ``gc-stdout``/``gc-stderr`` headers at their bound, plus room for the rest).
 MAX_ENTRY_HEAD = 2 * MAX_OUTPUT_HEADER + 64 * 1024
 _LENGTH = struct.Struct(">I")
-#: Writes entry heads (one encoder: ``json.dumps`` with an argument builds one per call).
-_HEAD_JSON = json.JSONEncoder(separators=(",", ":"))
+
 #: Properties and headers copied from a dead-lettered batch into each of its entries, so
 #: each decodes as the dead letter it is.
 _DEATH_HEADERS = ("x-death", "x-delivery-count", "x-first-death-reason", "x-first-death-queue")
+#: The types an entry's header values and properties may have (exactly: a bool is no int).
+_HEADER_TYPES = frozenset((str, int))
+_TEXT = frozenset((str,))
 
 
 def is_batch(envelope: Envelope) -> bool:
@@ -105,8 +108,7 @@ def split_batch(envelope: Envelope) -> list[Envelope]:
                             raw=envelope.body)
     shared = {name: value for name, value in headers.items() if name != H_BATCH}
     death = {name: headers[name] for name in _DEATH_HEADERS if name in headers}
-    entries = [_entry(head, body, shared, death, envelope)
-               for head, body in _frames(envelope.body, count)]
+    entries = _entries(envelope, count, shared, death)
     if len(entries) != count:
         raise ProtocolError(f"the batch says it holds {count} entries but holds "
                             f"{len(entries)}", raw=envelope.body)
@@ -131,6 +133,24 @@ def decode_results(envelope: Envelope) -> list[ResultMessage | ProtocolError]:
     return decoded
 
 
+def _head_encoder() -> Callable[[dict[str, Any]], str]:
+    """What writes an entry's head as compact JSON. ``JSONEncoder.encode`` builds a C
+    encoder on every call, a third of the cost of encoding a small head: this one is built
+    once (the pure-Python encoder where the C one is missing)."""
+    if c_make_encoder is None:  # pragma: no cover - CPython has the C encoder
+        return json.JSONEncoder(separators=(",", ":")).encode
+    encoder = c_make_encoder(None, _not_json, encode_basestring_ascii, None, ":", ",", False,
+                             False, True)
+    return lambda head: "".join(encoder(head, 0))
+
+
+def _not_json(value: Any) -> Any:
+    raise TypeError(f"a batch entry's head holds a {type(value).__name__}, not JSON")
+
+
+_encode_head = _head_encoder()
+
+
 def _frame(entries: list[Envelope], correlation_id: str) -> Envelope:
     """``entries`` as one batch; the headers they all share go once, as the batch's."""
     shared = set(entries[0].headers.items())
@@ -145,35 +165,36 @@ def _frame(entries: list[Envelope], correlation_id: str) -> Envelope:
                                             if name not in common}}
         if entry.correlation_id != correlation_id:
             head["correlation_id"] = entry.correlation_id
-        encoded = _HEAD_JSON.encode(head).encode()
+        encoded = _encode_head(head).encode()
         parts += (_LENGTH.pack(len(encoded)), encoded, _LENGTH.pack(len(entry.body)), entry.body)
     headers = {H_PROTOCOL: PROTOCOL_VERSION, **common, H_BATCH: len(entries)}
     return Envelope(random_id(), correlation_id, BATCH_CONTENT_TYPE, headers,
                     b"".join(parts))
 
 
-def _frames(body: bytes, count: int) -> Iterator[tuple[bytes, bytes]]:
-    """(head, body) of each entry; refuses a length past the end or a head over its bound,
-    and stops after ``count`` + 1 entries (the caller refuses the surplus)."""
-    view, offset, seen = memoryview(body), 0, 0
-    while offset < len(body) and seen <= count:
-        head = _take(view, offset, MAX_ENTRY_HEAD, body)
-        offset += _LENGTH.size + len(head)
-        payload = _take(view, offset, len(body), body)
-        offset += _LENGTH.size + len(payload)
-        seen += 1
-        yield head, payload
-
-
-def _take(view: memoryview, offset: int, bound: int, raw: bytes) -> bytes:
-    if offset + _LENGTH.size > len(view):
-        raise ProtocolError("a batch entry is cut short", raw=raw)
-    (length,) = _LENGTH.unpack_from(view, offset)
-    start = offset + _LENGTH.size
-    if length > bound or start + length > len(view):
-        raise ProtocolError(f"a batch entry of {length:,} bytes runs past its bound or the "
-                            "batch's end", raw=raw)
-    return bytes(view[start:start + length])
+def _entries(batch: Envelope, count: int, shared: dict[str, Any],
+             death: dict[str, Any]) -> list[Envelope]:
+    """Each entry of ``batch`` as the message it stands for; refuses a length past the end
+    or a head over its bound, and stops after ``count`` + 1 entries (the caller refuses the
+    surplus). One loop over the body: a batch holds up to MAX_BATCH_TASKS entries, and every
+    result passes here in the client and the ledger, every task in the agent."""
+    body, offset, end = batch.body, 0, len(batch.body)
+    size, unpack = _LENGTH.size, _LENGTH.unpack_from
+    entries: list[Envelope] = []
+    while offset < end and len(entries) <= count:
+        parts: list[bytes] = []
+        for bound in (MAX_ENTRY_HEAD, end):
+            if offset + size > end:
+                raise ProtocolError("a batch entry is cut short", raw=body)
+            (length,) = unpack(body, offset)
+            offset += size
+            if length > bound or offset + length > end:
+                raise ProtocolError(f"a batch entry of {length:,} bytes runs past its bound or "
+                                    "the batch's end", raw=body)
+            parts.append(body[offset:offset + length])
+            offset += length
+        entries.append(_entry(parts[0], parts[1], shared, death, batch))
+    return entries
 
 
 def _entry(head: bytes, body: bytes, shared: dict[str, Any], death: dict[str, Any],
@@ -185,12 +206,11 @@ def _entry(head: bytes, body: bytes, shared: dict[str, Any], death: dict[str, An
     try:
         fields = STRICT_JSON.decode(head.decode())
         headers = fields["headers"]
-        if not isinstance(headers, dict) or not all(
-                type(value) is str or type(value) is int for value in headers.values()):
+        if type(headers) is not dict or not _HEADER_TYPES.issuperset(map(type, headers.values())):
             raise TypeError("headers must map names to text or integers")
         message_id, content_type = fields["message_id"], fields["content_type"]
         correlation_id = fields.get("correlation_id", batch.correlation_id)
-        if not all(isinstance(value, str) for value in (message_id, correlation_id, content_type)):
+        if not _TEXT.issuperset((type(message_id), type(correlation_id), type(content_type))):
             raise TypeError("message_id, correlation_id and content_type must be text")
     except (ValueError, TypeError, KeyError, RecursionError) as exc:
         raise ProtocolError(f"a batch entry's head is malformed: {str(exc)[:200]}",

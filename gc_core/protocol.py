@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass, field
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, NamedTuple
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
@@ -120,15 +119,21 @@ H_STDOUT = "gc-stdout"
 H_STDERR = "gc-stderr"
 
 
-@dataclass(frozen=True, slots=True)
-class Envelope:
-    """An AMQP message as gc-fabric sees it: the properties it uses and the body."""
+class Envelope(NamedTuple):
+    """An AMQP message as gc-fabric sees it: the properties it uses and the body.
+
+    A named tuple: every task and result makes several on its way, and one is built in a
+    third of the time of a frozen dataclass, immutable all the same."""
 
     message_id: str
     correlation_id: str
     content_type: str
     headers: dict[str, Any]
-    body: bytes = field(repr=False)
+    body: bytes
+
+    def __repr__(self) -> str:  # the body may be megabytes of a user's data: not for logs
+        return (f"Envelope(message_id={self.message_id!r}, correlation_id={self.correlation_id!r}, "
+                f"content_type={self.content_type!r}, headers={self.headers!r})")
 
 
 class _Frozen(BaseModel):
@@ -227,21 +232,21 @@ def decode_task(envelope: Envelope) -> TaskMessage:
     _check_not_dead_lettered(headers, envelope.body)
     _check_protocol(headers, envelope.body)
     try:
-        return TaskMessage(
-            task_id=envelope.message_id or "",
-            task_group_id=envelope.correlation_id or _text(headers.get(H_GROUP, "")),
-            endpoint_id=_text(headers.get(H_ENDPOINT, "")),
-            function_id=_text(headers.get(H_FUNCTION, "")),
-            user=_text(headers.get(H_USER, "")),
-            content_type=envelope.content_type or "",
-            payload=envelope.body,
-            resource_spec=_json_header(headers, H_RESOURCE_SPEC),
-            identity=_text(headers.get(H_IDENTITY, "")),
-            on_behalf_of=_text(headers.get(H_ON_BEHALF_OF, "")),
-            user_endpoint_config=_json_header(headers, H_USER_ENDPOINT_CONFIG),
-            sender_python=_text(headers.get(H_PYTHON, "")),
-            sender_serializer=_text(headers.get(H_SERIALIZER, "")),
-        )
+        return TaskMessage.model_validate({
+            "task_id": envelope.message_id or "",
+            "task_group_id": envelope.correlation_id or headers.get(H_GROUP, ""),
+            "endpoint_id": headers.get(H_ENDPOINT, ""),
+            "function_id": headers.get(H_FUNCTION, ""),
+            "user": headers.get(H_USER, ""),
+            "content_type": envelope.content_type or "",
+            "payload": envelope.body,
+            "resource_spec": _json_header(headers, H_RESOURCE_SPEC),
+            "identity": headers.get(H_IDENTITY, ""),
+            "on_behalf_of": headers.get(H_ON_BEHALF_OF, ""),
+            "user_endpoint_config": _json_header(headers, H_USER_ENDPOINT_CONFIG),
+            "sender_python": headers.get(H_PYTHON, ""),
+            "sender_serializer": headers.get(H_SERIALIZER, ""),
+        })
     except Exception as exc:  # whatever a forged message makes fail is the message's fault
         raise ProtocolError(f"malformed task message: {_first_error(exc)}", raw=envelope.body) from exc
 
@@ -264,11 +269,12 @@ def encode_result(result: ResultMessage) -> Envelope:
                         (H_FINISHED, timings.finished)):
         if value is not None:
             headers[name] = round(value * 1_000_000)  # AMQP tables have no portable float
-    for name, text in ((H_STDOUT, _clip(result.stdout, MAX_OUTPUT_HEADER)),
-                       (H_STDERR, _clip(result.stderr, MAX_OUTPUT_HEADER)),
-                       (H_ON_BEHALF_OF, result.on_behalf_of)):
-        if text:
-            headers[name] = text
+    if result.stdout:
+        headers[H_STDOUT] = _clip(result.stdout, MAX_OUTPUT_HEADER)
+    if result.stderr:
+        headers[H_STDERR] = _clip(result.stderr, MAX_OUTPUT_HEADER)
+    if result.on_behalf_of:
+        headers[H_ON_BEHALF_OF] = result.on_behalf_of
     if result.error is not None:
         return Envelope(result.task_id, result.task_group_id, JSON.content_type, headers,
                         JSON.dumps(result.error.model_dump()))
@@ -294,26 +300,26 @@ def decode_result(envelope: Envelope) -> ResultMessage:
         error = None
         if state != "success":
             error = ErrorInfo.model_validate_json(envelope.body)
-        return ResultMessage(
-            task_id=envelope.message_id or "",
-            task_group_id=envelope.correlation_id or _text(headers.get(H_GROUP, "")),
-            endpoint_id=_text(headers.get(H_ENDPOINT, "")),
-            function_id=_text(headers.get(H_FUNCTION, "")),
-            user=_text(headers.get(H_USER, "")),
-            on_behalf_of=_text(headers.get(H_ON_BEHALF_OF, "")),
-            state=state,  # type: ignore[arg-type]  # pydantic validates the literal
-            content_type=envelope.content_type or "",
-            payload=envelope.body if error is None else b"",
-            error=error,
-            timings=Timings(received=_seconds(headers.get(H_RECEIVED)),
-                            started=_seconds(headers.get(H_STARTED)),
-                            finished=_seconds(headers.get(H_FINISHED))),
-            worker=_text(headers.get(H_WORKER, "")),
-            stdout=_output(headers, H_STDOUT),
-            stderr=_output(headers, H_STDERR),
-            sender_python=_text(headers.get(H_PYTHON, "")),
-            sender_serializer=_text(headers.get(H_SERIALIZER, "")),
-        )
+        return ResultMessage.model_validate({
+            "task_id": envelope.message_id or "",
+            "task_group_id": envelope.correlation_id or headers.get(H_GROUP, ""),
+            "endpoint_id": headers.get(H_ENDPOINT, ""),
+            "function_id": headers.get(H_FUNCTION, ""),
+            "user": headers.get(H_USER, ""),
+            "on_behalf_of": headers.get(H_ON_BEHALF_OF, ""),
+            "state": state,
+            "content_type": envelope.content_type or "",
+            "payload": envelope.body if error is None else b"",
+            "error": error,
+            "timings": {"received": _seconds(headers.get(H_RECEIVED)),
+                        "started": _seconds(headers.get(H_STARTED)),
+                        "finished": _seconds(headers.get(H_FINISHED))},
+            "worker": headers.get(H_WORKER, ""),
+            "stdout": _output(headers, H_STDOUT),
+            "stderr": _output(headers, H_STDERR),
+            "sender_python": headers.get(H_PYTHON, ""),
+            "sender_serializer": headers.get(H_SERIALIZER, ""),
+        })
     except ProtocolError:
         raise
     except Exception as exc:  # whatever a forged message makes fail is the message's fault
@@ -359,9 +365,15 @@ def _dead_letter_result(envelope: Envelope) -> ResultMessage:
 
 
 def _headers(envelope: Envelope) -> dict[str, Any]:
+    """The message's headers, every text one a ``str``: pika hands a long string that is no
+    UTF-8 back as ``bytes``, read here as text with replacement characters. The models
+    refuse any other type where they want text, naming the field."""
     headers = envelope.headers or {}
     if not isinstance(headers, dict):
         raise ProtocolError("the message's headers are not a table", raw=envelope.body)
+    if bytes in set(map(type, headers.values())):
+        return {name: _text(value) if type(value) is bytes else value
+                for name, value in headers.items()}
     return headers
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -132,7 +131,7 @@ def test_a_batch_whose_count_is_hostile_costs_itself_alone(
     try:
         hostile = batch("hostile")
         for envelope in (batch("before"),
-                         replace(hostile, headers={**hostile.headers, H_BATCH: count}),
+                         hostile._replace(headers={**hostile.headers, H_BATCH: count}),
                          batch("after")):
             publisher.publish(topology.exchange("results"), "u.g", envelope)
         assert publisher.wait_settled(30)

@@ -13,7 +13,6 @@ from __future__ import annotations
 import uuid
 from collections import Counter
 from collections.abc import Iterator
-from dataclasses import replace
 
 import pika
 import pytest
@@ -146,7 +145,7 @@ def test_a_task_put_on_the_queue_with_the_agents_login_but_without_its_seal_is_d
     injected = f"injected-{uuid.uuid4().hex[:8]}"
     envelope = encode_task(_task(injected, group, ep, function_id, "alice", 5))
     if seal is not None:
-        envelope = replace(envelope, headers={**envelope.headers, SEAL_HEADER: seal})
+        envelope = envelope._replace(headers={**envelope.headers, SEAL_HEADER: seal})
     injector = secured.connect(agent_login, agent_token).channel()
     injector.confirm_delivery()
     injector.basic_publish("gc.tasks", ep, envelope.body, pika.BasicProperties(

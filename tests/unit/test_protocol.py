@@ -119,15 +119,28 @@ def test_decode_task_rejects_a_message_without_user_header() -> None:
     assert info.value.raw == envelope.body
 
 
-@pytest.mark.parametrize("header", ["gc-user", "gc-endpoint-id", "gc-function-id", "gc-python"])
-def test_decode_task_rejects_a_header_that_is_not_a_string(header: str) -> None:
+@pytest.mark.parametrize(("header", "field"), [("gc-user", "user"), ("gc-endpoint-id", "endpoint_id"),
+                                               ("gc-function-id", "function_id"),
+                                               ("gc-python", "sender_python")])
+def test_decode_task_rejects_a_header_that_is_not_a_string(header: str, field: str) -> None:
     envelope = encode_task(a_task())
     envelope.headers[header] = 42
 
-    with pytest.raises(ProtocolError, match="string header") as info:
+    with pytest.raises(ProtocolError, match=f"{field}: Input should be a valid string") as info:
         decode_task(envelope)
 
     assert info.value.raw == envelope.body
+
+
+def test_a_text_header_that_is_no_utf8_is_read_with_replacement_characters() -> None:
+    # pika hands back as bytes a long string it cannot decode as UTF-8
+    task = encode_task(a_task())
+    task.headers["gc-python"] = b"3.11\xff"
+    result = encode_result(a_result())
+    result.headers["gc-worker"] = b"host\xfe:1"
+
+    assert decode_task(task).sender_python == "3.11\ufffd"
+    assert decode_result(result).worker == "host\ufffd:1"
 
 
 def test_decode_task_rejects_a_resource_spec_that_is_not_json() -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import stat
-from dataclasses import replace
 from pathlib import Path
 
 from gc_agent.requeue_seal import SEAL_HEADER, RequeueSeal
@@ -17,7 +16,7 @@ def test_a_sealed_task_checks_out_after_the_broker_adds_its_headers_and_turns_te
         tmp_path: Path) -> None:
     seal = RequeueSeal(tmp_path / "ep" / "requeue.key")
     sealed = seal.seal(TASK)
-    redelivered = replace(sealed, headers={
+    redelivered = sealed._replace(headers={
         **{name: value.encode() if isinstance(value, str) else value
            for name, value in sealed.headers.items()},
         "x-delivery-count": 2, "x-death": [{"reason": "rejected"}]})
@@ -38,12 +37,12 @@ def test_changing_what_a_sealed_task_says_breaks_its_seal(tmp_path: Path) -> Non
     seal = RequeueSeal(tmp_path / "requeue.key")
     sealed = seal.seal(TASK)
 
-    for changed in (replace(sealed, body=b'{"args": [2]}'),
-                    replace(sealed, headers={**sealed.headers, "gc-user": "bob"}),
-                    replace(sealed, headers={**sealed.headers, "gc-on-behalf-of": "bob"}),
-                    replace(sealed, message_id="t-2"),
-                    replace(sealed, content_type="application/x-cloudpickle"),
-                    replace(sealed, headers={k: v for k, v in sealed.headers.items()
+    for changed in (sealed._replace(body=b'{"args": [2]}'),
+                    sealed._replace(headers={**sealed.headers, "gc-user": "bob"}),
+                    sealed._replace(headers={**sealed.headers, "gc-on-behalf-of": "bob"}),
+                    sealed._replace(message_id="t-2"),
+                    sealed._replace(content_type="application/x-cloudpickle"),
+                    sealed._replace(headers={k: v for k, v in sealed.headers.items()
                                              if k != SEAL_HEADER}),
-                    replace(sealed, headers={**sealed.headers, SEAL_HEADER: 7})):
+                    sealed._replace(headers={**sealed.headers, SEAL_HEADER: 7})):
         assert not seal.sealed_by_us(changed), changed
