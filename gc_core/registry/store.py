@@ -329,17 +329,21 @@ def _agent_heartbeat_upsert(dialect: Dialect) -> Any:
 
 def record_manifest(db: Session, manifest: GroupManifest) -> list[str]:
     """Record submitted tasks as waiting; a task already finished keeps its state. A task id
-    already recorded for another user or endpoint stays theirs: those ids are returned."""
-    task_ids = list(dict.fromkeys(manifest.task_ids))
-    claimant = (manifest.user, manifest.endpoint_id)
-    taken = {t for t, owner in task_owners(db, task_ids).items()
-             if (owner.user, owner.endpoint_id) != claimant}
+    already recorded for another user or endpoint stays theirs: those ids are returned.
+
+    The upsert itself leaves another's row alone; its owners are looked up only when it
+    wrote fewer rows than it was given (or the driver cannot count an executemany's rows),
+    which fresh task ids never make it do: that lookup was a tenth of the ledger's time.
+    """
+    task_ids = sorted(dict.fromkeys(manifest.task_ids))  # in order: see _upsert
     waiting = {"task_group_id": manifest.task_group_id, "endpoint_id": manifest.endpoint_id,
                "user": manifest.user, "submitted": manifest.submitted}
-    # Rows in task id order (the note above _upsert says why).
-    _upsert(db, _manifest_upsert, [{**waiting, "task_id": t} for t in sorted(task_ids)
-                                   if t not in taken])
-    return sorted(taken)
+    written = _upsert(db, _manifest_upsert, [{**waiting, "task_id": t} for t in task_ids])
+    if written == len(task_ids):
+        return []
+    claimant = (manifest.user, manifest.endpoint_id)
+    return sorted(t for t, owner in task_owners(db, task_ids).items()
+                  if (owner.user, owner.endpoint_id) != claimant)
 
 
 def task_owners(db: Session, task_ids: Iterable[str]) -> dict[str, TaskOwner]:
@@ -495,9 +499,9 @@ def _constant(value: str | None) -> ColumnElement[Any]:
     return literal_column("'" + value.replace("'", "''") + "'")
 
 
-def _upsert(db: Session, statement: Callable[[Dialect], Any], rows: list[dict[str, Any]]) -> None:
+def _upsert(db: Session, statement: Callable[[Dialect], Any], rows: list[dict[str, Any]]) -> int:
     """Run ``statement`` (an upsert naming every column) over ``rows`` with the driver's own
-    executemany.
+    executemany; how many rows it inserted or updated, -1 when the driver cannot count them.
 
     The ledger's upserts on the tasks table are one-row statements run with executemany:
     compiled once per dialect (functools.cache), never near a database's bound-variable
@@ -510,10 +514,12 @@ def _upsert(db: Session, statement: Callable[[Dialect], Any], rows: list[dict[st
     rows two of them write in one order, and PostgreSQL never has to abort one of them to
     break a deadlock (taking the rows in opposite orders, each would wait for the other).
     """
-    if rows:
-        connection = db.connection()
-        dialect_class: object = type(connection.dialect)
-        connection.exec_driver_sql(_driver_sql(dialect_class, statement), rows)
+    if not rows:
+        return 0
+    connection = db.connection()
+    dialect_class: object = type(connection.dialect)
+    written = connection.exec_driver_sql(_driver_sql(dialect_class, statement), rows).rowcount
+    return written if connection.dialect.supports_sane_multi_rowcount else -1
 
 
 @functools.cache

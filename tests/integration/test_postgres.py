@@ -102,6 +102,27 @@ def test_the_store_and_the_ledger_upserts_work_on_both_databases(db_url: str) ->
     sessions.kw["bind"].dispose()
 
 
+def test_a_manifest_naming_anothers_task_ids_leaves_them_theirs_and_says_which(
+        db_url: str) -> None:
+    sessions = open_database(db_url)
+    with sessions() as db:
+        def manifest(user: str, endpoint: str, task_ids: list[str]) -> GroupManifest:
+            return GroupManifest(task_group_id=f"{user}-group", endpoint_id=endpoint, user=user,
+                                 task_ids=task_ids, submitted=time.time())
+
+        assert store.record_manifest(db, manifest("alice", "ep-a", ["t1", "t2"])) == []
+        # bob names one of alice's, one of his own, and alice's again from her other endpoint
+        assert store.record_manifest(db, manifest("bob", "ep-b", ["t3", "t2", "t2"])) == ["t2"]
+        assert store.record_manifest(db, manifest("alice", "ep-c", ["t1"])) == ["t1"]
+        # sent again, a manifest takes nothing from anyone
+        assert store.record_manifest(db, manifest("alice", "ep-a", ["t1", "t2"])) == []
+        db.commit()
+        owners = store.task_owners(db, ["t1", "t2", "t3"])
+        assert {t: (o.user, o.endpoint_id) for t, o in owners.items()} == {
+            "t1": ("alice", "ep-a"), "t2": ("alice", "ep-a"), "t3": ("bob", "ep-b")}
+    sessions.kw["bind"].dispose()
+
+
 def test_groups_policies_tokens_and_retention_work_on_both_databases(db_url: str) -> None:
     sessions = open_database(db_url)
     with sessions() as db:
