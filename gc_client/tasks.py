@@ -27,6 +27,7 @@ from gc_core.protocol import (
     TaskMessage,
     encode_event,
     encode_task,
+    new_task,
 )
 from gc_core.registry_api.schemas import TaskOut
 from gc_core.serialize import JSON, PYTHON_VERSION, Serializer
@@ -69,8 +70,7 @@ def make_task(*, endpoint_id: str, function_id: str, user: str, task_group_id: s
         payload = serializer.dumps(call)
     except Exception as exc:
         raise arguments_error(serializer, args, kwargs, exc) from exc
-    # a dict to model_validate costs a fifth less than keyword arguments to the model
-    return TaskMessage.model_validate({
+    return new_task({
         "task_id": new_id(), "task_group_id": task_group_id, "endpoint_id": endpoint_id,
         "function_id": function_id, "user": user, "content_type": serializer.content_type,
         "payload": payload, "resource_spec": resource_spec or {}, "identity": identity,

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Annotated, Any, Literal, NamedTuple
+from collections.abc import Callable
+from typing import Annotated, Any, Literal, NamedTuple, cast
 
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, ValidationError
 
@@ -46,6 +47,8 @@ __all__ = [
     "encode_result",
     "encode_task",
     "error_result",
+    "new_result",
+    "new_task",
 ]
 
 #: Version of this contract; a receiver refuses messages from a newer major version.
@@ -199,6 +202,15 @@ class ResultMessage(_Frozen):
     protocol: int = PROTOCOL_VERSION
 
 
+#: A task or a result from a dict of its fields, validated: the models' own validators,
+#: called without ``model_validate``'s wrapper (which costs an eighth more), and a dict
+#: rather than keyword arguments (a fifth more): every task makes a few of each.
+new_task = cast(Callable[[dict[str, Any]], TaskMessage],
+                TaskMessage.__pydantic_validator__.validate_python)
+new_result = cast(Callable[[dict[str, Any]], ResultMessage],
+                  ResultMessage.__pydantic_validator__.validate_python)
+
+
 def encode_task(task: TaskMessage) -> Envelope:
     """Turn a task into its AMQP form."""
     headers: dict[str, Any] = {
@@ -232,7 +244,7 @@ def decode_task(envelope: Envelope) -> TaskMessage:
     _check_not_dead_lettered(headers, envelope.body)
     _check_protocol(headers, envelope.body)
     try:
-        return TaskMessage.model_validate({
+        return new_task({
             "task_id": envelope.message_id or "",
             "task_group_id": envelope.correlation_id or headers.get(H_GROUP, ""),
             "endpoint_id": headers.get(H_ENDPOINT, ""),
@@ -300,7 +312,7 @@ def decode_result(envelope: Envelope) -> ResultMessage:
         error = None
         if state != "success":
             error = ErrorInfo.model_validate_json(envelope.body)
-        return ResultMessage.model_validate({
+        return new_result({
             "task_id": envelope.message_id or "",
             "task_group_id": envelope.correlation_id or headers.get(H_GROUP, ""),
             "endpoint_id": headers.get(H_ENDPOINT, ""),
