@@ -2,10 +2,15 @@
 
 Methodology (see /work/shared/ANCHORS.md): no-op tasks over loopback.
 
+* Rounds: the run goes over every system ``rounds`` times, each time starting it, one
+  sweep and its share of the round trips, and stopping it; a system's figures pool its
+  rounds. Spread so over the whole run, every system meets the machine's slow and fast
+  spells alike: these machines' own speed drifts by half within a run (a Python loop timed
+  13 to 21 µs in one), and a system measured only while it lasted was compared with
+  others measured outside it.
 * Throughput: N tasks submitted as fast as the API allows; a sweep's rate is
-  N / (first submit -> last result), and a system's the median of ``rounds`` sweeps (one
-  sweep lasts seconds and moved ±10 % between runs on these machines).
-* Latency: one task at a time, round trip, nearest-rank p50/p99.
+  N / (first submit -> last result), and a system's the median of its sweeps.
+* Latency: one task at a time, round trip, nearest-rank p50/p99 of every round's.
 * CPU per task: CPU seconds every process of the system used over the throughput sweeps
   and until its processes go quiet after them (``bench.cpu``), by role, divided by their
   tasks.
@@ -44,8 +49,9 @@ BASELINE_SYSTEM = "raw-amqp-reliable"
 CELERY_SYSTEM = "celery-threads"
 #: Tasks sent through each system before anything is measured.
 WARMUP_TASKS = 200
-#: Throughput sweeps per system; its rate is their median.
-THROUGHPUT_ROUNDS = 3
+#: Rounds over every system: each measures one sweep of each (a system's rate is the
+#: median of its sweeps) and its share of the round trips.
+ROUNDS = 3
 #: Longest wait for any single result; bounds latency runs and the start of throughput runs.
 TASK_TIMEOUT_S = 30.0
 #: Slowest rate a throughput run may fall to before it is abandoned (tasks per second).
@@ -170,10 +176,20 @@ def process_roots(system: System) -> list[cpu.ProcessRoot]:
             *cpu.client_roots()]
 
 
-def measure(system: System, tasks: int, latency_samples: int, warmup: int = WARMUP_TASKS,
-            rounds: int = THROUGHPUT_ROUNDS) -> Measurement:
-    """Start ``system``, warm it up, measure throughput (``rounds`` sweeps) then latency,
-    and always stop it."""
+@dataclass(frozen=True)
+class Round:
+    """What one round measured of a system: its sweeps' seconds, its round trips' seconds
+    and the CPU seconds its processes used over the sweeps, by role."""
+
+    elapsed_s: tuple[float, ...]
+    round_trips_s: tuple[float, ...]
+    cpu_s: Mapping[str, float]
+
+
+def measure(system: System, tasks: int, latency_samples: int,
+            warmup: int = WARMUP_TASKS) -> Round:
+    """Start ``system``, warm it up, time one throughput sweep then ``latency_samples``
+    round trips, and always stop it."""
     # What the systems before left alive stays out of the cyclic collector's walks, or each
     # system's client pays for their heap: gc-fabric's client CPU per task after the Celery,
     # Parsl and Dramatiq peers was 130 µs (threads) and 118 (processes), 92 and 82 frozen,
@@ -186,22 +202,27 @@ def measure(system: System, tasks: int, latency_samples: int, warmup: int = WARM
         system.run_throughput(warmup)
         roots = process_roots(system)
         before = cpu.snapshot(roots)
-        elapsed = [system.run_throughput(tasks) for _ in range(rounds)]
+        elapsed = system.run_throughput(tasks)
         cpu_s = cpu.seconds_by_role(before, cpu.settled_snapshot(roots))
-        logger.info("%s: %d sweeps of %d tasks, %s tasks/s; CPU %s", system.name, rounds, tasks,
-                    ", ".join(f"{tasks / e:.0f}" for e in elapsed),
-                    {role: round(s, 2) for role, s in cpu_s.items()})
+        logger.info("%s: a sweep of %d tasks, %.0f tasks/s; CPU %s", system.name, tasks,
+                    tasks / elapsed, {role: round(s, 2) for role, s in cpu_s.items()})
         system.run_latency(min(warmup, 50))
-        round_trips = system.run_latency(latency_samples)
-        return summarize(system.name, tasks, elapsed, round_trips, cpu_s)
-    except Exception as exc:  # a failing system becomes a row, not a crashed run
-        logger.exception("%s: failed", system.name)
-        return Measurement(system=system.name, error=f"{type(exc).__name__}: {exc}")
+        return Round((elapsed,), tuple(system.run_latency(latency_samples)), cpu_s)
     finally:
         try:
             system.stop()
         except Exception:
             logger.exception("%s: stop failed", system.name)
+
+
+def pooled(system: str, tasks: int, rounds: Sequence[Round]) -> Measurement:
+    """A system's figures from all its rounds of sweeps of ``tasks`` tasks."""
+    cpu_s: dict[str, float] = {}
+    for one in rounds:
+        for role, seconds in one.cpu_s.items():
+            cpu_s[role] = cpu_s.get(role, 0.0) + seconds
+    return summarize(system, tasks, [e for one in rounds for e in one.elapsed_s],
+                     [t for one in rounds for t in one.round_trips_s], cpu_s)
 
 
 def _ratio(value: float | None, reference: float | None) -> str:
@@ -352,7 +373,9 @@ def render_results(
         f"Command: `{command}`\n\n"
         f"Settings: {settings_text}\n\n"
         "No-op tasks over loopback; client, broker and workers share the machine. "
-        "Throughput = N / (first submit → last result), the median of `rounds` sweeps; "
+        "The run goes over every system `rounds` times (one sweep and a share of the round "
+        "trips each time), so that the machine's drift meets all systems alike. "
+        "Throughput = N / (first submit → last result), the median of a system's sweeps; "
         "latency = one task at a time, "
         "nearest-rank percentiles. Ratios: tasks/s above 1× is faster, p50 below 1× is faster.\n\n"
         f"## Machine\n\n{facts_text}\n\n"

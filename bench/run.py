@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 from pathlib import Path
 
 import click
@@ -27,21 +28,41 @@ def _configure_logging(verbose: bool) -> None:
     logging.getLogger(OWN_LOGGER).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def _measure(spec: SystemSpec, tasks: int, latency_samples: int, warmup: int,
-             rounds: int) -> harness.Measurement:
-    try:
-        system = spec.build()
-    except Exception as exc:
-        logger.exception("%s: cannot build", spec.name)
-        return harness.Measurement(system=spec.name, error=f"{type(exc).__name__}: {exc}")
-    return harness.measure(system, tasks, latency_samples, warmup, rounds)
+def _measure(spec: SystemSpec, tasks: int, latency_samples: int, warmup: int) -> harness.Round:
+    system = spec.build()
+    return harness.measure(system, tasks, latency_samples, warmup)
+
+
+def _run_rounds(specs: list[SystemSpec], rounds: int, tasks: int, latency_samples: int,
+                warmup: int) -> list[harness.Measurement]:
+    """Go over every system ``rounds`` times; a system that fails is left out of the rounds
+    after and shows as a row with its error."""
+    done: dict[str, list[harness.Round]] = {spec.name: [] for spec in specs}
+    errors: dict[str, str] = {}
+    share = math.ceil(latency_samples / rounds)
+    for number in range(1, rounds + 1):
+        logger.info("round %d of %d", number, rounds)
+        for spec in specs:
+            if spec.name in errors:
+                continue
+            try:
+                done[spec.name].append(_measure(spec, tasks, share, warmup))
+            except Exception as exc:  # a failing system becomes a row, not a crashed run
+                logger.exception("%s: failed", spec.name)
+                errors[spec.name] = f"{type(exc).__name__}: {exc}" + (
+                    f" (in round {number} of {rounds})" if rounds > 1 else "")
+    return [harness.Measurement(system=spec.name, error=errors[spec.name])
+            if spec.name in errors else harness.pooled(spec.name, tasks, done[spec.name])
+            for spec in specs]
 
 
 @click.command()
 @click.option("--tasks", default=20000, show_default=True, help="Tasks per throughput sweep.")
-@click.option("--rounds", default=harness.THROUGHPUT_ROUNDS, show_default=True,
-              type=click.IntRange(min=1), help="Throughput sweeps per system; its rate is their median.")
-@click.option("--latency-samples", default=500, show_default=True, help="Round trips per latency run.")
+@click.option("--rounds", default=harness.ROUNDS, show_default=True, type=click.IntRange(min=1),
+              help="Times the run goes over every system, one sweep each time; a system's "
+                   "rate is the median of its sweeps.")
+@click.option("--latency-samples", default=500, show_default=True,
+              help="Round trips per system, shared among the rounds.")
 @click.option("--warmup", default=harness.WARMUP_TASKS, show_default=True, help="Tasks before measuring.")
 @click.option("--systems", default="", help="Comma list of system names (default: all registered).")
 @click.option(
@@ -54,7 +75,8 @@ def _measure(spec: SystemSpec, tasks: int, latency_samples: int, warmup: int,
 @click.option("--verbose", is_flag=True, help="Show every library's log lines.")
 def main(tasks: int, rounds: int, latency_samples: int, warmup: int, systems: str, output: Path,
          verbose: bool) -> None:
-    """Run each system in turn, print the table with ratios and write RESULTS.md."""
+    """Run every system in turn, ``--rounds`` times over, print the table with ratios and
+    write RESULTS.md."""
     _configure_logging(verbose)
     try:
         specs = select_systems(systems)
@@ -63,7 +85,7 @@ def main(tasks: int, rounds: int, latency_samples: int, warmup: int, systems: st
     command = harness.command_line()
     idle_check = harness.background_cpu_busy()
     logger.info("CPU busy before the run (other processes): %s", idle_check)
-    measurements = [_measure(spec, tasks, latency_samples, warmup, rounds) for spec in specs]
+    measurements = _run_rounds(specs, rounds, tasks, latency_samples, warmup)
     pairs = [pair for pair in PAIRS if {m.system for m in measurements} >= set(pair)]
     click.echo(harness.render_table(measurements))
     if pairs:
