@@ -193,7 +193,7 @@ def measure(system: System, tasks: int, latency_samples: int,
     # What the systems before left alive stays out of the cyclic collector's walks, or each
     # system's client pays for their heap: gc-fabric's client CPU per task after the Celery,
     # Parsl and Dramatiq peers was 130 µs (threads) and 118 (processes), 92 and 82 frozen,
-    # 92 and 99 alone.
+    # 92 and 99 alone. Thawed after: frozen objects are missing from gc.get_objects().
     gc.collect()
     gc.freeze()
     try:
@@ -213,6 +213,7 @@ def measure(system: System, tasks: int, latency_samples: int,
             system.stop()
         except Exception:
             logger.exception("%s: stop failed", system.name)
+        gc.unfreeze()
 
 
 def pooled(system: str, tasks: int, rounds: Sequence[Round]) -> Measurement:

@@ -3,6 +3,8 @@ spread shown."""
 
 from __future__ import annotations
 
+import gc
+
 import pytest
 
 from bench.cpu import ProcessRoot
@@ -99,3 +101,6 @@ def test_the_run_goes_over_every_system_once_a_round_and_a_failing_one_is_left_o
     assert LOG.count(("b", "stop")) == 2  # stopped after it broke too
     assert (a.rates, a.tasks_per_s, a.error) == ((1000, 1000, 1000), 1000, None)
     assert b.error == "RuntimeError: it broke (in round 2 of 3)"
+    # and the collector is left as it was: a frozen heap hides from gc.get_objects(), which
+    # a later test in this process may count on
+    assert gc.get_freeze_count() == 0
