@@ -245,16 +245,11 @@ def decode_task(envelope: Envelope) -> TaskMessage:
     _check_protocol(headers, envelope.body)
     try:
         return new_task({
-            "task_id": envelope.message_id or "",
-            "task_group_id": envelope.correlation_id or headers.get(H_GROUP, ""),
-            "endpoint_id": headers.get(H_ENDPOINT, ""),
-            "function_id": headers.get(H_FUNCTION, ""),
-            "user": headers.get(H_USER, ""),
+            **_whose(envelope, headers),
             "content_type": envelope.content_type or "",
             "payload": envelope.body,
             "resource_spec": _json_header(headers, H_RESOURCE_SPEC),
             "identity": headers.get(H_IDENTITY, ""),
-            "on_behalf_of": headers.get(H_ON_BEHALF_OF, ""),
             "user_endpoint_config": _json_header(headers, H_USER_ENDPOINT_CONFIG),
             "sender_python": headers.get(H_PYTHON, ""),
             "sender_serializer": headers.get(H_SERIALIZER, ""),
@@ -306,19 +301,14 @@ def decode_result(envelope: Envelope) -> ResultMessage:
     headers = _headers(envelope)
     try:
         if H_STATE not in headers and "x-death" in headers:
-            return _dead_letter_result(envelope)
+            return _dead_letter_result(envelope, headers)
         _check_protocol(headers, envelope.body)
         state = _text(headers.get(H_STATE, ""))
         error = None
         if state != "success":
             error = ErrorInfo.model_validate_json(envelope.body)
         return new_result({
-            "task_id": envelope.message_id or "",
-            "task_group_id": envelope.correlation_id or headers.get(H_GROUP, ""),
-            "endpoint_id": headers.get(H_ENDPOINT, ""),
-            "function_id": headers.get(H_FUNCTION, ""),
-            "user": headers.get(H_USER, ""),
-            "on_behalf_of": headers.get(H_ON_BEHALF_OF, ""),
+            **_whose(envelope, headers),
             "state": state,
             "content_type": envelope.content_type or "",
             "payload": envelope.body if error is None else b"",
@@ -348,8 +338,7 @@ def error_result(task: TaskMessage, error: ErrorInfo, *, state: TaskState = "fai
     )
 
 
-def _dead_letter_result(envelope: Envelope) -> ResultMessage:
-    headers = envelope.headers
+def _dead_letter_result(envelope: Envelope, headers: dict[str, Any]) -> ResultMessage:
     deaths = headers.get("x-death")
     death = deaths[0] if isinstance(deaths, list) and deaths and isinstance(deaths[0], dict) else {}
     reason = _clip(_text(death.get("reason", "unknown")), MAX_LABEL_LENGTH)
@@ -362,18 +351,22 @@ def _dead_letter_result(envelope: Envelope) -> ResultMessage:
                "by crashing the interpreter or running out of memory")
     else:
         why = f"the broker dead-lettered it from queue {queue} (reason: {reason})"
-    task_id = envelope.message_id or ""
-    return ResultMessage(
-        task_id=task_id,
-        task_group_id=envelope.correlation_id or _text(headers.get(H_GROUP, "")),
-        endpoint_id=_text(headers.get(H_ENDPOINT, "")),
-        function_id=_text(headers.get(H_FUNCTION, "")),
-        user=_text(headers.get(H_USER, "")),
-        on_behalf_of=_text(headers.get(H_ON_BEHALF_OF, "")),
-        state="failed",
-        content_type=JSON.content_type,
-        error=ErrorInfo(type="TaskDeadLettered", message=f"task {task_id} was given up: {why}"),
-    )
+    whose = _whose(envelope, headers)
+    return new_result({
+        **whose, "state": "failed", "content_type": JSON.content_type,
+        "error": ErrorInfo(type="TaskDeadLettered",
+                           message=f"task {whose['task_id']} was given up: {why}")})
+
+
+def _whose(envelope: Envelope, headers: dict[str, Any]) -> dict[str, Any]:
+    """What a task or result says of whose task it is and where it went, unchecked (the
+    models check it)."""
+    return {"task_id": envelope.message_id or "",
+            "task_group_id": envelope.correlation_id or headers.get(H_GROUP, ""),
+            "endpoint_id": headers.get(H_ENDPOINT, ""),
+            "function_id": headers.get(H_FUNCTION, ""),
+            "user": headers.get(H_USER, ""),
+            "on_behalf_of": headers.get(H_ON_BEHALF_OF, "")}
 
 
 def _headers(envelope: Envelope) -> dict[str, Any]:
