@@ -28,11 +28,6 @@ def _configure_logging(verbose: bool) -> None:
     logging.getLogger(OWN_LOGGER).setLevel(logging.DEBUG if verbose else logging.INFO)
 
 
-def _measure(spec: SystemSpec, tasks: int, latency_samples: int, warmup: int) -> harness.Round:
-    system = spec.build()
-    return harness.measure(system, tasks, latency_samples, warmup)
-
-
 def _run_rounds(specs: list[SystemSpec], rounds: int, tasks: int, latency_samples: int,
                 warmup: int) -> list[harness.Measurement]:
     """Go over every system ``rounds`` times; a system that fails is left out of the rounds
@@ -46,7 +41,7 @@ def _run_rounds(specs: list[SystemSpec], rounds: int, tasks: int, latency_sample
             if spec.name in errors:
                 continue
             try:
-                done[spec.name].append(_measure(spec, tasks, share, warmup))
+                done[spec.name].append(harness.measure(spec.build(), tasks, share, warmup))
             except Exception as exc:  # a failing system becomes a row, not a crashed run
                 logger.exception("%s: failed", spec.name)
                 errors[spec.name] = f"{type(exc).__name__}: {exc}" + (
