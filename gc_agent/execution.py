@@ -103,8 +103,10 @@ class Outcome:
     stderr: str = ""
 
 
-def run_job(job: Job, functions: FunctionCache) -> Outcome:
-    """Run ``job``; every failure is reported in the outcome, never raised.
+def run_job(job: Job, functions: FunctionCache, *,
+            returned: Callable[[], None] = lambda: None) -> Outcome:
+    """Run ``job``; every failure is reported in the outcome, never raised. ``returned`` is
+    called as soon as the function returns or raises, before its value is serialized.
 
     While it runs, ``gc_core.task_context.current_resource_spec()`` is the job's (MPIFunction
     sizes its launch with it). A child process the job's code forks and lets return from it
@@ -113,13 +115,14 @@ def run_job(job: Job, functions: FunctionCache) -> Outcome:
     """
     runner = os.getpid()
     with running_task(job.resource_spec):
-        outcome = _run_job(job, functions, runner)
+        outcome = _run_job(job, functions, runner, returned)
     if os.getpid() != runner:
         os._exit(0)
     return _within_result_limit(outcome, job.result_limit)
 
 
-def _run_job(job: Job, functions: FunctionCache, pid: int) -> Outcome:
+def _run_job(job: Job, functions: FunctionCache, pid: int,
+             returned: Callable[[], None]) -> Outcome:
     started = time.time()
     worker = _worker_name(pid)
     try:
@@ -130,7 +133,10 @@ def _run_job(job: Job, functions: FunctionCache, pid: int) -> Outcome:
         return _failed(job, exc, started, worker, with_traceback=False)
     with captured_output(job.output_limit) as (out, err):
         try:
-            value = function(*args, **kwargs)
+            try:
+                value = function(*args, **kwargs)
+            finally:
+                returned()
         except BaseException as exc:  # noqa: BLE001 - the user's code may raise SystemExit too
             failed = _failed(job, exc, started, worker, with_traceback=True)
             return replace(failed, stdout=out.text(), stderr=err.text())

@@ -175,6 +175,20 @@ def leave_an_alarm_pending() -> str:
     return "armed"
 
 
+def leave_an_alarm_pending_and_return_a_value_slow_to_serialize() -> object:
+    """Arm a timeout, return without disarming it a value whose pickling outlasts it."""
+    import signal
+    import time
+
+    class SlowToSerialize:
+        def __reduce__(self) -> tuple[object, tuple[str]]:
+            time.sleep(1.0)
+            return str, ("serialized",)
+
+    signal.setitimer(signal.ITIMER_REAL, 0.3)  # SIGALRM's default action ends the process
+    return SlowToSerialize()
+
+
 def leave_a_profiling_timer_running() -> str:
     """Start a sampling timer whose signal's default action ends the process."""
     import signal
@@ -520,6 +534,18 @@ def test_an_alarm_a_job_left_pending_never_fires_in_the_next_one(engine: Process
     assert "left a timer running (ITIMER_REAL:" in got[jobs[0].task_id].stderr
     assert "left a timer running (ITIMER_PROF)" in got[jobs[2].task_id].stderr
     assert got[jobs[1].task_id].stderr == ""
+
+
+def test_an_alarm_a_job_left_pending_never_fires_while_its_value_is_serialized(
+        engine: ProcessEngine) -> None:
+    # The timers a job leaves were stopped after its value was serialized: an alarm due
+    # meanwhile killed the worker (the job reported lost, run again, lost again) or raised
+    # in the middle of pickling. They stop as soon as its function returns.
+    job = _job(leave_an_alarm_pending_and_return_a_value_slow_to_serialize)
+    got = _start_with(engine, [job]).each_once([job])[job.task_id]
+    assert (got.state, got.lost, got.error) == ("success", False, None)
+    assert _value(got) == "serialized"
+    assert "left a timer running (ITIMER_REAL:" in got.stderr
 
 
 def test_a_signal_handler_a_job_set_does_not_outlive_it(engine: ProcessEngine) -> None:
