@@ -28,10 +28,11 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import gc_agent
 from gc_agent.accelerators import device_environment, workers_for_devices
+from gc_agent.engines.answers import AnswerReader
 from gc_agent.engines.base import SlotPool
 from gc_agent.execution import Job, Outcome
 from gc_agent.wire import outcome_from_wire
@@ -172,18 +173,19 @@ class ProcessEngine(SlotPool):
         self._batch_seconds = batch_seconds
         self._launch = launch or WorkerLaunch()
         self._devices = devices
-        self._workers: dict[int, tuple[subprocess.Popen[bytes], Connection]] = {}
+        self._workers: dict[int, _Worker] = {}
 
     def _start_slot(self, slot: int) -> None:
         pinned = device_environment(self._devices[slot]) if self._devices else None
         process, ours = self._launch.spawn("gc_agent.engines.worker", pinned)
-        self._workers[slot] = (process, Connection(ours.detach()))
+        conn = Connection(ours.detach())
+        self._workers[slot] = _Worker(process, conn, AnswerReader(conn.fileno()))
 
     def _stop_slot(self, slot: int) -> None:
         worker = self._workers.pop(slot, None)
         if worker is None:
             return  # its last restart failed: nothing to stop
-        process, conn = worker
+        process, conn, _ = worker
         try:
             conn.send(None)
         except OSError:
@@ -198,7 +200,7 @@ class ProcessEngine(SlotPool):
     def _interrupt(self, slot: int) -> bool:
         worker = self._workers.get(slot)
         if worker is not None:
-            worker[0].kill()  # the slot sees the socket close, reports the job, starts a new worker
+            worker.process.kill()  # the slot sees the socket close, reports the job, starts a new worker
         return True
 
     def _send_now(self, slot: int, jobs: list[Job]) -> bool:
@@ -207,7 +209,7 @@ class ProcessEngine(SlotPool):
                                  for job in jobs) > DIRECT_SEND_BYTES:
             return False  # a worker to start, or a long write: the slot's thread does it
         try:
-            worker[1].send(jobs)
+            worker.conn.send(jobs)
         except OSError:
             pass  # the worker is gone: the slot's read finds out, as after any send
         return True
@@ -216,7 +218,7 @@ class ProcessEngine(SlotPool):
         """Hand ``jobs`` to the slot's worker in one write (unless ``sent``) and report each
         outcome as it comes back; if the worker breaks or dies first, see ``_worker_failed``."""
         try:
-            process, conn = self._worker(slot)
+            process, conn, answers = self._worker(slot)
         except Exception as exc:  # noqa: BLE001 - whatever stops a worker fails these tasks
             for job in jobs:
                 self._report(job.task_id, Outcome(job.task_id, "failed", error=ErrorInfo(
@@ -231,7 +233,7 @@ class ProcessEngine(SlotPool):
             if not sent:
                 conn.send(jobs)
             for job in jobs:  # the worker answers them in order
-                outcome = _decode_outcome(conn.recv_bytes(MAX_ANSWER_BYTES), job.task_id)
+                outcome = _decode_outcome(answers.next(MAX_ANSWER_BYTES), job.task_id)
                 del unanswered[job.task_id]
                 self._report(job.task_id, outcome)
             return
@@ -266,7 +268,7 @@ class ProcessEngine(SlotPool):
                                                 f"{job.task_id}: {problem}")))
         self._replace(slot)
 
-    def _worker(self, slot: int) -> tuple[subprocess.Popen[bytes], Connection]:
+    def _worker(self, slot: int) -> _Worker:
         """The slot's worker, started now if its last restart failed."""
         if slot not in self._workers:
             self._start_slot(slot)
@@ -285,7 +287,7 @@ class ProcessEngine(SlotPool):
         tries again (and fails with the reason if it cannot)."""
         worker = self._workers.pop(slot, None)
         if worker is not None:
-            process, conn = worker
+            process, conn, _ = worker
             process.kill()
             process.wait()
             conn.close()
@@ -295,6 +297,14 @@ class ProcessEngine(SlotPool):
             self._start_slot(slot)
         except Exception as exc:  # noqa: BLE001 - the next job retries and reports it
             logger.error("could not start a new worker process for slot %d: %s", slot, exc)
+
+
+class _Worker(NamedTuple):
+    """A slot's worker process, the socket it is sent jobs on, and its answers on that socket."""
+
+    process: subprocess.Popen[bytes]
+    conn: Connection
+    answers: AnswerReader
 
 
 def _has_exited(process: subprocess.Popen[bytes]) -> bool:
