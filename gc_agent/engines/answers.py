@@ -52,8 +52,9 @@ class AnswerReader:
             (length,) = _LENGTH.unpack_from(buffer, start)
             end = start + _LENGTH.size + length
             if 0 <= length <= limit and end <= len(buffer):
-                self._start = end
-                return bytes(buffer[start + _LENGTH.size:end])
+                answer = bytes(buffer[start + _LENGTH.size:end])
+                self._advance(end)
+                return answer
         (length,) = _LENGTH.unpack(self._take(_LENGTH.size))
         if length == -1:
             (length,) = _LONG_LENGTH.unpack(self._take(_LONG_LENGTH.size))
@@ -66,10 +67,19 @@ class AnswerReader:
         while len(self._buffer) - self._start < size:
             self._read(size - (len(self._buffer) - self._start))
         end = self._start + size
-        with memoryview(self._buffer) as view:  # (released at once: the buffer may grow next)
+        with memoryview(self._buffer) as view:  # (released at once: the buffer may change next)
             taken = bytes(view[self._start:end])
-        self._start = end
+        self._advance(end)
         return taken
+
+    def _advance(self, end: int) -> None:
+        """Everything before ``end`` is handed out. A buffer grown past READ_SIZE for a large
+        answer goes once all of it is, not at the next read: that could be long after, and
+        the agent would hold up to a result's size a slot meanwhile."""
+        if end == len(self._buffer) and end > READ_SIZE:
+            self._buffer, self._start = bytearray(), 0
+        else:
+            self._start = end
 
     def _read(self, wanted: int) -> None:
         if self._start:  # drop what was taken before the buffer grows

@@ -7,6 +7,7 @@ import socket
 import struct
 import threading
 import time
+import tracemalloc
 from collections.abc import Iterator
 from multiprocessing.connection import Connection
 
@@ -40,6 +41,24 @@ def test_answers_come_back_whole_and_in_order_however_the_bytes_arrive(
     writer.start()
     assert [answers.next(LIMIT) for _ in sent] == sent
     writer.join()
+
+
+def test_a_large_answer_is_let_go_once_read(
+        pair: tuple[Connection, socket.socket, AnswerReader]) -> None:
+    # The reader keeps no copy of an answer it handed out: the agent would hold up to a
+    # result's size per slot until that worker's next answer.
+    worker, _, answers = pair
+    size = 8 * 2**20
+    writer = threading.Thread(target=worker.send_bytes, args=(b"x" * size,))
+    writer.start()
+    tracemalloc.start()
+    try:
+        assert len(answers.next(2 * size)) == size  # (dropped at once)
+        held, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+        writer.join()
+    assert held < size // 8
 
 
 def test_an_answer_written_in_pieces_waits_for_its_last_byte(
