@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
+import json
 import logging
 import math
 from pathlib import Path
@@ -67,9 +69,11 @@ def _run_rounds(specs: list[SystemSpec], rounds: int, tasks: int, latency_sample
     type=click.Path(dir_okay=False, path_type=Path),
     help="Markdown file to write.",
 )
+@click.option("--json", "json_output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write every system's figures to this file as JSON (bench.ab reads it).")
 @click.option("--verbose", is_flag=True, help="Show every library's log lines.")
 def main(tasks: int, rounds: int, latency_samples: int, warmup: int, systems: str, output: Path,
-         verbose: bool) -> None:
+         json_output: Path | None, verbose: bool) -> None:
     """Run every system in turn, ``--rounds`` times over, print the table with ratios and
     write RESULTS.md."""
     _configure_logging(verbose)
@@ -98,6 +102,8 @@ def main(tasks: int, rounds: int, latency_samples: int, warmup: int, systems: st
     ) + targets.render_sections(measurements)
     harness.write_results(output, text)
     click.echo(f"wrote {output}")
+    if json_output is not None:
+        json_output.write_text(json.dumps([dataclasses.asdict(m) for m in measurements], indent=1))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,214 @@
+"""Two versions of the code measured in turns: ``python -m bench.ab --help``.
+
+These machines' speed drifts by half within minutes, so a run of one version and then a
+run of the other compares two spells of the machine, not two versions. ``bench.ab``
+measures the working tree (the change) and a revision (the base, HEAD unless told) in
+pairs, alternating which goes first (base then change, change then base, ...), each run
+a ``bench.run`` of one round in that version's own checkout, and reports every pair's
+ratio and their median. A change is faster only where most pairs say so; the ratios'
+spread shows how far one pair can be trusted.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import click
+
+from bench.peers._process import REPO_ROOT
+
+#: The two sides of a pair.
+BASE, CHANGE = "base", "change"
+#: The systems measured unless told otherwise: gc-fabric's local engines.
+DEFAULT_SYSTEMS = "gc-fabric-threads,gc-fabric-processes"
+#: Longest a single run of ``bench.run`` may take, in seconds.
+RUN_TIMEOUT_S = 1800
+
+
+@dataclass(frozen=True)
+class Figures:
+    """What one run measured of one system."""
+
+    tasks_per_s: float
+    cpu_us_per_task: float
+    p50_ms: float
+
+
+#: A figure's name in the report, how to read it from ``Figures``, how to show its values,
+#: and whether more is better.
+FIGURES: tuple[tuple[str, str, str, bool], ...] = (
+    ("tasks/s", "tasks_per_s", ",.0f", True),
+    ("CPU µs/task", "cpu_us_per_task", ".0f", False),
+    ("p50 ms", "p50_ms", ".2f", False),
+)
+
+#: The report's header row.
+REPORT_HEADER = ("| system | figure | base, each pair | change, each pair | change / base, each pair "
+                 "| median ratio | change better in |")
+#: Prints where a checkout's runs import the benchmark and gc-fabric from.
+IMPORT_PROBE = ("import bench, gc_agent, gc_client, gc_core; "
+                "print('\\n'.join(m.__file__ for m in (bench, gc_agent, gc_client, gc_core)))")
+
+#: One pair: each side's figures by system.
+Pair = Mapping[str, Mapping[str, Figures]]
+
+
+def run_order(pairs: int) -> list[tuple[str, str]]:
+    """Which side runs first in each pair: the base in the first, then in turns, so that
+    a machine speeding up or slowing down over the whole run favours neither."""
+    return [(BASE, CHANGE) if number % 2 == 0 else (CHANGE, BASE) for number in range(pairs)]
+
+
+def figures_from_json(text: str) -> dict[str, Figures]:
+    """The figures of every system that ran without error, from ``bench.run --json``."""
+    figures: dict[str, Figures] = {}
+    for row in json.loads(text):
+        if row.get("error") or row.get("tasks_per_s") is None:
+            continue
+        figures[row["system"]] = Figures(
+            tasks_per_s=row["tasks_per_s"],
+            cpu_us_per_task=sum(row.get("cpu_per_task_s", {}).values()) * 1e6,
+            p50_ms=row["p50_ms"])
+    return figures
+
+
+def render_report(pairs: Sequence[Pair], systems: Sequence[str]) -> str:
+    """A markdown table: for each system and figure, each pair's base and change values,
+    the change's ratio to the base in each pair, their median, and how many pairs found
+    the change better. A system missing from either side of a pair (it failed there) is
+    left out of that pair and named below the table."""
+    lines = [REPORT_HEADER, "|---|---|---|---|---|---:|---|"]
+    failed: list[str] = []
+    for system in systems:
+        whole = [pair for pair in pairs if all(system in pair[side] for side in (BASE, CHANGE))]
+        if len(whole) < len(pairs):
+            failed.append(f"{system}: {len(pairs) - len(whole)} of {len(pairs)} pairs failed")
+        if not whole:
+            continue
+        for label, attribute, shown, more_is_better in FIGURES:
+            base = [getattr(pair[BASE][system], attribute) for pair in whole]
+            change = [getattr(pair[CHANGE][system], attribute) for pair in whole]
+            ratios = [c / b if b else float("nan") for b, c in zip(base, change)]
+            better = sum((r > 1) if more_is_better else (r < 1) for r in ratios)
+            lines.append(
+                f"| {system} | {label} | {_values(base, shown)} | {_values(change, shown)} | "
+                f"{' · '.join(f'{r:.2f}×' for r in ratios)} | {statistics.median(ratios):.2f}× | "
+                f"{better} of {len(ratios)} |")
+    if failed:
+        lines += ["", "Left out (the run failed: see its log): " + "; ".join(failed) + "."]
+    return "\n".join(lines)
+
+
+def _values(values: Sequence[float], shown: str) -> str:
+    return " · ".join(format(value, shown) for value in values)
+
+
+@contextmanager
+def checkout_of(revision: str) -> Iterator[Path]:
+    """A detached worktree of ``revision`` in a temporary folder, removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="gc-bench-ab-"))
+    checkout = folder / "base"
+    _git("worktree", "add", "--detach", "--quiet", str(checkout), revision)
+    try:
+        yield checkout
+    finally:
+        _git("worktree", "remove", "--force", str(checkout))
+        folder.rmdir()
+
+
+def _git(*args: str) -> str:
+    done = subprocess.run(["git", *args], check=False, cwd=REPO_ROOT, capture_output=True, text=True)
+    if done.returncode:
+        raise click.ClickException(f"git {' '.join(args)}: {done.stderr.strip()}")
+    return done.stdout
+
+
+def measure(checkout: Path, run_args: Sequence[str], log: Path) -> dict[str, Figures]:
+    """Run ``bench.run`` once in ``checkout`` (its own code, this interpreter) and return
+    its figures; its output goes to ``log``."""
+    result = log.with_suffix(".json")
+    command = [sys.executable, "-m", "bench.run", *run_args, "--output",
+               str(log.with_suffix(".md")), "--json", str(result)]
+    with log.open("w") as out:
+        done = subprocess.run(command, check=False, cwd=checkout, env=_env_for(checkout),
+                              stdout=out, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S)
+    if done.returncode:
+        raise click.ClickException(
+            f"bench.run failed in {checkout} (exit {done.returncode}); its output: {log}"
+            + ("; that revision's bench.run has no --json: bench.ab needs a base from the "
+               "commit that added bench/ab.py on" if "--json" in log.read_text() else ""))
+    return figures_from_json(result.read_text())
+
+
+def _env_for(checkout: Path) -> dict[str, str]:
+    """This environment with ``checkout`` first on the import path, so that the run, and
+    the registry and agent it starts (``bench.peers._process`` adds its own root), import
+    that checkout's code rather than the installed one."""
+    return {**os.environ, "PYTHONPATH": os.pathsep.join(
+        filter(None, [str(checkout), os.environ.get("PYTHONPATH")]))}
+
+
+def check_imports_from(checkout: Path) -> None:
+    """Refuse to measure a checkout whose runs would import gc-fabric from elsewhere."""
+    probe = subprocess.run(
+        [sys.executable, "-c", IMPORT_PROBE], check=False, cwd=checkout,
+        env=_env_for(checkout), capture_output=True, text=True)
+    elsewhere = [path for path in probe.stdout.split()
+                 if not Path(path).resolve().is_relative_to(checkout.resolve())]
+    if probe.returncode or elsewhere:
+        raise click.ClickException(f"runs in {checkout} would not import its own code "
+                                   f"({probe.stderr.strip() or ', '.join(elsewhere)})")
+
+
+@click.command()
+@click.option("--base", default="HEAD", show_default=True,
+              help="The revision the working tree is compared with.")
+@click.option("--pairs", default=4, show_default=True, type=click.IntRange(min=1),
+              help="Pairs of runs; the order inside a pair alternates.")
+@click.option("--systems", default=DEFAULT_SYSTEMS, show_default=True,
+              help="Comma list of bench.run's system names.")
+@click.option("--tasks", default=20000, show_default=True, help="Tasks per throughput sweep.")
+@click.option("--latency-samples", default=100, show_default=True,
+              help="Round trips per system and run.")
+@click.option("--warmup", default=200, show_default=True, help="Tasks before measuring.")
+@click.option("--output", type=click.Path(dir_okay=False, path_type=Path),
+              help="Also write the report to this file.")
+def main(base: str, pairs: int, systems: str, tasks: int, latency_samples: int, warmup: int,
+         output: Path | None) -> None:
+    """Measure the working tree against BASE, in alternating pairs of bench.run rounds,
+    and print each pair's ratios with their median. Run from the repo root; the working
+    tree is measured as it is, uncommitted changes included."""
+    run_args = ["--systems", systems, "--rounds", "1", "--tasks", str(tasks),
+                "--latency-samples", str(latency_samples), "--warmup", str(warmup)]
+    names = [name.strip() for name in systems.split(",") if name.strip()]
+    logs = Path(tempfile.mkdtemp(prefix="gc-bench-ab-logs-"))
+    with checkout_of(base) as base_checkout:
+        checkouts = {BASE: base_checkout, CHANGE: REPO_ROOT}
+        for checkout in checkouts.values():
+            check_imports_from(checkout)
+        done: list[Pair] = []
+        for number, order in enumerate(run_order(pairs), start=1):
+            pair: dict[str, Mapping[str, Figures]] = {}
+            for side in order:
+                click.echo(f"pair {number} of {pairs}: {side} ...", err=True)
+                pair[side] = measure(checkouts[side], run_args, logs / f"{number}-{side}.log")
+            done.append(pair)
+    report = (f"{CHANGE}: the working tree of {REPO_ROOT}; {BASE}: {base}; {pairs} pairs, "
+              f"{tasks:,} tasks a sweep; runs' logs in {logs}\n\n"
+              + render_report(done, names))
+    click.echo(report)
+    if output is not None:
+        output.write_text(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
