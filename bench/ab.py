@@ -19,7 +19,6 @@ import sys
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 
 import click
@@ -34,22 +33,13 @@ DEFAULT_SYSTEMS = "gc-fabric-threads,gc-fabric-processes"
 RUN_TIMEOUT_S = 1800
 
 
-@dataclass(frozen=True)
-class Figures:
-    """What one run measured of one system."""
+#: The figures compared, by name in the report, with how their values are shown. Every
+#: one but the rate is better lower; CPU per task comes whole, then by role (``bench.cpu``).
+RATE, CPU, P50 = "tasks/s", "CPU µs/task", "p50 ms"
+SHOWN = {RATE: ",.0f", P50: ".2f"}
 
-    tasks_per_s: float
-    cpu_us_per_task: float
-    p50_ms: float
-
-
-#: A figure's name in the report, how to read it from ``Figures``, how to show its values,
-#: and whether more is better.
-FIGURES: tuple[tuple[str, str, str, bool], ...] = (
-    ("tasks/s", "tasks_per_s", ",.0f", True),
-    ("CPU µs/task", "cpu_us_per_task", ".0f", False),
-    ("p50 ms", "p50_ms", ".2f", False),
-)
+#: What one run measured of one system: each figure's value by name.
+Figures = Mapping[str, float]
 
 #: The report's header row.
 REPORT_HEADER = ("| system | figure | base, each pair | change, each pair | change / base, each pair "
@@ -74,10 +64,10 @@ def figures_from_json(text: str) -> dict[str, Figures]:
     for row in json.loads(text):
         if row.get("error") or row.get("tasks_per_s") is None:
             continue
-        figures[row["system"]] = Figures(
-            tasks_per_s=row["tasks_per_s"],
-            cpu_us_per_task=sum(row.get("cpu_per_task_s", {}).values()) * 1e6,
-            p50_ms=row["p50_ms"])
+        by_role = {role: seconds * 1e6 for role, seconds in row.get("cpu_per_task_s", {}).items()}
+        figures[row["system"]] = {RATE: row["tasks_per_s"], CPU: sum(by_role.values()),
+                                  **{f"{CPU}, {role}": us for role, us in by_role.items()},
+                                  P50: row["p50_ms"]}
     return figures
 
 
@@ -94,13 +84,17 @@ def render_report(pairs: Sequence[Pair], systems: Sequence[str]) -> str:
             failed.append(f"{system}: {len(pairs) - len(whole)} of {len(pairs)} pairs failed")
         if not whole:
             continue
-        for label, attribute, shown, more_is_better in FIGURES:
-            base = [getattr(pair[BASE][system], attribute) for pair in whole]
-            change = [getattr(pair[CHANGE][system], attribute) for pair in whole]
+        # (a figure some run lacks, a role with no process there, is left out)
+        names = [name for name in whole[0][BASE][system]
+                 if all(name in pair[side][system] for pair in whole for side in (BASE, CHANGE))]
+        for name in names:
+            base = [pair[BASE][system][name] for pair in whole]
+            change = [pair[CHANGE][system][name] for pair in whole]
             ratios = [c / b if b else float("nan") for b, c in zip(base, change)]
-            better = sum((r > 1) if more_is_better else (r < 1) for r in ratios)
+            better = sum((r > 1) if name == RATE else (r < 1) for r in ratios)
+            shown = SHOWN.get(name, ".0f")
             lines.append(
-                f"| {system} | {label} | {_values(base, shown)} | {_values(change, shown)} | "
+                f"| {system} | {name} | {_values(base, shown)} | {_values(change, shown)} | "
                 f"{' · '.join(f'{r:.2f}×' for r in ratios)} | {statistics.median(ratios):.2f}× | "
                 f"{better} of {len(ratios)} |")
     if failed:

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from bench.ab import BASE, CHANGE, Figures, figures_from_json, render_report, run_order
+from bench.ab import BASE, CHANGE, CPU, P50, RATE, figures_from_json, render_report, run_order
 from bench.peers._process import REPO_ROOT
 
 
@@ -28,20 +28,27 @@ def test_figures_come_from_bench_runs_json_and_a_failed_system_is_left_out() -> 
     figures = figures_from_json(text)
 
     assert list(figures) == ["a"]
-    assert figures["a"].tasks_per_s == 1000.0 and figures["a"].p50_ms == 2.5
-    assert figures["a"].cpu_us_per_task == pytest.approx(150.0)
+    assert figures["a"] == pytest.approx({RATE: 1000.0, CPU: 150.0, f"{CPU}, client": 60.0,
+                                          f"{CPU}, agent": 90.0, P50: 2.5})
 
 
 def test_the_report_gives_each_pairs_ratio_their_median_and_which_way_they_point() -> None:
+    def figures(rate: float, cpu: float, p50: float, **by_role: float) -> dict[str, float]:
+        return {RATE: rate, CPU: cpu, **{f"{CPU}, {r}": us for r, us in by_role.items()}, P50: p50}
+
     pairs = [
-        {BASE: {"x": Figures(1000, 200, 3.0)}, CHANGE: {"x": Figures(1100, 180, 3.0)}},
-        {BASE: {"x": Figures(800, 250, 4.0)}, CHANGE: {"x": Figures(760, 240, 3.6)}},
-        {BASE: {"x": Figures(900, 210, 3.0), "y": Figures(10, 1, 1.0)},
-         CHANGE: {"x": Figures(1080, 200, 3.3)}},
+        {BASE: {"x": figures(1000, 200, 3.0, agent=80)},
+         CHANGE: {"x": figures(1100, 180, 3.0, agent=60)}},
+        {BASE: {"x": figures(800, 250, 4.0, agent=100, workers=40)},
+         CHANGE: {"x": figures(760, 240, 3.6, agent=90)}},
+        {BASE: {"x": figures(900, 210, 3.0, agent=90), "y": figures(10, 1, 1.0)},
+         CHANGE: {"x": figures(1080, 200, 3.3, agent=90)}},
     ]
 
     report = render_report(pairs, ["x", "y"])
     rows = {line.split(" | ")[1]: line for line in report.splitlines() if line.startswith("| x |")}
+
+    assert list(rows) == ["tasks/s", "CPU µs/task", "CPU µs/task, agent", "p50 ms"]
 
     # tasks/s: 1.10, 0.95 and 1.20; two of three pairs faster.
     assert "| 1,000 · 800 · 900 | 1,100 · 760 · 1,080 | 1.10× · 0.95× · 1.20× | 1.10× | 2 of 3 |" \
@@ -49,6 +56,9 @@ def test_the_report_gives_each_pairs_ratio_their_median_and_which_way_they_point
     # CPU and p50: lower is better (a ratio of exactly 1 is no better).
     assert rows["CPU µs/task"].endswith("| 0.95× | 3 of 3 |")
     assert rows["p50 ms"].endswith("| 1.00× | 1 of 3 |")
+    assert "| 80 · 100 · 90 | 60 · 90 · 90 | 0.75× · 0.90× · 1.00× | 0.90× | 2 of 3 |" \
+        in rows["CPU µs/task, agent"]
+    # (workers: in one run only, so not compared)
     # y ran on one side of one pair only: it is named, not compared.
     assert "| y |" not in report
     assert "y: 3 of 3 pairs failed" in report
@@ -66,5 +76,5 @@ def test_bench_run_writes_its_figures_as_json_for_bench_ab(tmp_path: Path, vhost
     assert done.returncode == 0, done.stdout + done.stderr
     figures = figures_from_json(result.read_text())
     assert list(figures) == ["raw-amqp-transient"]
-    assert figures["raw-amqp-transient"].tasks_per_s > 0
-    assert figures["raw-amqp-transient"].cpu_us_per_task > 0
+    assert figures["raw-amqp-transient"][RATE] > 0
+    assert figures["raw-amqp-transient"][CPU] > 0
