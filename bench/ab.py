@@ -3,8 +3,8 @@
 These machines' speed drifts by half within minutes, so a run of one version and then a
 run of the other compares two spells of the machine, not two versions. ``bench.ab``
 measures the working tree (the change) and a revision (the base, HEAD unless told) in
-pairs, alternating which goes first (base then change, change then base, ...), each run
-a ``bench.run`` of one round in that version's own checkout, and reports every pair's
+pairs, each a ``bench.run`` of one round of one system in one version's own checkout
+right after one in the other's, which goes first alternating, and reports every pair's
 ratio and their median. A change is faster only where most pairs say so; the ratios'
 spread shows how far one pair can be trusted.
 """
@@ -52,10 +52,16 @@ IMPORT_PROBE = ("import bench, gc_agent, gc_client, gc_core; "
 Pair = Mapping[str, Mapping[str, Figures]]
 
 
-def run_order(pairs: int) -> list[tuple[str, str]]:
-    """Which side runs first in each pair: the base in the first, then in turns, so that
-    a machine speeding up or slowing down over the whole run favours neither."""
-    return [(BASE, CHANGE) if number % 2 == 0 else (CHANGE, BASE) for number in range(pairs)]
+def run_order(pairs: int, systems: Sequence[str]) -> list[tuple[int, str, str]]:
+    """The runs, in order, as (pair, system, side): the two sides of a system's pair run
+    one right after the other (this machine's slow spells last about as long as a few
+    runs, and two runs far apart meet different ones), and which goes first alternates
+    from one pair to the next and from one system to the next, so that a machine speeding
+    up or slowing down over the whole run favours neither."""
+    return [(number, system, side)
+            for number in range(pairs)
+            for index, system in enumerate(systems)
+            for side in ((BASE, CHANGE) if (number + index) % 2 == 0 else (CHANGE, BASE))]
 
 
 def figures_from_json(text: str) -> dict[str, Figures]:
@@ -178,10 +184,10 @@ def check_imports_from(checkout: Path) -> None:
               help="Also write the report to this file.")
 def main(base: str, pairs: int, systems: str, tasks: int, latency_samples: int, warmup: int,
          output: Path | None) -> None:
-    """Measure the working tree against BASE, in alternating pairs of bench.run rounds,
-    and print each pair's ratios with their median. Run from the repo root; the working
+    """Measure the working tree against BASE, in pairs of one-round bench.runs of each
+    system, and print each pair's ratios with their median. Run from the repo root; the working
     tree is measured as it is, uncommitted changes included."""
-    run_args = ["--systems", systems, "--rounds", "1", "--tasks", str(tasks),
+    run_args = ["--rounds", "1", "--tasks", str(tasks),
                 "--latency-samples", str(latency_samples), "--warmup", str(warmup)]
     names = [name.strip() for name in systems.split(",") if name.strip()]
     logs = Path(tempfile.mkdtemp(prefix="gc-bench-ab-logs-"))
@@ -189,13 +195,11 @@ def main(base: str, pairs: int, systems: str, tasks: int, latency_samples: int, 
         checkouts = {BASE: base_checkout, CHANGE: REPO_ROOT}
         for checkout in checkouts.values():
             check_imports_from(checkout)
-        done: list[Pair] = []
-        for number, order in enumerate(run_order(pairs), start=1):
-            pair: dict[str, Mapping[str, Figures]] = {}
-            for side in order:
-                click.echo(f"pair {number} of {pairs}: {side} ...", err=True)
-                pair[side] = measure(checkouts[side], run_args, logs / f"{number}-{side}.log")
-            done.append(pair)
+        done: list[dict[str, dict[str, Figures]]] = [{BASE: {}, CHANGE: {}} for _ in range(pairs)]
+        for number, system, side in run_order(pairs, names):
+            click.echo(f"pair {number + 1} of {pairs}, {system}: {side} ...", err=True)
+            done[number][side].update(measure(checkouts[side], ["--systems", system, *run_args],
+                                              logs / f"{number + 1}-{system}-{side}.log"))
     report = (f"{CHANGE}: the working tree of {REPO_ROOT}; {BASE}: {base}; {pairs} pairs, "
               f"{tasks:,} tasks a sweep; runs' logs in {logs}\n\n"
               + render_report(done, names))

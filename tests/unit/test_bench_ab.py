@@ -13,8 +13,10 @@ from bench.ab import BASE, CHANGE, CPU, P50, RATE, figures_from_json, render_rep
 from bench.peers._process import REPO_ROOT
 
 
-def test_the_side_that_runs_first_alternates_from_pair_to_pair() -> None:
-    assert run_order(3) == [(BASE, CHANGE), (CHANGE, BASE), (BASE, CHANGE)]
+def test_a_systems_two_sides_run_back_to_back_and_which_goes_first_alternates() -> None:
+    assert run_order(2, ["x", "y"]) == [
+        (0, "x", BASE), (0, "x", CHANGE), (0, "y", CHANGE), (0, "y", BASE),
+        (1, "x", CHANGE), (1, "x", BASE), (1, "y", BASE), (1, "y", CHANGE)]
 
 
 def test_figures_come_from_bench_runs_json_and_a_failed_system_is_left_out() -> None:
