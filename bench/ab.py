@@ -139,13 +139,19 @@ def measure(checkout: Path, run_args: Sequence[str], log: Path) -> dict[str, Fig
     command = [sys.executable, "-m", "bench.run", *run_args, "--output",
                str(log.with_suffix(".md")), "--json", str(result)]
     with log.open("w") as out:
-        done = subprocess.run(command, check=False, cwd=checkout, env=_env_for(checkout),
-                              stdout=out, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S)
+        try:
+            done = subprocess.run(command, check=False, cwd=checkout, env=_env_for(checkout),
+                                  stdout=out, stderr=subprocess.STDOUT, timeout=RUN_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            raise click.ClickException(f"bench.run in {checkout} took over {RUN_TIMEOUT_S} s; "
+                                       f"its output: {log}") from None
     if done.returncode:
+        output = log.read_text()
+        no_json = "No such option" in output and "--json" in output
         raise click.ClickException(
             f"bench.run failed in {checkout} (exit {done.returncode}); its output: {log}"
             + ("; that revision's bench.run has no --json: bench.ab needs a base from the "
-               "commit that added bench/ab.py on" if "--json" in log.read_text() else ""))
+               "commit that added bench/ab.py on" if no_json else ""))
     return figures_from_json(result.read_text())
 
 
