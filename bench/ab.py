@@ -125,11 +125,10 @@ def checkout_of(revision: str) -> Iterator[Path]:
         folder.rmdir()
 
 
-def _git(*args: str) -> str:
+def _git(*args: str) -> None:
     done = subprocess.run(["git", *args], check=False, cwd=REPO_ROOT, capture_output=True, text=True)
     if done.returncode:
         raise click.ClickException(f"git {' '.join(args)}: {done.stderr.strip()}")
-    return done.stdout
 
 
 def measure(checkout: Path, run_args: Sequence[str], log: Path) -> dict[str, Figures]:
